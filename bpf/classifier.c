@@ -1,0 +1,82 @@
+/* The TC classifier of ebpf-net-exporter, attached to clsact ingress and egress of every
+ * monitored interface. It never changes a packet's fate (always TC_ACT_UNSPEC).
+ *
+ * Counting once per node: a packet forwarded between two monitored interfaces
+ * (pod A -> veth A -> routing/bridge -> veth B -> pod B) is seen on ingress of veth A and on
+ * egress of veth B. It is counted on ingress; on egress, a packet whose ingress_ifindex is a
+ * monitored interface was already counted and is skipped. */
+#include <uapi/linux/pkt_cls.h>
+#include "common.h"
+
+/* Indexes of map_update_failures (user space names them, see exporter/collectors/flows.py). */
+#define FAILURE_FLOWS 0
+#define FAILURE_COUNT 1
+BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
+
+/* Indexes of parse_errors. */
+#define PARSE_ERROR_IP 0
+#define PARSE_ERROR_COUNT 1
+BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
+
+BPF_ARRAY(generation, u32, 1);
+
+static __always_inline void count_failure(u32 idx)
+{
+    u64 *slot = map_update_failures.lookup(&idx);
+    if (slot)
+        *slot += 1;
+}
+
+static __always_inline void count_parse_error(u32 idx)
+{
+    u64 *slot = parse_errors.lookup(&idx);
+    if (slot)
+        *slot += 1;
+}
+
+struct iface_info {
+    u32 flags;              /* IFACE_* */
+};
+/* Interfaces this exporter monitors, by ifindex, written by user space on attach/detach.
+ * 4096 covers a node with thousands of pods (one veth each). */
+BPF_HASH(monitored_ifaces, u32, struct iface_info, 4096);
+
+#include "packet.h"
+#include "flows.h"
+
+static __always_inline int classify(struct __sk_buff *skb, int egress)
+{
+    u32 ifindex = skb->ifindex;
+    struct iface_info *iface = monitored_ifaces.lookup(&ifindex);
+    if (!iface)
+        return TC_ACT_UNSPEC;   /* a filter left behind on an interface no longer monitored */
+    if (egress && skb->ingress_ifindex) {
+        u32 in = skb->ingress_ifindex;
+        if (monitored_ifaces.lookup(&in))
+            return TC_ACT_UNSPEC;   /* counted when it came in */
+    }
+
+    struct packet pkt = {};
+    int res = parse_packet(skb, iface->flags, &pkt);
+    if (res == PARSE_NOT_IP)
+        return TC_ACT_UNSPEC;
+    if (res == PARSE_MALFORMED) {
+        count_parse_error(PARSE_ERROR_IP);
+        return TC_ACT_UNSPEC;
+    }
+
+    u32 zero = 0;
+    u32 *gen = generation.lookup(&zero);
+    account_flow(skb, &pkt, gen ? *gen : 0);
+    return TC_ACT_UNSPEC;
+}
+
+int classify_ingress(struct __sk_buff *skb)
+{
+    return classify(skb, 0);
+}
+
+int classify_egress(struct __sk_buff *skb)
+{
+    return classify(skb, 1);
+}

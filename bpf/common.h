@@ -1,0 +1,38 @@
+/* Pieces shared by every program of ebpf-net-exporter.
+ *
+ * Counting protocol (see exporter/maps.py): every counter map's key starts with a
+ * generation number. Programs write to the generation held in `generation[0]`; at scrape
+ * time user space flips it, waits for an RCU grace period (membarrier), and then reads
+ * and deletes the old generation, which no program can still be writing. So no count is
+ * ever lost between a read and a delete.
+ *
+ * Only stable ABI is used: tracepoint arguments, struct __sk_buff and packet bytes. The
+ * kernel headers bcc compiles against need not match the running kernel. */
+#ifndef EBPF_NET_COMMON_H
+#define EBPF_NET_COMMON_H
+
+#include <uapi/linux/bpf.h>
+
+/* Histograms keep one slot per power of two of microseconds: slot i counts values v with
+ * 2^i <= v < 2^(i+1) (slot 0 also takes v = 0), so its Prometheus bucket is le = 2^(i+1) us.
+ * Slot HIST_INF_SLOT takes every value of 2^HIST_INF_SLOT us (67 s) and more and feeds only
+ * the +Inf bucket. HIST_SUM_SLOT holds the exact sum of the observed microseconds. */
+#define HIST_INF_SLOT 26
+#define HIST_SUM_SLOT 63
+
+static __always_inline u32 log2_slot(u64 v)
+{
+    u32 slot = 0;
+    if (v >> 32) { v >>= 32; slot += 32; }
+    if (v >> 16) { v >>= 16; slot += 16; }
+    if (v >> 8) { v >>= 8; slot += 8; }
+    if (v >> 4) { v >>= 4; slot += 4; }
+    if (v >> 2) { v >>= 2; slot += 2; }
+    if (v >> 1) { slot += 1; }
+    return slot > HIST_INF_SLOT ? HIST_INF_SLOT : slot;
+}
+
+/* bcc rewrites map calls (`map.lookup(...)`) only in plain code, not inside macros and not
+ * through a map passed as an argument; so each program writes its own small helpers. */
+
+#endif

@@ -1,0 +1,181 @@
+/* Parses the L2/L3/L4 headers of a packet seen by the TC classifier into struct packet.
+ * Reads with bpf_skb_load_bytes so headers outside the linear area are still parsed. */
+#ifndef EBPF_NET_PACKET_H
+#define EBPF_NET_PACKET_H
+
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#define FAMILY_IPV4 4
+#define FAMILY_IPV6 6
+
+/* IPv6 extension headers walked to find the transport header; more is not seen in practice. */
+#define MAX_IPV6_EXT_HEADERS 6
+#define MAX_VLAN_TAGS 2
+
+/* Interface flags, set by user space in monitored_ifaces. */
+#define IFACE_ETHERNET 1    /* frames start with an Ethernet header (else with the IP header) */
+
+enum parse_result {
+    PARSE_OK = 0,
+    PARSE_NOT_IP = 1,       /* ARP, LLDP, ...: not a flow */
+    PARSE_MALFORMED = 2,    /* looked like IP but the headers do not hold together */
+};
+
+struct packet {
+    u8 family;
+    u8 protocol;            /* IPPROTO_* of the transport header (after IPv6 extension headers) */
+    u8 tcp_flags;
+    u8 has_ports;           /* 0 for non-first fragments and protocols without ports */
+    u16 sport;              /* host byte order */
+    u16 dport;
+    u8 saddr[16];           /* IPv4 addresses take the first 4 bytes, the rest is zero */
+    u8 daddr[16];
+    u32 l3_off;
+    u32 l4_off;
+    u32 payload_off;
+    u32 ip_len;             /* bytes of the IP packet as the headers say (one wire packet) */
+    u32 hdr_len;            /* L3 + L4 header bytes, repeated in every segment of a GSO skb */
+};
+
+struct vlan_tag {
+    __be16 tci;
+    __be16 encapsulated_proto;
+};
+
+struct ipv6_ext_header {
+    u8 nexthdr;
+    u8 hdrlen;
+    __be16 frag_off;        /* only meaningful for the fragment header */
+};
+
+static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
+{
+    pkt->hdr_len = pkt->l4_off - pkt->l3_off;
+    pkt->payload_off = pkt->l4_off;
+    if (!pkt->has_ports)
+        return PARSE_OK;
+    if (pkt->protocol == IPPROTO_TCP) {
+        struct tcphdr tcp;
+        if (bpf_skb_load_bytes(skb, pkt->l4_off, &tcp, sizeof(tcp)) < 0)
+            return PARSE_MALFORMED;
+        u32 doff = tcp.doff * 4;
+        if (doff < sizeof(tcp))
+            return PARSE_MALFORMED;
+        pkt->sport = bpf_ntohs(tcp.source);
+        pkt->dport = bpf_ntohs(tcp.dest);
+        /* byte 13 of the TCP header holds the flags */
+        pkt->tcp_flags = ((u8 *)&tcp)[13];
+        pkt->hdr_len += doff;
+        pkt->payload_off += doff;
+    } else if (pkt->protocol == IPPROTO_UDP) {
+        struct udphdr udp;
+        if (bpf_skb_load_bytes(skb, pkt->l4_off, &udp, sizeof(udp)) < 0)
+            return PARSE_MALFORMED;
+        pkt->sport = bpf_ntohs(udp.source);
+        pkt->dport = bpf_ntohs(udp.dest);
+        pkt->hdr_len += sizeof(udp);
+        pkt->payload_off += sizeof(udp);
+    } else {
+        pkt->has_ports = 0;
+    }
+    return PARSE_OK;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
+{
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, pkt->l3_off, &ip, sizeof(ip)) < 0)
+        return PARSE_MALFORMED;
+    u32 ihl = ip.ihl * 4;
+    u32 tot_len = bpf_ntohs(ip.tot_len);
+    if (ip.version != 4 || ihl < sizeof(ip))
+        return PARSE_MALFORMED;
+    /* A GSO/GRO aggregate may carry 0 or a stale total length: sized from skb->len later. */
+    if (tot_len < ihl && skb->gso_segs <= 1)
+        return PARSE_MALFORMED;
+    pkt->family = FAMILY_IPV4;
+    pkt->protocol = ip.protocol;
+    pkt->ip_len = tot_len;
+    __builtin_memcpy(pkt->saddr, &ip.saddr, 4);
+    __builtin_memcpy(pkt->daddr, &ip.daddr, 4);
+    pkt->l4_off = pkt->l3_off + ihl;
+    /* Only the first fragment carries the transport header. */
+    pkt->has_ports = (bpf_ntohs(ip.frag_off) & 0x1fff) == 0;
+    return parse_l4(skb, pkt);
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
+{
+    struct ipv6hdr ip6;
+    if (bpf_skb_load_bytes(skb, pkt->l3_off, &ip6, sizeof(ip6)) < 0)
+        return PARSE_MALFORMED;
+    if (ip6.version != 6)
+        return PARSE_MALFORMED;
+    pkt->family = FAMILY_IPV6;
+    pkt->ip_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
+    __builtin_memcpy(pkt->saddr, &ip6.saddr, 16);
+    __builtin_memcpy(pkt->daddr, &ip6.daddr, 16);
+    pkt->has_ports = 1;
+
+    u8 next = ip6.nexthdr;
+    u32 off = pkt->l3_off + sizeof(ip6);
+#pragma unroll
+    for (int i = 0; i < MAX_IPV6_EXT_HEADERS; i++) {
+        if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING && next != IPPROTO_DSTOPTS &&
+            next != IPPROTO_FRAGMENT && next != IPPROTO_AH)
+            break;
+        struct ipv6_ext_header ext;
+        if (bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)) < 0)
+            return PARSE_MALFORMED;
+        if (next == IPPROTO_FRAGMENT) {
+            if (bpf_ntohs(ext.frag_off) & 0xfff8)
+                pkt->has_ports = 0;
+            off += 8;
+        } else if (next == IPPROTO_AH) {
+            off += ((u32)ext.hdrlen + 2) * 4;
+        } else {
+            off += ((u32)ext.hdrlen + 1) * 8;
+        }
+        next = ext.nexthdr;
+    }
+    pkt->protocol = next;
+    pkt->l4_off = off;
+    return parse_l4(skb, pkt);
+}
+
+/* Fills pkt from the packet in skb. `iface_flags` says whether frames carry Ethernet headers. */
+static __always_inline int parse_packet(struct __sk_buff *skb, u32 iface_flags, struct packet *pkt)
+{
+    __be16 proto = skb->protocol;
+    u32 off = 0;
+    if (iface_flags & IFACE_ETHERNET) {
+        struct ethhdr eth;
+        if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+            return PARSE_NOT_IP;
+        proto = eth.h_proto;
+        off = sizeof(eth);
+#pragma unroll
+        for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+            if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+                break;
+            struct vlan_tag tag;
+            if (bpf_skb_load_bytes(skb, off, &tag, sizeof(tag)) < 0)
+                return PARSE_MALFORMED;
+            proto = tag.encapsulated_proto;
+            off += sizeof(tag);
+        }
+    }
+    pkt->l3_off = off;
+    if (proto == bpf_htons(ETH_P_IP))
+        return parse_ipv4(skb, pkt);
+    if (proto == bpf_htons(ETH_P_IPV6))
+        return parse_ipv6(skb, pkt);
+    return PARSE_NOT_IP;
+}
+
+#endif

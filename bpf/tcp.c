@@ -1,0 +1,324 @@
+/* TCP connection metrics from tracepoints (no kprobes: tracepoint arguments are stable ABI).
+ *
+ * Every socket the program sees open is remembered in tcp_sockets (keyed by the socket's
+ * address, which the kernel does not reuse while the socket lives) with its role and
+ * endpoints. Client ports are folded to 0 in kernel keys once the role is known, so a map
+ * entry stands for (client address, server address, server port), not for one connection.
+ *
+ * - opened: SYN_SENT -> ESTABLISHED (client), SYN_RECV -> ESTABLISHED (server)
+ * - closed: -> CLOSE of a socket whose open was seen (so opened - closed = active)
+ * - connect failures: SYN_SENT -> CLOSE; refused when a reset answered the SYN, timeout when
+ *   the SYN was retransmitted without an answer, aborted otherwise (the application gave up
+ *   or an ICMP error ended the attempt)
+ * - RTT: smoothed RTT (srtt) from tcp:tcp_probe, sampled once per connection per
+ *   RTT_SAMPLE_INTERVAL_NS (the first sample at the first ACK that carries an RTT). */
+
+/* Kernels >= 6.10 type tcp_send_reset's `reason` as enum sk_rst_reason, which older headers
+ * lack. The enum is 4 bytes either way; give bcc's generated struct a tag we define. */
+#define sk_rst_reason ebpf_net_sk_rst_reason
+enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
+
+#include "common.h"
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define PROTO_TCP 6
+
+/* include/net/tcp_states.h */
+#define TCPS_ESTABLISHED 1
+#define TCPS_SYN_SENT 2
+#define TCPS_SYN_RECV 3
+#define TCPS_CLOSE 7
+
+#define ROLE_UNKNOWN 0      /* the open was not seen (the socket predates the exporter) */
+#define ROLE_CLIENT 1
+#define ROLE_SERVER 2
+
+#define SOCK_OPEN_SEEN 1
+#define SOCK_SYN_RETRANSMITTED 2
+#define SOCK_RESET_RECEIVED 4
+
+#define CONNECT_REFUSED 0
+#define CONNECT_TIMEOUT 1
+#define CONNECT_ABORTED 2
+
+#define RESET_SENT 0
+#define RESET_RECEIVED 1
+
+/* Metric ids (field `metric` of struct tcp_key), named in exporter/collectors/tcp.py. */
+#define METRIC_OPENED 0
+#define METRIC_CLOSED 1
+#define METRIC_CONNECT_FAILURES 2
+#define METRIC_RETRANSMITS 3
+#define METRIC_RESETS 4
+#define METRIC_RTT 5
+#define METRIC_COUNT 6
+
+/* Indexes of map_update_failures. */
+#define FAILURE_EVENTS 0
+#define FAILURE_SOCKETS 1
+#define FAILURE_COUNT 2
+
+#ifndef RTT_SAMPLE_INTERVAL_NS
+#define RTT_SAMPLE_INTERVAL_NS 1000000000ULL
+#endif
+/* Open sockets tracked at once. Entries are allocated on demand (no prealloc); 131072 covers
+ * busy nodes. A socket that does not fit is counted in map_update_failures: its open is still
+ * counted but its close cannot be, so active connections over-read by that count. */
+#ifndef SOCKET_CAPACITY
+#define SOCKET_CAPACITY 131072
+#endif
+/* Distinct (metric, variant, client, server, server port) per scrape interval. A pair of
+ * endpoints takes about 4 counter entries and 10 RTT slots; 65536 covers ~4000 active pairs per
+ * interval. Counts that find it full go to tcp_overflow, so totals stay exact. Overridable. */
+#ifndef EVENT_CAPACITY
+#define EVENT_CAPACITY 65536
+#endif
+
+struct tcp_endpoints {
+    u8 family;              /* 4 or 6 */
+    u8 role;
+    u16 lport;              /* local port, 0 when folded (the client side) */
+    u16 rport;              /* remote port, 0 when folded */
+    u16 pad;
+    u8 laddr[16];
+    u8 raddr[16];
+};
+
+struct sock_info {
+    struct tcp_endpoints ep;
+    u32 flags;
+    u32 pad;
+    u64 next_rtt_sample_ns;
+};
+
+/* One map holds every TCP counter and the RTT histogram, told apart by `metric`: bcc allows map
+ * calls only in plain code, so one map means one counting function for all of them. */
+struct tcp_key {
+    u32 generation;
+    u8 metric;
+    u8 pad;
+    u16 variant;            /* connect failure reason, reset direction, or histogram slot */
+    struct tcp_endpoints ep;
+};
+
+BPF_ARRAY(generation, u32, 1);
+BPF_F_TABLE("hash", u64, struct sock_info, tcp_sockets, SOCKET_CAPACITY, BPF_F_NO_PREALLOC);
+BPF_PERCPU_HASH(tcp_events, struct tcp_key, u64, EVENT_CAPACITY);
+/* Counts that found tcp_events full, by (metric, role, variant): index (metric*3+role)*64+variant */
+BPF_PERCPU_ARRAY(tcp_overflow, u64, METRIC_COUNT * 3 * 64);
+BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
+
+static __always_inline void count_failure(u32 idx)
+{
+    u64 *slot = map_update_failures.lookup(&idx);
+    if (slot)
+        *slot += 1;
+}
+
+static __always_inline void count_event(u8 metric, const struct tcp_endpoints *ep, u16 variant,
+                                        u64 val)
+{
+    u32 zero = 0;
+    u32 *gen = generation.lookup(&zero);
+    struct tcp_key key = {};
+    key.generation = gen ? *gen : 0;
+    key.metric = metric;
+    key.variant = variant;
+    key.ep = *ep;
+
+    u64 *count = tcp_events.lookup(&key);
+    if (count) {
+        *count += val;
+        return;
+    }
+    /* fails with EEXIST when another CPU created it meanwhile, E2BIG when full */
+    if (tcp_events.insert(&key, &val) == 0)
+        return;
+    count = tcp_events.lookup(&key);
+    if (count) {
+        *count += val;
+        return;
+    }
+    count_failure(FAILURE_EVENTS);
+    u32 idx = ((u32)metric * 3 + ep->role) * 64 + (variant & 63);
+    count = tcp_overflow.lookup(&idx);
+    if (count)
+        *count += val;
+}
+
+static __always_inline void observe_rtt(const struct tcp_endpoints *ep, u32 srtt_us)
+{
+    count_event(METRIC_RTT, ep, log2_slot(srtt_us), 1);
+    count_event(METRIC_RTT, ep, HIST_SUM_SLOT, srtt_us);
+}
+
+/* The client's port is ephemeral: fold it so one entry covers every connection of a pair. */
+static __always_inline void fold_client_port(struct tcp_endpoints *ep)
+{
+    /* both stores unconditional: clang turns a store to one field or the other into
+     * `pointer | offset`, which the verifier rejects */
+    ep->lport = ep->role == ROLE_CLIENT ? 0 : ep->lport;
+    ep->rport = ep->role == ROLE_SERVER ? 0 : ep->rport;
+}
+
+/* For tracepoints that give addresses as separate v4 and v6 fields. */
+#define ENDPOINTS_FROM_FIELDS(ep, args) do {                                           \
+    if ((args)->family == AF_INET6_) {                                                 \
+        (ep)->family = 6;                                                              \
+        __builtin_memcpy((ep)->laddr, (args)->saddr_v6, 16);                           \
+        __builtin_memcpy((ep)->raddr, (args)->daddr_v6, 16);                           \
+    } else {                                                                           \
+        (ep)->family = 4;                                                              \
+        __builtin_memcpy((ep)->laddr, (args)->saddr, 4);                               \
+        __builtin_memcpy((ep)->raddr, (args)->daddr, 4);                               \
+    }                                                                                  \
+    (ep)->lport = (args)->sport;                                                       \
+    (ep)->rport = (args)->dport;                                                       \
+} while (0)
+
+/* For tracepoints that give struct sockaddr_in / sockaddr_in6 in 28-byte fields. */
+static __always_inline void endpoints_from_sockaddrs(struct tcp_endpoints *ep, const u8 *local,
+                                                     const u8 *remote)
+{
+    u16 family = *(const u16 *)local;
+    if (family == AF_INET6_) {
+        ep->family = 6;
+        __builtin_memcpy(ep->laddr, local + 8, 16);
+        __builtin_memcpy(ep->raddr, remote + 8, 16);
+    } else {
+        ep->family = 4;
+        __builtin_memcpy(ep->laddr, local + 4, 4);
+        __builtin_memcpy(ep->raddr, remote + 4, 4);
+    }
+    ep->lport = bpf_ntohs(*(const u16 *)(local + 2));
+    ep->rport = bpf_ntohs(*(const u16 *)(remote + 2));
+}
+
+static __always_inline void remember_socket(u64 sk, struct sock_info *info)
+{
+    if (tcp_sockets.update(&sk, info) != 0)
+        count_failure(FAILURE_SOCKETS);
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != PROTO_TCP)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    int oldstate = args->oldstate;
+    int newstate = args->newstate;
+
+    if (newstate == TCPS_SYN_SENT) {
+        struct sock_info info = {};
+        ENDPOINTS_FROM_FIELDS(&info.ep, args);
+        info.ep.role = ROLE_CLIENT;
+        fold_client_port(&info.ep);
+        remember_socket(sk, &info);
+        return 0;
+    }
+
+    if (newstate == TCPS_ESTABLISHED &&
+        (oldstate == TCPS_SYN_SENT || oldstate == TCPS_SYN_RECV)) {
+        struct sock_info info = {};
+        ENDPOINTS_FROM_FIELDS(&info.ep, args);
+        info.ep.role = oldstate == TCPS_SYN_SENT ? ROLE_CLIENT : ROLE_SERVER;
+        fold_client_port(&info.ep);
+        info.flags = SOCK_OPEN_SEEN;
+        remember_socket(sk, &info);
+        count_event(METRIC_OPENED, &info.ep, 0, 1);
+        return 0;
+    }
+
+    if (newstate == TCPS_CLOSE) {
+        struct sock_info *info = tcp_sockets.lookup(&sk);
+        if (!info)
+            return 0;
+        if (oldstate == TCPS_SYN_SENT) {
+            u16 reason = CONNECT_ABORTED;
+            if (info->flags & SOCK_RESET_RECEIVED)
+                reason = CONNECT_REFUSED;
+            else if (info->flags & SOCK_SYN_RETRANSMITTED)
+                reason = CONNECT_TIMEOUT;
+            count_event(METRIC_CONNECT_FAILURES, &info->ep, reason, 1);
+        } else if (info->flags & SOCK_OPEN_SEEN) {
+            count_event(METRIC_CLOSED, &info->ep, 0, 1);
+        }
+        tcp_sockets.delete(&sk);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+    u64 sk = (u64)args->skaddr;
+    struct sock_info *info = tcp_sockets.lookup(&sk);
+    if (info) {
+        if (args->state == TCPS_SYN_SENT)
+            info->flags |= SOCK_SYN_RETRANSMITTED;
+        count_event(METRIC_RETRANSMITS, &info->ep, 0, 1);
+        return 0;
+    }
+    struct tcp_endpoints ep = {};
+    ENDPOINTS_FROM_FIELDS(&ep, args);
+    count_event(METRIC_RETRANSMITS, &ep, 0, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    u64 sk = (u64)args->skaddr;
+    struct sock_info *info = tcp_sockets.lookup(&sk);
+    if (info) {
+        info->flags |= SOCK_RESET_RECEIVED;
+        count_event(METRIC_RESETS, &info->ep, RESET_RECEIVED, 1);
+        return 0;
+    }
+    struct tcp_endpoints ep = {};
+    ENDPOINTS_FROM_FIELDS(&ep, args);
+    count_event(METRIC_RESETS, &ep, RESET_RECEIVED, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+    u64 sk = (u64)args->skaddr;
+    struct sock_info *info = sk ? tcp_sockets.lookup(&sk) : 0;
+    if (info) {
+        count_event(METRIC_RESETS, &info->ep, RESET_SENT, 1);
+        return 0;
+    }
+    /* No socket (a reset for a closed port, kernels >= 6.10) or one opened before start. */
+    struct tcp_endpoints ep = {};
+#ifdef TCP_SEND_RESET_SOCKADDR
+    endpoints_from_sockaddrs(&ep, args->saddr, args->daddr);
+#else
+    ENDPOINTS_FROM_FIELDS(&ep, args);
+#endif
+    count_event(METRIC_RESETS, &ep, RESET_SENT, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_probe)
+{
+    u32 srtt_us = args->srtt >> 3;     /* the kernel keeps srtt in 1/8 us */
+    if (srtt_us == 0)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    u64 now = bpf_ktime_get_ns();
+    struct sock_info *info = tcp_sockets.lookup(&sk);
+    if (!info) {
+        /* a connection that predates the exporter: remember it to rate-limit its samples */
+        struct sock_info fresh = {};
+        endpoints_from_sockaddrs(&fresh.ep, args->saddr, args->daddr);
+        fresh.next_rtt_sample_ns = now + RTT_SAMPLE_INTERVAL_NS;
+        remember_socket(sk, &fresh);
+        observe_rtt(&fresh.ep, srtt_us);
+        return 0;
+    }
+    if (now < info->next_rtt_sample_ns)
+        return 0;
+    info->next_rtt_sample_ns = now + RTT_SAMPLE_INTERVAL_NS;
+    observe_rtt(&info->ep, srtt_us);
+    return 0;
+}
