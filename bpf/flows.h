@@ -20,8 +20,21 @@ struct flow_key {
 struct flow_value {
     u64 bytes;
     u64 packets;
-    u64 tcp_flags;          /* OR of the flags seen: SYN and SYN+ACK tell user space the server */
+    u64 handshake;          /* FLOW_SAW_*: tells user space which end is the server */
 };
+
+/* bits of byte 13 of the TCP header */
+#define TCPHDR_SYN 0x02
+#define TCPHDR_ACK 0x10
+#define FLOW_SAW_SYN 1          /* a SYN without ACK: the sender is the client */
+#define FLOW_SAW_SYNACK 2       /* a SYN+ACK: the sender is the server */
+
+static __always_inline u64 handshake_bits(u8 tcp_flags)
+{
+    if (!(tcp_flags & TCPHDR_SYN))
+        return 0;
+    return (tcp_flags & TCPHDR_ACK) ? FLOW_SAW_SYNACK : FLOW_SAW_SYN;
+}
 
 /* Flows seen within one scrape interval (the map is drained every scrape). 65536 flows per
  * interval covers a busy node at a 15 s interval; flows past it are not lost: they are counted
@@ -88,7 +101,7 @@ static __always_inline void account_flow(struct __sk_buff *skb, const struct pac
     }
     value->bytes += bytes;
     value->packets += segs;
-    value->tcp_flags |= pkt->tcp_flags;
+    value->handshake |= handshake_bits(pkt->tcp_flags);
 }
 
 #endif

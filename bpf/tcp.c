@@ -108,6 +108,16 @@ BPF_PERCPU_HASH(tcp_events, struct tcp_key, u64, EVENT_CAPACITY);
 /* Counts that found tcp_events full, by (metric, role, variant): index (metric*3+role)*64+variant */
 BPF_PERCPU_ARRAY(tcp_overflow, u64, METRIC_COUNT * 3 * 64);
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
+/* Entries in tcp_sockets (the sum over CPUs): inserts add one, deletes take one away. */
+BPF_PERCPU_ARRAY(tcp_socket_count, s64, 1);
+
+static __always_inline void count_sockets(s64 change)
+{
+    u32 zero = 0;
+    s64 *count = tcp_socket_count.lookup(&zero);
+    if (count)
+        *count += change;
+}
 
 static __always_inline void count_failure(u32 idx)
 {
@@ -197,6 +207,11 @@ static __always_inline void endpoints_from_sockaddrs(struct tcp_endpoints *ep, c
 
 static __always_inline void remember_socket(u64 sk, struct sock_info *info)
 {
+    if (tcp_sockets.insert(&sk, info) == 0) {
+        count_sockets(1);
+        return;
+    }
+    /* EEXIST: known since SYN_SENT or an RTT sample; else the map is full */
     if (tcp_sockets.update(&sk, info) != 0)
         count_failure(FAILURE_SOCKETS);
 }
@@ -244,7 +259,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         } else if (info->flags & SOCK_OPEN_SEEN) {
             count_event(METRIC_CLOSED, &info->ep, 0, 1);
         }
-        tcp_sockets.delete(&sk);
+        if (tcp_sockets.delete(&sk) == 0)
+            count_sockets(-1);
     }
     return 0;
 }

@@ -1,0 +1,152 @@
+"""Wires the exporter together: kernel environment, BPF programs, interfaces, collectors and
+the HTTP endpoint; and takes them down again in reverse order."""
+
+from __future__ import annotations
+
+import platform
+import threading
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__, environment, logs
+from .collectors.flows import FlowsCollector, KernelFlowSource
+from .collectors.tcp import KernelTcpSource, TcpCollector
+from .config import Config
+from .endpoints import EndpointLabels, PortFolder, read_ephemeral_floor
+from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
+from .loader import Program
+from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
+from .server import WebServer, make_app
+
+log = logs.get("main")
+
+IFACE_ETHERNET = 1          # bpf/packet.h
+TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
+TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
+                   "tcp/tcp_send_reset", "tcp/tcp_probe")
+
+
+class StartupError(Exception):
+    """The exporter cannot start; the message is the one line the user sees."""
+
+
+def _missing_tracepoints(names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if not (TRACEFS_EVENTS / name / "format").is_file()]
+
+
+def tcp_program_flags(config: Config) -> list[str]:
+    flags = [f"-DEVENT_CAPACITY={config.maps.tcp_event_capacity}",
+             f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}",
+             f"-DRTT_SAMPLE_INTERVAL_NS={int(config.tcp.rtt_sample_interval * 1e9)}ULL"]
+    # kernels >= 6.10 give tcp_send_reset's addresses as sockaddrs of 28 bytes
+    reset_format = TRACEFS_EVENTS / "tcp/tcp_send_reset/format"
+    if "saddr[28]" in reset_format.read_text():
+        flags.append("-DTCP_SEND_RESET_SOCKADDR")
+    return flags
+
+
+class Exporter:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.stats = KernelStats()
+        self.programs: list[Program] = []
+        self.monitor: InterfaceMonitor | None = None
+        self.web: WebServer | None = None
+        self._ready = threading.Event()
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        config = self.config
+        # bind the port first: a port in use fails in milliseconds, before compiling anything
+        app = make_app(self.registry, config.web.telemetry_path, self.ready)
+        self.web = WebServer(config.web.listen_address, app)
+        self.web.start()
+        log.info("listening", extra={"address": config.web.listen_address,
+                                     "path": config.web.telemetry_path})
+
+        environment.prepare()
+        floor = config.ports.ephemeral_floor or read_ephemeral_floor()
+        ports = PortFolder(floor, config.ports.server)
+        endpoints = EndpointLabels(config.labels.endpoint)
+        collectors: list[SignalCollector] = []
+
+        if config.collectors.tcp:
+            missing = _missing_tracepoints(TCP_TRACEPOINTS)
+            if missing:
+                raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
+                                   "run with --no-collector.tcp")
+            tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
+            collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, self.stats,
+                                           config.series.max_per_metric, config.series.ttl))
+        if config.collectors.flows:
+            classifier = self._program(
+                "classifier", "classifier.c", [f"-DFLOW_CAPACITY={config.maps.flow_capacity}"])
+            ingress = classifier.load_tc("classify_ingress")
+            egress = classifier.load_tc("classify_egress")
+            collectors.append(FlowsCollector(KernelFlowSource(classifier), endpoints, ports,
+                                             self.stats, config.series.max_per_metric,
+                                             config.series.ttl))
+            self.monitor = self._monitor(classifier, ingress.fd, egress.fd)
+
+        self.registry.register(ExporterCollector(
+            collectors, self.stats, self._build_labels(), self.attached_interfaces))
+        for standard in (ProcessCollector, PlatformCollector, GCCollector):
+            standard(registry=self.registry)
+
+        if self.monitor:
+            self.monitor.start()
+        self._ready.set()
+        log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
+                                 "ephemeral_floor": floor})
+
+    def _program(self, name: str, source: str, cflags: list[str]) -> Program:
+        program = Program(name, source, cflags)
+        self.programs.append(program)
+        return program
+
+    def _monitor(self, classifier: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
+        interfaces = classifier.table("monitored_ifaces")
+
+        def on_attach(link: Link) -> None:
+            interfaces[interfaces.Key(link.index)] = interfaces.Leaf(
+                IFACE_ETHERNET if link.ethernet else 0)
+
+        def on_detach(link: Link) -> None:
+            try:
+                del interfaces[interfaces.Key(link.index)]
+            except KeyError:
+                pass
+
+        names = NameFilter(self.config.interfaces.include, self.config.interfaces.exclude)
+        return InterfaceMonitor(names, TcAttacher(ingress_fd, egress_fd), on_attach, on_detach)
+
+    def attached_interfaces(self) -> int:
+        return len(self.monitor.attached) if self.monitor else 0
+
+    @staticmethod
+    def _build_labels() -> dict[str, str]:
+        try:
+            import bcc
+
+            bcc_version = str(getattr(bcc, "__version__", "unknown"))
+        except ImportError:
+            bcc_version = "unknown"
+        return {"version": __version__, "bcc_version": bcc_version, "kernel": platform.release()}
+
+    def stop(self) -> None:
+        self._ready.clear()
+        if self.monitor:
+            self.monitor.stop()
+            log.info("detached from every interface")
+        for program in self.programs:
+            program.close()
+        if self.web:
+            self.web.stop()
+

@@ -1,0 +1,80 @@
+"""Monotonic series totals per metric, with a series cap and TTL expiry.
+
+Collectors fold each scrape's kernel deltas into a SeriesStore. Totals only grow, so counters
+stay monotonic however the kernel maps are drained. A new label set past the cap is folded into
+the metric's ``overflow`` series (its endpoint labels read ``overflow``; totals stay exact) and
+counted. A series without new counts for the TTL is dropped (Prometheus treats its return as a
+counter reset)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from .endpoints import OVERFLOW
+
+LabelValues = tuple[str, ...]
+
+
+class SeriesStore:
+    def __init__(
+        self,
+        metric: str,
+        label_names: Sequence[str],
+        endpoint_label_names: Iterable[str],
+        max_series: int,
+        ttl_seconds: float,
+        width: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metric = metric
+        self.label_names = tuple(label_names)
+        endpoint = set(endpoint_label_names)
+        self._endpoint_positions = tuple(
+            i for i, name in enumerate(self.label_names) if name in endpoint)
+        self.max_series = max_series
+        self.ttl_seconds = ttl_seconds
+        self.width = width
+        self._clock = clock
+        self._values: dict[LabelValues, list[float]] = {}
+        self._last_change: dict[LabelValues, float] = {}
+        self.overflowed_series_total = 0
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def overflow_labels(self, labels: LabelValues) -> LabelValues:
+        return tuple(OVERFLOW if i in self._endpoint_positions else value
+                     for i, value in enumerate(labels))
+
+    def add(self, labels: LabelValues, delta: Sequence[float]) -> None:
+        """Adds a delta (width values) to a series, creating it if the cap allows."""
+        now = self._clock()
+        current = self._values.get(labels)
+        if current is None:
+            if len(self._values) >= self.max_series:
+                self.overflowed_series_total += 1
+                labels = self.overflow_labels(labels)
+                current = self._values.get(labels)
+            if current is None:
+                # the overflow series itself may exceed the cap by the few non-endpoint variants
+                current = self._values[labels] = [0.0] * self.width
+        for i, value in enumerate(delta):
+            current[i] += value
+        self._last_change[labels] = now
+
+    def get(self, labels: LabelValues) -> list[float] | None:
+        return self._values.get(labels)
+
+    def expire(self, keep: Callable[[LabelValues], bool] | None = None) -> int:
+        """Drops series idle for the TTL (unless keep() says otherwise); returns how many."""
+        deadline = self._clock() - self.ttl_seconds
+        stale = [labels for labels, changed in self._last_change.items()
+                 if changed < deadline and not (keep and keep(labels))]
+        for labels in stale:
+            del self._values[labels]
+            del self._last_change[labels]
+        return len(stale)
+
+    def items(self) -> list[tuple[LabelValues, list[float]]]:
+        return [(labels, list(values)) for labels, values in self._values.items()]

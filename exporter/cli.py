@@ -1,0 +1,181 @@
+"""Command line: flags by Prometheus exporter convention, over EBPF_NET_* variables, over the
+config file, over the embedded defaults. User mistakes exit non-zero with one line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import yaml
+
+from . import __version__, config, logs
+from .loader import LoadError, bpf_dir, expand_source
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+EPILOG = """examples:
+  # every interface but lo, on :9814
+  sudo .venv/bin/ebpf-net-exporter
+
+  # only the pods' veths, with a config file
+  sudo .venv/bin/ebpf-net-exporter --interfaces 'veth.*|cali.*' --config.file exporter.yaml
+
+  # TCP metrics only, on localhost, JSON logs
+  sudo .venv/bin/ebpf-net-exporter --no-collector.flows --web.listen-address 127.0.0.1:9814 \\
+      --log.format json
+
+  # check a config file and print the effective configuration
+  .venv/bin/ebpf-net-exporter --config.file exporter.yaml --config.check
+
+every setting can also come from an environment variable EBPF_NET_<SECTION>_<KEY>,
+e.g. EBPF_NET_SERIES_TTL=10m; see docs/configuration.md
+"""
+
+COLLECTORS = ("flows", "tcp")
+# flag destination -> config path
+FLAG_FIELDS = {
+    "web_listen_address": "web.listen_address",
+    "web_telemetry_path": "web.telemetry_path",
+    "interfaces": "interfaces.include",
+    "log_level": "log.level",
+    "log_format": "log.format",
+    "series_max": "series.max_per_metric",
+    "series_ttl": "series.ttl",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="ebpf-net-exporter",
+        description="Prometheus exporter of TCP/UDP flows and TCP health seen with eBPF.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config.file", dest="config_file", metavar="PATH",
+                        help="YAML configuration file (default: the embedded defaults)")
+    parser.add_argument("--config.check", dest="config_check", action="store_true",
+                        help="validate the configuration, print it and exit")
+    parser.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR",
+                        help="[host]:port to serve on (default :9814)")
+    parser.add_argument("--web.telemetry-path", dest="web_telemetry_path", metavar="PATH",
+                        help="path of the metrics (default /metrics)")
+    parser.add_argument("--interfaces", metavar="REGEX",
+                        help="attach to interfaces whose name fully matches REGEX "
+                             "(replaces interfaces.include; interfaces.exclude still applies)")
+    parser.add_argument("--log.level", dest="log_level", metavar="LEVEL",
+                        help="debug, info, warning or error")
+    parser.add_argument("--log.format", dest="log_format", metavar="FORMAT",
+                        help="logfmt or json")
+    parser.add_argument("--series.max-per-metric", dest="series_max", metavar="N",
+                        help="series cap per metric")
+    parser.add_argument("--series.ttl", dest="series_ttl", metavar="DURATION",
+                        help="drop series idle this long, e.g. 5m")
+    for name in COLLECTORS:
+        parser.add_argument(f"--collector.{name}", dest=f"collector_{name}",
+                            action="store_const", const=True,
+                            help=f"enable the {name} collector")
+        parser.add_argument(f"--no-collector.{name}", dest=f"collector_{name}",
+                            action="store_const", const=False,
+                            help=f"disable the {name} collector")
+    parser.add_argument("--ebpf.print-source", dest="print_source", metavar="FILE",
+                        help=argparse.SUPPRESS)   # bcc-tools style: show the C bcc compiles
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for dest, path in FLAG_FIELDS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            overrides[path] = [value] if path == "interfaces.include" else value
+    for name in COLLECTORS:
+        value = getattr(args, f"collector_{name}")
+        if value is not None:
+            overrides[f"collectors.{name}"] = value
+    return overrides
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"ebpf-net-exporter: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def effective_yaml(cfg: config.Config) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return yaml.safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.print_source:
+        try:
+            print(expand_source(bpf_dir() / args.print_source))
+        except (OSError, LoadError) as e:
+            _fail(f"--ebpf.print-source: {e}", EXIT_USAGE)
+        return
+    try:
+        cfg = config.load(args.config_file, os.environ, overrides_from(args))
+    except config.ConfigError as e:
+        _fail(str(e), EXIT_USAGE)
+    if args.config_check:
+        print(effective_yaml(cfg), end="")
+        return
+    logs.setup(cfg.log.level, cfg.log.format)
+    sys.exit(run(cfg))
+
+
+def run(cfg: config.Config) -> int:
+    from .app import Exporter, StartupError
+    from .environment import EnvironmentProblem
+
+    log = logs.get("main")
+    stop = threading.Event()
+
+    def on_signal(number: int, _frame: Any) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(number).name})
+        stop.set()
+
+    def on_hangup(_number: int, _frame: Any) -> None:
+        log.warning("SIGHUP received: configuration reload is not supported yet, ignored")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
+
+    exporter = Exporter(cfg)
+    try:
+        exporter.start()
+        while not stop.wait(1.0):
+            pass
+        return 0
+    except (EnvironmentProblem, StartupError, LoadError, OSError) as e:
+        log.error(str(e))
+        return EXIT_RUNTIME
+    except Exception as e:  # a bug: one line for the user, the traceback at debug level
+        log.debug("traceback", exc_info=True)
+        log.error(f"internal error: {type(e).__name__}: {e} "
+                  "(run with --log.level debug for the traceback)")
+        return EXIT_RUNTIME
+    finally:
+        exporter.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Configuration: the embedded defaults, a YAML file, EBPF_NET_* variables and flags, merged in
+that order and validated into a tree of frozen dataclasses.
+
+Every field names its parser in its metadata, so an error names the field and what is wrong:
+``series.ttl: expected a duration like 30s, 5m or 1h, got 'soon'``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "EBPF_NET_"
+ENDPOINT_LABELS = ("ip", "ip_type", "port")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message names the field."""
+
+
+Parser = Callable[[Any], Any]
+
+
+def _spec(parse: Parser) -> Any:
+    return field(metadata={"parse": parse})
+
+
+def _fail(expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"expected {expected}, got {value!r}")
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise _fail("true or false", value)
+
+
+def parse_positive_int(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail("a positive integer", value)
+    return value
+
+
+def parse_port(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _fail("a port number 1-65535", value)
+    return value
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number of seconds or a string like 250ms, 30s, 5m, 1h."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = _DURATION.match(value.strip()) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise _fail("a duration like 30s, 5m or 1h", value)
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_listen_address(value: Any) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise _fail("[host]:port such as :9814 or 127.0.0.1:9814", value)
+    port = value.rsplit(":", 1)[1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _fail("[host]:port with a port 0-65535", value)
+    return value
+
+
+def parse_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _fail("a path starting with /", value)
+    return value
+
+
+def parse_ephemeral_floor(value: Any) -> int | None:
+    if value is None or value == "auto":
+        return None
+    return parse_port(value)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str):  # from an environment variable or a flag: comma-separated
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if not isinstance(value, list):
+        raise _fail("a list", value)
+    return value
+
+
+def list_of(parse: Parser) -> Parser:
+    def parse_list(value: Any) -> tuple[Any, ...]:
+        items = []
+        for index, item in enumerate(_as_list(value)):
+            try:
+                items.append(parse(item))
+            except ConfigError as e:
+                raise ConfigError(f"[{index}]: {e}") from e
+        return tuple(items)
+
+    return parse_list
+
+
+def parse_regex(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail("a regular expression", value)
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ConfigError(f"invalid regex {value!r}: {e}") from e
+    return value
+
+
+def one_of(*choices: str) -> Parser:
+    def parse_choice(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise _fail("one of " + ", ".join(choices), value)
+        return value.lower()
+
+    return parse_choice
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen_address: str = _spec(parse_listen_address)
+    telemetry_path: str = _spec(parse_path)
+
+
+@dataclass(frozen=True)
+class InterfacesConfig:
+    include: tuple[str, ...] = _spec(list_of(parse_regex))
+    exclude: tuple[str, ...] = _spec(list_of(parse_regex))
+
+
+@dataclass(frozen=True)
+class CollectorsConfig:
+    flows: bool = _spec(parse_bool)
+    tcp: bool = _spec(parse_bool)
+
+
+@dataclass(frozen=True)
+class PortsConfig:
+    ephemeral_floor: int | None = _spec(parse_ephemeral_floor)
+    server: tuple[int, ...] = _spec(list_of(parse_port))
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    endpoint: tuple[str, ...] = _spec(list_of(one_of(*ENDPOINT_LABELS)))
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    max_per_metric: int = _spec(parse_positive_int)
+    ttl: float = _spec(parse_duration)
+
+
+@dataclass(frozen=True)
+class MapsConfig:
+    flow_capacity: int = _spec(parse_positive_int)
+    tcp_event_capacity: int = _spec(parse_positive_int)
+    tcp_socket_capacity: int = _spec(parse_positive_int)
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    rtt_sample_interval: float = _spec(parse_duration)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _spec(one_of(*LOG_LEVELS))
+    format: str = _spec(one_of(*LOG_FORMATS))
+
+
+@dataclass(frozen=True)
+class Config:
+    web: WebConfig
+    interfaces: InterfacesConfig
+    collectors: CollectorsConfig
+    ports: PortsConfig
+    labels: LabelsConfig
+    series: SeriesConfig
+    maps: MapsConfig
+    tcp: TcpConfig
+    log: LogConfig
+
+
+@functools.cache
+def field_paths(cls: type | None = None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted paths of every leaf field, e.g. ``series.ttl``."""
+    paths: list[str] = []
+    for f in dataclasses.fields(cls or Config):
+        if "parse" in f.metadata:
+            paths.append(prefix + f.name)
+        else:
+            paths += field_paths(_section_type(f), f"{prefix}{f.name}.")
+    return tuple(paths)
+
+
+def _section_type(f: dataclasses.Field[Any]) -> type:
+    # annotations are strings here (postponed evaluation): sections are defined in this module
+    return globals()[f.type] if isinstance(f.type, str) else f.type  # type: ignore[return-value]
+
+
+def env_name(path: str) -> str:
+    return ENV_PREFIX + path.replace(".", "_").upper()
+
+
+def default_document() -> dict[str, Any]:
+    text = resources.files("exporter").joinpath("default-config.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r}: {e.strerror}") from e
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where}: invalid YAML: {problem}") from e
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
+    return document
+
+
+def flatten(document: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """{"series": {"ttl": "5m"}} -> {"series.ttl": "5m"}; unknown keys are errors."""
+    known = set(field_paths())
+    sections = {p.split(".")[0] for p in known}
+    flat: dict[str, Any] = {}
+    for section, body in document.items():
+        if section not in sections:
+            raise ConfigError(f"{origin}: unknown section {section!r} "
+                              f"(known: {', '.join(sorted(sections))})")
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{origin}: {section}: expected a mapping, got {body!r}")
+        for key, value in body.items():
+            path = f"{section}.{key}"
+            if path not in known:
+                keys = sorted(p.split(".", 1)[1] for p in known if p.startswith(section + "."))
+                raise ConfigError(f"{origin}: unknown field {path!r} "
+                                  f"(known in {section}: {', '.join(keys)})")
+            flat[path] = value
+    return flat
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for path in field_paths():
+        name = env_name(path)
+        if name in environ:
+            values[path] = environ[name]
+    return values
+
+
+def build(flat: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> Config:
+    """Validates the merged values into a Config; errors name the field and its origin."""
+    origins = origins or {}
+
+    def make(cls: type, prefix: str) -> Any:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            path = prefix + f.name
+            if "parse" not in f.metadata:
+                kwargs[f.name] = make(_section_type(f), path + ".")
+                continue
+            if path not in flat:
+                raise ConfigError(f"{path}: missing")
+            try:
+                kwargs[f.name] = f.metadata["parse"](flat[path])
+            except ConfigError as e:
+                origin = origins.get(path)
+                where = f" (from {origin})" if origin else ""
+                raise ConfigError(f"{path}{where}: {e}") from e
+        return cls(**kwargs)
+
+    return make(Config, "")
+
+
+def load(path: str | None, environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
+    """Defaults, then the file, then EBPF_NET_* variables, then flag overrides."""
+    flat = flatten(default_document(), "embedded defaults")
+    origins: dict[str, str] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path:
+        layers.append((f"config file {path}", flatten(read_file(path), f"config file {path!r}")))
+    layers.append(("environment", from_environment(environ)))
+    layers.append(("flag", dict(overrides)))
+    for origin, values in layers:
+        for key, value in values.items():
+            flat[key] = value
+            origins[key] = env_name(key) if origin == "environment" else origin
+    return build(flat, origins)

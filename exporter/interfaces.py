@@ -1,0 +1,281 @@
+"""Attaches the TC classifier to the monitored interfaces and follows them as they come and go.
+
+- Which: names fully matching an `include` regex and no `exclude` regex. Two kinds of stacked
+  devices are skipped when one of their lower devices is monitored, because every packet they
+  carry is already counted there: bridge/bond masters of a monitored port, and VLAN/macvlan/
+  ipvlan devices on a monitored link.
+- When: at start, on every netlink link event (a new pod's veth is attached within a few
+  hundred milliseconds), and by a full resync every RESYNC_SECONDS in case an event was lost.
+- How: a clsact qdisc (created only if absent) with one cls_bpf filter per hook, at a fixed
+  priority and handle and named FILTER_NAME, written with `replace` so a filter left by a killed
+  earlier run is replaced, never doubled. The qdiscs this exporter created are recorded in a
+  state file under /run, so after a crash the next run still knows they are its own.
+- Leaving: our filters are removed; a clsact qdisc is removed only if this exporter created it
+  and no other filter sits on it. Qdiscs and filters of others are never touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import logs
+
+log = logs.get("interfaces")
+
+INGRESS = 0xFFFFFFF2
+EGRESS = 0xFFFFFFF3
+HOOKS = {"ingress": INGRESS, "egress": EGRESS}
+FILTER_PRIORITY = 1         # run before other filters, so no verdict of theirs hides a packet
+FILTER_HANDLE = 0xEB0E
+FILTER_NAME = "ebpf_net_exporter"
+ARPHRD_ETHER = 1
+STACKED_ON_LINK = {"vlan", "macvlan", "ipvlan", "macvtap"}
+RESYNC_SECONDS = 10.0
+STATE_DIR = Path("/run/ebpf-net-exporter")
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    ethernet: bool
+    kind: str | None
+    master: int | None      # bridge/bond this link is a port of
+    lower: int | None       # IFLA_LINK in the same namespace (vlan, macvlan, ...)
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Link:
+        same_netns_link = msg.get_attr("IFLA_LINK_NETNSID") is None
+        return cls(
+            index=msg["index"],
+            name=msg.get_attr("IFLA_IFNAME"),
+            ethernet=msg["ifi_type"] == ARPHRD_ETHER,
+            kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+            master=msg.get_attr("IFLA_MASTER") or None,
+            lower=(msg.get_attr("IFLA_LINK") or None) if same_netns_link else None,
+        )
+
+
+class NameFilter:
+    def __init__(self, include: Iterable[str], exclude: Iterable[str]) -> None:
+        self.include = [re.compile(p) for p in include]
+        self.exclude = [re.compile(p) for p in exclude]
+
+    def matches(self, name: str) -> bool:
+        return any(p.fullmatch(name) for p in self.include) and \
+            not any(p.fullmatch(name) for p in self.exclude)
+
+
+def select_links(links: Iterable[Link], names: NameFilter) -> tuple[dict[int, Link], list[str]]:
+    """The links to monitor, and a reason for each matching link skipped as stacked."""
+    matching = {link.index: link for link in links if names.matches(link.name)}
+    skipped = []
+    for link in list(matching.values()):
+        ports = [p.name for p in matching.values() if p.master == link.index]
+        if ports:
+            skipped.append(f"{link.name}: master of monitored {', '.join(sorted(ports))}")
+        elif link.kind in STACKED_ON_LINK and link.lower in matching:
+            skipped.append(f"{link.name}: {link.kind} on monitored {matching[link.lower].name}")
+        else:
+            continue
+        del matching[link.index]
+    return matching, skipped
+
+
+class QdiscOwnership:
+    """Which clsact qdiscs this exporter created, kept in a file so a restart still knows."""
+
+    def __init__(self) -> None:
+        netns = os.stat("/proc/self/ns/net").st_ino
+        self.path = STATE_DIR / f"clsact-netns-{netns}.json"
+        self._owned: dict[int, str] = {}
+        try:
+            self._owned = {int(k): v for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError):
+            pass
+
+    def owns(self, link: Link) -> bool:
+        return self._owned.get(link.index) == link.name
+
+    def record(self, link: Link) -> None:
+        self._owned[link.index] = link.name
+        self._save()
+
+    def forget(self, index: int) -> None:
+        if self._owned.pop(index, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._owned))
+        tmp.replace(self.path)
+
+
+class TcAttacher:
+    """Adds and removes our filters on the links of the current network namespace."""
+
+    def __init__(self, ingress_fd: int, egress_fd: int) -> None:
+        self._fds = {INGRESS: ingress_fd, EGRESS: egress_fd}
+        self._ipr = IPRoute()
+        self.ownership = QdiscOwnership()
+
+    def attach(self, link: Link) -> None:
+        try:
+            self._ipr.tc("add", "clsact", link.index)
+            self.ownership.record(link)
+        except NetlinkError as e:
+            if e.code != 17:    # EEXIST: someone's (or a crashed run of ours) clsact is there
+                raise
+        for parent, fd in self._fds.items():
+            self._ipr.tc("replace-filter", "bpf", link.index, handle=FILTER_HANDLE, fd=fd,
+                         name=FILTER_NAME, parent=parent, classid=1, direct_action=True,
+                         prio=FILTER_PRIORITY)
+
+    def detach(self, link: Link) -> None:
+        for parent in self._fds:
+            try:
+                self._ipr.tc("del-filter", "bpf", link.index, handle=FILTER_HANDLE,
+                             parent=parent, prio=FILTER_PRIORITY)
+            except NetlinkError as e:
+                if e.code not in (2, 19, 22):   # already gone with the link or the qdisc
+                    raise
+        if self.ownership.owns(link):
+            others = self._foreign_filters(link.index)
+            if others:
+                log.info("leaving clsact qdisc we created: other filters use it",
+                         extra={"interface": link.name, "filters": others})
+            else:
+                try:
+                    self._ipr.tc("del", "clsact", link.index)
+                except NetlinkError as e:
+                    if e.code not in (2, 19, 22):
+                        raise
+        self.ownership.forget(link.index)
+
+    def _foreign_filters(self, index: int) -> int:
+        count = 0
+        for parent in self._fds:
+            try:
+                for f in self._ipr.get_filters(index=index, parent=parent):
+                    if f.get_attr("TCA_OPTIONS") is not None:  # skip chain header entries
+                        count += 1
+            except NetlinkError:
+                pass
+        return count
+
+    def links(self) -> list[Link]:
+        return [Link.from_message(m) for m in self._ipr.get_links()]
+
+    def close(self) -> None:
+        self._ipr.close()
+
+
+class InterfaceMonitor:
+    """Keeps the classifier attached to exactly the interfaces the filters select."""
+
+    def __init__(self, names: NameFilter, attacher: TcAttacher,
+                 on_attach: Callable[[Link], None], on_detach: Callable[[Link], None]) -> None:
+        self.names = names
+        self._attacher = attacher
+        self._on_attach = on_attach
+        self._on_detach = on_detach
+        self.attached: dict[int, Link] = {}
+        self._skipped_logged: set[str] = set()
+        self._warned_empty = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._events = IPRoute()
+        self._events.bind()
+        self._wake_read, self._wake_write = os.pipe()   # stop() wakes the watcher at once
+
+    def start(self) -> None:
+        self.reconcile()
+        self._thread = threading.Thread(target=self._watch, name="interfaces", daemon=True)
+        self._thread.start()
+
+    def reconcile(self) -> None:
+        with self._lock:
+            wanted, skipped = select_links(self._attacher.links(), self.names)
+            for reason in skipped:
+                if reason not in self._skipped_logged:
+                    self._skipped_logged.add(reason)
+                    log.info("not attaching to stacked device", extra={"reason": reason})
+            for index, link in list(self.attached.items()):
+                current = wanted.get(index)
+                if current is None or current.name != link.name:
+                    self._detach(link)
+            for index, link in wanted.items():
+                if index not in self.attached:
+                    self._attach(link)
+            if not self.attached and not self._warned_empty:
+                self._warned_empty = True
+                log.warning("no interface matches; waiting for one to appear",
+                            extra={"include": [p.pattern for p in self.names.include],
+                                   "exclude": [p.pattern for p in self.names.exclude]})
+            elif self.attached:
+                self._warned_empty = False
+
+    def _attach(self, link: Link) -> None:
+        try:
+            self._on_attach(link)       # the program must know the interface before packets
+            self._attacher.attach(link)
+        except NetlinkError as e:
+            if e.code == 19:            # ENODEV: it went away meanwhile
+                self._on_detach(link)
+                return
+            log.warning("could not attach", extra={"interface": link.name, "error": str(e)})
+            self._on_detach(link)
+            return
+        self.attached[link.index] = link
+        log.info("attached", extra={"interface": link.name, "ifindex": link.index})
+
+    def _detach(self, link: Link) -> None:
+        try:
+            self._attacher.detach(link)
+        except NetlinkError as e:
+            log.warning("could not detach", extra={"interface": link.name, "error": str(e)})
+        self._on_detach(link)
+        self.attached.pop(link.index, None)
+        log.info("detached", extra={"interface": link.name, "ifindex": link.index})
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            changed = False
+            try:
+                ready, _, _ = select.select([self._events, self._wake_read], [], [],
+                                            RESYNC_SECONDS)
+                if self._events in ready:
+                    changed = any(m["event"] in ("RTM_NEWLINK", "RTM_DELLINK")
+                                  for m in self._events.get())
+                if self._stop.is_set():
+                    break
+                if changed or not ready:
+                    self.reconcile()
+            except Exception as e:  # keep watching: a missed event is caught by the resync
+                log.warning("interface watch error", extra={"error": str(e)})
+                self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        os.write(self._wake_write, b"x")
+        if self._thread:
+            self._thread.join(timeout=RESYNC_SECONDS + 1)
+        with self._lock:
+            for link in list(self.attached.values()):
+                self._detach(link)
+        self._events.close()
+        self._attacher.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)

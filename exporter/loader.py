@@ -1,0 +1,125 @@
+"""Compiles and loads the C programs in bpf/ with bcc.
+
+bcc rewrites map calls (``flows.lookup(...)``) only in the main source text, not in included
+files, so local ``#include "x.h"`` lines are expanded here into one text, with ``#line`` markers
+so compiler messages still name the right file and line.
+
+bcc prints compiler and verifier output straight to file descriptor 2; it is captured here, so
+a failure becomes one line for the user and the full log goes to the debug log."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import logs
+
+log = logs.get("loader")
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+class LoadError(Exception):
+    """A BPF program did not compile or the kernel refused it."""
+
+
+def bpf_dir() -> Path:
+    """Where the C sources are: EBPF_NET_BPF_DIR, else bpf/ next to the package."""
+    override = os.environ.get("EBPF_NET_BPF_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "bpf"
+
+
+def expand_source(path: Path, seen: set[Path] | None = None) -> str:
+    """The file's text with its local includes inlined (each once, like include guards)."""
+    seen = set() if seen is None else seen
+    seen.add(path)
+    lines = [f'#line 1 "{path.name}"']
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _LOCAL_INCLUDE.match(line)
+        if not match:
+            lines.append(line)
+            continue
+        included = path.parent / match.group(1)
+        if not included.is_file():
+            raise LoadError(f"{path.name}:{number}: included file {match.group(1)} not found")
+        if included not in seen:
+            lines.append(expand_source(included, seen))
+        lines.append(f'#line {number + 1} "{path.name}"')
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collects what C code writes to fd 2 while inside; the text lands in the yielded list."""
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+def _summary(output: str, error: Exception) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    compile_errors = [line for line in lines if " error: " in line or line.startswith("error:")]
+    if compile_errors:
+        return f"compile error: {compile_errors[0]}"
+    if "Failed to load" in str(error) or "processed" in output:
+        # the verifier's reason is the line before "processed N insns"
+        for i, line in enumerate(lines):
+            if line.startswith("processed ") and i > 0:
+                return f"rejected by the kernel verifier: {lines[i - 1]}"
+        return f"rejected by the kernel: {error}"
+    return str(error)
+
+
+class Program:
+    """One compiled C program: bcc's BPF object plus the name the logs use."""
+
+    def __init__(self, name: str, source_file: str, cflags: Sequence[str] = ()) -> None:
+        self.name = name
+        self.source_file = source_file
+        self.cflags = list(cflags)
+        self.text = expand_source(bpf_dir() / source_file)
+        self.bpf: Any = self._run("compile", self._compile)
+
+    def _compile(self) -> Any:
+        import bcc
+
+        return bcc.BPF(text=self.text.encode(), cflags=self.cflags)
+
+    def _run(self, what: str, action: Any, *args: Any) -> Any:
+        with _captured_stderr() as output:
+            try:
+                result = action(*args)
+                error = None
+            except Exception as e:  # bcc raises bare Exception
+                error = e
+        text = output[0] if output else ""
+        if text.strip():
+            log.debug("bcc output", extra={"program": self.name, "step": what, "output": text})
+        if error is not None:
+            raise LoadError(f"bpf program {self.name}: {_summary(text, error)}") from error
+        return result
+
+    def load_tc(self, function: str) -> Any:
+        import bcc
+
+        return self._run(f"load {function}", self.bpf.load_func, function.encode(),
+                         bcc.BPF.SCHED_CLS)
+
+    def table(self, name: str) -> Any:
+        return self.bpf[name.encode()]
+
+    def close(self) -> None:
+        self.bpf.cleanup()

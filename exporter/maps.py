@@ -1,0 +1,188 @@
+"""Reading kernel maps: batch lookups into numpy arrays, and the generation protocol.
+
+Counter maps carry a generation number in their key (bpf/common.h). To read them without
+racing the programs that write them:
+
+1. flip ``generation[0]``: programs now write new entries under the other generation;
+2. wait for an RCU grace period (``membarrier(MEMBARRIER_CMD_GLOBAL)`` runs synchronize_rcu):
+   every program run that read the old generation has finished, since BPF programs run inside
+   RCU read-side sections;
+3. read the whole map with BPF_MAP_LOOKUP_BATCH and keep the old generation's entries;
+4. delete exactly those keys with BPF_MAP_DELETE_BATCH. Nobody writes them any more, so
+   nothing counted between the read and the delete can be lost."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import logs
+
+log = logs.get("maps")
+
+_MEMBARRIER_SYSCALL = {"x86_64": 324, "aarch64": 283}
+_MEMBARRIER_CMD_GLOBAL = 1
+_FALLBACK_GRACE_SECONDS = 0.05
+_libc = ctypes.CDLL(None, use_errno=True)
+_grace_warned = False
+
+
+def wait_for_rcu_grace_period() -> None:
+    """Returns once every BPF program run that started before the call has finished."""
+    global _grace_warned
+    number = _MEMBARRIER_SYSCALL.get(platform.machine())
+    if number is not None and _libc.syscall(number, _MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
+        return
+    if not _grace_warned:
+        _grace_warned = True
+        log.warning("membarrier(MEMBARRIER_CMD_GLOBAL) unavailable, waiting a fixed grace period",
+                    extra={"seconds": _FALLBACK_GRACE_SECONDS,
+                           "errno": errno.errorcode.get(ctypes.get_errno(), "?")})
+    time.sleep(_FALLBACK_GRACE_SECONDS)
+
+
+def possible_cpus() -> int:
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+class MapReadError(Exception):
+    pass
+
+
+@dataclass
+class MapSnapshot:
+    """Keys are kept as opaque bytes (padding included, as the kernel wants them back for a
+    delete); `keys` views them through the key's structured dtype."""
+    raw_keys: np.ndarray        # dtype V<key size>, one row per entry
+    values: np.ndarray          # (rows,) or, for per-CPU maps, (rows, cpus)
+    key_dtype: np.dtype
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.raw_keys.view(self.key_dtype)
+
+    def select(self, rows: np.ndarray) -> MapSnapshot:
+        return MapSnapshot(self.raw_keys[rows], self.values[rows], self.key_dtype)
+
+
+class BatchMap:
+    """A hash or array map read and deleted with batch syscalls into preallocated buffers."""
+
+    def __init__(self, name: str, table: Any, key_dtype: np.dtype, value_dtype: np.dtype,
+                 per_cpu: bool) -> None:
+        from bcc import libbcc
+
+        self._lib = libbcc.lib
+        self.name = name
+        self.fd = table.map_fd
+        self.capacity = int(table.max_entries)
+        self.key_dtype = key_dtype
+        self.value_dtype = value_dtype
+        self.cpus = possible_cpus() if per_cpu else 1
+        self.per_cpu = per_cpu
+        if key_dtype.itemsize != ctypes.sizeof(table.Key):
+            raise MapReadError(f"{self.name}: key is {ctypes.sizeof(table.Key)} bytes in C, "
+                               f"{key_dtype.itemsize} in Python")
+        leaf = table.sLeaf if per_cpu else table.Leaf   # bcc keeps one CPU's type in sLeaf
+        if ctypes.sizeof(leaf) != value_dtype.itemsize:
+            raise MapReadError(f"{self.name}: value is {ctypes.sizeof(leaf)} bytes in C, "
+                               f"{value_dtype.itemsize} in Python")
+        if per_cpu and value_dtype.itemsize % 8:
+            raise MapReadError(f"{self.name}: per-CPU values must be a multiple of 8 bytes")
+        # per-CPU values come back as one 8-byte aligned slot per possible CPU
+        self._value_stride = value_dtype.itemsize * self.cpus
+        self._keys = (ctypes.c_char * (key_dtype.itemsize * self.capacity))()
+        self._values = (ctypes.c_char * (self._value_stride * self.capacity))()
+        self._lock = threading.Lock()
+
+    def read(self) -> MapSnapshot:
+        """Every entry of the map, copied out of the kernel with BPF_MAP_LOOKUP_BATCH."""
+        with self._lock:
+            total = 0
+            token = ctypes.c_uint32(0)
+            next_token = ctypes.c_uint32(0)
+            count = ctypes.c_uint32(0)
+            first = True
+            while total < self.capacity:
+                count.value = self.capacity - total
+                rc = self._lib.bpf_lookup_batch(
+                    self.fd, None if first else ctypes.byref(token), ctypes.byref(next_token),
+                    ctypes.byref(self._keys, total * self.key_dtype.itemsize),
+                    ctypes.byref(self._values, total * self._value_stride),
+                    ctypes.byref(count))
+                err = ctypes.get_errno()
+                total += count.value
+                if rc != 0:
+                    if err == errno.ENOENT:
+                        break       # walked the whole map
+                    raise MapReadError(f"{self.name}: BPF_MAP_LOOKUP_BATCH failed: "
+                                       f"{os.strerror(err)}")
+                first = False
+                token.value = next_token.value
+            raw = np.frombuffer(self._keys, dtype=f"V{self.key_dtype.itemsize}",
+                                count=total).copy()
+            flat = np.frombuffer(self._values, dtype=self.value_dtype,
+                                 count=total * self.cpus).copy()
+            values = flat.reshape(total, self.cpus) if self.per_cpu else flat
+            return MapSnapshot(raw, values, self.key_dtype)
+
+    def delete(self, snapshot: MapSnapshot) -> None:
+        """Deletes the snapshot's keys with BPF_MAP_DELETE_BATCH."""
+        keys = snapshot.raw_keys
+        if len(keys) == 0:
+            return
+        buffer = np.ascontiguousarray(keys).tobytes()
+        count = ctypes.c_uint32(len(keys))
+        rc = self._lib.bpf_delete_batch(self.fd, buffer, ctypes.byref(count))
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise MapReadError(f"{self.name}: BPF_MAP_DELETE_BATCH failed after "
+                               f"{count.value} of {len(keys)} keys: {os.strerror(err)}")
+
+
+class Generation:
+    """The `generation` array of one program: flip it to drain that program's counter maps."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+        self._lock = threading.Lock()
+
+    def current(self) -> int:
+        return int(self._table[ctypes.c_int(0)].value)
+
+    def flip(self) -> int:
+        """Switches writers to the other generation and returns the old one, which no program
+        writes any more when this returns."""
+        with self._lock:
+            old = self.current()
+            self._table[ctypes.c_int(0)] = ctypes.c_uint32(old ^ 1)
+            wait_for_rcu_grace_period()
+            return old
+
+
+class CounterArray:
+    """A per-CPU array of u64 counters that only grow in the kernel (failures, parse errors,
+    overflow): read() returns what each index gained since the previous read."""
+
+    def __init__(self, name: str, table: Any) -> None:
+        self._map = BatchMap(name, table, np.dtype("<u4"), np.dtype("<u8"), per_cpu=True)
+        self._last = np.zeros(self._map.capacity, dtype=np.uint64)
+        self.capacity = self._map.capacity
+
+    def read_deltas(self) -> np.ndarray:
+        snapshot = self._map.read()
+        totals = np.zeros(self.capacity, dtype=np.uint64)
+        totals[snapshot.keys.astype(np.int64)] = snapshot.values.sum(axis=1, dtype=np.uint64)
+        deltas = totals - self._last
+        self._last = totals
+        return deltas
