@@ -14,15 +14,19 @@
 #include <uapi/linux/bpf.h>
 
 /* Histograms keep one slot per power of two of microseconds: slot i counts values v with
- * 2^i <= v < 2^(i+1) (slot 0 also takes v = 0), so its Prometheus bucket is le = 2^(i+1) us.
- * Slot HIST_INF_SLOT takes every value of 2^HIST_INF_SLOT us (67 s) and more and feeds only
- * the +Inf bucket. HIST_SUM_SLOT holds the exact sum of the observed microseconds. */
+ * 2^(i-1) < v <= 2^i (slot 0 takes v <= 1), so its Prometheus bucket is exactly le = 2^i us.
+ * Slot HIST_INF_SLOT takes values past 2^(HIST_INF_SLOT-1) us (33.5 s) and feeds only +Inf.
+ * HIST_SUM_SLOT holds the exact sum of the observed microseconds. */
 #define HIST_INF_SLOT 26
 #define HIST_SUM_SLOT 63
 
+/* ceil(log2(v)), 0 for v <= 1, capped at HIST_INF_SLOT */
 static __always_inline u32 log2_slot(u64 v)
 {
-    u32 slot = 0;
+    if (v <= 1)
+        return 0;
+    v -= 1;
+    u32 slot = 1;
     if (v >> 32) { v >>= 32; slot += 32; }
     if (v >> 16) { v >>= 16; slot += 16; }
     if (v >> 8) { v >>= 8; slot += 8; }

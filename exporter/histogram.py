@@ -1,7 +1,8 @@
 """Kernel log2 histograms (slots of microseconds, see bpf/common.h) as Prometheus buckets.
 
-Slot i counts values v with 2^i <= v < 2^(i+1) us (slot 0 also v = 0), so its cumulative
-bucket has le = 2^(i+1) us. Slot INF_SLOT counts values past the last bound: only +Inf."""
+Slot i counts values v with 2^(i-1) < v <= 2^i us (slot 0: v <= 1), so its cumulative bucket
+has exactly le = 2^i us: 1us, 2us, 4us ... 33.5 s. Slot INF_SLOT counts values past the last
+bound and feeds only +Inf."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ SLOTS = INF_SLOT + 1
 WIDTH = SLOTS + 1
 SUM_INDEX = SLOTS
 
-UPPER_BOUNDS_SECONDS = tuple((1 << (slot + 1)) * 1e-6 for slot in range(INF_SLOT))
+UPPER_BOUNDS_SECONDS = tuple((1 << slot) * 1e-6 for slot in range(INF_SLOT))
 _BOUND_LABELS = (*tuple(floatToGoString(b) for b in UPPER_BOUNDS_SECONDS), "+Inf")
 
 
 def slot_of(microseconds: int) -> int:
-    """The slot the kernel files a value in (for tests and fixtures)."""
-    slot = max(int(microseconds), 1).bit_length() - 1
-    return min(slot, INF_SLOT)
+    """The slot the kernel files a value in: ceil(log2(v)), 0 for v <= 1 (log2_slot in C)."""
+    if microseconds <= 1:
+        return 0
+    return min((int(microseconds) - 1).bit_length(), INF_SLOT)
 
 
 def index_of(kernel_slot: int) -> int | None:

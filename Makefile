@@ -1,0 +1,36 @@
+# ebpf-net-exporter. Two commands on a fresh Debian 12 machine:
+#   make setup   install everything (Debian packages, headers, tracefs, .venv, Python deps)
+#   make test    run the whole test suite (kernel tests need root)
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+# Debian's interpreter: python3-bpfcc lives in its dist-packages
+SYSTEM_PYTHON := /usr/bin/python3
+
+.PHONY: setup test unit lint demo run clean
+
+setup:
+	sh scripts/setup-host.sh
+	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -c 'import bcc, pyroute2, prometheus_client; print("setup: ok, bcc", bcc.__version__)'
+
+test: lint
+	$(PYTHON) -m pytest -q
+
+unit:
+	$(PYTHON) -m pytest -q tests/unit
+
+lint:
+	$(VENV)/bin/ruff check exporter tests benchmarks scripts
+
+# A test node of namespaces and veths with real servers and a traffic loop, and the exporter
+# attached to it (never to the host's own interfaces). Ctrl-C tears it all down.
+demo:
+	sudo $(PYTHON) -m tests.demo
+
+run:
+	sudo $(VENV)/bin/ebpf-net-exporter
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,45 @@
+#!/bin/sh
+# Prepares a Debian 12 host (or image) to build and run ebpf-net-exporter and its tests:
+# Debian packages, kernel headers where bcc looks for them, tracefs. Idempotent.
+# Used by `make setup` and by the container image, so the tested path and the image's are one.
+set -eu
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+arch=$(dpkg --print-architecture)
+packages="python3 python3-venv python3-pip python3-bpfcc linux-headers-$arch
+iproute2 bpftool nftables procps util-linux curl iperf3 prometheus bind9-dnsutils
+dnsmasq-base nginx-light"
+
+missing=""
+for p in $packages; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "setup-host: installing$missing"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    # shellcheck disable=SC2086
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+
+# bcc compiles against headers in /lib/modules/$(uname -r)/{build,source}. Debian ships the
+# headers of its own kernel; on hosts running another kernel link the newest ones (the BPF code
+# uses only stable ABI). The exporter can also do without these links (it merges the headers
+# under /run itself), but bcc's own tools want them.
+release=$(uname -r)
+if [ ! -e "/lib/modules/$release/build" ]; then
+    build=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -n 1)
+    if [ -n "$build" ]; then
+        common="${build%-"$arch"}-common"
+        as_root mkdir -p "/lib/modules/$release"
+        as_root ln -sfn "$build" "/lib/modules/$release/build"
+        [ -d "$common" ] && as_root ln -sfn "$common" "/lib/modules/$release/source"
+        echo "setup-host: linked /lib/modules/$release to $build"
+    fi
+fi
+
+mountpoint -q /sys/kernel/tracing || as_root mount -t tracefs nodev /sys/kernel/tracing || true
+mountpoint -q /sys/kernel/debug || as_root mount -t debugfs nodev /sys/kernel/debug || true
+echo "setup-host: done"

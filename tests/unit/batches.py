@@ -1,0 +1,66 @@
+"""Kernel-shaped batches for collector tests: numpy rows laid out exactly as the kernel's map
+keys, so the collectors see what a drain of the real maps gives them."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from exporter.collectors.flows import FLOW_KEY, FLOW_VALUE, FlowBatch
+from exporter.collectors.tcp import TCP_KEY, TcpBatch
+
+
+def _address(text: str) -> tuple[int, np.ndarray]:
+    ip = ipaddress.ip_address(text)
+    raw = ip.packed.ljust(16, b"\0")
+    return (4 if ip.version == 4 else 6), np.frombuffer(raw, dtype=np.uint8)
+
+
+def flow_batch(rows: list[dict], **extra) -> FlowBatch:
+    """rows: src, dst, sport, dport, protocol (number), bytes, packets, handshake (optional)."""
+    keys = np.zeros(len(rows), dtype=FLOW_KEY)
+    values = np.zeros(len(rows), dtype=FLOW_VALUE)
+    for i, row in enumerate(rows):
+        family, src = _address(row["src"])
+        _, dst = _address(row["dst"])
+        keys[i]["family"] = family
+        keys[i]["protocol"] = row.get("protocol", 6)
+        keys[i]["sport"] = row.get("sport", 0)
+        keys[i]["dport"] = row.get("dport", 0)
+        keys[i]["saddr"] = src
+        keys[i]["daddr"] = dst
+        values[i]["bytes"] = row["bytes"]
+        values[i]["packets"] = row["packets"]
+        values[i]["handshake"] = row.get("handshake", 0)
+    return FlowBatch(keys, values, **extra)
+
+
+def tcp_batch(rows: list[dict], **extra) -> TcpBatch:
+    """rows: metric, variant, role, local, remote, lport, rport, count."""
+    keys = np.zeros(len(rows), dtype=TCP_KEY)
+    counts = np.zeros(len(rows), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        family, local = _address(row["local"])
+        _, remote = _address(row["remote"])
+        keys[i]["metric"] = row["metric"]
+        keys[i]["variant"] = row.get("variant", 0)
+        keys[i]["family"] = family
+        keys[i]["role"] = row.get("role", 0)
+        keys[i]["lport"] = row.get("lport", 0)
+        keys[i]["rport"] = row.get("rport", 0)
+        keys[i]["laddr"] = local
+        keys[i]["raddr"] = remote
+        counts[i] = row["count"]
+    return TcpBatch(keys, counts, **extra)
+
+
+@dataclass
+class QueueSource:
+    """A source whose drain() hands out prepared batches, then empty ones."""
+    batches: list = field(default_factory=list)
+    empty: object = None
+
+    def drain(self):
+        return self.batches.pop(0) if self.batches else self.empty

@@ -1,0 +1,66 @@
+import ipaddress
+
+import pytest
+
+from exporter.endpoints import EndpointLabels, PortFolder, address_text, ip_type
+
+
+@pytest.mark.parametrize("address,kind", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"),
+    ("192.168.0.1", "private"), ("fd00::1", "private"), ("fe80::1", "private"),
+    ("224.0.0.251", "multicast"), ("ff02::fb", "multicast"), ("8.8.8.8", "public"),
+    ("2606:4700::1111", "public"),
+])
+def test_ip_type(address, kind):
+    assert ip_type(ipaddress.ip_address(address)) == kind
+
+
+def test_address_text_reads_the_kernels_16_byte_fields():
+    assert address_text(4, bytes([10, 0, 0, 1]) + b"\0" * 12) == "10.0.0.1"
+    assert address_text(6, ipaddress.IPv6Address("fd00::2").packed) == "fd00::2"
+    mapped = ipaddress.IPv6Address("::ffff:10.0.0.7").packed
+    assert address_text(6, mapped) == "10.0.0.7"
+
+
+def test_port_rule_folds_ephemeral_ports_and_keeps_server_ports():
+    folder = PortFolder(ephemeral_floor=32768)
+    assert folder.fold("10.0.0.1", 41000, "10.0.0.2", 80) == ("*", "80")
+    assert folder.fold("10.0.0.2", 80, "10.0.0.1", 41000) == ("80", "*")
+    assert folder.fold("10.0.0.1", 53, "10.0.0.2", 53) == ("53", "53")
+    assert folder.fold("10.0.0.1", 0, "10.0.0.2", 0) == ("", "")
+
+
+def test_configured_server_ports_above_the_floor_are_kept():
+    folder = PortFolder(ephemeral_floor=32768, server_ports=[40000])
+    assert folder.fold("10.0.0.1", 50000, "10.0.0.2", 40000) == ("*", "40000")
+
+
+def test_a_server_learned_from_the_handshake_wins_over_the_port_rule():
+    folder = PortFolder(ephemeral_floor=32768)
+    # both ports look ephemeral; the handshake said 10.0.0.2:45000 is the server
+    folder.learn_server("10.0.0.2", 45000)
+    assert folder.fold("10.0.0.1", 50000, "10.0.0.2", 45000) == ("*", "45000")
+    assert folder.fold("10.0.0.2", 45000, "10.0.0.1", 50000) == ("45000", "*")
+    # a client that happens to use a low source port is folded once its server is known
+    folder.learn_server("10.0.0.9", 8080)
+    assert folder.fold("10.0.0.1", 1000, "10.0.0.9", 8080) == ("*", "8080")
+
+
+def test_server_side_of_a_socket_whose_role_was_not_seen():
+    folder = PortFolder(ephemeral_floor=32768)
+    assert folder.server_is_remote("10.0.0.1", 41000, "10.0.0.2", 443)
+    assert not folder.server_is_remote("10.0.0.2", 443, "10.0.0.1", 41000)
+    assert folder.server_is_remote("10.0.0.1", 8080, "10.0.0.2", 80)   # lower port serves
+    folder.learn_server("10.0.0.1", 50001)
+    assert not folder.server_is_remote("10.0.0.1", 50001, "10.0.0.2", 50002)
+
+
+def test_endpoint_labels_follow_the_configured_vocabulary():
+    labels = EndpointLabels(["ip", "ip_type", "port"])
+    assert labels.label_names("src") == ["src_ip", "src_ip_type", "src_port"]
+    assert labels.label_names("src", with_port=False) == ["src_ip", "src_ip_type"]
+    assert labels.values("10.0.0.1", "*") == ("10.0.0.1", "private", "*")
+    assert labels.values("8.8.8.8", None) == ("8.8.8.8", "public")
+    only_type = EndpointLabels(["ip_type"])
+    assert only_type.label_names("dst") == ["dst_ip_type"]
+    assert only_type.values("8.8.8.8", "53") == ("public",)

@@ -1,0 +1,78 @@
+"""Loader source expansion, privilege checks, header discovery and interface selection."""
+
+import pytest
+
+from exporter import environment, loader
+from exporter.interfaces import Link, NameFilter, select_links
+
+
+def test_local_includes_are_inlined_once_with_line_markers(tmp_path):
+    (tmp_path / "a.h").write_text('#include "b.h"\nint a;\n')
+    (tmp_path / "b.h").write_text("int b;\n")
+    (tmp_path / "main.c").write_text('#include "a.h"\n#include "b.h"\n#include <linux/x.h>\n'
+                                     "int main_;\n")
+    text = loader.expand_source(tmp_path / "main.c")
+    assert text.count("int b;") == 1
+    assert '#line 1 "a.h"' in text
+    assert '#line 3 "main.c"' in text
+    assert "#include <linux/x.h>" in text       # system headers are bcc's business
+
+
+def test_a_missing_local_include_names_file_and_line(tmp_path):
+    (tmp_path / "main.c").write_text('int x;\n#include "nope.h"\n')
+    with pytest.raises(loader.LoadError, match=r"main.c:2: included file nope.h not found"):
+        loader.expand_source(tmp_path / "main.c")
+
+
+def test_the_shipped_programs_expand():
+    for name in ("classifier.c", "tcp.c"):
+        text = loader.expand_source(loader.bpf_dir() / name)
+        assert '#include "' not in text
+
+
+def caps(*names):
+    return sum(1 << environment.CAPABILITIES[n] for n in names)
+
+
+def test_missing_capabilities():
+    assert environment.missing_capabilities(0) == ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
+    assert environment.missing_capabilities(caps("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN")) == []
+    assert environment.missing_capabilities(caps("CAP_SYS_ADMIN", "CAP_NET_ADMIN")) == []
+    assert environment.missing_capabilities(caps("CAP_SYS_ADMIN")) == ["CAP_NET_ADMIN"]
+
+
+def test_debian_split_headers_are_merged_into_one_tree(tmp_path):
+    build = tmp_path / "linux-headers-6.1.0-9-amd64"
+    common = tmp_path / "linux-headers-6.1.0-9-common"
+    (build / "include/generated").mkdir(parents=True)
+    (build / "include/generated/autoconf.h").write_text("x")
+    (build / "Makefile").write_text("include ../common")
+    (common / "include/linux").mkdir(parents=True)
+    (common / "include/linux/kconfig.h").write_text("k")
+    pairs = environment._debian_header_pairs(tmp_path)
+    assert pairs == [(build, common)]
+    target = tmp_path / "merged"
+    environment._merge_tree(build, common, target)
+    assert (target / "include/linux/kconfig.h").read_text() == "k"
+    assert (target / "include/generated/autoconf.h").read_text() == "x"
+    assert (target / "Makefile").is_symlink()
+
+
+def link(index, name, kind="veth", master=None, lower=None):
+    return Link(index, name, True, kind, master, lower)
+
+
+def test_interface_selection_by_regex_and_stacking():
+    links = [link(1, "lo", kind=None), link(2, "eth0", kind=None), link(3, "br0", "bridge"),
+             link(4, "veth1", master=3), link(5, "veth2", master=3),
+             link(6, "eth0.100", "vlan", lower=2), link(7, "vethx")]
+    chosen, skipped = select_links(links, NameFilter([".*"], ["lo"]))
+    assert sorted(x.name for x in chosen.values()) == ["eth0", "veth1", "veth2", "vethx"]
+    assert any("br0: master of monitored veth1, veth2" in s for s in skipped)
+    assert any("eth0.100: vlan on monitored eth0" in s for s in skipped)
+    # ports not monitored: the bridge itself is
+    chosen, _ = select_links(links, NameFilter(["br0", "eth0.100"], []))
+    assert sorted(x.name for x in chosen.values()) == ["br0", "eth0.100"]
+    # full match, not search
+    chosen, _ = select_links(links, NameFilter(["veth"], []))
+    assert chosen == {}
