@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import urllib.request
@@ -27,23 +26,9 @@ from tests.testnode import (
 
 pytestmark = pytest.mark.kernel
 
-TOOLS = ("ip", "nft", "curl", "dig", "dnsmasq", "iperf3")
-
-
-def _skip_or_fail(msg: str) -> None:
-    """Skip locally, fail in CI (env CI set)."""
-    if os.environ.get("CI"):
-        pytest.fail(msg, pytrace=False)
-    pytest.skip(msg)
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _requirements() -> None:
-    if os.geteuid() != 0:
-        _skip_or_fail("needs root to create network namespaces and veth pairs")
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        _skip_or_fail(f"missing tools: {', '.join(missing)}")
+def _requirements(kernel_ready: None) -> None:
+    """Root and tools, checked once for every kernel test (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,165 @@
+"""Runs the real exporter inside a test node's namespace and scrapes it from the test.
+
+Used by the kernel tests, `make demo` and the benchmarks: the exporter only ever sees the
+interfaces of the node namespace, never the host's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from tests.testnode import TestNode, in_netns
+
+REPO = Path(__file__).resolve().parent.parent
+EXPORTER = [sys.executable, "-m", "exporter"]
+
+
+def free_port(ns: str) -> int:
+    with in_netns(ns):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.05) -> Any:
+    """Polls condition() until it returns something truthy; fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Scrape:
+    """One parsed scrape: samples by name, with label-subset lookups."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: list[Sample] = [s for family in text_string_to_metric_families(text)
+                                      for s in family.samples]
+
+    def select(self, name: str, **labels: str) -> list[Sample]:
+        return [s for s in self.samples if s.name == name
+                and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (0 when none)."""
+        return sum(s.value for s in self.select(name, **labels))
+
+
+class ExporterProcess:
+    def __init__(self, node: TestNode, args: Sequence[str] = (),
+                 config: dict[str, Any] | None = None, interfaces: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.node = node
+        self.port = free_port(node.node_ns)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{node.prefix}-exporter-"))
+        self.log_path = self.workdir / "exporter.log"
+        argv = [*EXPORTER, "--web.listen-address", f"127.0.0.1:{self.port}",
+                "--interfaces", interfaces or f"{node.prefix}v[ab]", *args]
+        if config:
+            path = self.workdir / "config.yaml"
+            path.write_text(yaml.safe_dump(config))
+            argv += ["--config.file", str(path)]
+        self.argv = argv
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *argv],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, timeout: float = 30) -> tuple[int, str]:
+        with in_netns(self.node.node_ns):
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+            except OSError:
+                return 0, ""
+
+    def wait_ready(self, timeout: float = 60) -> ExporterProcess:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exporter exited with {self.proc.returncode}:\n"
+                                     f"{self.log()}")
+            return self.get("/readyz", timeout=2)[0] == 200
+
+        wait_until(ready, timeout, "the exporter to be ready", interval=0.1)
+        return self
+
+    def scrape(self) -> Scrape:
+        status, body = self.get("/metrics")
+        assert status == 200, f"scrape failed ({status}): {body}\n{self.log()}"
+        return Scrape(body)
+
+    def wait_for(self, condition: Callable[[Scrape], Any], what: str,
+                 timeout: float = 20) -> Scrape:
+        """Scrapes until condition(scrape) holds; returns that scrape."""
+        holder: list[Scrape] = []
+
+        def check() -> bool:
+            scrape = self.scrape()
+            holder[:] = [scrape]
+            return bool(condition(scrape))
+
+        wait_until(check, timeout, what, interval=0.2)
+        return holder[0]
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ExporterProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def filters_on(node: TestNode, devices: Iterable[str]) -> dict[str, int]:
+    """Our cls_bpf filters per device and hook, e.g. {"xva ingress": 1, ...}."""
+    counts = {}
+    for device in devices:
+        for hook in ("ingress", "egress"):
+            out = node.run(node.node_ns, ["tc", "filter", "show", "dev", device, hook],
+                           check=False).stdout
+            counts[f"{device} {hook}"] = out.count("ebpf_net_exporter")
+    return counts
+
+
+def has_clsact(node: TestNode, device: str) -> bool:
+    out = node.run(node.node_ns, ["tc", "qdisc", "show", "dev", device], check=False).stdout
+    return "clsact" in out
