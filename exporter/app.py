@@ -64,14 +64,14 @@ class Exporter:
 
     def start(self) -> None:
         config = self.config
-        # bind the port first: a port in use fails in milliseconds, before compiling anything
+        environment.prepare()
+        # bind the port before compiling: a port in use fails in milliseconds
         app = make_app(self.registry, config.web.telemetry_path, self.ready)
         self.web = WebServer(config.web.listen_address, app)
         self.web.start()
         log.info("listening", extra={"address": config.web.listen_address,
                                      "path": config.web.telemetry_path})
 
-        environment.prepare()
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
         endpoints = EndpointLabels(config.labels.endpoint)
@@ -125,7 +125,8 @@ class Exporter:
                 pass
 
         names = NameFilter(self.config.interfaces.include, self.config.interfaces.exclude)
-        return InterfaceMonitor(names, TcAttacher(ingress_fd, egress_fd), on_attach, on_detach)
+        return InterfaceMonitor(names, lambda: TcAttacher(ingress_fd, egress_fd), on_attach,
+                                on_detach)
 
     def attached_interfaces(self) -> int:
         return len(self.monitor.attached) if self.monitor else 0

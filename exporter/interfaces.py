@@ -15,10 +15,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import select
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ FILTER_NAME = "ebpf_net_exporter"
 ARPHRD_ETHER = 1
 STACKED_ON_LINK = {"vlan", "macvlan", "ipvlan", "macvtap"}
 RESYNC_SECONDS = 10.0
+RTMGRP_LINK = 1
 STATE_DIR = Path("/run/ebpf-net-exporter")
 
 
@@ -181,101 +184,142 @@ class TcAttacher:
         self._ipr.close()
 
 
-class InterfaceMonitor:
-    """Keeps the classifier attached to exactly the interfaces the filters select."""
+def link_event_socket() -> socket.socket:
+    """A doorbell: readable whenever a link of this namespace changes. Only that it rang
+    matters (each reconcile dumps the links through pyroute2), so nothing is parsed."""
+    doorbell = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                             socket.NETLINK_ROUTE)
+    doorbell.bind((0, RTMGRP_LINK))
+    return doorbell
 
-    def __init__(self, names: NameFilter, attacher: TcAttacher,
+
+def drain(doorbell: socket.socket) -> int:
+    """Reads every pending event; returns how many datagrams (ENOBUFS: events were lost, which
+    counts as a change too)."""
+    count = 0
+    while True:
+        try:
+            if not doorbell.recv(65536):
+                return count
+            count += 1
+        except BlockingIOError:
+            return count
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            count += 1
+
+
+class InterfaceMonitor:
+    """Keeps the classifier attached to exactly the interfaces the filters select.
+
+    One thread owns every netlink socket (pyroute2's sockets are not to be shared between
+    threads): it does the first reconcile, follows link events, resyncs, and detaches on stop.
+    start() and stop() wait for it."""
+
+    def __init__(self, names: NameFilter, make_attacher: Callable[[], TcAttacher],
                  on_attach: Callable[[Link], None], on_detach: Callable[[Link], None]) -> None:
         self.names = names
-        self._attacher = attacher
+        self._make_attacher = make_attacher
         self._on_attach = on_attach
         self._on_detach = on_detach
         self.attached: dict[int, Link] = {}
         self._skipped_logged: set[str] = set()
         self._warned_empty = False
-        self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._events = IPRoute()
-        self._events.bind()
         self._wake_read, self._wake_write = os.pipe()   # stop() wakes the watcher at once
 
-    def start(self) -> None:
-        self.reconcile()
-        self._thread = threading.Thread(target=self._watch, name="interfaces", daemon=True)
+    def start(self, timeout: float = 30.0) -> None:
+        """Returns once the first reconcile is done (every matching interface attached)."""
+        self._thread = threading.Thread(target=self._run, name="interfaces", daemon=True)
         self._thread.start()
+        if not self._started.wait(timeout):
+            raise RuntimeError("interface monitor did not start")
+        if self._start_error is not None:
+            raise self._start_error
 
-    def reconcile(self) -> None:
-        with self._lock:
-            wanted, skipped = select_links(self._attacher.links(), self.names)
-            for reason in skipped:
-                if reason not in self._skipped_logged:
-                    self._skipped_logged.add(reason)
-                    log.info("not attaching to stacked device", extra={"reason": reason})
-            for index, link in list(self.attached.items()):
-                current = wanted.get(index)
-                if current is None or current.name != link.name:
-                    self._detach(link)
-            for index, link in wanted.items():
-                if index not in self.attached:
-                    self._attach(link)
-            if not self.attached and not self._warned_empty:
-                self._warned_empty = True
-                log.warning("no interface matches; waiting for one to appear",
-                            extra={"include": [p.pattern for p in self.names.include],
-                                   "exclude": [p.pattern for p in self.names.exclude]})
-            elif self.attached:
-                self._warned_empty = False
+    def _run(self) -> None:
+        try:
+            events = link_event_socket()    # before the first reconcile: no event is missed
+            attacher = self._make_attacher()
+            self._reconcile(attacher)
+        except BaseException as e:
+            self._start_error = e
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            self._watch(events, attacher)
+        finally:
+            for link in list(self.attached.values()):
+                self._detach(attacher, link)
+            events.close()
+            attacher.close()
 
-    def _attach(self, link: Link) -> None:
+    def _reconcile(self, attacher: TcAttacher) -> None:
+        wanted, skipped = select_links(attacher.links(), self.names)
+        for reason in skipped:
+            if reason not in self._skipped_logged:
+                self._skipped_logged.add(reason)
+                log.info("not attaching to stacked device", extra={"reason": reason})
+        for index, link in list(self.attached.items()):
+            current = wanted.get(index)
+            if current is None or current.name != link.name:
+                self._detach(attacher, link)
+        for index, link in wanted.items():
+            if index not in self.attached:
+                self._attach(attacher, link)
+        if not self.attached and not self._warned_empty:
+            self._warned_empty = True
+            log.warning("no interface matches; waiting for one to appear",
+                        extra={"include": [p.pattern for p in self.names.include],
+                               "exclude": [p.pattern for p in self.names.exclude]})
+        elif self.attached:
+            self._warned_empty = False
+
+    def _attach(self, attacher: TcAttacher, link: Link) -> None:
         try:
             self._on_attach(link)       # the program must know the interface before packets
-            self._attacher.attach(link)
+            attacher.attach(link)
         except NetlinkError as e:
-            if e.code == 19:            # ENODEV: it went away meanwhile
-                self._on_detach(link)
-                return
-            log.warning("could not attach", extra={"interface": link.name, "error": str(e)})
             self._on_detach(link)
+            if e.code != 19:            # ENODEV: it went away meanwhile
+                log.warning("could not attach", extra={"interface": link.name,
+                                                       "error": str(e)})
             return
         self.attached[link.index] = link
         log.info("attached", extra={"interface": link.name, "ifindex": link.index})
 
-    def _detach(self, link: Link) -> None:
+    def _detach(self, attacher: TcAttacher, link: Link) -> None:
         try:
-            self._attacher.detach(link)
+            attacher.detach(link)
         except NetlinkError as e:
             log.warning("could not detach", extra={"interface": link.name, "error": str(e)})
         self._on_detach(link)
         self.attached.pop(link.index, None)
         log.info("detached", extra={"interface": link.name, "ifindex": link.index})
 
-    def _watch(self) -> None:
+    def _watch(self, events: socket.socket, attacher: TcAttacher) -> None:
         while not self._stop.is_set():
-            changed = False
             try:
-                ready, _, _ = select.select([self._events, self._wake_read], [], [],
-                                            RESYNC_SECONDS)
-                if self._events in ready:
-                    changed = any(m["event"] in ("RTM_NEWLINK", "RTM_DELLINK")
-                                  for m in self._events.get())
+                ready, _, _ = select.select([events, self._wake_read], [], [], RESYNC_SECONDS)
                 if self._stop.is_set():
                     break
+                changed = drain(events) if events in ready else 0
                 if changed or not ready:
-                    self.reconcile()
+                    self._reconcile(attacher)
             except Exception as e:  # keep watching: a missed event is caught by the resync
                 log.warning("interface watch error", extra={"error": str(e)})
                 self._stop.wait(1.0)
 
     def stop(self) -> None:
+        """Detaches from every interface (in the monitor's thread) and returns when done."""
         self._stop.set()
         os.write(self._wake_write, b"x")
         if self._thread:
-            self._thread.join(timeout=RESYNC_SECONDS + 1)
-        with self._lock:
-            for link in list(self.attached.values()):
-                self._detach(link)
-        self._events.close()
-        self._attacher.close()
+            self._thread.join(timeout=30)
         os.close(self._wake_read)
         os.close(self._wake_write)
