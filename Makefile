@@ -5,6 +5,8 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 # Debian's interpreter: python3-bpfcc lives in its dist-packages
 SYSTEM_PYTHON := /usr/bin/python3
+# root already (CI, these VMs): no sudo needed, and it may not be installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup test unit lint demo run clean
 
@@ -27,10 +29,10 @@ lint:
 # A test node of namespaces and veths with real servers and a traffic loop, and the exporter
 # attached to it (never to the host's own interfaces). Ctrl-C tears it all down.
 demo:
-	sudo $(PYTHON) -m tests.demo
+	$(SUDO) $(PYTHON) -m tests.demo
 
 run:
-	sudo $(VENV)/bin/ebpf-net-exporter
+	$(SUDO) $(VENV)/bin/ebpf-net-exporter
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -68,12 +68,14 @@ class Scrape:
 class ExporterProcess:
     def __init__(self, node: TestNode, args: Sequence[str] = (),
                  config: dict[str, Any] | None = None, interfaces: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
         self.node = node
-        self.port = free_port(node.node_ns)
+        self.host = host
+        self.port = port or free_port(node.node_ns)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{node.prefix}-exporter-"))
         self.log_path = self.workdir / "exporter.log"
-        argv = [*EXPORTER, "--web.listen-address", f"127.0.0.1:{self.port}",
+        argv = [*EXPORTER, "--web.listen-address", f"{host}:{self.port}",
                 "--interfaces", interfaces or f"{node.prefix}v[ab]", *args]
         if config:
             path = self.workdir / "config.yaml"
@@ -87,7 +89,7 @@ class ExporterProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def get(self, path: str, timeout: float = 30) -> tuple[int, str]:
         with in_netns(self.node.node_ns):

@@ -1,0 +1,108 @@
+"""The exposition, byte for byte against tests/fixtures/golden.prom (names, HELP, TYPE, label
+sets, bucket layout), and promtool's lint over everything the exporter serves.
+UPDATE_GOLDEN=1 rewrites the fixture after a deliberate change."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter import histogram
+from exporter.collectors import tcp as tcpmod
+from exporter.collectors.flows import FlowsCollector
+from exporter.collectors.tcp import TcpCollector
+from exporter.endpoints import EndpointLabels, PortFolder
+from exporter.selfmetrics import ExporterCollector, KernelStats
+
+from ..conftest import skip_or_fail
+from .batches import QueueSource, flow_batch, tcp_batch
+
+GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden.prom"
+
+FLOWS = [
+    {"src": "10.1.0.5", "sport": 40522, "dst": "10.1.1.7", "dport": 8080, "bytes": 1460,
+     "packets": 3, "handshake": 1},
+    {"src": "10.1.1.7", "sport": 8080, "dst": "10.1.0.5", "dport": 40522, "bytes": 52000,
+     "packets": 40, "handshake": 2},
+    {"src": "fd00::5", "sport": 53000, "dst": "fd00::53", "dport": 53, "protocol": 17,
+     "bytes": 90, "packets": 1},
+    {"src": "10.1.0.5", "dst": "1.1.1.1", "protocol": 1, "bytes": 84, "packets": 1},
+]
+CLIENT = {"local": "10.1.0.5", "remote": "10.1.1.7", "rport": 8080, "role": tcpmod.ROLE_CLIENT}
+TCP = [
+    {**CLIENT, "metric": tcpmod.OPENED, "count": 4},
+    {**CLIENT, "metric": tcpmod.CLOSED, "count": 3},
+    {**CLIENT, "metric": tcpmod.CONNECT_FAILURES, "variant": 0, "count": 1},
+    {**CLIENT, "metric": tcpmod.RETRANSMITS, "count": 2},
+    {**CLIENT, "metric": tcpmod.RESETS, "variant": 1, "count": 1},
+    {**CLIENT, "metric": tcpmod.RTT, "variant": histogram.slot_of(40), "count": 3},
+    {**CLIENT, "metric": tcpmod.RTT, "variant": histogram.slot_of(900), "count": 1},
+    {**CLIENT, "metric": tcpmod.RTT, "variant": histogram.SUM_SLOT, "count": 1020},
+]
+
+
+def collectors(stats: KernelStats) -> list:
+    endpoints = EndpointLabels(["ip", "ip_type", "port"])
+    ports = PortFolder(32768)
+    flows = FlowsCollector(QueueSource([flow_batch(FLOWS, entries=4, capacity=65536)],
+                                       flow_batch([])), endpoints, ports, stats, 100, 300)
+    tcp = TcpCollector(QueueSource([tcp_batch(TCP, entries=8, capacity=65536,
+                                              sockets=1, socket_capacity=131072)],
+                                   tcp_batch([])), endpoints, ports, stats, 100, 300)
+    return [flows, tcp]
+
+
+def test_exposition_matches_the_golden_file():
+    registry = CollectorRegistry()
+    for collector in collectors(KernelStats()):
+        registry.register(collector)
+    text = generate_latest(registry).decode()
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def full_exposition() -> str:
+    stats = KernelStats()
+    registry = CollectorRegistry()
+    registry.register(ExporterCollector(collectors(stats), stats,
+                                        {"version": "0", "bcc_version": "0", "kernel": "k"},
+                                        lambda: 2))
+    stats.add_failures("flows", 0)
+    stats.add_parse_errors("ip", 0)
+    return generate_latest(registry).decode()
+
+
+def test_promtool_accepts_every_metric_the_exporter_serves(tmp_path):
+    promtool = shutil.which("promtool")
+    if not promtool:
+        skip_or_fail("promtool is not installed (Debian's prometheus package; make setup)")
+    for text in (GOLDEN.read_text(), full_exposition()):
+        result = subprocess.run([promtool, "check", "metrics"], input=text,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+SELF_METRICS = [
+    "ebpf_net_exporter_build_info", "ebpf_net_exporter_scrape_collector_success",
+    "ebpf_net_exporter_scrape_collector_duration_seconds", "ebpf_net_exporter_bpf_map_entries",
+    "ebpf_net_exporter_bpf_map_capacity", "ebpf_net_exporter_bpf_map_update_failures_total",
+    "ebpf_net_exporter_attached_interfaces", "ebpf_net_exporter_series_overflow_total",
+    "ebpf_net_exporter_parse_errors_total",
+]
+
+
+def test_every_self_metric_of_the_spec_is_served_with_per_collector_labels():
+    text = full_exposition()
+    for name in SELF_METRICS:
+        assert f"# TYPE {name} " in text, name
+    for collector in ("flows", "tcp"):
+        assert f'ebpf_net_exporter_scrape_collector_success{{collector="{collector}"}} 1.0' \
+            in text
+    assert 'ebpf_net_exporter_bpf_map_capacity{map="tcp_sockets"} 131072.0' in text
+    assert 'ebpf_net_exporter_series_overflow_total{metric="ebpf_net_flow_bytes_total"} 0.0' \
+        in text
