@@ -24,7 +24,7 @@ unit:
 	$(PYTHON) -m pytest -q tests/unit
 
 lint:
-	$(VENV)/bin/ruff check exporter tests benchmarks scripts
+	$(VENV)/bin/ruff check exporter tests
 
 # A test node of namespaces and veths with real servers and a traffic loop, and the exporter
 # attached to it (never to the host's own interfaces). Ctrl-C tears it all down.
