@@ -38,8 +38,9 @@ struct iface_info {
     u32 flags;              /* IFACE_* */
 };
 /* Interfaces this exporter monitors, by ifindex, written by user space on attach/detach.
- * 4096 covers a node with thousands of pods (one veth each). */
-BPF_HASH(monitored_ifaces, u32, struct iface_info, 4096);
+ * 16384 covers the densest nodes (one veth per pod); an interface past it is not attached and
+ * the exporter logs it. */
+BPF_HASH(monitored_ifaces, u32, struct iface_info, 16384);
 
 #include "packet.h"
 #include "flows.h"

@@ -317,9 +317,11 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {
-    u32 srtt_us = args->srtt >> 3;     /* the kernel keeps srtt in 1/8 us */
-    if (srtt_us == 0)
-        return 0;
+    if (args->srtt == 0)
+        return 0;                       /* no RTT measured yet */
+    /* the kernel keeps srtt in 1/8 us; round to the nearest us (a veth hop is often < 1 us,
+     * which then counts as 0 in the le=1us bucket rather than being dropped) */
+    u32 srtt_us = (args->srtt + 4) >> 3;
     u64 sk = (u64)args->skaddr;
     u64 now = bpf_ktime_get_ns();
     struct sock_info *info = tcp_sockets.lookup(&sk);

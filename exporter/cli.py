@@ -39,15 +39,15 @@ e.g. EBPF_NET_SERIES_TTL=10m; see docs/configuration.md
 """
 
 COLLECTORS = ("flows", "tcp")
-# flag destination -> config path
+# flag destination -> (config path, flag)
 FLAG_FIELDS = {
-    "web_listen_address": "web.listen_address",
-    "web_telemetry_path": "web.telemetry_path",
-    "interfaces": "interfaces.include",
-    "log_level": "log.level",
-    "log_format": "log.format",
-    "series_max": "series.max_per_metric",
-    "series_ttl": "series.ttl",
+    "web_listen_address": ("web.listen_address", "--web.listen-address"),
+    "web_telemetry_path": ("web.telemetry_path", "--web.telemetry-path"),
+    "interfaces": ("interfaces.include", "--interfaces"),
+    "log_level": ("log.level", "--log.level"),
+    "log_format": ("log.format", "--log.format"),
+    "series_max": ("series.max_per_metric", "--series.max-per-metric"),
+    "series_ttl": ("series.ttl", "--series.ttl"),
 }
 
 
@@ -93,17 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+def overrides_from(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config values given as flags, and which flag gave each."""
     overrides: dict[str, Any] = {}
-    for dest, path in FLAG_FIELDS.items():
+    origins: dict[str, str] = {}
+    for dest, (path, flag) in FLAG_FIELDS.items():
         value = getattr(args, dest)
         if value is not None:
             overrides[path] = [value] if path == "interfaces.include" else value
+            origins[path] = flag
     for name in COLLECTORS:
         value = getattr(args, f"collector_{name}")
         if value is not None:
             overrides[f"collectors.{name}"] = value
-    return overrides
+            origins[f"collectors.{name}"] = f"--{'' if value else 'no-'}collector.{name}"
+    return overrides, origins
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             _fail(f"--ebpf.print-source: {e}", EXIT_USAGE)
         return
     try:
-        cfg = config.load(args.config_file, os.environ, overrides_from(args))
+        cfg = config.load(args.config_file, os.environ, *overrides_from(args))
     except config.ConfigError as e:
         _fail(str(e), EXIT_USAGE)
     if args.config_check:

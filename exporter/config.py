@@ -7,6 +7,7 @@ Every field names its parser in its metadata, so an error names the field and wh
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import re
 from collections.abc import Callable, Mapping
@@ -87,21 +88,64 @@ def parse_listen_address(value: Any) -> str:
     return value
 
 
+RESERVED_PATHS = ("/", "/healthz", "/readyz")
+# A hash map this large takes GBs of kernel memory per CPU: past it is surely a typo.
+MAX_MAP_CAPACITY = 1 << 24
+
+
 def parse_path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _fail("a path starting with /", value)
+    if value in RESERVED_PATHS:
+        raise ConfigError(f"{value} is served by the exporter itself; choose another path")
     return value
+
+
+def parse_capacity(value: Any) -> int:
+    capacity = parse_positive_int(value)
+    if capacity > MAX_MAP_CAPACITY:
+        raise _fail(f"at most {MAX_MAP_CAPACITY} entries", value)
+    return capacity
 
 
 def parse_ephemeral_floor(value: Any) -> int | None:
     if value is None or value == "auto":
         return None
-    return parse_port(value)
+    try:
+        return parse_port(value)
+    except ConfigError:
+        raise _fail("auto or a port number 1-65535", value) from None
+
+
+def split_list(text: str) -> list[str]:
+    """A list from an environment variable: YAML flow syntax (``[a, b]``) or comma-separated.
+    Commas inside brackets belong to the item, so a regex like ``veth.{1,3}`` stays whole."""
+    if text.strip().startswith("["):
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid list {text!r}: {e}") from e
+        if not isinstance(items, list):
+            raise _fail("a list", text)
+        return items
+    items, depth, current = [], 0, []
+    for char in text:
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
 
 
 def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, str):  # from an environment variable or a flag: comma-separated
-        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, str):  # from an environment variable
+        return split_list(value)
     if not isinstance(value, list):
         raise _fail("a list", value)
     return value
@@ -176,9 +220,9 @@ class SeriesConfig:
 
 @dataclass(frozen=True)
 class MapsConfig:
-    flow_capacity: int = _spec(parse_positive_int)
-    tcp_event_capacity: int = _spec(parse_positive_int)
-    tcp_socket_capacity: int = _spec(parse_positive_int)
+    flow_capacity: int = _spec(parse_capacity)
+    tcp_event_capacity: int = _spec(parse_capacity)
+    tcp_socket_capacity: int = _spec(parse_capacity)
 
 
 @dataclass(frozen=True)
@@ -235,18 +279,18 @@ def read_file(path: str | Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as e:
-        raise ConfigError(f"config file {str(path)!r}: {e.strerror}") from e
+        raise ConfigError(f"config file {path}: {e.strerror}") from e
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {str(path)!r}{where}: invalid YAML: {problem}") from e
+        raise ConfigError(f"config file {path}{where}: invalid YAML: {problem}") from e
     if document is None:
         return {}
     if not isinstance(document, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
+        raise ConfigError(f"config file {path}: expected a mapping of sections")
     return document
 
 
@@ -271,12 +315,22 @@ def flatten(document: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return flat
 
 
+# EBPF_NET_* variables that are not configuration keys
+OTHER_VARIABLES = ("EBPF_NET_BPF_DIR",)
+
+
 def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Values of EBPF_NET_* variables; a misspelt one is an error, not silently ignored."""
+    by_name = {env_name(path): path for path in field_paths()}
     values = {}
-    for path in field_paths():
-        name = env_name(path)
-        if name in environ:
-            values[path] = environ[name]
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in OTHER_VARIABLES:
+            continue
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown environment variable {name}{hint}")
+        values[by_name[name]] = value
     return values
 
 
@@ -304,17 +358,17 @@ def build(flat: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> 
     return make(Config, "")
 
 
-def load(path: str | None, environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
-    """Defaults, then the file, then EBPF_NET_* variables, then flag overrides."""
+def load(path: str | None, environ: Mapping[str, str], overrides: Mapping[str, Any],
+         override_origins: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the file, then EBPF_NET_* variables, then flag overrides.
+    override_origins names where each override came from (e.g. the flag)."""
     flat = flatten(default_document(), "embedded defaults")
     origins: dict[str, str] = {}
-    layers: list[tuple[str, dict[str, Any]]] = []
     if path:
-        layers.append((f"config file {path}", flatten(read_file(path), f"config file {path!r}")))
-    layers.append(("environment", from_environment(environ)))
-    layers.append(("flag", dict(overrides)))
-    for origin, values in layers:
-        for key, value in values.items():
-            flat[key] = value
-            origins[key] = env_name(key) if origin == "environment" else origin
+        for key, value in flatten(read_file(path), f"config file {path}").items():
+            flat[key], origins[key] = value, f"config file {path}"
+    for key, value in from_environment(environ).items():
+        flat[key], origins[key] = value, env_name(key)
+    for key, value in overrides.items():
+        flat[key], origins[key] = value, (override_origins or {}).get(key, "flag")
     return build(flat, origins)

@@ -225,6 +225,7 @@ class InterfaceMonitor:
         self._on_detach = on_detach
         self.attached: dict[int, Link] = {}
         self._skipped_logged: set[str] = set()
+        self._unattachable: set[int] = set()
         self._warned_empty = False
         self._stop = threading.Event()
         self._started = threading.Event()
@@ -283,6 +284,13 @@ class InterfaceMonitor:
     def _attach(self, attacher: TcAttacher, link: Link) -> None:
         try:
             self._on_attach(link)       # the program must know the interface before packets
+        except Exception as e:          # the program's interface map is full
+            if link.index not in self._unattachable:
+                self._unattachable.add(link.index)
+                log.warning("could not attach", extra={"interface": link.name,
+                                                       "error": str(e)})
+            return
+        try:
             attacher.attach(link)
         except NetlinkError as e:
             self._on_detach(link)

@@ -92,3 +92,33 @@ def test_counters_never_decrease_between_scrapes(node: TestNode, exporter: Expor
             assert sample.value >= before.get(key, 0), key
         previous = current
     assert flow(previous, "packets", node.a_ip, node.b_ip, "7031", "udp") == 100
+
+
+def test_concurrent_scrapes_neither_double_count_nor_lose_counts(node: TestNode,
+                                                                 exporter: ExporterProcess):
+    import threading
+
+    port, rounds, per_round = 7041, 30, 20
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def scrape_forever() -> None:
+        try:
+            while not stop.is_set():
+                exporter.scrape()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    scrapers = [threading.Thread(target=scrape_forever) for _ in range(3)]
+    for thread in scrapers:
+        thread.start()
+    try:
+        for _ in range(rounds):
+            assert udp_send(node.a_ns, node.b_ns, node.b_ip, port, [10] * per_round) == per_round
+    finally:
+        stop.set()
+        for thread in scrapers:
+            thread.join()
+    assert not errors, errors
+    final = exporter.scrape()
+    assert flow(final, "packets", node.a_ip, node.b_ip, str(port), "udp") == rounds * per_round

@@ -28,12 +28,13 @@ def attached(node: TestNode, device: str) -> bool:
     return filters_on(node, [device]) == {f"{device} ingress": 1, f"{device} egress": 1}
 
 
-def test_sigterm_removes_every_qdisc_and_filter_it_added(node: TestNode):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_removes_every_qdisc_and_filter_it_added(node: TestNode, stop_signal: int):
     devices = [node.veth_a, node.veth_b]
     process = ExporterProcess(node).wait_ready()
     assert all(attached(node, d) for d in devices)
     assert process.scrape().value("ebpf_net_exporter_attached_interfaces") == 2
-    assert process.stop(signal.SIGTERM) == 0
+    assert process.stop(stop_signal) == 0
     assert set(filters_on(node, devices).values()) == {0}
     assert not any(has_clsact(node, d) for d in devices)
 

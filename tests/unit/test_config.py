@@ -70,13 +70,45 @@ def test_regex_errors_say_which_entry(tmp_path):
 
 
 def test_missing_file_is_one_clear_line():
-    with pytest.raises(ConfigError, match=r"config file '/nonexistent\.yaml': No such file"):
+    with pytest.raises(ConfigError, match=r"config file /nonexistent\.yaml: No such file"):
         config.load("/nonexistent.yaml", {}, {})
 
 
 def test_environment_errors_name_the_variable():
     with pytest.raises(ConfigError, match=r"log.level \(from EBPF_NET_LOG_LEVEL\)"):
         load(env={"EBPF_NET_LOG_LEVEL": "loud"})
+
+
+def test_a_misspelt_environment_variable_is_an_error_with_a_hint():
+    with pytest.raises(ConfigError, match="unknown environment variable EBPF_NET_SERIES_TLL "
+                                          r"\(did you mean EBPF_NET_SERIES_TTL\?\)"):
+        load(env={"EBPF_NET_SERIES_TLL": "5m"})
+    assert load(env={"EBPF_NET_BPF_DIR": "/x", "OTHER": "1"}).series.ttl == 300
+
+
+@pytest.mark.parametrize("text,items", [
+    ("veth.*, cali.*", ["veth.*", "cali.*"]),
+    ("veth.{1,3},lxc[0-9,a]+", ["veth.{1,3}", "lxc[0-9,a]+"]),   # commas inside brackets stay
+    ('["a,b", "c"]', ["a,b", "c"]),                               # YAML flow list
+    ("", []),
+])
+def test_environment_lists(text, items):
+    assert config.split_list(text) == items
+
+
+def test_regexes_with_commas_survive_the_environment():
+    cfg = load(env={"EBPF_NET_INTERFACES_INCLUDE": "veth.{1,3}"})
+    assert cfg.interfaces.include == ("veth.{1,3}",)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("web:\n  telemetry_path: /healthz\n", "/healthz is served by the exporter itself"),
+    ("maps:\n  flow_capacity: 100000000\n", "at most 16777216 entries"),
+    ("ports:\n  ephemeral_floor: AUTO\n", "expected auto or a port number"),
+])
+def test_values_the_exporter_cannot_use(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, text)
 
 
 def test_durations():
@@ -107,8 +139,9 @@ def test_cli_config_check_prints_the_effective_configuration(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--series.ttl", "later", "--config.check"], "series.ttl (from flag)"),
-    (["--web.listen-address", "nowhere", "--config.check"], "web.listen_address (from flag)"),
+    (["--series.ttl", "later", "--config.check"], "series.ttl (from --series.ttl)"),
+    (["--web.listen-address", "nowhere", "--config.check"],
+     "web.listen_address (from --web.listen-address)"),
     (["--config.file", "/nonexistent.yaml", "--config.check"], "No such file"),
 ])
 def test_cli_mistakes_exit_non_zero_with_one_line(args, message):
