@@ -38,33 +38,28 @@ def _logfmt_value(value: object) -> str:
     return text
 
 
+def _fields(formatter: logging.Formatter, record: logging.LogRecord) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": _component(record),
+        "msg": record.getMessage(),
+        **_context(record),
+    }
+    if record.exc_info and record.levelno <= logging.DEBUG:
+        fields["exc"] = formatter.formatException(record.exc_info)
+    return fields
+
+
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": _component(record),
-            "msg": record.getMessage(),
-            **_context(record),
-        }
-        if record.exc_info and record.levelno <= logging.DEBUG:
-            fields["exc"] = self.formatException(record.exc_info)
-        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items())
+        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in _fields(self, record).items())
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": _component(record),
-            "msg": record.getMessage(),
-            **{k: v if isinstance(v, (int, float, bool)) else str(v)
-               for k, v in _context(record).items()},
-        }
-        if record.exc_info and record.levelno <= logging.DEBUG:
-            fields["exc"] = self.formatException(record.exc_info)
-        return json.dumps(fields)
+        return json.dumps({k: v if isinstance(v, (int, float, bool)) else str(v)
+                           for k, v in _fields(self, record).items()})
 
 
 def setup(level: str, fmt: str) -> None:

@@ -33,6 +33,7 @@ _MEMBARRIER_CMD_GLOBAL = 1
 _FALLBACK_GRACE_SECONDS = 0.05
 _libc = ctypes.CDLL(None, use_errno=True)
 _grace_warned = False
+READ_CHUNK_ENTRIES = 8192
 
 
 def wait_for_rcu_grace_period() -> None:
@@ -101,27 +102,35 @@ class BatchMap:
             raise MapReadError(f"{self.name}: per-CPU values must be a multiple of 8 bytes")
         # per-CPU values come back as one 8-byte aligned slot per possible CPU
         self._value_stride = value_dtype.itemsize * self.cpus
-        self._keys = (ctypes.c_char * (key_dtype.itemsize * self.capacity))()
-        self._values = (ctypes.c_char * (self._value_stride * self.capacity))()
+        # read in chunks: memory follows the entries present, not the capacity (a 65536-entry
+        # per-CPU map on a 64-CPU node would otherwise take 100 MiB of buffers)
+        self._chunk = min(self.capacity, READ_CHUNK_ENTRIES)
+        self._keys = (ctypes.c_char * (key_dtype.itemsize * self._chunk))()
+        self._values = (ctypes.c_char * (self._value_stride * self._chunk))()
         self._lock = threading.Lock()
 
     def read(self) -> MapSnapshot:
         """Every entry of the map, copied out of the kernel with BPF_MAP_LOOKUP_BATCH."""
+        key_type = f"V{self.key_dtype.itemsize}"
+        keys: list[np.ndarray] = []
+        values: list[np.ndarray] = []
         with self._lock:
-            total = 0
             token = ctypes.c_uint32(0)
             next_token = ctypes.c_uint32(0)
             count = ctypes.c_uint32(0)
-            first = True
+            first, total = True, 0
             while total < self.capacity:
-                count.value = self.capacity - total
+                count.value = self._chunk
                 rc = self._lib.bpf_lookup_batch(
                     self.fd, None if first else ctypes.byref(token), ctypes.byref(next_token),
-                    ctypes.byref(self._keys, total * self.key_dtype.itemsize),
-                    ctypes.byref(self._values, total * self._value_stride),
-                    ctypes.byref(count))
+                    self._keys, self._values, ctypes.byref(count))
                 err = ctypes.get_errno()
-                total += count.value
+                got = count.value
+                if got:
+                    keys.append(np.frombuffer(self._keys, dtype=key_type, count=got).copy())
+                    values.append(np.frombuffer(self._values, dtype=self.value_dtype,
+                                                count=got * self.cpus).copy())
+                    total += got
                 if rc != 0:
                     if err == errno.ENOENT:
                         break       # walked the whole map
@@ -129,12 +138,18 @@ class BatchMap:
                                        f"{os.strerror(err)}")
                 first = False
                 token.value = next_token.value
-            raw = np.frombuffer(self._keys, dtype=f"V{self.key_dtype.itemsize}",
-                                count=total).copy()
-            flat = np.frombuffer(self._values, dtype=self.value_dtype,
-                                 count=total * self.cpus).copy()
-            values = flat.reshape(total, self.cpus) if self.per_cpu else flat
-            return MapSnapshot(raw, values, self.key_dtype)
+        raw = np.concatenate(keys) if keys else np.empty(0, dtype=key_type)
+        flat = np.concatenate(values) if values else np.empty(0, dtype=self.value_dtype)
+        return MapSnapshot(raw, flat.reshape(total, self.cpus) if self.per_cpu else flat,
+                           self.key_dtype)
+
+    def drain(self, generation: int) -> tuple[MapSnapshot, int]:
+        """Reads the map, deletes the entries of `generation` (which no program may be writing:
+        see Generation.flip) and returns them, with the number of entries the map held."""
+        snapshot = self.read()
+        drained = snapshot.select(snapshot.keys["generation"] == generation)
+        self.delete(drained)
+        return drained, len(snapshot.raw_keys)
 
     def delete(self, snapshot: MapSnapshot) -> None:
         """Deletes the snapshot's keys with BPF_MAP_DELETE_BATCH."""
@@ -171,18 +186,22 @@ class Generation:
 
 
 class CounterArray:
-    """A per-CPU array of u64 counters that only grow in the kernel (failures, parse errors,
-    overflow): read() returns what each index gained since the previous read."""
+    """A per-CPU array whose values only grow in the kernel (failures, parse errors, overflow):
+    read_deltas() returns what each index gained since the previous read, summed over CPUs.
+    A value of `width` u64 counters gives rows of `width` deltas."""
 
-    def __init__(self, name: str, table: Any) -> None:
-        self._map = BatchMap(name, table, np.dtype("<u4"), np.dtype("<u8"), per_cpu=True)
-        self._last = np.zeros(self._map.capacity, dtype=np.uint64)
+    def __init__(self, name: str, table: Any, width: int = 1) -> None:
+        value = np.dtype([("counts", "<u8", (width,))])
+        self._map = BatchMap(name, table, np.dtype("<u4"), value, per_cpu=True)
         self.capacity = self._map.capacity
+        self.width = width
+        self._last = np.zeros((self.capacity, width), dtype=np.uint64)
 
     def read_deltas(self) -> np.ndarray:
         snapshot = self._map.read()
-        totals = np.zeros(self.capacity, dtype=np.uint64)
-        totals[snapshot.keys.astype(np.int64)] = snapshot.values.sum(axis=1, dtype=np.uint64)
+        totals = np.zeros((self.capacity, self.width), dtype=np.uint64)
+        totals[snapshot.keys.astype(np.int64)] = snapshot.values["counts"].sum(
+            axis=1, dtype=np.uint64)
         deltas = totals - self._last
         self._last = totals
-        return deltas
+        return deltas if self.width > 1 else deltas[:, 0]

@@ -67,32 +67,21 @@ class KernelFlowSource:
         table = program.table  # type: ignore[attr-defined]
         self.generation = Generation(table("generation"))
         self.flows = BatchMap("flows", table("flows"), FLOW_KEY, FLOW_VALUE, per_cpu=True)
-        self.overflow = BatchMap("flow_overflow", table("flow_overflow"), np.dtype("<u4"),
-                                 FLOW_VALUE, per_cpu=True)
-        self._overflow_last = np.zeros((8, 3), dtype=np.uint64)
+        # rows of (bytes, packets, handshake) by family and protocol
+        self.overflow = CounterArray("flow_overflow", table("flow_overflow"), width=3)
         self.failures = CounterArray("map_update_failures", table("map_update_failures"))
         self.parse_errors = CounterArray("parse_errors", table("parse_errors"))
 
     def drain(self) -> FlowBatch:
-        old = self.generation.flip()
-        snapshot = self.flows.read()
-        drained = snapshot.select(snapshot.keys["generation"] == old)
+        drained, entries = self.flows.drain(self.generation.flip())
         per_cpu = drained.values
         values = np.zeros(len(per_cpu), dtype=FLOW_VALUE)
         values["bytes"] = per_cpu["bytes"].sum(axis=1)
         values["packets"] = per_cpu["packets"].sum(axis=1)
         values["handshake"] = np.bitwise_or.reduce(per_cpu["handshake"], axis=1)
-        self.flows.delete(drained)
-        keys = drained.keys
 
-        overflow = self.overflow.read()
-        totals = np.zeros((8, 3), dtype=np.uint64)
-        for index, row in zip(overflow.keys.astype(int), overflow.values, strict=True):
-            totals[index] = [row["bytes"].sum(), row["packets"].sum(), 0]
-        overflow_delta = totals - self._overflow_last
-        self._overflow_last = totals
-        return FlowBatch(keys, values, overflow_delta, self.failures.read_deltas(),
-                         self.parse_errors.read_deltas(), len(snapshot.keys),
+        return FlowBatch(drained.keys, values, self.overflow.read_deltas(),
+                         self.failures.read_deltas(), self.parse_errors.read_deltas(), entries,
                          self.flows.capacity)
 
 

@@ -68,15 +68,12 @@ class KernelTcpSource:
         self.failures = CounterArray("map_update_failures", table("map_update_failures"))
 
     def drain(self) -> TcpBatch:
-        old = self.generation.flip()
-        snapshot = self.events.read()
-        drained = snapshot.select(snapshot.keys["generation"] == old)
-        self.events.delete(drained)
+        drained, entries = self.events.drain(self.generation.flip())
         keys = drained.keys
         counts = drained.values.sum(axis=1, dtype=np.uint64)
         sockets = int(self.socket_count.sum(ctypes.c_int(0)).value)
         return TcpBatch(keys, counts, self.overflow.read_deltas(), self.failures.read_deltas(),
-                        len(snapshot.raw_keys), self.events.capacity,
+                        entries, self.events.capacity,
                         max(sockets, 0), self.socket_capacity)
 
 
