@@ -10,8 +10,10 @@
  * - connect failures: SYN_SENT -> CLOSE; refused when a reset answered the SYN, timeout when
  *   the SYN was retransmitted without an answer, aborted otherwise (the application gave up
  *   or an ICMP error ended the attempt)
- * - RTT: smoothed RTT (srtt) from tcp:tcp_probe, sampled once per connection per
- *   RTT_SAMPLE_INTERVAL_NS (the first sample at the first ACK that carries an RTT). */
+ * - RTT: the smoothed RTT (srtt) that tcp:tcp_probe reports on every segment a socket receives
+ *   is remembered per socket; each socket contributes its latest value once per
+ *   RTT_SAMPLE_INTERVAL_NS it lives, and once more when it closes if it measured anything since
+ *   its last sample. A short connection so counts once, with its final srtt. */
 
 /* Kernels >= 6.10 type tcp_send_reset's `reason` as enum sk_rst_reason, which older headers
  * lack. The enum is 4 bytes either way; give bcc's generated struct a tag we define. */
@@ -37,6 +39,7 @@ enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
 #define SOCK_OPEN_SEEN 1
 #define SOCK_SYN_RETRANSMITTED 2
 #define SOCK_RESET_RECEIVED 4
+#define SOCK_RTT_UNSAMPLED 8    /* last_srtt_us holds a value the histogram has not seen */
 
 #define CONNECT_REFUSED 0
 #define CONNECT_TIMEOUT 1
@@ -88,7 +91,7 @@ struct tcp_endpoints {
 struct sock_info {
     struct tcp_endpoints ep;
     u32 flags;
-    u32 pad;
+    u32 last_srtt_us;       /* the latest srtt tcp_probe reported, not yet sampled if flagged */
     u64 next_rtt_sample_ns;
 };
 
@@ -240,6 +243,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         info.ep.role = oldstate == TCPS_SYN_SENT ? ROLE_CLIENT : ROLE_SERVER;
         fold_client_port(&info.ep);
         info.flags = SOCK_OPEN_SEEN;
+        info.next_rtt_sample_ns = bpf_ktime_get_ns() + RTT_SAMPLE_INTERVAL_NS;
         remember_socket(sk, &info);
         count_event(METRIC_OPENED, &info.ep, 0, 1);
         return 0;
@@ -259,6 +263,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         } else if (info->flags & SOCK_OPEN_SEEN) {
             count_event(METRIC_CLOSED, &info->ep, 0, 1);
         }
+        if (info->flags & SOCK_RTT_UNSAMPLED)
+            observe_rtt(&info->ep, info->last_srtt_us);
         if (tcp_sockets.delete(&sk) == 0)
             count_sockets(-1);
     }
@@ -317,26 +323,29 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {
-    if (args->srtt == 0)
+    u32 srtt_us = args->srtt;           /* the tracepoint reports srtt_us >> 3: microseconds */
+    if (srtt_us == 0)
         return 0;                       /* no RTT measured yet */
-    /* the kernel keeps srtt in 1/8 us; round to the nearest us (a veth hop is often < 1 us,
-     * which then counts as 0 in the le=1us bucket rather than being dropped) */
-    u32 srtt_us = (args->srtt + 4) >> 3;
     u64 sk = (u64)args->skaddr;
     u64 now = bpf_ktime_get_ns();
     struct sock_info *info = tcp_sockets.lookup(&sk);
     if (!info) {
-        /* a connection that predates the exporter: remember it to rate-limit its samples */
+        /* a connection that predates the exporter: remember it to sample it like the others */
         struct sock_info fresh = {};
         endpoints_from_sockaddrs(&fresh.ep, args->saddr, args->daddr);
+        fresh.last_srtt_us = srtt_us;
+        fresh.flags = SOCK_RTT_UNSAMPLED;
         fresh.next_rtt_sample_ns = now + RTT_SAMPLE_INTERVAL_NS;
         remember_socket(sk, &fresh);
-        observe_rtt(&fresh.ep, srtt_us);
         return 0;
     }
-    if (now < info->next_rtt_sample_ns)
+    info->last_srtt_us = srtt_us;
+    if (now < info->next_rtt_sample_ns) {
+        info->flags |= SOCK_RTT_UNSAMPLED;
         return 0;
+    }
     info->next_rtt_sample_ns = now + RTT_SAMPLE_INTERVAL_NS;
+    info->flags &= ~SOCK_RTT_UNSAMPLED;
     observe_rtt(&info->ep, srtt_us);
     return 0;
 }

@@ -235,8 +235,8 @@ class TcpCollector:
             "ebpf_net_tcp_resets", "TCP resets sent and received.",
             labels=[*names, "direction"])
         rtt = HistogramMetricFamily(
-            "ebpf_net_tcp_rtt_seconds", "Smoothed RTT of TCP connections, sampled once per "
-            "connection per sampling interval.", labels=names)
+            "ebpf_net_tcp_rtt_seconds", "Smoothed RTT of TCP connections: each connection's "
+            "latest srtt once per sampling interval and once at close.", labels=names)
 
         for labels, (value,) in self._opened.items():
             opened.add_metric(labels, value)

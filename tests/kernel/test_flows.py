@@ -122,3 +122,28 @@ def test_concurrent_scrapes_neither_double_count_nor_lose_counts(node: TestNode,
     assert not errors, errors
     final = exporter.scrape()
     assert flow(final, "packets", node.a_ip, node.b_ip, str(port), "udp") == rounds * per_round
+
+
+def test_real_tools_iperf3_and_curl_are_counted_once(node: TestNode, exporter: ExporterProcess):
+    import json
+
+    from tests.testnode import HTTP_DATA_SIZE
+
+    node.iperf3_server(node.b_ns, node.b_ip, 5301)
+    result = node.run(node.a_ns, ["iperf3", "-c", node.b_ip, "-p", "5301", "-n", "20M",
+                                  "--json"], timeout=60)
+    sent = json.loads(result.stdout)["end"]["sum_sent"]["bytes"]
+    node.http_server(node.b_ns, node.b_ip, 8380)
+    node.run(node.a_ns, ["curl", "-sf", "-o", "/dev/null", f"http://{node.b_ip}:8380/data.bin"])
+
+    def counted(s: Scrape) -> bool:
+        return (flow(s, "bytes", node.a_ip, node.b_ip, "5301", "tcp") >= sent and
+                flow(s, "bytes", node.b_ip, node.a_ip, "*", "tcp", src_port="8380")
+                >= HTTP_DATA_SIZE)
+
+    scrape = exporter.wait_for(counted, "iperf3 and curl traffic")
+    # payload plus headers, and far below twice the payload (a packet counted on both veths)
+    iperf_bytes = flow(scrape, "bytes", node.a_ip, node.b_ip, "5301", "tcp")
+    assert sent < iperf_bytes < sent * 1.06
+    http_bytes = flow(scrape, "bytes", node.b_ip, node.a_ip, "*", "tcp", src_port="8380")
+    assert HTTP_DATA_SIZE < http_bytes < HTTP_DATA_SIZE * 1.06

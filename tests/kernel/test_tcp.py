@@ -135,16 +135,38 @@ def test_rtt_histogram_has_observations_with_a_plausible_mean(node: TestNode,
     port = 7401
     tcp_connections(node.a_ns, node.b_ns, node.b_ip, port, 10)
     labels = pair(node, port)
-    # each connection gives a sample on each side: the client's at the echo, the server's at
-    # the request (both sockets are on this node)
+    # each short connection gives one sample per socket, at close: two per connection, as both
+    # sockets are on this node
     scrape = exporter.wait_for(
         lambda s: s.value("ebpf_net_tcp_rtt_seconds_count", **labels) >= 20, "RTT samples")
     count = scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels)
     assert count == 20
     mean = scrape.value("ebpf_net_tcp_rtt_seconds_sum", **labels) / count
-    assert mean < 5e-3                 # a veth hop through a namespace router: microseconds
+    assert 2e-6 < mean < 5e-3          # a veth hop through a namespace router: microseconds
     inf = scrape.value("ebpf_net_tcp_rtt_seconds_bucket", le="+Inf", **labels)
     assert inf == count
     buckets = sorted((float(s.labels["le"]), s.value)
                      for s in scrape.select("ebpf_net_tcp_rtt_seconds_bucket", **labels))
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
+
+
+def test_rtt_follows_real_queueing_delay(node: TestNode, exporter: ExporterProcess):
+    """A 2 Mbit/s token bucket on pod b's link queues b's bulk data: its RTT rises from
+    microseconds to tens of milliseconds, and the samples taken during the transfer show it."""
+    port = 7402
+    node.run(node.b_ns, ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "2mbit",
+                         "burst", "8kb", "latency", "500ms"])
+    try:
+        # b sends 800 KB at 250 KB/s: ~3 s, so its socket is sampled again while queued
+        tcp_transfer(node.b_ns, node.a_ns, node.a_ip, port, 800_000)
+    finally:
+        node.run(node.b_ns, ["tc", "qdisc", "del", "dev", "eth0", "root"])
+    labels = {"src_ip": node.b_ip, "dst_ip": node.a_ip, "dst_port": str(port)}
+    scrape = exporter.wait_for(
+        lambda s: s.value("ebpf_net_tcp_rtt_seconds_count", **labels) >= 3, "RTT samples")
+    slow = scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels) - \
+        scrape.value("ebpf_net_tcp_rtt_seconds_bucket", le="0.008192", **labels)
+    assert slow >= 1                    # at least one sample above 8 ms
+    mean = scrape.value("ebpf_net_tcp_rtt_seconds_sum", **labels) / \
+        scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels)
+    assert 2e-3 < mean < 1.0
