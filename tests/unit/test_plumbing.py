@@ -76,3 +76,26 @@ def test_interface_selection_by_regex_and_stacking():
     # full match, not search
     chosen, _ = select_links(links, NameFilter(["veth"], []))
     assert chosen == {}
+
+
+def test_no_headers_anywhere_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    monkeypatch.setattr(environment.platform, "release", lambda: "9.9.9-nowhere")
+    with pytest.raises(environment.EnvironmentProblem,
+                       match=r"no kernel headers for 9\.9\.9-nowhere: install linux-headers"):
+        environment.ensure_headers(src=tmp_path)
+
+
+def test_headers_found_in_usr_src_are_merged_and_used(tmp_path, monkeypatch):
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    monkeypatch.setattr(environment.platform, "release", lambda: "9.9.9-nowhere")
+    monkeypatch.setattr(environment, "MERGED_HEADERS", tmp_path / "merged")
+    build = tmp_path / "linux-headers-6.1.0-9-amd64"
+    common = tmp_path / "linux-headers-6.1.0-9-common"
+    (build / "include/generated").mkdir(parents=True)
+    (build / "Makefile").write_text("")
+    (common / "include/linux").mkdir(parents=True)
+    (common / "include/linux/kconfig.h").write_text("k")
+    where = environment.ensure_headers(src=tmp_path)
+    assert where == str(tmp_path / "merged" / build.name)
+    assert environment.os.environ["BCC_KERNEL_SOURCE"] == where
