@@ -1,5 +1,6 @@
 /* Flow accounting: bytes and packets per (generation, family, protocol, addresses, ports),
- * counted as on the wire: a GSO/GRO aggregate counts as the packets it stands for. */
+ * counted as on the wire: a GSO/GRO aggregate counts as the packets it stands for.
+ * The including program provides count_failure() and FAILURE_FLOWS (classifier.c). */
 #ifndef EBPF_NET_FLOWS_H
 #define EBPF_NET_FLOWS_H
 

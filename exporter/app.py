@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import platform
 import threading
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.gc_collector import GCCollector
@@ -25,7 +24,7 @@ from .server import WebServer, make_app
 log = logs.get("main")
 
 IFACE_ETHERNET = 1          # bpf/packet.h
-TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
+TRACEFS_EVENTS = environment.TRACEFS / "events"
 TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
                    "tcp/tcp_send_reset", "tcp/tcp_probe")
 

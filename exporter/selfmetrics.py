@@ -10,14 +10,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import logs
 from .cardinality import SeriesStore
 
 log = logs.get("selfmetrics")
-
-Metric = CounterMetricFamily | GaugeMetricFamily
 
 
 class SignalCollector(Protocol):
