@@ -6,6 +6,7 @@ interfaces of the node namespace, never the host's."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,6 +83,7 @@ class ExporterProcess:
             path.write_text(yaml.safe_dump(config))
             argv += ["--config.file", str(path)]
         self.argv = argv
+        self._final_log: str | None = None
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *argv],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -130,11 +132,14 @@ class ExporterProcess:
         return holder[0]
 
     def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
+        if self._final_log is not None:
+            return self._final_log
+        self._log.flush()
         return self.log_path.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self._final_log is not None:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -143,6 +148,9 @@ class ExporterProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        self._final_log = self.log_path.read_text()
+        if self.proc.returncode == 0:       # a failed run keeps its directory for a post-mortem
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return self.proc.returncode
 
     def __enter__(self) -> ExporterProcess:
