@@ -42,7 +42,8 @@ def test_stopping_removes_every_qdisc_and_filter_it_added(node: TestNode, stop_s
 def test_restart_after_kill_9_replaces_the_left_filters_and_cleans_up_after(node: TestNode):
     devices = [node.veth_a, node.veth_b]
     first = ExporterProcess(node).wait_ready()
-    first.stop(signal.SIGKILL)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    shutil.rmtree(first.workdir)
     assert all(attached(node, d) for d in devices)          # left behind by the crash
     second = ExporterProcess(node).wait_ready()
     assert all(attached(node, d) for d in devices)          # replaced, not doubled
