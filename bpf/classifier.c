@@ -8,17 +8,22 @@
 #include <uapi/linux/pkt_cls.h>
 #include "common.h"
 
-/* Indexes of map_update_failures (user space names them, see exporter/collectors/flows.py). */
+/* Indexes of map_update_failures (named in exporter/classifier.py). */
 #define FAILURE_FLOWS 0
-#define FAILURE_COUNT 1
+#define FAILURE_DNS_EVENTS 1
+#define FAILURE_DNS_PENDING 2
+#define FAILURE_COUNT 3
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 
-/* Indexes of parse_errors. */
+/* Indexes of parse_errors (named in exporter/classifier.py). */
 #define PARSE_ERROR_IP 0
-#define PARSE_ERROR_COUNT 1
+#define PARSE_ERROR_DNS 1
+#define PARSE_ERROR_COUNT 2
 BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
 
-BPF_ARRAY(generation, u32, 1);
+/* Each collector drains its own maps under its own generation (see common.h): one that two
+ * collectors flipped in turn would leave the second reading the generation still written. */
+BPF_ARRAY(flow_generation, u32, 1);
 
 static __always_inline void count_failure(u32 idx)
 {
@@ -43,7 +48,13 @@ struct iface_info {
 BPF_HASH(monitored_ifaces, u32, struct iface_info, 16384);
 
 #include "packet.h"
+/* each part is compiled in only when its collector is on: -DWITH_FLOWS, -DWITH_DNS */
+#ifdef WITH_FLOWS
 #include "flows.h"
+#endif
+#ifdef WITH_DNS
+#include "dns.h"
+#endif
 
 static __always_inline int classify(struct __sk_buff *skb, int egress)
 {
@@ -66,9 +77,14 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
         return TC_ACT_UNSPEC;
     }
 
+#ifdef WITH_FLOWS
     u32 zero = 0;
-    u32 *gen = generation.lookup(&zero);
+    u32 *gen = flow_generation.lookup(&zero);
     account_flow(skb, &pkt, gen ? *gen : 0);
+#endif
+#ifdef WITH_DNS
+    account_dns(skb, &pkt);
+#endif
     return TC_ACT_UNSPEC;
 }
 

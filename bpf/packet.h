@@ -39,6 +39,7 @@ struct packet {
     u32 l4_off;
     u32 payload_off;
     u32 ip_len;             /* bytes of the IP packet as the headers say (one wire packet) */
+    u32 tcp_seq;            /* host byte order */
     u32 hdr_len;            /* L3 + L4 header bytes, repeated in every segment of a GSO skb */
 };
 
@@ -70,6 +71,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
         pkt->dport = bpf_ntohs(tcp.dest);
         /* byte 13 of the TCP header holds the flags */
         pkt->tcp_flags = ((u8 *)&tcp)[13];
+        pkt->tcp_seq = bpf_ntohl(tcp.seq);
         pkt->hdr_len += doff;
         pkt->payload_off += doff;
     } else if (pkt->protocol == IPPROTO_UDP) {

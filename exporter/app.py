@@ -11,7 +11,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import __version__, environment, logs
+from . import __version__, classifier, environment, logs
+from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config
@@ -55,6 +56,7 @@ class Exporter:
         self.stats = KernelStats()
         self.programs: list[Program] = []
         self.monitor: InterfaceMonitor | None = None
+        self.dns: DnsCollector | None = None
         self.web: WebServer | None = None
         self._ready = threading.Event()
 
@@ -84,23 +86,31 @@ class Exporter:
             tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
             collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, self.stats,
                                            config.series.max_per_metric, config.series.ttl))
-        if config.collectors.flows:
-            classifier = self._program(
-                "classifier", "classifier.c", [f"-DFLOW_CAPACITY={config.maps.flow_capacity}"])
-            ingress = classifier.load_tc("classify_ingress")
-            egress = classifier.load_tc("classify_egress")
-            collectors.append(FlowsCollector(KernelFlowSource(classifier), endpoints, ports,
-                                             self.stats, config.series.max_per_metric,
-                                             config.series.ttl))
-            self.monitor = self._monitor(classifier, ingress.fd, egress.fd)
+        reporters = []
+        if classifier.wanted(config):
+            program = self._program("classifier", "classifier.c", classifier.cflags(config))
+            ingress = program.load_tc("classify_ingress")
+            egress = program.load_tc("classify_egress")
+            reporters.append(classifier.ClassifierCounters(program).report)
+            series = (self.stats, config.series.max_per_metric, config.series.ttl)
+            if config.collectors.flows:
+                collectors.append(FlowsCollector(KernelFlowSource(program), endpoints, ports,
+                                                 *series))
+            if config.collectors.dns:
+                self.dns = DnsCollector(KernelDnsSource(program, config.dns.timeout), endpoints,
+                                        ports, *series)
+                collectors.append(self.dns)
+            self.monitor = self._monitor(program, ingress.fd, egress.fd)
 
         self.registry.register(ExporterCollector(
-            collectors, self.stats, self._build_labels(), self.attached_interfaces))
+            collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
         if self.monitor:
             self.monitor.start()
+        if self.dns:
+            self.dns.start()
         self._ready.set()
         log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
                                  "ephemeral_floor": floor})
@@ -142,6 +152,8 @@ class Exporter:
 
     def stop(self) -> None:
         self._ready.clear()
+        if self.dns:
+            self.dns.stop()
         if self.monitor:
             self.monitor.stop()
             log.info("detached from every interface")

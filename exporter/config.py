@@ -151,10 +151,13 @@ def _as_list(value: Any) -> list[Any]:
     return value
 
 
-def list_of(parse: Parser) -> Parser:
+def list_of(parse: Parser, min_items: int = 0) -> Parser:
     def parse_list(value: Any) -> tuple[Any, ...]:
         items = []
-        for index, item in enumerate(_as_list(value)):
+        raw = _as_list(value)
+        if len(raw) < min_items:
+            raise _fail(f"a list of at least {min_items}", value)
+        for index, item in enumerate(raw):
             try:
                 items.append(parse(item))
             except ConfigError as e:
@@ -199,6 +202,7 @@ class InterfacesConfig:
 class CollectorsConfig:
     flows: bool = _spec(parse_bool)
     tcp: bool = _spec(parse_bool)
+    dns: bool = _spec(parse_bool)
 
 
 @dataclass(frozen=True)
@@ -223,11 +227,19 @@ class MapsConfig:
     flow_capacity: int = _spec(parse_capacity)
     tcp_event_capacity: int = _spec(parse_capacity)
     tcp_socket_capacity: int = _spec(parse_capacity)
+    dns_pending_capacity: int = _spec(parse_capacity)
+    dns_event_capacity: int = _spec(parse_capacity)
 
 
 @dataclass(frozen=True)
 class TcpConfig:
     rtt_sample_interval: float = _spec(parse_duration)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    ports: tuple[int, ...] = _spec(list_of(parse_port, min_items=1))
+    timeout: float = _spec(parse_duration)
 
 
 @dataclass(frozen=True)
@@ -246,6 +258,7 @@ class Config:
     series: SeriesConfig
     maps: MapsConfig
     tcp: TcpConfig
+    dns: DnsConfig
     log: LogConfig
 
 

@@ -64,9 +64,12 @@ class ExporterCollector(Collector):
     """Runs the signal collectors in order, then reports on them and on the exporter."""
 
     def __init__(self, collectors: Sequence[SignalCollector], stats: KernelStats,
-                 build_labels: dict[str, str], attached_interfaces: Callable[[], int]) -> None:
+                 build_labels: dict[str, str], attached_interfaces: Callable[[], int],
+                 reporters: Sequence[Callable[[KernelStats], None]] = ()) -> None:
         self.collectors = list(collectors)
         self.stats = stats
+        # program-wide counters (failures, parse errors) that no single collector owns
+        self.reporters = list(reporters)
         self.build_labels = build_labels
         self.attached_interfaces = attached_interfaces
         self._failing: set[str] = set()
@@ -94,6 +97,11 @@ class ExporterCollector(Collector):
                                                          "error": str(e)}, exc_info=True)
             duration[collector.name] = time.perf_counter() - started
             yield from families
+        for report in self.reporters:
+            try:
+                report(self.stats)
+            except Exception as e:
+                log.error("reading kernel counters failed", extra={"error": str(e)})
         yield from self._own_metrics(success, duration)
 
     def _own_metrics(self, success: dict[str, float],

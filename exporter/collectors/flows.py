@@ -41,21 +41,15 @@ FLOW_SAW_SYNACK = 2     # the sender is the server
 # flow_overflow index = family_index * 4 + protocol_index
 OVERFLOW_INDEX = [(family, protocol) for family in ("ipv4", "ipv6")
                   for protocol in ("tcp", "udp", "icmp", "other")]
-# parse_errors index -> protocol label
-PARSE_ERROR_PROTOCOLS = ["ip"]
-# map_update_failures index -> map label
-FAILURE_MAPS = ["flows"]
 
 
 @dataclass
 class FlowBatch:
     """What one drain of the kernel gave: the old generation's flows (summed over CPUs) and
-    the growth of the classifier's counter arrays since the previous drain."""
+    what flow_overflow gained since the previous drain."""
     keys: np.ndarray
     values: np.ndarray
     overflow: np.ndarray = field(default_factory=lambda: np.zeros((8, 3), dtype=np.uint64))
-    failures: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.uint64))
-    parse_errors: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.uint64))
     entries: int = 0
     capacity: int = 0
 
@@ -65,12 +59,10 @@ class KernelFlowSource:
 
     def __init__(self, program: object) -> None:
         table = program.table  # type: ignore[attr-defined]
-        self.generation = Generation(table("generation"))
+        self.generation = Generation(table("flow_generation"))
         self.flows = BatchMap("flows", table("flows"), FLOW_KEY, FLOW_VALUE, per_cpu=True)
         # rows of (bytes, packets, handshake) by family and protocol
         self.overflow = CounterArray("flow_overflow", table("flow_overflow"), width=3)
-        self.failures = CounterArray("map_update_failures", table("map_update_failures"))
-        self.parse_errors = CounterArray("parse_errors", table("parse_errors"))
 
     def drain(self) -> FlowBatch:
         drained, entries = self.flows.drain(self.generation.flip())
@@ -80,8 +72,7 @@ class KernelFlowSource:
         values["packets"] = per_cpu["packets"].sum(axis=1)
         values["handshake"] = np.bitwise_or.reduce(per_cpu["handshake"], axis=1)
 
-        return FlowBatch(drained.keys, values, self.overflow.read_deltas(),
-                         self.failures.read_deltas(), self.parse_errors.read_deltas(), entries,
+        return FlowBatch(drained.keys, values, self.overflow.read_deltas(), entries,
                          self.flows.capacity)
 
 
@@ -150,10 +141,6 @@ class FlowsCollector:
             self._packets.add(labels, (packet_count,))
 
         self.stats.record_map("flows", batch.entries, batch.capacity)
-        for index, name in enumerate(FAILURE_MAPS):
-            self.stats.add_failures(name, float(batch.failures[index]))
-        for index, protocol in enumerate(PARSE_ERROR_PROTOCOLS):
-            self.stats.add_parse_errors(protocol, float(batch.parse_errors[index]))
 
     def _families(self) -> list[CounterMetricFamily]:
         byte_family = CounterMetricFamily(

@@ -64,3 +64,33 @@ class QueueSource:
 
     def drain(self):
         return self.batches.pop(0) if self.batches else self.empty
+
+
+def dns_batch(rows: list[dict], timeouts=(), **extra):
+    """rows: kind, client, server, qtype, rcode, transport (0 udp, 1 tcp), variant, count."""
+    from exporter.collectors.dns import DNS_KEY, DnsBatch
+
+    keys = np.zeros(len(rows), dtype=DNS_KEY)
+    counts = np.zeros(len(rows), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        family, client = _address(row["client"])
+        _, server = _address(row["server"])
+        keys[i]["kind"] = row["kind"]
+        keys[i]["transport"] = row.get("transport", 0)
+        keys[i]["family"] = family
+        keys[i]["rcode"] = row.get("rcode", 0)
+        keys[i]["qtype"] = row.get("qtype", 1)
+        keys[i]["variant"] = row.get("variant", 0)
+        keys[i]["server_port"] = row.get("port", 53)
+        keys[i]["client"] = client
+        keys[i]["server"] = server
+        counts[i] = row["count"]
+    return DnsBatch(keys, counts, list(timeouts), **extra)
+
+
+def timeout(client: str, server: str, qtype: int = 1, transport: int = 0, port: int = 53):
+    from exporter.collectors.dns import Timeout
+
+    family, client_raw = _address(client)
+    _, server_raw = _address(server)
+    return Timeout(family, transport, client_raw.tobytes(), server_raw.tobytes(), port, qtype)

@@ -97,15 +97,26 @@ def test_kernel_overflow_counts_land_in_the_overflow_series():
     overflow = np.zeros((8, 3), dtype=np.uint64)
     overflow[1] = [1000, 10, 0]         # ipv4 udp
     overflow[4] = [500, 5, 0]           # ipv6 tcp
-    batch = flow_batch([], overflow=overflow, failures=np.array([15], dtype=np.uint64))
-    registry = flows_registry([batch])
+    registry = flows_registry([flow_batch([], overflow=overflow)])
     over = {k: "overflow" for k in flow_labels("", "", "", "")}
     assert registry.get_sample_value("ebpf_net_flow_bytes_total",
                                      {**over, "protocol": "udp", "family": "ipv4"}) == 1000
     assert registry.get_sample_value("ebpf_net_flow_packets_total",
                                      {**over, "protocol": "tcp", "family": "ipv6"}) == 5
+
+
+def test_program_wide_counters_are_reported_once_per_scrape():
+    def report(stats):
+        stats.add_failures("flows", 15)
+        stats.add_parse_errors("dns", 2)
+
+    stats = KernelStats()
+    registry = CollectorRegistry()
+    registry.register(ExporterCollector([], stats, {"version": "t"}, lambda: 0, [report]))
     assert registry.get_sample_value("ebpf_net_exporter_bpf_map_update_failures_total",
                                      {"map": "flows"}) == 15
+    assert registry.get_sample_value("ebpf_net_exporter_parse_errors_total",
+                                     {"protocol": "dns"}) == 4     # second scrape: totals grow
 
 
 def test_series_cap_folds_the_excess_and_keeps_the_total():

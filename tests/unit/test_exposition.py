@@ -12,14 +12,16 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter import histogram
+from exporter.collectors import dns as dnsmod
 from exporter.collectors import tcp as tcpmod
+from exporter.collectors.dns import DnsCollector
 from exporter.collectors.flows import FlowsCollector
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
-from .batches import QueueSource, flow_batch, tcp_batch
+from .batches import QueueSource, dns_batch, flow_batch, tcp_batch, timeout
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden.prom"
 
@@ -43,6 +45,16 @@ TCP = [
     {**CLIENT, "metric": tcpmod.RTT, "variant": histogram.slot_of(900), "count": 1},
     {**CLIENT, "metric": tcpmod.RTT, "variant": histogram.SUM_SLOT, "count": 1020},
 ]
+DNS_ENDS = {"client": "10.1.0.5", "server": "10.96.0.10"}
+DNS = [
+    {**DNS_ENDS, "kind": dnsmod.REQUEST, "qtype": 1, "count": 10},
+    {**DNS_ENDS, "kind": dnsmod.RESPONSE, "qtype": 1, "rcode": 0, "count": 8},
+    {**DNS_ENDS, "kind": dnsmod.RESPONSE, "qtype": 1, "rcode": 3, "count": 1},
+    {**DNS_ENDS, "kind": dnsmod.LATENCY, "rcode": 0, "variant": histogram.slot_of(350),
+     "count": 8},
+    {**DNS_ENDS, "kind": dnsmod.LATENCY, "rcode": 0, "variant": histogram.SUM_SLOT,
+     "count": 2900},
+]
 
 
 def collectors(stats: KernelStats) -> list:
@@ -53,7 +65,11 @@ def collectors(stats: KernelStats) -> list:
     tcp = TcpCollector(QueueSource([tcp_batch(TCP, entries=8, capacity=65536,
                                               sockets=1, socket_capacity=131072)],
                                    tcp_batch([])), endpoints, ports, stats, 100, 300)
-    return [flows, tcp]
+    dns = DnsCollector(QueueSource([dns_batch(DNS, timeouts=[timeout("10.1.0.5", "10.96.0.10")],
+                                              entries=5, capacity=16384, pending=0,
+                                              pending_capacity=65536)], dns_batch([])),
+                       endpoints, ports, stats, 100, 300)
+    return [flows, tcp, dns]
 
 
 def test_exposition_matches_the_golden_file():
@@ -74,6 +90,7 @@ def full_exposition() -> str:
                                         lambda: 2))
     stats.add_failures("flows", 0)
     stats.add_parse_errors("ip", 0)
+    stats.add_parse_errors("dns", 0)
     return generate_latest(registry).decode()
 
 
@@ -100,7 +117,7 @@ def test_every_self_metric_of_the_spec_is_served_with_per_collector_labels():
     text = full_exposition()
     for name in SELF_METRICS:
         assert f"# TYPE {name} " in text, name
-    for collector in ("flows", "tcp"):
+    for collector in ("flows", "tcp", "dns"):
         assert f'ebpf_net_exporter_scrape_collector_success{{collector="{collector}"}} 1.0' \
             in text
     assert 'ebpf_net_exporter_bpf_map_capacity{map="tcp_sockets"} 131072.0' in text

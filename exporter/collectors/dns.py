@@ -1,0 +1,261 @@
+"""DNS metrics from the classifier's DNS part (bpf/dns.h): requests, responses by rcode,
+latency (a kernel log2 histogram) and timeouts. src is the client (the end that sent the
+query); dst is the server, with its port.
+
+Timeouts: a query still pending after dns.timeout is deleted from the kernel's dns_pending map
+by a sweep (every SWEEP_SECONDS, and at each scrape) and counted once. The sweep deletes key by
+key and counts a timeout only when its delete succeeds; the kernel deletes the same key when the
+response comes, and counts the response only when its delete succeeds. Whoever is first counts,
+exactly once."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+from .. import histogram, logs
+from ..cardinality import SeriesStore
+from ..dnsnames import qtype_name, rcode_name, transport_name
+from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
+from ..maps import BatchMap, CounterArray, Generation
+from ..selfmetrics import KernelStats
+
+log = logs.get("dns")
+
+DNS_KEY = np.dtype({
+    "names": ["generation", "kind", "transport", "family", "rcode", "qtype", "variant",
+              "server_port", "client", "server"],
+    "formats": ["<u4", "u1", "u1", "u1", "u1", "<u2", "<u2", "<u2", ("u1", 16), ("u1", 16)],
+    "offsets": [0, 4, 5, 6, 7, 8, 10, 12, 16, 32],
+    "itemsize": 48,
+})
+PENDING_KEY = np.dtype({
+    "names": ["family", "transport", "id", "client_port", "server_port", "client", "server"],
+    "formats": ["u1", "u1", "<u2", "<u2", "<u2", ("u1", 16), ("u1", 16)],
+    "offsets": [0, 1, 2, 4, 6, 8, 24],
+    "itemsize": 40,
+})
+PENDING_VALUE = np.dtype({"names": ["queried_ns", "qtype"], "formats": ["<u8", "<u2"],
+                          "offsets": [0, 8], "itemsize": 16})
+COUNT = np.dtype("<u8")
+
+REQUEST, RESPONSE, LATENCY = 0, 1, 2
+SWEEP_SECONDS = 1.0
+
+
+def expired(queried_ns: np.ndarray, now_ns: int, timeout_ns: int) -> np.ndarray:
+    """Rows of queries pending for longer than the timeout."""
+    return np.flatnonzero(queried_ns < now_ns - timeout_ns)
+
+
+@dataclass
+class Timeout:
+    family: int
+    transport: int
+    client: bytes
+    server: bytes
+    server_port: int
+    qtype: int
+
+
+@dataclass
+class DnsBatch:
+    keys: np.ndarray
+    counts: np.ndarray
+    timeouts: list[Timeout] = field(default_factory=list)
+    overflow: np.ndarray = field(default_factory=lambda: np.zeros(3 * 16, dtype=np.uint64))
+    entries: int = 0
+    capacity: int = 0
+    pending: int = 0
+    pending_capacity: int = 0
+
+
+class KernelDnsSource:
+    def __init__(self, program: object, timeout_seconds: float) -> None:
+        from bcc import libbcc
+
+        table = program.table  # type: ignore[attr-defined]
+        self._lib = libbcc.lib
+        self.generation = Generation(table("dns_generation"))
+        self.events = BatchMap("dns_events", table("dns_events"), DNS_KEY, COUNT, per_cpu=True)
+        self.pending = BatchMap("dns_pending", table("dns_pending"), PENDING_KEY, PENDING_VALUE,
+                                per_cpu=False)
+        self.overflow = CounterArray("dns_overflow", table("dns_overflow"))
+        self.timeout_ns = int(timeout_seconds * 1e9)
+        self._timeouts: list[Timeout] = []
+        self._pending_entries = 0
+        self._lock = threading.Lock()
+
+    def sweep(self) -> None:
+        """Deletes queries pending longer than the timeout, remembering each one deleted."""
+        snapshot = self.pending.read()
+        # bpf_ktime_get_ns() and time.monotonic_ns() are both CLOCK_MONOTONIC
+        timeouts = []
+        for row in expired(snapshot.values["queried_ns"], time.monotonic_ns(), self.timeout_ns):
+            raw = snapshot.raw_keys[row].tobytes()
+            # the kernel deletes the same key when the response comes: whoever is first counts
+            if self._lib.bpf_delete_elem(self.pending.fd, ctypes.c_char_p(raw)) != 0:
+                continue
+            key = snapshot.keys[row]
+            timeouts.append(Timeout(int(key["family"]), int(key["transport"]),
+                                    key["client"].tobytes(), key["server"].tobytes(),
+                                    int(key["server_port"]),
+                                    int(snapshot.values[row]["qtype"])))
+        with self._lock:
+            self._timeouts += timeouts
+            self._pending_entries = len(snapshot.raw_keys) - len(timeouts)
+
+    def drain(self) -> DnsBatch:
+        self.sweep()
+        drained, entries = self.events.drain(self.generation.flip())
+        with self._lock:
+            timeouts, self._timeouts = self._timeouts, []
+            pending = self._pending_entries
+        return DnsBatch(drained.keys, drained.values.sum(axis=1, dtype=np.uint64), timeouts,
+                        self.overflow.read_deltas(), entries, self.events.capacity, pending,
+                        self.pending.capacity)
+
+
+class DnsCollector:
+    name = "dns"
+
+    def __init__(self, source: KernelDnsSource | object, endpoints: EndpointLabels,
+                 ports: PortFolder, stats: KernelStats, max_series: int,
+                 ttl_seconds: float) -> None:
+        self.source = source
+        self.endpoints = endpoints
+        self.ports = ports
+        self.stats = stats
+        self.pair_names = endpoints.label_names("src", with_port=False) + \
+            endpoints.label_names("dst")
+        self._pair_width = len(self.pair_names)
+
+        def store(metric: str, extra: list[str], width: int = 1) -> SeriesStore:
+            return SeriesStore(metric, [*self.pair_names, *extra], self.pair_names, max_series,
+                               ttl_seconds, width=width)
+
+        self._requests = store("ebpf_net_dns_requests_total", ["qtype", "transport"])
+        self._responses = store("ebpf_net_dns_responses_total", ["qtype", "rcode", "transport"])
+        self._timeouts = store("ebpf_net_dns_timeouts_total", ["qtype", "transport"])
+        self._latency = store("ebpf_net_dns_request_duration_seconds", ["rcode"],
+                              width=histogram.WIDTH)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    def stores(self) -> Sequence[SeriesStore]:
+        return (self._requests, self._responses, self._timeouts, self._latency)
+
+    def start(self) -> None:
+        """Sweeps timed-out queries every second, so a burst of unanswered queries cannot fill
+        the pending map between scrapes."""
+        sweep = getattr(self.source, "sweep", None)
+        if sweep is None:
+            return
+
+        def run() -> None:
+            while not self._stop.wait(SWEEP_SECONDS):
+                try:
+                    sweep()
+                except Exception as e:   # keep sweeping; the scrape reports failures
+                    log.warning("timeout sweep failed", extra={"error": str(e)})
+
+        self._sweeper = threading.Thread(target=run, name="dns-sweep", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sweeper:
+            self._sweeper.join(timeout=5)
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        with self._lock:
+            self._fold(self.source.drain())  # type: ignore[attr-defined]
+            for store in self.stores():
+                store.expire()
+            return self._families()
+
+    def _pair(self, family: int, client: bytes, server: bytes, port: int) -> tuple[str, ...]:
+        server_text = address_text(family, server)
+        self.ports.learn_server(server_text, port)
+        return (self.endpoints.values(address_text(family, client), None)
+                + self.endpoints.values(server_text, str(port)))
+
+    def _fold(self, batch: DnsBatch) -> None:
+        requests: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        responses: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        timeouts: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        latency: defaultdict[tuple[str, ...], list[float]] = defaultdict(
+            lambda: [0.0] * histogram.WIDTH)
+
+        for key, count in zip(batch.keys, batch.counts, strict=True):
+            pair = self._pair(int(key["family"]), key["client"].tobytes(),
+                              key["server"].tobytes(), int(key["server_port"]))
+            kind, transport = int(key["kind"]), transport_name(key["transport"])
+            if kind == REQUEST:
+                requests[(*pair, qtype_name(key["qtype"]), transport)] += float(count)
+            elif kind == RESPONSE:
+                responses[(*pair, qtype_name(key["qtype"]), rcode_name(key["rcode"]),
+                           transport)] += float(count)
+            elif kind == LATENCY:
+                index = histogram.index_of(int(key["variant"]))
+                if index is not None:
+                    latency[(*pair, rcode_name(key["rcode"]))][index] += float(count)
+
+        for timeout in batch.timeouts:
+            pair = self._pair(timeout.family, timeout.client, timeout.server,
+                              timeout.server_port)
+            timeouts[(*pair, qtype_name(timeout.qtype),
+                      transport_name(timeout.transport))] += 1
+
+        # counts that found dns_events full, by kind and rcode (qtype and transport unknown)
+        overflow_pair = (OVERFLOW,) * self._pair_width
+        for index in np.flatnonzero(batch.overflow):
+            kind, rcode = divmod(int(index), 16)
+            count = float(batch.overflow[index])
+            if kind == REQUEST:
+                requests[(*overflow_pair, OVERFLOW, OVERFLOW)] += count
+            elif kind == RESPONSE:
+                responses[(*overflow_pair, OVERFLOW, rcode_name(rcode), OVERFLOW)] += count
+
+        for store, series in ((self._requests, requests), (self._responses, responses),
+                              (self._timeouts, timeouts)):
+            for labels, value in series.items():
+                store.add(labels, (value,))
+        for labels, slots in latency.items():
+            self._latency.add(labels, slots)
+        self.stats.record_map("dns_events", batch.entries, batch.capacity)
+        self.stats.record_map("dns_pending", batch.pending, batch.pending_capacity)
+
+    def _families(self) -> list[CounterMetricFamily]:
+        names = self.pair_names
+        requests = CounterMetricFamily(
+            "ebpf_net_dns_requests", "DNS queries seen, by question type and transport.",
+            labels=[*names, "qtype", "transport"])
+        responses = CounterMetricFamily(
+            "ebpf_net_dns_responses", "DNS responses matched to their query, by question type, "
+            "response code and transport.", labels=[*names, "qtype", "rcode", "transport"])
+        timeouts = CounterMetricFamily(
+            "ebpf_net_dns_timeouts", "DNS queries left without a response for dns.timeout.",
+            labels=[*names, "qtype", "transport"])
+        latency = HistogramMetricFamily(
+            "ebpf_net_dns_request_duration_seconds", "Time from a DNS query to its response, "
+            "measured in the kernel, by response code.", labels=[*names, "rcode"])
+        for family, store in ((requests, self._requests), (responses, self._responses),
+                              (timeouts, self._timeouts)):
+            for labels, (value,) in store.items():
+                family.add_metric(labels, value)
+        for labels, series in self._latency.items():
+            buckets, total = histogram.buckets(series)
+            latency.add_metric(labels, buckets, total)
+        return [requests, responses, timeouts, latency]
