@@ -52,6 +52,9 @@
 #endif
 /* TCP DNS connections followed at once (LRU: the oldest is forgotten first). */
 #define DNS_TCP_STREAMS 4096
+/* With the opt-in `query` label (-DDNS_QUERY_NAMES) the question name is kept, in wire format,
+ * up to this many bytes; user space labels longer names `other`. */
+#define DNS_NAME_CAPTURE 128
 
 struct dns_pending_key {
     u8 family;
@@ -67,6 +70,9 @@ struct dns_pending_value {
     u64 queried_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     u16 qtype;
     u16 pad[3];
+#ifdef DNS_QUERY_NAMES
+    u8 name[DNS_NAME_CAPTURE];
+#endif
 };
 
 struct dns_key {
@@ -81,6 +87,9 @@ struct dns_key {
     u16 pad;
     u8 client[16];
     u8 server[16];
+#ifdef DNS_QUERY_NAMES
+    u8 name[DNS_NAME_CAPTURE];  /* zero for latency entries, which are by rcode only */
+#endif
 };
 
 /* the packet's own direction: (addresses, ports) as they appear in it */
@@ -102,6 +111,7 @@ BPF_TABLE("lru_hash", struct dns_stream_key, u32, dns_tcp_streams, DNS_TCP_STREA
 /* counts that found dns_events full: index kind * 16 + rcode (requests: rcode 0) */
 BPF_PERCPU_ARRAY(dns_overflow, u64, 3 * 16);
 
+
 struct dns_header {
     __be16 id;
     __be16 flags;
@@ -116,7 +126,20 @@ struct dns_message {
     u8 is_response;
     u8 rcode;
     u16 qtype;
+    u16 name_len;           /* bytes of the question name, its final zero included */
+    u32 name_off;
 };
+
+/* The key, the pending value and the parsed message live here rather than on the stack: with
+ * query names they would not fit in the 512 bytes of BPF stack beside the packet parser's; and
+ * the verifier, which cannot know what a map holds, need not follow every length the question
+ * name can have through the rest of the program (it would, for values on the stack). */
+struct dns_scratch {
+    struct dns_key key;
+    struct dns_pending_value value;
+    struct dns_message msg;
+};
+BPF_PERCPU_ARRAY(dns_scratch, struct dns_scratch, 1);
 
 enum dns_parse {
     DNS_OK = 0,
@@ -167,8 +190,34 @@ static __always_inline int dns_parse_message(struct __sk_buff *skb, u32 off, u32
     if (pos + 4 > end || bpf_skb_load_bytes(skb, pos, &qtype, sizeof(qtype)) < 0)
         return DNS_MALFORMED;
     msg->qtype = bpf_ntohs(qtype);
+    msg->name_off = name_start;
+    msg->name_len = pos - name_start;
     return DNS_OK;
 }
+
+#ifdef DNS_QUERY_NAMES
+/* Copies `len` (<= DNS_NAME_CAPTURE) bytes of the question name into dst: 8 bytes at a time,
+ * then byte by byte. Fixed-size loads keep the verifier's work small; one load of a variable
+ * length made it follow every possible length through the rest of the program. */
+static __always_inline void dns_copy_name(struct __sk_buff *skb, u32 off, u32 len, u8 *dst)
+{
+    u32 done = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < DNS_NAME_CAPTURE / 8; i++) {
+        if (done + 8 > len)
+            break;
+        bpf_skb_load_bytes(skb, off + done, dst + (done & (DNS_NAME_CAPTURE - 8)), 8);
+        done += 8;
+    }
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < 7; i++) {
+        if (done >= len)
+            break;
+        bpf_skb_load_bytes(skb, off + done, dst + (done & (DNS_NAME_CAPTURE - 1)), 1);
+        done += 1;
+    }
+}
+#endif
 
 static __always_inline void dns_count(struct dns_key *key, u64 val)
 {
@@ -199,8 +248,13 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
                                        u8 transport, u32 off, u32 end, u32 generation,
                                        int count_errors)
 {
-    struct dns_message msg = {};
-    int res = dns_parse_message(skb, off, end, &msg);
+    u32 zero = 0;
+    struct dns_scratch *scratch = dns_scratch.lookup(&zero);
+    if (!scratch)
+        return;
+    __builtin_memset(scratch, 0, sizeof(*scratch));
+    struct dns_message *msg = &scratch->msg;
+    int res = dns_parse_message(skb, off, end, msg);
     if (res == DNS_IGNORE)
         return;
     if (res == DNS_MALFORMED) {
@@ -209,32 +263,44 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
         return;
     }
 
+#ifdef DNS_QUERY_NAMES
+    /* volatile: read it back from the map, where the verifier no longer knows which of the
+     * name loop's exits it came from (clang would forward the loop's register otherwise) */
+    u32 captured = *(volatile u16 *)&msg->name_len;
+    if (captured > DNS_NAME_CAPTURE)
+        captured = DNS_NAME_CAPTURE;    /* truncated: user space sees no final zero */
+#endif
+    struct dns_key *key = &scratch->key;
+
     struct dns_pending_key pending = {};
     pending.family = pkt->family;
     pending.transport = transport;
-    pending.id = msg.id;
-    struct dns_key key = {};
-    key.generation = generation;
-    key.transport = transport;
-    key.family = pkt->family;
-    key.qtype = msg.qtype;
-    if (!msg.is_response) {
+    pending.id = msg->id;
+    key->generation = generation;
+    key->transport = transport;
+    key->family = pkt->family;
+    key->qtype = msg->qtype;
+    if (!msg->is_response) {
         pending.client_port = pkt->sport;
         pending.server_port = pkt->dport;
         __builtin_memcpy(pending.client, pkt->saddr, 16);
         __builtin_memcpy(pending.server, pkt->daddr, 16);
-        struct dns_pending_value value = {};
-        value.queried_ns = bpf_ktime_get_ns();
-        value.qtype = msg.qtype;
+        struct dns_pending_value *value = &scratch->value;
+        value->queried_ns = bpf_ktime_get_ns();
+        value->qtype = msg->qtype;
+#ifdef DNS_QUERY_NAMES
+        dns_copy_name(skb, msg->name_off, captured, value->name);
+        __builtin_memcpy(key->name, value->name, DNS_NAME_CAPTURE);
+#endif
         /* a retransmitted query keeps the first one's time (EEXIST); E2BIG: map full */
-        int err = dns_pending.insert(&pending, &value);
+        int err = dns_pending.insert(&pending, value);
         if (err && !dns_pending.lookup(&pending))
             count_failure(FAILURE_DNS_PENDING);
-        key.kind = DNS_KIND_REQUEST;
-        key.server_port = pkt->dport;
-        __builtin_memcpy(key.client, pkt->saddr, 16);
-        __builtin_memcpy(key.server, pkt->daddr, 16);
-        dns_count(&key, 1);
+        key->kind = DNS_KIND_REQUEST;
+        key->server_port = pkt->dport;
+        __builtin_memcpy(key->client, pkt->saddr, 16);
+        __builtin_memcpy(key->server, pkt->daddr, 16);
+        dns_count(key, 1);
         return;
     }
 
@@ -249,23 +315,30 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
         return;
     }
     u64 queried_ns = query->queried_ns;
+#ifdef DNS_QUERY_NAMES
+    /* copied before the delete: a freed element may be reused by another CPU at once */
+    __builtin_memcpy(key->name, query->name, DNS_NAME_CAPTURE);
+#endif
     /* delete first: if user space's timeout sweep got here before us, it counted a timeout */
     if (dns_pending.delete(&pending) != 0)
         return;
     u64 latency_us = (bpf_ktime_get_ns() - queried_ns) / 1000;
 
-    key.kind = DNS_KIND_RESPONSE;
-    key.rcode = msg.rcode;
-    key.server_port = pkt->sport;
-    __builtin_memcpy(key.client, pkt->daddr, 16);
-    __builtin_memcpy(key.server, pkt->saddr, 16);
-    dns_count(&key, 1);
-    key.kind = DNS_KIND_LATENCY;
-    key.qtype = 0;              /* the histogram is by rcode only */
-    key.variant = log2_slot(latency_us);
-    dns_count(&key, 1);
-    key.variant = HIST_SUM_SLOT;
-    dns_count(&key, latency_us);
+    key->kind = DNS_KIND_RESPONSE;
+    key->rcode = msg->rcode;
+    key->server_port = pkt->sport;
+    __builtin_memcpy(key->client, pkt->daddr, 16);
+    __builtin_memcpy(key->server, pkt->saddr, 16);
+    dns_count(key, 1);
+    key->kind = DNS_KIND_LATENCY;
+    key->qtype = 0;             /* the histogram is by rcode only */
+#ifdef DNS_QUERY_NAMES
+    __builtin_memset(key->name, 0, DNS_NAME_CAPTURE);
+#endif
+    key->variant = log2_slot(latency_us);
+    dns_count(key, 1);
+    key->variant = HIST_SUM_SLOT;
+    dns_count(key, latency_us);
 }
 
 /* For TCP: whether this segment starts a message, following the stream from its SYN. */

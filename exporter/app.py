@@ -16,6 +16,7 @@ from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config
+from .dnsnames import QueryLabel
 from .endpoints import EndpointLabels, PortFolder, read_ephemeral_floor
 from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
 from .loader import Program
@@ -97,8 +98,10 @@ class Exporter:
                 collectors.append(FlowsCollector(KernelFlowSource(program), endpoints, ports,
                                                  *series))
             if config.collectors.dns:
-                self.dns = DnsCollector(KernelDnsSource(program, config.dns.timeout), endpoints,
-                                        ports, *series)
+                names = config.dns.query_names
+                self.dns = DnsCollector(
+                    KernelDnsSource(program, config.dns.timeout, query_names=bool(names)),
+                    endpoints, ports, *series, query_label=QueryLabel(names) if names else None)
                 collectors.append(self.dns)
             self.monitor = self._monitor(program, ingress.fd, egress.fd)
 

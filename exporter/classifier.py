@@ -24,6 +24,8 @@ def cflags(config: Config) -> list[str]:
     if config.collectors.dns:
         ports = "||".join(f"(p)=={port}" for port in config.dns.ports)
         flags += ["-DWITH_DNS", f"-DDNS_PORT(p)=({ports})"]
+        if config.dns.query_names:
+            flags.append("-DDNS_QUERY_NAMES")
     return flags
 
 

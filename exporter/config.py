@@ -177,6 +177,12 @@ def parse_regex(value: Any) -> str:
     return value
 
 
+def parse_glob(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail("a name pattern such as *.svc.cluster.local", value)
+    return value.strip()
+
+
 def one_of(*choices: str) -> Parser:
     def parse_choice(value: Any) -> str:
         if not isinstance(value, str) or value.lower() not in choices:
@@ -240,6 +246,7 @@ class TcpConfig:
 class DnsConfig:
     ports: tuple[int, ...] = _spec(list_of(parse_port, min_items=1))
     timeout: float = _spec(parse_duration)
+    query_names: tuple[str, ...] = _spec(list_of(parse_glob))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ files, so local ``#include "x.h"`` lines are expanded here into one text, with `
 so compiler messages still name the right file and line.
 
 bcc prints compiler and verifier output straight to file descriptor 2; it is captured here, so
-a failure becomes one line for the user and the full log goes to the debug log."""
+a failure becomes one line for the user and the full log goes to the debug log. LLVM ends the
+process from C++ on some errors (a program over the 512-byte BPF stack, say), where no Python
+code runs again: the capture is a named file, announced before compiling and removed only after,
+so what the compiler said survives such an exit."""
 
 from __future__ import annotations
 
@@ -54,19 +57,23 @@ def expand_source(path: Path, seen: set[Path] | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
+def _captured_stderr(program: str, step: str) -> Iterator[list[str]]:
     """Collects what C code writes to fd 2 while inside; the text lands in the yielded list."""
     captured: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode(errors="replace"))
+    sink = tempfile.NamedTemporaryFile(
+        mode="w+b", prefix=f"ebpf-net-exporter-{program}-", suffix=".log", delete=False)
+    log.info(f"bpf program {program}: {step}", extra={"compiler_output": sink.name})
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield captured
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        sink.seek(0)
+        captured.append(sink.read().decode(errors="replace"))
+        sink.close()
+        os.unlink(sink.name)
 
 
 def _summary(output: str, error: Exception) -> str:
@@ -99,7 +106,7 @@ class Program:
         return bcc.BPF(text=self.text.encode(), cflags=self.cflags)
 
     def _run(self, what: str, action: Any, *args: Any) -> Any:
-        with _captured_stderr() as output:
+        with _captured_stderr(self.name, what) as output:
             try:
                 result = action(*args)
                 error = None

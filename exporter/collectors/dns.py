@@ -22,20 +22,26 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from .. import histogram, logs
 from ..cardinality import SeriesStore
-from ..dnsnames import qtype_name, rcode_name, transport_name
+from ..dnsnames import QueryLabel, qtype_name, rcode_name, transport_name
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
 
 log = logs.get("dns")
 
-DNS_KEY = np.dtype({
+NAME_CAPTURE = 128      # DNS_NAME_CAPTURE in bpf/dns.h
+_KEY_FIELDS = {
     "names": ["generation", "kind", "transport", "family", "rcode", "qtype", "variant",
               "server_port", "client", "server"],
     "formats": ["<u4", "u1", "u1", "u1", "u1", "<u2", "<u2", "<u2", ("u1", 16), ("u1", 16)],
     "offsets": [0, 4, 5, 6, 7, 8, 10, 12, 16, 32],
-    "itemsize": 48,
-})
+}
+DNS_KEY = np.dtype({**_KEY_FIELDS, "itemsize": 48})
+# with the query label the kernel appends the question name (wire format) to key and value
+DNS_KEY_NAMED = np.dtype({"names": [*_KEY_FIELDS["names"], "name"],
+                          "formats": [*_KEY_FIELDS["formats"], ("u1", NAME_CAPTURE)],
+                          "offsets": [*_KEY_FIELDS["offsets"], 48],
+                          "itemsize": 48 + NAME_CAPTURE})
 PENDING_KEY = np.dtype({
     "names": ["family", "transport", "id", "client_port", "server_port", "client", "server"],
     "formats": ["u1", "u1", "<u2", "<u2", "<u2", ("u1", 16), ("u1", 16)],
@@ -44,6 +50,9 @@ PENDING_KEY = np.dtype({
 })
 PENDING_VALUE = np.dtype({"names": ["queried_ns", "qtype"], "formats": ["<u8", "<u2"],
                           "offsets": [0, 8], "itemsize": 16})
+PENDING_VALUE_NAMED = np.dtype({"names": ["queried_ns", "qtype", "name"],
+                                "formats": ["<u8", "<u2", ("u1", NAME_CAPTURE)],
+                                "offsets": [0, 8, 16], "itemsize": 16 + NAME_CAPTURE})
 COUNT = np.dtype("<u8")
 
 REQUEST, RESPONSE, LATENCY = 0, 1, 2
@@ -63,6 +72,7 @@ class Timeout:
     server: bytes
     server_port: int
     qtype: int
+    name: bytes = b""       # wire format, with the query label only
 
 
 @dataclass
@@ -78,15 +88,19 @@ class DnsBatch:
 
 
 class KernelDnsSource:
-    def __init__(self, program: object, timeout_seconds: float) -> None:
+    def __init__(self, program: object, timeout_seconds: float,
+                 query_names: bool = False) -> None:
         from bcc import libbcc
 
         table = program.table  # type: ignore[attr-defined]
         self._lib = libbcc.lib
         self.generation = Generation(table("dns_generation"))
-        self.events = BatchMap("dns_events", table("dns_events"), DNS_KEY, COUNT, per_cpu=True)
-        self.pending = BatchMap("dns_pending", table("dns_pending"), PENDING_KEY, PENDING_VALUE,
+        self.events = BatchMap("dns_events", table("dns_events"),
+                               DNS_KEY_NAMED if query_names else DNS_KEY, COUNT, per_cpu=True)
+        self.pending = BatchMap("dns_pending", table("dns_pending"), PENDING_KEY,
+                                PENDING_VALUE_NAMED if query_names else PENDING_VALUE,
                                 per_cpu=False)
+        self.query_names = query_names
         self.overflow = CounterArray("dns_overflow", table("dns_overflow"))
         self.timeout_ns = int(timeout_seconds * 1e9)
         self._timeouts: list[Timeout] = []
@@ -103,11 +117,11 @@ class KernelDnsSource:
             # the kernel deletes the same key when the response comes: whoever is first counts
             if self._lib.bpf_delete_elem(self.pending.fd, ctypes.c_char_p(raw)) != 0:
                 continue
-            key = snapshot.keys[row]
+            key, value = snapshot.keys[row], snapshot.values[row]
             timeouts.append(Timeout(int(key["family"]), int(key["transport"]),
                                     key["client"].tobytes(), key["server"].tobytes(),
-                                    int(key["server_port"]),
-                                    int(snapshot.values[row]["qtype"])))
+                                    int(key["server_port"]), int(value["qtype"]),
+                                    value["name"].tobytes() if self.query_names else b""))
         with self._lock:
             self._timeouts += timeouts
             self._pending_entries = len(snapshot.raw_keys) - len(timeouts)
@@ -128,8 +142,10 @@ class DnsCollector:
 
     def __init__(self, source: KernelDnsSource | object, endpoints: EndpointLabels,
                  ports: PortFolder, stats: KernelStats, max_series: int,
-                 ttl_seconds: float) -> None:
+                 ttl_seconds: float, query_label: QueryLabel | None = None) -> None:
         self.source = source
+        self.query_label = query_label
+        query = ["query"] if query_label else []
         self.endpoints = endpoints
         self.ports = ports
         self.stats = stats
@@ -141,9 +157,10 @@ class DnsCollector:
             return SeriesStore(metric, [*self.pair_names, *extra], self.pair_names, max_series,
                                ttl_seconds, width=width)
 
-        self._requests = store("ebpf_net_dns_requests_total", ["qtype", "transport"])
-        self._responses = store("ebpf_net_dns_responses_total", ["qtype", "rcode", "transport"])
-        self._timeouts = store("ebpf_net_dns_timeouts_total", ["qtype", "transport"])
+        self._requests = store("ebpf_net_dns_requests_total", ["qtype", "transport", *query])
+        self._responses = store("ebpf_net_dns_responses_total",
+                                ["qtype", "rcode", "transport", *query])
+        self._timeouts = store("ebpf_net_dns_timeouts_total", ["qtype", "transport", *query])
         self._latency = store("ebpf_net_dns_request_duration_seconds", ["rcode"],
                               width=histogram.WIDTH)
         self._lock = threading.Lock()
@@ -191,6 +208,9 @@ class DnsCollector:
         return (self.endpoints.values(address_text(family, client), None)
                 + self.endpoints.values(server_text, str(port)))
 
+    def _query(self, wire: bytes) -> tuple[str, ...]:
+        return (self.query_label(wire),) if self.query_label else ()
+
     def _fold(self, batch: DnsBatch) -> None:
         requests: defaultdict[tuple[str, ...], float] = defaultdict(float)
         responses: defaultdict[tuple[str, ...], float] = defaultdict(float)
@@ -202,11 +222,12 @@ class DnsCollector:
             pair = self._pair(int(key["family"]), key["client"].tobytes(),
                               key["server"].tobytes(), int(key["server_port"]))
             kind, transport = int(key["kind"]), transport_name(key["transport"])
+            query = self._query(key["name"].tobytes()) if self.query_label else ()
             if kind == REQUEST:
-                requests[(*pair, qtype_name(key["qtype"]), transport)] += float(count)
+                requests[(*pair, qtype_name(key["qtype"]), transport, *query)] += float(count)
             elif kind == RESPONSE:
                 responses[(*pair, qtype_name(key["qtype"]), rcode_name(key["rcode"]),
-                           transport)] += float(count)
+                           transport, *query)] += float(count)
             elif kind == LATENCY:
                 index = histogram.index_of(int(key["variant"]))
                 if index is not None:
@@ -215,18 +236,20 @@ class DnsCollector:
         for timeout in batch.timeouts:
             pair = self._pair(timeout.family, timeout.client, timeout.server,
                               timeout.server_port)
-            timeouts[(*pair, qtype_name(timeout.qtype),
-                      transport_name(timeout.transport))] += 1
+            timeouts[(*pair, qtype_name(timeout.qtype), transport_name(timeout.transport),
+                      *self._query(timeout.name))] += 1
 
         # counts that found dns_events full, by kind and rcode (qtype and transport unknown)
         overflow_pair = (OVERFLOW,) * self._pair_width
+        overflow_query = (OVERFLOW,) if self.query_label else ()
         for index in np.flatnonzero(batch.overflow):
             kind, rcode = divmod(int(index), 16)
             count = float(batch.overflow[index])
             if kind == REQUEST:
-                requests[(*overflow_pair, OVERFLOW, OVERFLOW)] += count
+                requests[(*overflow_pair, OVERFLOW, OVERFLOW, *overflow_query)] += count
             elif kind == RESPONSE:
-                responses[(*overflow_pair, OVERFLOW, rcode_name(rcode), OVERFLOW)] += count
+                responses[(*overflow_pair, OVERFLOW, rcode_name(rcode), OVERFLOW,
+                           *overflow_query)] += count
 
         for store, series in ((self._requests, requests), (self._responses, responses),
                               (self._timeouts, timeouts)):
@@ -241,13 +264,13 @@ class DnsCollector:
         names = self.pair_names
         requests = CounterMetricFamily(
             "ebpf_net_dns_requests", "DNS queries seen, by question type and transport.",
-            labels=[*names, "qtype", "transport"])
+            labels=list(self._requests.label_names))
         responses = CounterMetricFamily(
             "ebpf_net_dns_responses", "DNS responses matched to their query, by question type, "
-            "response code and transport.", labels=[*names, "qtype", "rcode", "transport"])
+            "response code and transport.", labels=list(self._responses.label_names))
         timeouts = CounterMetricFamily(
             "ebpf_net_dns_timeouts", "DNS queries left without a response for dns.timeout.",
-            labels=[*names, "qtype", "transport"])
+            labels=list(self._timeouts.label_names))
         latency = HistogramMetricFamily(
             "ebpf_net_dns_request_duration_seconds", "Time from a DNS query to its response, "
             "measured in the kernel, by response code.", labels=[*names, "rcode"])

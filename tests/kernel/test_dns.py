@@ -37,7 +37,8 @@ def dns(node: TestNode) -> Iterator[ExporterProcess]:
         f"--server=/fail.test/{node.b_ip}#{FAIL_PORT}",
         f"--server=/slow.test/{node.b_ip}#{SLOW_PORT}"])
     wait_until(lambda: "NOERROR" in dig(node, "ok.test", check=False), 10, "dnsmasq")
-    process = ExporterProcess(node, config={"dns": {"timeout": f"{TIMEOUT_SECONDS}s"}})
+    process = ExporterProcess(node, config={"dns": {"timeout": f"{TIMEOUT_SECONDS}s",
+                                                    "query_names": ["*.ok.test", "ok.test"]}})
     try:
         yield process.wait_ready()
     finally:
@@ -214,3 +215,24 @@ def test_malformed_packets_are_counted_as_parse_errors_and_nothing_else(
         assert scrape.value(f"ebpf_net_dns_{metric}", dst_ip=node.node_ip_a) == 0
     assert dns.get("/healthz")[0] == 200
     assert status(dig(node, "ok.test")) == "NOERROR"       # still parsing real traffic
+
+
+def test_allowlisted_query_names_become_the_query_label_and_others_fold(node: TestNode,
+                                                                       dns: ExporterProcess):
+    assert status(dig(node, "api.ok.test")) == "NOERROR"
+    assert status(dig(node, "API.Ok.Test", "AAAA")) == "NOERROR"        # case folds
+    assert status(dig(node, "www.nx.test")) == "NXDOMAIN"
+    long_name = ".".join(["x" * 60] * 3) + ".ok.test"                   # past 128 bytes
+    assert status(dig(node, long_name)) == "NOERROR"
+
+    def labelled(s: Scrape) -> float:
+        return dns_value(s, "responses_total", node.a_ip, node.b_ip, query="api.ok.test")
+
+    scrape = dns.wait_for(lambda s: labelled(s) >= 2, "labelled responses")
+    assert labelled(scrape) == 2
+    assert dns_value(scrape, "requests_total", node.a_ip, node.b_ip, query="api.ok.test",
+                     qtype="AAAA") == 1
+    assert dns_value(scrape, "responses_total", node.a_ip, node.b_ip, query="other",
+                     rcode="NXDomain", qtype="A") >= 1
+    names = {s.labels["query"] for s in scrape.select("ebpf_net_dns_requests_total")}
+    assert names <= {"ok.test", "api.ok.test", "lost.ok.test", "other"}, names

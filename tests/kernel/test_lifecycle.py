@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +209,24 @@ def test_a_port_in_use_is_one_line(node: TestNode):
                                         "Address already in use")
     finally:
         taken.close()
+
+
+def test_a_compiler_abort_leaves_its_reason_on_disk(node: TestNode, tmp_path):
+    """LLVM exits the process from C++ on some errors (here: over the BPF stack limit); no
+    Python runs after, so the captured compiler output must already be a named file."""
+    bad = tmp_path / "bpf"
+    shutil.copytree(REPO / "bpf", bad)
+    source = (bad / "classifier.c").read_text().replace(
+        "    struct packet pkt = {};",
+        "    volatile u8 huge[600] = {};\n    huge[skb->len & 511] = 1;\n"
+        "    if (huge[skb->mark & 511]) return 1;\n    struct packet pkt = {};")
+    (bad / "classifier.c").write_text(source)
+    result = run_exporter(node, "--no-collector.tcp", env={"EBPF_NET_BPF_DIR": str(bad)})
+    assert result.returncode != 0
+    announced = re.findall(r"compiler_output=(\S+)", result.stderr)
+    assert announced, result.stderr
+    kept = Path(announced[-1])
+    try:
+        assert "stack limit" in kept.read_text()
+    finally:
+        kept.unlink(missing_ok=True)

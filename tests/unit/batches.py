@@ -66,11 +66,11 @@ class QueueSource:
         return self.batches.pop(0) if self.batches else self.empty
 
 
-def dns_batch(rows: list[dict], timeouts=(), **extra):
+def dns_batch(rows: list[dict], timeouts=(), named: bool = False, **extra):
     """rows: kind, client, server, qtype, rcode, transport (0 udp, 1 tcp), variant, count."""
-    from exporter.collectors.dns import DNS_KEY, DnsBatch
+    from exporter.collectors.dns import DNS_KEY, DNS_KEY_NAMED, DnsBatch
 
-    keys = np.zeros(len(rows), dtype=DNS_KEY)
+    keys = np.zeros(len(rows), dtype=DNS_KEY_NAMED if named else DNS_KEY)
     counts = np.zeros(len(rows), dtype=np.uint64)
     for i, row in enumerate(rows):
         family, client = _address(row["client"])
@@ -88,9 +88,11 @@ def dns_batch(rows: list[dict], timeouts=(), **extra):
     return DnsBatch(keys, counts, list(timeouts), **extra)
 
 
-def timeout(client: str, server: str, qtype: int = 1, transport: int = 0, port: int = 53):
+def timeout(client: str, server: str, qtype: int = 1, transport: int = 0, port: int = 53,
+            name: bytes = b""):
     from exporter.collectors.dns import Timeout
 
     family, client_raw = _address(client)
     _, server_raw = _address(server)
-    return Timeout(family, transport, client_raw.tobytes(), server_raw.tobytes(), port, qtype)
+    return Timeout(family, transport, client_raw.tobytes(), server_raw.tobytes(), port, qtype,
+                   name)

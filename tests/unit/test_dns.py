@@ -5,7 +5,7 @@ from prometheus_client import CollectorRegistry
 from exporter import histogram
 from exporter.collectors import dns as dnsmod
 from exporter.collectors.dns import DnsCollector, expired
-from exporter.dnsnames import qtype_name, rcode_name, transport_name
+from exporter.dnsnames import QueryLabel, decode_name, qtype_name, rcode_name, transport_name
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.selfmetrics import KernelStats
 
@@ -88,3 +88,41 @@ def test_counts_that_found_the_kernel_map_full_go_to_overflow_series():
                {**over, "qtype": "overflow", "transport": "overflow"}) == 7
     assert get("ebpf_net_dns_responses_total",
                {**over, "qtype": "overflow", "rcode": "ServFail", "transport": "overflow"}) == 4
+
+
+def wire(name: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+
+
+def test_wire_names_decode_and_bad_ones_do_not():
+    assert decode_name(wire("Api.Example.COM") + b"\xff\xff") == "api.example.com"
+    assert decode_name(b"\0") == ""
+    assert decode_name(wire("a.example.com")[:-1]) is None          # cut short, no final zero
+    assert decode_name(b"\x03abc\xc0\x0c") is None                  # compression pointer
+    assert decode_name(b"\x09abc") is None                           # label past the end
+
+
+def test_query_label_keeps_allowlisted_names_only():
+    label = QueryLabel(["*.svc.cluster.local", "api.example.com."])
+    assert label(wire("web.shop.svc.cluster.local")) == "web.shop.svc.cluster.local"
+    assert label(wire("API.example.com")) == "api.example.com"
+    assert label(wire("example.com")) == "other"
+    assert label(wire("svc.cluster.local")) == "other"
+    assert label(wire("x.svc.cluster.local")[:10]) == "other"       # truncated in the kernel
+
+
+def test_the_query_label_on_requests_responses_and_timeouts():
+    name = np.zeros(dnsmod.NAME_CAPTURE, dtype=np.uint8)
+    raw = wire("web.shop.svc.cluster.local")
+    name[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    batch = dns_batch([{**ENDS, "kind": dnsmod.REQUEST, "count": 2}], named=True,
+                      timeouts=[timeout("10.0.0.1", "10.0.0.53", name=raw)])
+    batch.keys["name"][0] = name
+    collector = DnsCollector(QueueSource([batch], dns_batch([], named=True)),
+                             EndpointLabels(["ip", "port"]), PortFolder(32768), KernelStats(),
+                             100, 300, query_label=QueryLabel(["*.svc.cluster.local"]))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    labels = {**PAIR, "qtype": "A", "transport": "udp", "query": "web.shop.svc.cluster.local"}
+    assert registry.get_sample_value("ebpf_net_dns_requests_total", labels) == 2
+    assert registry.get_sample_value("ebpf_net_dns_timeouts_total", labels) == 1
