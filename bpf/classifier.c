@@ -4,7 +4,11 @@
  * Counting once per node: a packet forwarded between two monitored interfaces
  * (pod A -> veth A -> routing/bridge -> veth B -> pod B) is seen on ingress of veth A and on
  * egress of veth B. It is counted on ingress; on egress, a packet whose ingress_ifindex is a
- * monitored interface was already counted and is skipped. */
+ * monitored interface was already counted and is skipped.
+ *
+ * Protocol parsers run as tail calls (parse_dns, parse_http), each a program of its own that the
+ * verifier checks on its own: in one program the paths of flows, DNS and HTTP multiply past
+ * the verifier's limit. The classifier leaves the parsed headers in packet_scratch for them. */
 #include <uapi/linux/pkt_cls.h>
 #include "common.h"
 
@@ -12,13 +16,16 @@
 #define FAILURE_FLOWS 0
 #define FAILURE_DNS_EVENTS 1
 #define FAILURE_DNS_PENDING 2
-#define FAILURE_COUNT 3
+#define FAILURE_HTTP_EVENTS 3
+#define FAILURE_HTTP_CONNS 4
+#define FAILURE_COUNT 5
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 
 /* Indexes of parse_errors (named in exporter/classifier.py). */
 #define PARSE_ERROR_IP 0
 #define PARSE_ERROR_DNS 1
-#define PARSE_ERROR_COUNT 2
+#define PARSE_ERROR_HTTP 2
+#define PARSE_ERROR_COUNT 3
 BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
 
 /* Each collector drains its own maps under its own generation (see common.h): one that two
@@ -48,13 +55,22 @@ struct iface_info {
 BPF_HASH(monitored_ifaces, u32, struct iface_info, 16384);
 
 #include "packet.h"
-/* each part is compiled in only when its collector is on: -DWITH_FLOWS, -DWITH_DNS */
+/* each part is compiled in only when its collector is on: -DWITH_FLOWS, -DWITH_DNS, -DWITH_HTTP */
 #ifdef WITH_FLOWS
 #include "flows.h"
 #endif
 #ifdef WITH_DNS
 #include "dns.h"
 #endif
+#ifdef WITH_HTTP
+#include "http.h"
+#endif
+
+/* indexes of parsers, filled by user space with the parse_* programs */
+#define PARSER_DNS 0
+#define PARSER_HTTP 1
+BPF_PROG_ARRAY(parsers, 2);
+BPF_PERCPU_ARRAY(packet_scratch, struct packet, 1);
 
 static __always_inline int classify(struct __sk_buff *skb, int egress)
 {
@@ -77,13 +93,28 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
         return TC_ACT_UNSPEC;
     }
 
-#ifdef WITH_FLOWS
     u32 zero = 0;
+#ifdef WITH_FLOWS
     u32 *gen = flow_generation.lookup(&zero);
     account_flow(skb, &pkt, gen ? *gen : 0);
 #endif
+    if (!pkt.has_ports)
+        return TC_ACT_UNSPEC;
+    struct packet *shared = packet_scratch.lookup(&zero);
+    if (!shared)
+        return TC_ACT_UNSPEC;
+    __builtin_memcpy(shared, &pkt, sizeof(pkt));
+    /* a tail call does not return when it happens; when it does not (no such parser), the
+     * next line runs */
 #ifdef WITH_DNS
-    account_dns(skb, &pkt);
+    if (DNS_PORT(pkt.sport) || DNS_PORT(pkt.dport)) {
+        parsers.call(skb, PARSER_DNS);
+        return TC_ACT_UNSPEC;
+    }
+#endif
+#ifdef WITH_HTTP
+    if (pkt.protocol == IPPROTO_TCP)
+        parsers.call(skb, PARSER_HTTP);
 #endif
     return TC_ACT_UNSPEC;
 }
@@ -97,3 +128,25 @@ int classify_egress(struct __sk_buff *skb)
 {
     return classify(skb, 1);
 }
+
+#ifdef WITH_DNS
+int parse_dns(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct packet *pkt = packet_scratch.lookup(&zero);
+    if (pkt)
+        account_dns(skb, pkt);
+    return TC_ACT_UNSPEC;
+}
+#endif
+
+#ifdef WITH_HTTP
+int parse_http(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct packet *pkt = packet_scratch.lookup(&zero);
+    if (pkt)
+        account_http(skb, pkt);
+    return TC_ACT_UNSPEC;
+}
+#endif

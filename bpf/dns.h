@@ -53,7 +53,7 @@
 /* TCP DNS connections followed at once (LRU: the oldest is forgotten first). */
 #define DNS_TCP_STREAMS 4096
 /* With the opt-in `query` label (-DDNS_QUERY_NAMES) the question name is kept, in wire format,
- * up to this many bytes; user space labels longer names `other`. */
+ * up to this many bytes (copy_bytes_128); user space labels longer names `other`. */
 #define DNS_NAME_CAPTURE 128
 
 struct dns_pending_key {
@@ -195,29 +195,6 @@ static __always_inline int dns_parse_message(struct __sk_buff *skb, u32 off, u32
     return DNS_OK;
 }
 
-#ifdef DNS_QUERY_NAMES
-/* Copies `len` (<= DNS_NAME_CAPTURE) bytes of the question name into dst: 8 bytes at a time,
- * then byte by byte. Fixed-size loads keep the verifier's work small; one load of a variable
- * length made it follow every possible length through the rest of the program. */
-static __always_inline void dns_copy_name(struct __sk_buff *skb, u32 off, u32 len, u8 *dst)
-{
-    u32 done = 0;
-#pragma clang loop unroll(disable)
-    for (int i = 0; i < DNS_NAME_CAPTURE / 8; i++) {
-        if (done + 8 > len)
-            break;
-        bpf_skb_load_bytes(skb, off + done, dst + (done & (DNS_NAME_CAPTURE - 8)), 8);
-        done += 8;
-    }
-#pragma clang loop unroll(disable)
-    for (int i = 0; i < 7; i++) {
-        if (done >= len)
-            break;
-        bpf_skb_load_bytes(skb, off + done, dst + (done & (DNS_NAME_CAPTURE - 1)), 1);
-        done += 1;
-    }
-}
-#endif
 
 static __always_inline void dns_count(struct dns_key *key, u64 val)
 {
@@ -289,7 +266,7 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
         value->queried_ns = bpf_ktime_get_ns();
         value->qtype = msg->qtype;
 #ifdef DNS_QUERY_NAMES
-        dns_copy_name(skb, msg->name_off, captured, value->name);
+        copy_bytes_128(skb, msg->name_off, captured, value->name);
         __builtin_memcpy(key->name, value->name, DNS_NAME_CAPTURE);
 #endif
         /* a retransmitted query keeps the first one's time (EEXIST); E2BIG: map full */
@@ -384,8 +361,6 @@ static __always_inline void dns_tcp(struct __sk_buff *skb, const struct packet *
 
 static __always_inline void account_dns(struct __sk_buff *skb, const struct packet *pkt)
 {
-    if (!pkt->has_ports || !(DNS_PORT(pkt->sport) || DNS_PORT(pkt->dport)))
-        return;
     u32 zero = 0;
     u32 *gen = dns_generation.lookup(&zero);
     u32 generation = gen ? *gen : 0;

@@ -150,6 +150,28 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
     return parse_l4(skb, pkt);
 }
 
+/* Copies `len` (<= 128) bytes of the packet at `off` into dst (128 bytes, in a map value): 8
+ * bytes at a time, then byte by byte. Fixed-size loads keep the verifier's work small; one load
+ * of a variable length made it follow every possible length through the rest of the program. */
+static __always_inline void copy_bytes_128(struct __sk_buff *skb, u32 off, u32 len, u8 *dst)
+{
+    u32 done = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < 16; i++) {
+        if (done + 8 > len)
+            break;
+        bpf_skb_load_bytes(skb, off + done, dst + (done & 120), 8);
+        done += 8;
+    }
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < 7; i++) {
+        if (done >= len)
+            break;
+        bpf_skb_load_bytes(skb, off + done, dst + (done & 127), 1);
+        done += 1;
+    }
+}
+
 /* Fills pkt from the packet in skb. `iface_flags` says whether frames carry Ethernet headers. */
 static __always_inline int parse_packet(struct __sk_buff *skb, u32 iface_flags, struct packet *pkt)
 {

@@ -14,6 +14,7 @@ from prometheus_client.process_collector import ProcessCollector
 from . import __version__, classifier, environment, logs
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
+from .collectors.http import HttpCollector, KernelHttpSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config
 from .dnsnames import QueryLabel
@@ -57,7 +58,7 @@ class Exporter:
         self.stats = KernelStats()
         self.programs: list[Program] = []
         self.monitor: InterfaceMonitor | None = None
-        self.dns: DnsCollector | None = None
+        self.sweeping: list[DnsCollector | HttpCollector] = []   # collectors with a sweep thread
         self.web: WebServer | None = None
         self._ready = threading.Event()
 
@@ -90,8 +91,7 @@ class Exporter:
         reporters = []
         if classifier.wanted(config):
             program = self._program("classifier", "classifier.c", classifier.cflags(config))
-            ingress = program.load_tc("classify_ingress")
-            egress = program.load_tc("classify_egress")
+            ingress, egress = classifier.load(program, config)
             reporters.append(classifier.ClassifierCounters(program).report)
             series = (self.stats, config.series.max_per_metric, config.series.ttl)
             if config.collectors.flows:
@@ -99,10 +99,16 @@ class Exporter:
                                                  *series))
             if config.collectors.dns:
                 names = config.dns.query_names
-                self.dns = DnsCollector(
+                dns = DnsCollector(
                     KernelDnsSource(program, config.dns.timeout, query_names=bool(names)),
                     endpoints, ports, *series, query_label=QueryLabel(names) if names else None)
-                collectors.append(self.dns)
+                collectors.append(dns)
+                self.sweeping.append(dns)
+            if config.collectors.http:
+                http = HttpCollector(KernelHttpSource(program, config.http.idle_timeout),
+                                     endpoints, ports, *series)
+                collectors.append(http)
+                self.sweeping.append(http)
             self.monitor = self._monitor(program, ingress.fd, egress.fd)
 
         self.registry.register(ExporterCollector(
@@ -112,8 +118,8 @@ class Exporter:
 
         if self.monitor:
             self.monitor.start()
-        if self.dns:
-            self.dns.start()
+        for collector in self.sweeping:
+            collector.start()
         self._ready.set()
         log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
                                  "ephemeral_floor": floor})
@@ -155,8 +161,8 @@ class Exporter:
 
     def stop(self) -> None:
         self._ready.clear()
-        if self.dns:
-            self.dns.stop()
+        for collector in self.sweeping:
+            collector.stop()
         if self.monitor:
             self.monitor.stop()
             log.info("detached from every interface")

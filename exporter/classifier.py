@@ -3,7 +3,9 @@ counters it keeps for every part (parse errors, failed map updates)."""
 
 from __future__ import annotations
 
+import ctypes
 import threading
+from typing import Any
 
 from .config import Config
 from .loader import Program
@@ -11,8 +13,10 @@ from .maps import CounterArray
 from .selfmetrics import KernelStats
 
 # indexes of map_update_failures and parse_errors in bpf/classifier.c
-FAILURE_MAPS = ["flows", "dns_events", "dns_pending"]
-PARSE_ERROR_PROTOCOLS = ["ip", "dns"]
+FAILURE_MAPS = ["flows", "dns_events", "dns_pending", "http_events", "http_conns"]
+PARSE_ERROR_PROTOCOLS = ["ip", "dns", "http"]
+# indexes of the parsers tail-call array
+PARSERS = {"dns": 0, "http": 1}
 
 
 def cflags(config: Config) -> list[str]:
@@ -26,11 +30,30 @@ def cflags(config: Config) -> list[str]:
         flags += ["-DWITH_DNS", f"-DDNS_PORT(p)=({ports})"]
         if config.dns.query_names:
             flags.append("-DDNS_QUERY_NAMES")
+    if config.collectors.http:
+        flags += ["-DWITH_HTTP", f"-DHTTP_CONN_CAPACITY={config.maps.http_conn_capacity}",
+                  f"-DHTTP_EVENT_CAPACITY={config.maps.http_event_capacity}"]
+        if config.http.ports:
+            ports = "||".join(f"(p)=={port}" for port in config.http.ports)
+            flags.append(f"-DHTTP_PORT(p)=({ports})")
     return flags
 
 
 def wanted(config: Config) -> bool:
-    return config.collectors.flows or config.collectors.dns
+    return config.collectors.flows or config.collectors.dns or config.collectors.http
+
+
+def load(program: Program, config: Config) -> tuple[Any, Any]:
+    """Loads the TC entry points and the protocol parsers they tail-call; returns the
+    ingress and egress functions."""
+    ingress = program.load_tc("classify_ingress")
+    egress = program.load_tc("classify_egress")
+    parsers = program.table("parsers")
+    for name, index in PARSERS.items():
+        if getattr(config.collectors, name):
+            parser = program.load_tc(f"parse_{name}")
+            parsers[ctypes.c_int(index)] = ctypes.c_int(parser.fd)
+    return ingress, egress
 
 
 class ClassifierCounters:

@@ -209,6 +209,7 @@ class CollectorsConfig:
     flows: bool = _spec(parse_bool)
     tcp: bool = _spec(parse_bool)
     dns: bool = _spec(parse_bool)
+    http: bool = _spec(parse_bool)
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,8 @@ class MapsConfig:
     tcp_socket_capacity: int = _spec(parse_capacity)
     dns_pending_capacity: int = _spec(parse_capacity)
     dns_event_capacity: int = _spec(parse_capacity)
+    http_conn_capacity: int = _spec(parse_capacity)
+    http_event_capacity: int = _spec(parse_capacity)
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,12 @@ class DnsConfig:
     ports: tuple[int, ...] = _spec(list_of(parse_port, min_items=1))
     timeout: float = _spec(parse_duration)
     query_names: tuple[str, ...] = _spec(list_of(parse_glob))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    ports: tuple[int, ...] = _spec(list_of(parse_port))
+    idle_timeout: float = _spec(parse_duration)
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,7 @@ class Config:
     maps: MapsConfig
     tcp: TcpConfig
     dns: DnsConfig
+    http: HttpConfig
     log: LogConfig
 
 

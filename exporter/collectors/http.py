@@ -1,0 +1,240 @@
+"""HTTP/1.x metrics from the classifier's HTTP parser (bpf/http.h): requests by method and
+status code, and the time from a request's first byte to its response's first byte as a
+kernel log2 histogram. src is the client; dst is the server, with its port.
+
+Connections whose end the kernel never saw are swept after http.idle_timeout: the sweep
+deletes key by key and counts a connection's unanswered requests (status_code="none") only
+when its delete succeeds; the kernel does the same when the connection ends, so each request
+is counted once."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+from .. import histogram, logs
+from ..cardinality import SeriesStore
+from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
+from ..httpnames import method_name, status_label
+from ..maps import BatchMap, CounterArray, Generation
+from ..selfmetrics import KernelStats
+
+log = logs.get("http")
+
+PIPELINE = 8        # HTTP_PIPELINE in bpf/http.h
+HTTP_KEY = np.dtype({
+    "names": ["generation", "kind", "method", "status", "variant", "family", "server_port",
+              "client", "server"],
+    "formats": ["<u4", "u1", "u1", "<u2", "<u2", "u1", "<u2", ("u1", 16), ("u1", 16)],
+    "offsets": [0, 4, 5, 6, 8, 10, 12, 16, 32],
+    "itemsize": 48,
+})
+CONN_KEY = np.dtype({
+    "names": ["family", "client_port", "server_port", "client", "server"],
+    "formats": ["u1", "<u2", "<u2", ("u1", 16), ("u1", 16)],
+    "offsets": [0, 2, 4, 8, 24],
+    "itemsize": 40,
+})
+CONN = np.dtype({
+    "names": ["requested_ns", "method", "requested", "answered", "pipelined", "last_seen_ns"],
+    "formats": [("<u8", PIPELINE), ("u1", PIPELINE), "<u4", "<u4", "<u4", "<u8"],
+    "offsets": [0, 64, 72, 76, 80, 88],
+    "itemsize": 96,
+})
+COUNT = np.dtype("<u8")
+REQUEST, LATENCY = 0, 1
+STATUS_NONE = 0
+SWEEP_SECONDS = 5.0
+
+
+@dataclass
+class Unanswered:
+    """Requests of a connection swept as idle: no response will be counted for them."""
+    family: int
+    client: bytes
+    server: bytes
+    server_port: int
+    methods: list[int]
+
+
+@dataclass
+class HttpBatch:
+    keys: np.ndarray
+    counts: np.ndarray
+    unanswered: list[Unanswered] = field(default_factory=list)
+    overflow: np.ndarray = field(default_factory=lambda: np.zeros(16, dtype=np.uint64))
+    entries: int = 0
+    capacity: int = 0
+    conns: int = 0
+    conn_capacity: int = 0
+
+
+def idle(last_seen_ns: np.ndarray, now_ns: int, idle_ns: int) -> np.ndarray:
+    """Rows of connections not seen for longer than the idle timeout."""
+    return np.flatnonzero(last_seen_ns < now_ns - idle_ns)
+
+
+def queued_methods(conn: np.void) -> list[int]:
+    """Methods of the requests a connection still waits a response for, oldest first."""
+    answered, requested = int(conn["answered"]), int(conn["requested"])
+    return [int(conn["method"][i % PIPELINE]) for i in range(answered, requested)]
+
+
+class KernelHttpSource:
+    def __init__(self, program: object, idle_seconds: float) -> None:
+        from bcc import libbcc
+
+        table = program.table  # type: ignore[attr-defined]
+        self._lib = libbcc.lib
+        self.generation = Generation(table("http_generation"))
+        self.events = BatchMap("http_events", table("http_events"), HTTP_KEY, COUNT,
+                               per_cpu=True)
+        self.conns = BatchMap("http_conns", table("http_conns"), CONN_KEY, CONN, per_cpu=False)
+        self.overflow = CounterArray("http_overflow", table("http_overflow"))
+        self.idle_ns = int(idle_seconds * 1e9)
+        self._unanswered: list[Unanswered] = []
+        self._conn_entries = 0
+        self._lock = threading.Lock()
+
+    def sweep(self) -> None:
+        snapshot = self.conns.read()
+        swept = []
+        # bpf_ktime_get_ns() and time.monotonic_ns() are both CLOCK_MONOTONIC
+        for row in idle(snapshot.values["last_seen_ns"], time.monotonic_ns(), self.idle_ns):
+            raw = snapshot.raw_keys[row].tobytes()
+            if self._lib.bpf_delete_elem(self.conns.fd, ctypes.c_char_p(raw)) != 0:
+                continue        # the connection ended meanwhile: the kernel counted it
+            key, conn = snapshot.keys[row], snapshot.values[row]
+            methods = queued_methods(conn)
+            if methods:
+                swept.append(Unanswered(int(key["family"]), key["client"].tobytes(),
+                                        key["server"].tobytes(), int(key["server_port"]),
+                                        methods))
+        with self._lock:
+            self._unanswered += swept
+            self._conn_entries = len(snapshot.raw_keys)
+
+    def drain(self) -> HttpBatch:
+        self.sweep()
+        drained, entries = self.events.drain(self.generation.flip())
+        with self._lock:
+            unanswered, self._unanswered = self._unanswered, []
+            conns = self._conn_entries
+        return HttpBatch(drained.keys, drained.values.sum(axis=1, dtype=np.uint64), unanswered,
+                         self.overflow.read_deltas(), entries, self.events.capacity, conns,
+                         self.conns.capacity)
+
+
+class HttpCollector:
+    name = "http"
+
+    def __init__(self, source: KernelHttpSource | object, endpoints: EndpointLabels,
+                 ports: PortFolder, stats: KernelStats, max_series: int,
+                 ttl_seconds: float) -> None:
+        self.source = source
+        self.endpoints = endpoints
+        self.ports = ports
+        self.stats = stats
+        self.pair_names = endpoints.label_names("src", with_port=False) + \
+            endpoints.label_names("dst")
+        labels = [*self.pair_names, "method", "status_code"]
+        self._requests = SeriesStore("ebpf_net_http_requests_total", labels, self.pair_names,
+                                     max_series, ttl_seconds)
+        self._duration = SeriesStore("ebpf_net_http_request_duration_seconds", labels,
+                                     self.pair_names, max_series, ttl_seconds,
+                                     width=histogram.WIDTH)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    def stores(self) -> Sequence[SeriesStore]:
+        return (self._requests, self._duration)
+
+    def start(self) -> None:
+        sweep = getattr(self.source, "sweep", None)
+        if sweep is None:
+            return
+
+        def run() -> None:
+            while not self._stop.wait(SWEEP_SECONDS):
+                try:
+                    sweep()
+                except Exception as e:   # keep sweeping; the scrape reports failures
+                    log.warning("idle sweep failed", extra={"error": str(e)})
+
+        self._sweeper = threading.Thread(target=run, name="http-sweep", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sweeper:
+            self._sweeper.join(timeout=5)
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        with self._lock:
+            self._fold(self.source.drain())  # type: ignore[attr-defined]
+            for store in self.stores():
+                store.expire()
+            return self._families()
+
+    def _pair(self, family: int, client: bytes, server: bytes, port: int) -> tuple[str, ...]:
+        server_text = address_text(family, server)
+        self.ports.learn_server(server_text, port)
+        return (self.endpoints.values(address_text(family, client), None)
+                + self.endpoints.values(server_text, str(port)))
+
+    def _fold(self, batch: HttpBatch) -> None:
+        requests: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        duration: defaultdict[tuple[str, ...], list[float]] = defaultdict(
+            lambda: [0.0] * histogram.WIDTH)
+        for key, count in zip(batch.keys, batch.counts, strict=True):
+            labels = (*self._pair(int(key["family"]), key["client"].tobytes(),
+                                  key["server"].tobytes(), int(key["server_port"])),
+                      method_name(key["method"]), status_label(key["status"]))
+            if int(key["kind"]) == REQUEST:
+                requests[labels] += float(count)
+            else:
+                index = histogram.index_of(int(key["variant"]))
+                if index is not None:
+                    duration[labels][index] += float(count)
+        for conn in batch.unanswered:
+            pair = self._pair(conn.family, conn.client, conn.server, conn.server_port)
+            for method in conn.methods:
+                requests[(*pair, method_name(method), status_label(STATUS_NONE))] += 1
+        overflow_pair = (OVERFLOW,) * len(self.pair_names)
+        for method in np.flatnonzero(batch.overflow):
+            requests[(*overflow_pair, method_name(method), OVERFLOW)] += \
+                float(batch.overflow[method])
+
+        for labels, value in requests.items():
+            self._requests.add(labels, (value,))
+        for labels, slots in duration.items():
+            self._duration.add(labels, slots)
+        self.stats.record_map("http_events", batch.entries, batch.capacity)
+        self.stats.record_map("http_conns", batch.conns, batch.conn_capacity)
+
+    def _families(self) -> list[CounterMetricFamily]:
+        labels = list(self._requests.label_names)
+        requests = CounterMetricFamily(
+            "ebpf_net_http_requests", "HTTP/1.x requests by method and response status code "
+            "(none: the connection ended first; pipelined: past the pipelining depth; "
+            "untracked: the connection map was full).", labels=labels)
+        duration = HistogramMetricFamily(
+            "ebpf_net_http_request_duration_seconds", "Time from an HTTP request's first byte "
+            "to its response's first byte, measured in the kernel.", labels=labels)
+        for series_labels, (value,) in self._requests.items():
+            requests.add_metric(series_labels, value)
+        for series_labels, series in self._duration.items():
+            buckets, total = histogram.buckets(series)
+            duration.add_metric(series_labels, buckets, total)
+        return [requests, duration]
