@@ -14,6 +14,10 @@
  * still queued are counted with status "none". Connections whose end is never seen are swept by
  * user space after http.idle_timeout.
  *
+ * A retransmitted segment (TCP resends a request after a tail-loss probe, say) is recognised by
+ * its sequence number, which lies before the end of the last request (or response) segment seen
+ * on the connection, and not counted again.
+ *
  * Segments that start like HTTP but do not hold together (a request line cut before its end, an
  * unknown version, a bad status code) and responses with no request queued are counted in
  * parse_errors[PARSE_ERROR_HTTP]. */
@@ -78,9 +82,26 @@ struct http_conn {
     u32 requested;                      /* requests queued so far (slot: requested % PIPELINE) */
     u32 answered;                       /* of them, answered so far */
     u32 pipelined;                      /* responses still owed to requests counted pipelined */
-    u32 pad;
+    u32 seen;                           /* HTTP_SEEN_*: which *_seq_end below are set */
+    u32 client_seq_end;                 /* sequence number after the last request segment */
+    u32 server_seq_end;                 /* ... and after the last response segment */
     u64 last_seen_ns;
 };
+
+#define HTTP_SEEN_CLIENT 1
+#define HTTP_SEEN_SERVER 2
+
+/* Whether a segment [seq, seq + len) starts before the end of the last one seen (so it is a
+ * retransmission); remembers its end otherwise. Compared modulo 2^32, as TCP does. */
+static __always_inline int http_retransmitted(u32 *seen, u32 flag, u32 *seq_end, u32 seq,
+                                              u32 len)
+{
+    if ((*seen & flag) && (s32)(seq - *seq_end) < 0)
+        return 1;
+    *seen |= flag;
+    *seq_end = seq + len;
+    return 0;
+}
 
 struct http_key {
     u32 generation;
@@ -315,7 +336,7 @@ static __always_inline void http_flush(struct http_scratch *s, struct http_conn_
 }
 
 static __always_inline void http_request(struct http_scratch *s, const struct packet *pkt,
-                                         u8 method, u64 now)
+                                         u8 method, u64 now, u32 len)
 {
     struct http_conn_key ck = {};
     http_conn_key_of(&ck, pkt, 1);
@@ -331,6 +352,9 @@ static __always_inline void http_request(struct http_scratch *s, const struct pa
         }
     }
     conn->last_seen_ns = now;
+    if (http_retransmitted(&conn->seen, HTTP_SEEN_CLIENT, &conn->client_seq_end, pkt->tcp_seq,
+                           len))
+        return;
     if (conn->pipelined || conn->requested - conn->answered >= HTTP_PIPELINE) {
         conn->pipelined += 1;
         http_count_request(&s->key, method, HTTP_STATUS_PIPELINED);
@@ -343,7 +367,7 @@ static __always_inline void http_request(struct http_scratch *s, const struct pa
 }
 
 static __always_inline void http_response(struct http_scratch *s, const struct packet *pkt,
-                                          u16 status, u64 now)
+                                          u16 status, u64 now, u32 len)
 {
     struct http_conn_key ck = {};
     http_conn_key_of(&ck, pkt, 0);
@@ -355,6 +379,9 @@ static __always_inline void http_response(struct http_scratch *s, const struct p
         return;
     }
     conn->last_seen_ns = now;
+    if (http_retransmitted(&conn->seen, HTTP_SEEN_SERVER, &conn->server_seq_end, pkt->tcp_seq,
+                           len))
+        return;
     if (conn->answered == conn->requested) {
         if (conn->pipelined)
             conn->pipelined -= 1;               /* its request was counted as pipelined */
@@ -415,9 +442,9 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
                 http_conn_key_of(&ck, pkt, kind == HTTP_REQUEST);
                 http_key_of(&s->key, &ck, gen ? *gen : 0);
                 if (kind == HTTP_REQUEST)
-                    http_request(s, pkt, method, now);
+                    http_request(s, pkt, method, now, avail);
                 else
-                    http_response(s, pkt, status, now);
+                    http_response(s, pkt, status, now, avail);
             }
         }
     }

@@ -45,8 +45,8 @@ CONN_KEY = np.dtype({
 CONN = np.dtype({
     "names": ["requested_ns", "method", "requested", "answered", "pipelined", "last_seen_ns"],
     "formats": [("<u8", PIPELINE), ("u1", PIPELINE), "<u4", "<u4", "<u4", "<u8"],
-    "offsets": [0, 64, 72, 76, 80, 88],
-    "itemsize": 96,
+    "offsets": [0, 64, 72, 76, 80, 96],
+    "itemsize": 104,
 })
 COUNT = np.dtype("<u8")
 REQUEST, LATENCY = 0, 1

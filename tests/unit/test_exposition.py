@@ -13,15 +13,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter import histogram
 from exporter.collectors import dns as dnsmod
+from exporter.collectors import http as httpmod
 from exporter.collectors import tcp as tcpmod
 from exporter.collectors.dns import DnsCollector
 from exporter.collectors.flows import FlowsCollector
+from exporter.collectors.http import HttpCollector
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
 from .batches import QueueSource, dns_batch, flow_batch, tcp_batch, timeout
+from .test_http import http_batch
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden.prom"
 
@@ -55,6 +58,16 @@ DNS = [
     {**DNS_ENDS, "kind": dnsmod.LATENCY, "rcode": 0, "variant": histogram.SUM_SLOT,
      "count": 2900},
 ]
+HTTP = [
+    {"client": "10.1.0.5", "server": "10.1.1.7", "port": 8080, "kind": httpmod.REQUEST,
+     "method": 1, "status": 200, "count": 3},
+    {"client": "10.1.0.5", "server": "10.1.1.7", "port": 8080, "kind": httpmod.REQUEST,
+     "method": 3, "status": 0, "count": 1},
+    {"client": "10.1.0.5", "server": "10.1.1.7", "port": 8080, "kind": httpmod.LATENCY,
+     "method": 1, "status": 200, "variant": histogram.slot_of(1200), "count": 3},
+    {"client": "10.1.0.5", "server": "10.1.1.7", "port": 8080, "kind": httpmod.LATENCY,
+     "method": 1, "status": 200, "variant": histogram.SUM_SLOT, "count": 3500},
+]
 
 
 def collectors(stats: KernelStats) -> list:
@@ -69,7 +82,10 @@ def collectors(stats: KernelStats) -> list:
                                               entries=5, capacity=16384, pending=0,
                                               pending_capacity=65536)], dns_batch([])),
                        endpoints, ports, stats, 100, 300)
-    return [flows, tcp, dns]
+    http = HttpCollector(QueueSource([http_batch(HTTP, entries=3, capacity=16384, conns=1,
+                                                 conn_capacity=65536)], http_batch([])),
+                         endpoints, ports, stats, 100, 300)
+    return [flows, tcp, dns, http]
 
 
 def test_exposition_matches_the_golden_file():
@@ -91,6 +107,7 @@ def full_exposition() -> str:
     stats.add_failures("flows", 0)
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)
+    stats.add_parse_errors("http", 0)
     return generate_latest(registry).decode()
 
 
@@ -117,7 +134,7 @@ def test_every_self_metric_of_the_spec_is_served_with_per_collector_labels():
     text = full_exposition()
     for name in SELF_METRICS:
         assert f"# TYPE {name} " in text, name
-    for collector in ("flows", "tcp", "dns"):
+    for collector in ("flows", "tcp", "dns", "http"):
         assert f'ebpf_net_exporter_scrape_collector_success{{collector="{collector}"}} 1.0' \
             in text
     assert 'ebpf_net_exporter_bpf_map_capacity{map="tcp_sockets"} 131072.0' in text

@@ -1,0 +1,259 @@
+"""HTTP/1.x metrics against a real server (nginx) and real clients (curl, http.client, raw
+sockets) through a test node."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import struct
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.exporter_process import ExporterProcess, Scrape, wait_until
+from tests.httptools import RawServer, SlowServer
+from tests.testnode import TestNode, in_netns
+
+pytestmark = pytest.mark.kernel
+
+LOCATIONS = {"/ok": 200, "/created": 201, "/empty": 204, "/moved": 301, "/error": 500,
+             "/unavailable": 503}
+SLOW_PORT, PIPELINE_PORT, BAD_STATUS_PORT, SINK_PORT = 8081, 8082, 8083, 8084
+SLOW_SECONDS = 0.3
+
+
+def nginx_config(node: TestNode, root: Path) -> str:
+    returns = "\n".join(f"        location = {path} {{ return {code}; }}"
+                        for path, code in LOCATIONS.items())
+    temp = " ".join(f"{kind}_temp_path {root}/{kind};"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{}}
+http {{
+    access_log off;
+    {temp}
+    large_client_header_buffers 4 32k;
+    server {{
+        listen {node.b_ip}:80;
+        listen [{node.b_ip6}]:80;
+{returns}
+        location / {{ return 404; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def web(node: TestNode) -> Iterator[ExporterProcess]:
+    root = Path(tempfile.mkdtemp(prefix=f"{node.prefix}-nginx-"))
+    (root / "nginx.conf").write_text(nginx_config(node, root))
+    node.spawn(node.b_ns, ["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)])
+    servers = [SlowServer(node.b_ns, node.b_ip, SLOW_PORT, SLOW_SECONDS),
+               SlowServer(node.b_ns, node.b_ip, PIPELINE_PORT, 0.1),
+               RawServer(node.b_ns, node.b_ip, BAD_STATUS_PORT, b"HTTP/1.1 2x0 Bad\r\n\r\n"),
+               RawServer(node.b_ns, node.b_ip, SINK_PORT, None)]
+    wait_until(lambda: node.run(node.a_ns, ["curl", "-s", "-o", "/dev/null", "-w",
+                                            "%{http_code}", f"http://{node.b_ip}/ok"],
+                                check=False).stdout == "200", 10, "nginx")
+    process = ExporterProcess(node)
+    try:
+        yield process.wait_ready()
+    finally:
+        code = process.stop()
+        for server in servers:
+            server.close()
+        assert code == 0, process.log()
+
+
+def curl(node: TestNode, *args: str) -> str:
+    return node.run(node.a_ns, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} ",
+                                *args]).stdout
+
+
+def http_value(scrape: Scrape, metric: str, port: str = "80", server: str | None = None,
+               client: str | None = None, **labels: str) -> float:
+    return scrape.value(f"ebpf_net_http_{metric}", src_ip=client or scrape.client,
+                        dst_ip=server or scrape.server, dst_port=port, **labels)
+
+
+def settle(web: ExporterProcess, node: TestNode, expected: Counter, port: str = "80",
+           server: str | None = None, client: str | None = None) -> Scrape:
+    def done(s: Scrape) -> bool:
+        s.client, s.server = client or node.a_ip, server or node.b_ip  # type: ignore[attr-defined]
+        return all(http_value(s, "requests_total", port, method=m, status_code=c) >= n
+                   for (m, c), n in expected.items())
+
+    return web.wait_for(done, f"{sum(expected.values())} requests")
+
+
+def test_exact_counts_by_method_and_status_from_curl_and_http_client(node: TestNode,
+                                                                     web: ExporterProcess):
+    before = web.scrape()
+    expected: Counter = Counter()
+    base = f"http://{node.b_ip}"
+    for path, code in LOCATIONS.items():                       # one request per connection
+        assert curl(node, base + path).strip() == str(code)
+        expected[("GET", str(code))] += 1
+    assert curl(node, base + "/missing").strip() == "404"
+    expected[("GET", "404")] += 1
+    # several URLs on one keep-alive connection
+    assert curl(node, "-o", "/dev/null", "-o", "/dev/null", base + "/ok", base + "/error",
+                base + "/ok").split() == ["200", "500", "200"]
+    expected[("GET", "200")] += 2
+    expected[("GET", "500")] += 1
+    # POST with a 200 KB body (many segments after the request line), HEAD
+    body = Path(tempfile.mkdtemp()) / "body"
+    body.write_bytes(os.urandom(200_000))
+    assert curl(node, "--data-binary", f"@{body}", base + "/created").strip() == "201"
+    expected[("POST", "201")] += 1
+    assert curl(node, "-I", base + "/ok").strip() == "200"
+    expected[("HEAD", "200")] += 1
+    # Python's http.client: three methods on one connection
+    with in_netns(node.a_ns):
+        conn = http.client.HTTPConnection(node.b_ip, 80, timeout=5)
+        conn.connect()
+    for method, path in (("PUT", "/ok"), ("DELETE", "/missing"), ("OPTIONS", "/ok")):
+        conn.request(method, path)
+        response = conn.getresponse()
+        response.read()
+        expected[(method, str(response.status))] += 1
+    conn.close()
+
+    scrape = settle(web, node, expected)
+    before.client, before.server = node.a_ip, node.b_ip          # type: ignore[attr-defined]
+    for (method, code), count in expected.items():
+        got = http_value(scrape, "requests_total", method=method, status_code=code) - \
+            http_value(before, "requests_total", method=method, status_code=code)
+        assert got == count, (method, code)
+    total = sum(s.value for s in scrape.select("ebpf_net_http_requests_total",
+                                                src_ip=node.a_ip, dst_port="80"))
+    assert total == sum(expected.values()) + sum(
+        s.value for s in before.select("ebpf_net_http_requests_total", src_ip=node.a_ip,
+                                       dst_port="80"))
+    assert scrape.value("ebpf_net_exporter_parse_errors_total", protocol="http") == \
+        before.value("ebpf_net_exporter_parse_errors_total", protocol="http")
+
+
+def test_ipv6_and_a_16_kib_header(node: TestNode, web: ExporterProcess):
+    assert curl(node, "-g", f"http://[{node.b_ip6}]/created").strip() == "201"
+    big = "X-Big: " + "a" * 16384
+    assert curl(node, "-H", big, f"http://{node.b_ip}/empty").strip() == "204"
+    s6 = settle(web, node, Counter({("GET", "201"): 1}), server=node.b_ip6, client=node.a_ip6)
+    assert http_value(s6, "requests_total", method="GET", status_code="201") == 1
+    s4 = settle(web, node, Counter({("GET", "204"): 2}))
+    assert http_value(s4, "requests_total", method="GET", status_code="204") == 2
+
+
+def test_duration_histogram_agrees_with_the_client(node: TestNode, web: ExporterProcess):
+    url = f"http://{node.b_ip}:{SLOW_PORT}/slow"
+    measured = []
+    for _ in range(3):
+        out = node.run(node.a_ns, ["curl", "-s", "-o", "/dev/null", "-w",
+                                   "%{time_pretransfer} %{time_starttransfer}", url]).stdout
+        sent, first_byte = map(float, out.split())
+        measured.append(first_byte - sent)
+    port = str(SLOW_PORT)
+    scrape = settle(web, node, Counter({("GET", "200"): 3}), port=port)
+    labels = {"method": "GET", "status_code": "200"}
+    assert http_value(scrape, "request_duration_seconds_count", port, **labels) == 3
+    assert http_value(scrape, "request_duration_seconds_bucket", port, le="0.262144",
+                      **labels) == 0
+    assert http_value(scrape, "request_duration_seconds_bucket", port, le="0.524288",
+                      **labels) == 3
+    # the kernel times first byte to first byte between the veths; curl from sending to its
+    # first byte received: they agree within 5 ms per request
+    total = http_value(scrape, "request_duration_seconds_sum", port, **labels)
+    assert abs(total - sum(measured)) < 0.015, (total, measured)
+
+
+def test_pipelining_past_the_depth_is_counted_as_pipelined(node: TestNode,
+                                                           web: ExporterProcess):
+    """12 requests sent at once, each in its own segment, to a server answering one every
+    100 ms: the first 8 wait in the connection's queue and pair with their responses; the 4
+    past the depth are counted as pipelined, and the pairing stays in order."""
+    with in_netns(node.a_ns):
+        sock = socket.create_connection((node.b_ip, PIPELINE_PORT), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for i in range(12):
+            sock.sendall(f"GET /p{i} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
+            time.sleep(0.01)
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 12:
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+    finally:
+        sock.close()
+    port = str(PIPELINE_PORT)
+    scrape = settle(web, node, Counter({("GET", "200"): 8, ("GET", "pipelined"): 4}),
+                    port=port)
+    assert http_value(scrape, "requests_total", port, method="GET", status_code="200") == 8
+    assert http_value(scrape, "requests_total", port, method="GET",
+                      status_code="pipelined") == 4
+    assert http_value(scrape, "request_duration_seconds_count", port, method="GET",
+                      status_code="200") == 8
+
+
+def test_a_request_without_response_counts_as_none_when_the_connection_resets(
+        node: TestNode, web: ExporterProcess):
+    with in_netns(node.a_ns):
+        sock = socket.create_connection((node.b_ip, SLOW_PORT), timeout=5)
+    sock.sendall(b"GET /never HTTP/1.1\r\nHost: b\r\n\r\n")
+    time.sleep(0.05)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()                        # a reset, before the server's answer
+    port = str(SLOW_PORT)
+    scrape = settle(web, node, Counter({("GET", "none"): 1}), port=port)
+    assert http_value(scrape, "requests_total", port, method="GET", status_code="none") == 1
+
+
+def test_junk_and_malformed_lines_are_parse_errors_and_nothing_else(node: TestNode,
+                                                                    web: ExporterProcess):
+    before = web.scrape()
+    requests_before = sum(s.value for s in before.select("ebpf_net_http_requests_total")
+                          if s.labels["status_code"] != "none")
+
+    def send(port: int, payload: bytes) -> None:
+        with in_netns(node.a_ns):
+            sock = socket.create_connection((node.b_ip, port), timeout=5)
+        sock.sendall(payload)
+        time.sleep(0.05)
+        sock.close()
+
+    # a non-HTTP stream on port 80 (nginx answers 400 to it: a response to no request seen)
+    send(80, bytes(range(256)) * 400)
+    # lines that start like HTTP and do not hold together, to a server that only reads
+    malformed = [b"GET /index.ht", b"GET /x HTTP/3.0\r\n\r\n", b"POST  HTTP/1.1\r\n\r\n",
+                 b"HTTP/1.1 20", b"HTTP/1.1 abc Nope\r\n\r\n", b"DELETE"]
+    for payload in malformed:
+        send(SINK_PORT, payload)
+    # a valid request answered with a malformed status line
+    send(BAD_STATUS_PORT, b"GET /ok HTTP/1.1\r\nHost: b\r\n\r\n")
+
+    expected_errors = 1 + 5 + 1      # nginx's 400; 5 malformed lines ("DELETE" < 8 bytes is
+    # too short to tell from a body fragment); the bad status line
+    errors_before = before.value("ebpf_net_exporter_parse_errors_total", protocol="http")
+    scrape = web.wait_for(
+        lambda s: s.value("ebpf_net_exporter_parse_errors_total", protocol="http") >=
+        errors_before + expected_errors, "parse errors")
+    assert scrape.value("ebpf_net_exporter_parse_errors_total", protocol="http") == \
+        errors_before + expected_errors
+    requests_after = sum(s.value for s in scrape.select("ebpf_net_http_requests_total")
+                         if s.labels["status_code"] != "none")
+    assert requests_after == requests_before
+    # the request answered with junk got no response: it counts as none when the server closes
+    scrape = web.wait_for(lambda s: s.value("ebpf_net_http_requests_total",
+                                            dst_port=str(BAD_STATUS_PORT),
+                                            status_code="none") == 1, "the unanswered request")
+    assert web.get("/healthz")[0] == 200

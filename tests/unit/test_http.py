@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from exporter import histogram
+from exporter.collectors import http as httpmod
+from exporter.collectors.http import HttpCollector, Unanswered, idle, queued_methods
+from exporter.endpoints import EndpointLabels, PortFolder
+from exporter.httpnames import method_name, status_label
+from exporter.selfmetrics import KernelStats
+
+from .batches import QueueSource, _address
+
+
+@pytest.mark.parametrize("code,name", [(1, "GET"), (2, "HEAD"), (3, "POST"), (4, "PUT"),
+                                       (5, "DELETE"), (6, "PATCH"), (7, "OPTIONS"),
+                                       (8, "CONNECT"), (9, "TRACE"), (10, "other"),
+                                       (0, "other")])
+def test_method_names(code, name):
+    assert method_name(code) == name
+
+
+@pytest.mark.parametrize("code,label", [(200, "200"), (404, "404"), (599, "599"), (0, "none"),
+                                        (1, "pipelined"), (2, "untracked"), (700, "other")])
+def test_status_labels(code, label):
+    assert status_label(code) == label
+
+
+def test_idle_connections_and_their_queued_requests():
+    now = 1_000_000_000_000
+    seen = np.array([now - 301e9, now - 299e9, now - 400e9], dtype=np.uint64)
+    assert idle(seen, now, int(300e9)).tolist() == [0, 2]
+    conn = np.zeros(1, dtype=httpmod.CONN)[0]
+    conn["method"][:] = [1, 3, 4, 5, 1, 1, 1, 1]
+    conn["requested"], conn["answered"] = 10, 7        # slots 7, 0, 1 still wait
+    assert queued_methods(conn) == [1, 1, 3]
+
+
+def http_batch(rows, unanswered=(), **extra):
+    keys = np.zeros(len(rows), dtype=httpmod.HTTP_KEY)
+    counts = np.zeros(len(rows), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        family, client = _address(row.get("client", "10.0.0.1"))
+        _, server = _address(row.get("server", "10.0.0.80"))
+        keys[i]["kind"] = row["kind"]
+        keys[i]["method"] = row["method"]
+        keys[i]["status"] = row["status"]
+        keys[i]["variant"] = row.get("variant", 0)
+        keys[i]["family"] = family
+        keys[i]["server_port"] = row.get("port", 80)
+        keys[i]["client"] = client
+        keys[i]["server"] = server
+        counts[i] = row["count"]
+    return httpmod.HttpBatch(keys, counts, list(unanswered), **extra)
+
+
+def test_requests_durations_unanswered_and_overflow():
+    _, client = _address("10.0.0.1")
+    _, server = _address("10.0.0.80")
+    overflow = np.zeros(16, dtype=np.uint64)
+    overflow[3] = 6                                    # POST requests that found the map full
+    batch = http_batch([
+        {"kind": httpmod.REQUEST, "method": 1, "status": 200, "count": 5},
+        {"kind": httpmod.REQUEST, "method": 1, "status": 1, "count": 2},
+        {"kind": httpmod.LATENCY, "method": 1, "status": 200,
+         "variant": histogram.slot_of(3000), "count": 5},
+        {"kind": httpmod.LATENCY, "method": 1, "status": 200, "variant": histogram.SUM_SLOT,
+         "count": 15000},
+    ], unanswered=[Unanswered(4, client.tobytes(), server.tobytes(), 80, [3, 1])],
+        overflow=overflow)
+    collector = HttpCollector(QueueSource([batch], http_batch([])),
+                              EndpointLabels(["ip", "port"]), PortFolder(32768), KernelStats(),
+                              100, 300)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    pair = {"src_ip": "10.0.0.1", "dst_ip": "10.0.0.80", "dst_port": "80"}
+    get = registry.get_sample_value
+    assert get("ebpf_net_http_requests_total",
+               {**pair, "method": "GET", "status_code": "200"}) == 5
+    assert get("ebpf_net_http_requests_total",
+               {**pair, "method": "GET", "status_code": "pipelined"}) == 2
+    assert get("ebpf_net_http_requests_total",
+               {**pair, "method": "POST", "status_code": "none"}) == 1
+    assert get("ebpf_net_http_requests_total",
+               {**pair, "method": "GET", "status_code": "none"}) == 1
+    over = {"src_ip": "overflow", "dst_ip": "overflow", "dst_port": "overflow"}
+    assert get("ebpf_net_http_requests_total",
+               {**over, "method": "POST", "status_code": "overflow"}) == 6
+    labels = {**pair, "method": "GET", "status_code": "200"}
+    assert get("ebpf_net_http_request_duration_seconds_count", labels) == 5
+    assert get("ebpf_net_http_request_duration_seconds_sum", labels) == pytest.approx(0.015)
+    assert get("ebpf_net_http_request_duration_seconds_bucket", {**labels, "le": "0.004096"}) == 5
