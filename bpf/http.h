@@ -28,6 +28,9 @@
 #include "packet.h"
 
 #define HTTP_PIPELINE 8             /* requests awaiting a response per connection; power of 2 */
+/* With the opt-in `path` label (-DHTTP_PATHS) the first bytes of each request target are kept
+ * with the request; user space cuts, templates and allowlists them. */
+#define HTTP_PATH_CAPTURE 64
 #define HTTP_SCAN 128               /* bytes of a segment examined (copy_bytes_128) */
 
 #define HTTP_METHOD_GET 1
@@ -86,6 +89,11 @@ struct http_conn {
     u32 client_seq_end;                 /* sequence number after the last request segment */
     u32 server_seq_end;                 /* ... and after the last response segment */
     u64 last_seen_ns;
+#ifdef HTTP_PATHS
+    /* each queued request's target at slot * HTTP_PATH_CAPTURE (one dimension: bcc's Python
+     * type for a two-dimensional array has the wrong size) */
+    u8 path[HTTP_PIPELINE * HTTP_PATH_CAPTURE];
+#endif
 };
 
 #define HTTP_SEEN_CLIENT 1
@@ -115,6 +123,9 @@ struct http_key {
     u16 pad2;
     u8 client[16];
     u8 server[16];
+#ifdef HTTP_PATHS
+    u8 path[HTTP_PATH_CAPTURE];
+#endif
 };
 
 struct http_scratch {
@@ -329,15 +340,25 @@ static __always_inline void http_flush(struct http_scratch *s, struct http_conn_
     u32 answered = s->conn.answered;
 #pragma unroll
     for (int i = 0; i < HTTP_PIPELINE; i++) {
-        if (answered + i < s->conn.requested)
-            http_count_request(&s->key, s->conn.method[(answered + i) & (HTTP_PIPELINE - 1)],
-                               HTTP_STATUS_NONE);
+        if (answered + i < s->conn.requested) {
+            u32 slot = (answered + i) & (HTTP_PIPELINE - 1);
+#ifdef HTTP_PATHS
+            __builtin_memcpy(s->key.path, s->conn.path + slot * HTTP_PATH_CAPTURE,
+                             HTTP_PATH_CAPTURE);
+#endif
+            http_count_request(&s->key, s->conn.method[slot], HTTP_STATUS_NONE);
+        }
     }
 }
 
 static __always_inline void http_request(struct http_scratch *s, const struct packet *pkt,
                                          u8 method, u64 now, u32 len)
 {
+#ifdef HTTP_PATHS
+    /* the target follows the method's space (a method token is at most 12 bytes) */
+    u32 target = (*(volatile u32 *)&s->space + 1) & (HTTP_SCAN - HTTP_PATH_CAPTURE - 1);
+    __builtin_memcpy(s->key.path, s->head + target, HTTP_PATH_CAPTURE);
+#endif
     struct http_conn_key ck = {};
     http_conn_key_of(&ck, pkt, 1);
     struct http_conn *conn = http_conns.lookup(&ck);
@@ -363,6 +384,9 @@ static __always_inline void http_request(struct http_scratch *s, const struct pa
     u32 slot = conn->requested & (HTTP_PIPELINE - 1);
     conn->requested_ns[slot] = now;
     conn->method[slot] = method;
+#ifdef HTTP_PATHS
+    __builtin_memcpy(conn->path + slot * HTTP_PATH_CAPTURE, s->key.path, HTTP_PATH_CAPTURE);
+#endif
     conn->requested += 1;
 }
 
@@ -391,6 +415,9 @@ static __always_inline void http_response(struct http_scratch *s, const struct p
     }
     u32 slot = conn->answered & (HTTP_PIPELINE - 1);
     u8 method = conn->method[slot];
+#ifdef HTTP_PATHS
+    __builtin_memcpy(s->key.path, conn->path + slot * HTTP_PATH_CAPTURE, HTTP_PATH_CAPTURE);
+#endif
     u64 latency_us = (now - conn->requested_ns[slot]) / 1000;
     conn->answered += 1;
 

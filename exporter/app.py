@@ -19,6 +19,7 @@ from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config
 from .dnsnames import QueryLabel
 from .endpoints import EndpointLabels, PortFolder, read_ephemeral_floor
+from .httpnames import PathLabel
 from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
 from .loader import Program
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
@@ -105,8 +106,11 @@ class Exporter:
                 collectors.append(dns)
                 self.sweeping.append(dns)
             if config.collectors.http:
-                http = HttpCollector(KernelHttpSource(program, config.http.idle_timeout),
-                                     endpoints, ports, *series)
+                paths = config.http.paths
+                http = HttpCollector(
+                    KernelHttpSource(program, config.http.idle_timeout, paths=bool(paths)),
+                    endpoints, ports, *series,
+                    path_label=PathLabel(paths, config.http.path_max_length) if paths else None)
                 collectors.append(http)
                 self.sweeping.append(http)
             self.monitor = self._monitor(program, ingress.fd, egress.fd)

@@ -33,6 +33,8 @@ def cflags(config: Config) -> list[str]:
     if config.collectors.http:
         flags += ["-DWITH_HTTP", f"-DHTTP_CONN_CAPACITY={config.maps.http_conn_capacity}",
                   f"-DHTTP_EVENT_CAPACITY={config.maps.http_event_capacity}"]
+        if config.http.paths:
+            flags.append("-DHTTP_PATHS")
         if config.http.ports:
             ports = "||".join(f"(p)=={port}" for port in config.http.ports)
             flags.append(f"-DHTTP_PORT(p)=({ports})")

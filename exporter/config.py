@@ -183,6 +183,19 @@ def parse_glob(value: Any) -> str:
     return value.strip()
 
 
+def parse_path_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _fail("a path prefix starting with /", value)
+    return value
+
+
+def parse_path_length(value: Any) -> int:
+    length = parse_positive_int(value)
+    if length > 64:     # HTTP_PATH_CAPTURE in bpf/http.h
+        raise _fail("at most 64 (the bytes of a path the kernel keeps)", value)
+    return length
+
+
 def one_of(*choices: str) -> Parser:
     def parse_choice(value: Any) -> str:
         if not isinstance(value, str) or value.lower() not in choices:
@@ -256,6 +269,8 @@ class DnsConfig:
 class HttpConfig:
     ports: tuple[int, ...] = _spec(list_of(parse_port))
     idle_timeout: float = _spec(parse_duration)
+    paths: tuple[str, ...] = _spec(list_of(parse_path_prefix))
+    path_max_length: int = _spec(parse_path_length)
 
 
 @dataclass(frozen=True)

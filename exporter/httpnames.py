@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
+from cachetools import LRUCache
+
 METHODS = {1: "GET", 2: "HEAD", 3: "POST", 4: "PUT", 5: "DELETE", 6: "PATCH", 7: "OPTIONS",
            8: "CONNECT", 9: "TRACE"}
 # status values below 100 say what happened to a request without a response (bpf/http.h)
@@ -15,3 +20,47 @@ def method_name(code: int) -> str:
 def status_label(code: int) -> str:
     code = int(code)
     return OUTCOMES.get(code, str(code) if 100 <= code <= 599 else "other")
+
+
+OTHER = "other"
+ID = "{id}"
+_NUMBER = re.compile(r"^\d+$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_LONG_HEX = re.compile(r"^[0-9a-fA-F]{16,}$")
+_TARGET_END = re.compile(rb"[ ?#\r\n\x00]")
+
+
+def template(path: str) -> str:
+    """Ids in a path become {id}: numbers, UUIDs, hex strings of 16 or more characters."""
+    return "/".join(ID if _NUMBER.match(p) or _UUID.match(p) or _LONG_HEX.match(p) else p
+                    for p in path.split("/"))
+
+
+class PathLabel:
+    """The opt-in `path` label: the request target up to its query string, ids templated, cut
+    at max_length, kept when it starts with an allowlisted prefix; `other` for the rest."""
+
+    def __init__(self, prefixes: Sequence[str], max_length: int) -> None:
+        self.prefixes = tuple(prefixes)
+        self.max_length = max_length
+        self._cache: LRUCache[bytes, str] = LRUCache(maxsize=65536)
+
+    def __call__(self, captured: bytes) -> str:
+        label = self._cache.get(captured)
+        if label is None:
+            label = self._cache[captured] = self._label(captured)
+        return label
+
+    def _label(self, captured: bytes) -> str:
+        end = _TARGET_END.search(captured)
+        raw = captured[:end.start()] if end else captured
+        try:
+            path = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return OTHER
+        if path.startswith(("http://", "https://")):     # absolute form: keep the path part
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        if not path.startswith("/"):
+            return OTHER
+        path = template(path)[:self.max_length]
+        return path if path.startswith(self.prefixes) else OTHER

@@ -22,20 +22,26 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from .. import histogram, logs
 from ..cardinality import SeriesStore
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
-from ..httpnames import method_name, status_label
+from ..httpnames import PathLabel, method_name, status_label
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
 
 log = logs.get("http")
 
 PIPELINE = 8        # HTTP_PIPELINE in bpf/http.h
-HTTP_KEY = np.dtype({
+PATH_CAPTURE = 64   # HTTP_PATH_CAPTURE
+_KEY_FIELDS = {
     "names": ["generation", "kind", "method", "status", "variant", "family", "server_port",
               "client", "server"],
     "formats": ["<u4", "u1", "u1", "<u2", "<u2", "u1", "<u2", ("u1", 16), ("u1", 16)],
     "offsets": [0, 4, 5, 6, 8, 10, 12, 16, 32],
-    "itemsize": 48,
-})
+}
+HTTP_KEY = np.dtype({**_KEY_FIELDS, "itemsize": 48})
+# with the path label the kernel appends the request target's first bytes
+HTTP_KEY_PATHS = np.dtype({"names": [*_KEY_FIELDS["names"], "path"],
+                           "formats": [*_KEY_FIELDS["formats"], ("u1", PATH_CAPTURE)],
+                           "offsets": [*_KEY_FIELDS["offsets"], 48],
+                           "itemsize": 48 + PATH_CAPTURE})
 CONN_KEY = np.dtype({
     "names": ["family", "client_port", "server_port", "client", "server"],
     "formats": ["u1", "<u2", "<u2", ("u1", 16), ("u1", 16)],
@@ -48,6 +54,11 @@ CONN = np.dtype({
     "offsets": [0, 64, 72, 76, 80, 96],
     "itemsize": 104,
 })
+CONN_PATHS = np.dtype({"names": [*CONN.names, "path"],
+                       "formats": [*(CONN.fields[n][0] for n in CONN.names),
+                                   ("u1", (PIPELINE, PATH_CAPTURE))],
+                       "offsets": [*(CONN.fields[n][1] for n in CONN.names), 104],
+                       "itemsize": 104 + PIPELINE * PATH_CAPTURE})
 COUNT = np.dtype("<u8")
 REQUEST, LATENCY = 0, 1
 STATUS_NONE = 0
@@ -62,6 +73,7 @@ class Unanswered:
     server: bytes
     server_port: int
     methods: list[int]
+    paths: list[bytes] = field(default_factory=list)   # with the path label only
 
 
 @dataclass
@@ -81,22 +93,24 @@ def idle(last_seen_ns: np.ndarray, now_ns: int, idle_ns: int) -> np.ndarray:
     return np.flatnonzero(last_seen_ns < now_ns - idle_ns)
 
 
-def queued_methods(conn: np.void) -> list[int]:
-    """Methods of the requests a connection still waits a response for, oldest first."""
+def queued_slots(conn: np.void) -> list[int]:
+    """Queue slots of the requests a connection still waits a response for, oldest first."""
     answered, requested = int(conn["answered"]), int(conn["requested"])
-    return [int(conn["method"][i % PIPELINE]) for i in range(answered, requested)]
+    return [i % PIPELINE for i in range(answered, requested)]
 
 
 class KernelHttpSource:
-    def __init__(self, program: object, idle_seconds: float) -> None:
+    def __init__(self, program: object, idle_seconds: float, paths: bool = False) -> None:
         from bcc import libbcc
 
         table = program.table  # type: ignore[attr-defined]
         self._lib = libbcc.lib
         self.generation = Generation(table("http_generation"))
-        self.events = BatchMap("http_events", table("http_events"), HTTP_KEY, COUNT,
-                               per_cpu=True)
-        self.conns = BatchMap("http_conns", table("http_conns"), CONN_KEY, CONN, per_cpu=False)
+        self.paths = paths
+        self.events = BatchMap("http_events", table("http_events"),
+                               HTTP_KEY_PATHS if paths else HTTP_KEY, COUNT, per_cpu=True)
+        self.conns = BatchMap("http_conns", table("http_conns"), CONN_KEY,
+                              CONN_PATHS if paths else CONN, per_cpu=False)
         self.overflow = CounterArray("http_overflow", table("http_overflow"))
         self.idle_ns = int(idle_seconds * 1e9)
         self._unanswered: list[Unanswered] = []
@@ -112,11 +126,12 @@ class KernelHttpSource:
             if self._lib.bpf_delete_elem(self.conns.fd, ctypes.c_char_p(raw)) != 0:
                 continue        # the connection ended meanwhile: the kernel counted it
             key, conn = snapshot.keys[row], snapshot.values[row]
-            methods = queued_methods(conn)
-            if methods:
-                swept.append(Unanswered(int(key["family"]), key["client"].tobytes(),
-                                        key["server"].tobytes(), int(key["server_port"]),
-                                        methods))
+            slots = queued_slots(conn)
+            if slots:
+                swept.append(Unanswered(
+                    int(key["family"]), key["client"].tobytes(), key["server"].tobytes(),
+                    int(key["server_port"]), [int(conn["method"][s]) for s in slots],
+                    [conn["path"][s].tobytes() for s in slots] if self.paths else []))
         with self._lock:
             self._unanswered += swept
             self._conn_entries = len(snapshot.raw_keys)
@@ -137,14 +152,16 @@ class HttpCollector:
 
     def __init__(self, source: KernelHttpSource | object, endpoints: EndpointLabels,
                  ports: PortFolder, stats: KernelStats, max_series: int,
-                 ttl_seconds: float) -> None:
+                 ttl_seconds: float, path_label: PathLabel | None = None) -> None:
         self.source = source
+        self.path_label = path_label
         self.endpoints = endpoints
         self.ports = ports
         self.stats = stats
         self.pair_names = endpoints.label_names("src", with_port=False) + \
             endpoints.label_names("dst")
-        labels = [*self.pair_names, "method", "status_code"]
+        labels = [*self.pair_names, "method", "status_code",
+                  *(["path"] if path_label else [])]
         self._requests = SeriesStore("ebpf_net_http_requests_total", labels, self.pair_names,
                                      max_series, ttl_seconds)
         self._duration = SeriesStore("ebpf_net_http_request_duration_seconds", labels,
@@ -193,6 +210,9 @@ class HttpCollector:
         return (self.endpoints.values(address_text(family, client), None)
                 + self.endpoints.values(server_text, str(port)))
 
+    def _path(self, captured: bytes) -> tuple[str, ...]:
+        return (self.path_label(captured),) if self.path_label else ()
+
     def _fold(self, batch: HttpBatch) -> None:
         requests: defaultdict[tuple[str, ...], float] = defaultdict(float)
         duration: defaultdict[tuple[str, ...], list[float]] = defaultdict(
@@ -200,7 +220,8 @@ class HttpCollector:
         for key, count in zip(batch.keys, batch.counts, strict=True):
             labels = (*self._pair(int(key["family"]), key["client"].tobytes(),
                                   key["server"].tobytes(), int(key["server_port"])),
-                      method_name(key["method"]), status_label(key["status"]))
+                      method_name(key["method"]), status_label(key["status"]),
+                      *self._path(key["path"].tobytes() if self.path_label else b""))
             if int(key["kind"]) == REQUEST:
                 requests[labels] += float(count)
             else:
@@ -209,11 +230,14 @@ class HttpCollector:
                     duration[labels][index] += float(count)
         for conn in batch.unanswered:
             pair = self._pair(conn.family, conn.client, conn.server, conn.server_port)
-            for method in conn.methods:
-                requests[(*pair, method_name(method), status_label(STATUS_NONE))] += 1
+            paths = conn.paths or [b""] * len(conn.methods)
+            for method, path in zip(conn.methods, paths, strict=True):
+                requests[(*pair, method_name(method), status_label(STATUS_NONE),
+                          *self._path(path))] += 1
         overflow_pair = (OVERFLOW,) * len(self.pair_names)
+        overflow_path = (OVERFLOW,) if self.path_label else ()
         for method in np.flatnonzero(batch.overflow):
-            requests[(*overflow_pair, method_name(method), OVERFLOW)] += \
+            requests[(*overflow_pair, method_name(method), OVERFLOW, *overflow_path)] += \
                 float(batch.overflow[method])
 
         for labels, value in requests.items():

@@ -47,6 +47,7 @@ http {{
         listen {node.b_ip}:80;
         listen [{node.b_ip6}]:80;
 {returns}
+        location /api/ {{ return 200; }}
         location / {{ return 404; }}
     }}
 }}
@@ -65,7 +66,7 @@ def web(node: TestNode) -> Iterator[ExporterProcess]:
     wait_until(lambda: node.run(node.a_ns, ["curl", "-s", "-o", "/dev/null", "-w",
                                             "%{http_code}", f"http://{node.b_ip}/ok"],
                                 check=False).stdout == "200", 10, "nginx")
-    process = ExporterProcess(node)
+    process = ExporterProcess(node, config={"http": {"paths": ["/api/", "/ok"]}})
     try:
         yield process.wait_ready()
     finally:
@@ -257,3 +258,27 @@ def test_junk_and_malformed_lines_are_parse_errors_and_nothing_else(node: TestNo
                                             dst_port=str(BAD_STATUS_PORT),
                                             status_code="none") == 1, "the unanswered request")
     assert web.get("/healthz")[0] == 200
+
+
+def test_allowlisted_paths_become_the_path_label_with_ids_templated(node: TestNode,
+                                                                   web: ExporterProcess):
+    base = f"http://{node.b_ip}"
+    for path in ("/api/users/123?x=1", "/api/users/456",
+                 "/api/items/550e8400-e29b-41d4-a716-446655440000", "/missing/42"):
+        curl(node, base + path)
+    expected = {"/api/users/{id}": 2, "/api/items/{id}": 1}
+
+    def seen(s: Scrape) -> bool:
+        return all(s.value("ebpf_net_http_requests_total", path=p, dst_ip=node.b_ip) >= n
+                   for p, n in expected.items())
+
+    scrape = web.wait_for(seen, "labelled requests")
+    for path, count in expected.items():
+        assert scrape.value("ebpf_net_http_requests_total", path=path, method="GET",
+                            status_code="200", dst_ip=node.b_ip) == count
+        assert scrape.value("ebpf_net_http_request_duration_seconds_count", path=path,
+                            dst_ip=node.b_ip) == count
+    assert scrape.value("ebpf_net_http_requests_total", path="other", status_code="404",
+                        dst_ip=node.b_ip) >= 1
+    paths = {s.labels["path"] for s in scrape.select("ebpf_net_http_requests_total")}
+    assert all(p == "other" or p.startswith(("/api/", "/ok")) for p in paths), paths

@@ -4,9 +4,9 @@ from prometheus_client import CollectorRegistry
 
 from exporter import histogram
 from exporter.collectors import http as httpmod
-from exporter.collectors.http import HttpCollector, Unanswered, idle, queued_methods
+from exporter.collectors.http import HttpCollector, Unanswered, idle, queued_slots
 from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.httpnames import method_name, status_label
+from exporter.httpnames import PathLabel, method_name, status_label, template
 from exporter.selfmetrics import KernelStats
 
 from .batches import QueueSource, _address
@@ -33,7 +33,7 @@ def test_idle_connections_and_their_queued_requests():
     conn = np.zeros(1, dtype=httpmod.CONN)[0]
     conn["method"][:] = [1, 3, 4, 5, 1, 1, 1, 1]
     conn["requested"], conn["answered"] = 10, 7        # slots 7, 0, 1 still wait
-    assert queued_methods(conn) == [1, 1, 3]
+    assert queued_slots(conn) == [7, 0, 1]
 
 
 def http_batch(rows, unanswered=(), **extra):
@@ -90,3 +90,26 @@ def test_requests_durations_unanswered_and_overflow():
     assert get("ebpf_net_http_request_duration_seconds_count", labels) == 5
     assert get("ebpf_net_http_request_duration_seconds_sum", labels) == pytest.approx(0.015)
     assert get("ebpf_net_http_request_duration_seconds_bucket", {**labels, "le": "0.004096"}) == 5
+
+
+@pytest.mark.parametrize("path,templated", [
+    ("/api/users/123", "/api/users/{id}"),
+    ("/api/items/550e8400-e29b-41d4-a716-446655440000/tags", "/api/items/{id}/tags"),
+    ("/blobs/0123456789abcdef0123", "/blobs/{id}"),
+    ("/v1/cafe", "/v1/cafe"),                     # short hex stays: it may be a word
+    ("/", "/"),
+])
+def test_ids_are_templated(path, templated):
+    assert template(path) == templated
+
+
+def test_path_label_cuts_templates_and_allowlists():
+    label = PathLabel(["/api/", "/health"], max_length=20)
+    assert label(b"/api/users/42?debug=1 HTTP/1.1\r\n") == "/api/users/{id}"
+    assert label(b"/api/orders/7#frag") == "/api/orders/{id}"
+    assert label(b"/api/very/long/path/that/goes/on HTTP") == "/api/very/long/path/"
+    assert label(b"/healthz HTTP/1.1") == "/healthz"
+    assert label(b"/admin HTTP/1.1") == "other"
+    assert label(b"http://example.com/api/x HTTP/1.1") == "/api/x"
+    assert label(b"*") == "other"
+    assert label(b"/api/\xff\xfe") == "other"
