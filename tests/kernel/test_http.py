@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -73,6 +74,9 @@ def web(node: TestNode) -> Iterator[ExporterProcess]:
         code = process.stop()
         for server in servers:
             server.close()
+        node.run(node.b_ns, ["nginx", "-c", str(root / "nginx.conf"), "-p", str(root), "-s",
+                             "stop"], check=False)
+        shutil.rmtree(root, ignore_errors=True)
         assert code == 0, process.log()
 
 
@@ -98,7 +102,8 @@ def settle(web: ExporterProcess, node: TestNode, expected: Counter, port: str = 
 
 
 def test_exact_counts_by_method_and_status_from_curl_and_http_client(node: TestNode,
-                                                                     web: ExporterProcess):
+                                                                     web: ExporterProcess,
+                                                                     tmp_path: Path):
     before = web.scrape()
     expected: Counter = Counter()
     base = f"http://{node.b_ip}"
@@ -113,7 +118,7 @@ def test_exact_counts_by_method_and_status_from_curl_and_http_client(node: TestN
     expected[("GET", "200")] += 2
     expected[("GET", "500")] += 1
     # POST with a 200 KB body (many segments after the request line), HEAD
-    body = Path(tempfile.mkdtemp()) / "body"
+    body = tmp_path / "body"
     body.write_bytes(os.urandom(200_000))
     assert curl(node, "--data-binary", f"@{body}", base + "/created").strip() == "201"
     expected[("POST", "201")] += 1
