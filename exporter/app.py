@@ -12,6 +12,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__, classifier, environment, logs
+from .collectors.base import PairCollector
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.http import HttpCollector, KernelHttpSource
@@ -59,7 +60,7 @@ class Exporter:
         self.stats = KernelStats()
         self.programs: list[Program] = []
         self.monitor: InterfaceMonitor | None = None
-        self.sweeping: list[DnsCollector | HttpCollector] = []   # collectors with a sweep thread
+        self.sweeping: list[PairCollector] = []   # collectors that may sweep in a thread
         self.web: WebServer | None = None
         self._ready = threading.Event()
 

@@ -14,7 +14,7 @@ import ctypes
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,9 +23,10 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from .. import histogram, logs
 from ..cardinality import SeriesStore
 from ..dnsnames import QueryLabel, qtype_name, rcode_name, transport_name
-from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
+from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
+from .base import PairCollector
 
 log = logs.get("dns")
 
@@ -137,76 +138,27 @@ class KernelDnsSource:
                         self.pending.capacity)
 
 
-class DnsCollector:
+class DnsCollector(PairCollector):
     name = "dns"
+    # a burst of unanswered queries must not fill the pending map between scrapes
+    sweep_seconds = SWEEP_SECONDS
 
     def __init__(self, source: KernelDnsSource | object, endpoints: EndpointLabels,
                  ports: PortFolder, stats: KernelStats, max_series: int,
                  ttl_seconds: float, query_label: QueryLabel | None = None) -> None:
-        self.source = source
+        super().__init__(source, endpoints, ports, stats, max_series, ttl_seconds)
         self.query_label = query_label
         query = ["query"] if query_label else []
-        self.endpoints = endpoints
-        self.ports = ports
-        self.stats = stats
-        self.pair_names = endpoints.label_names("src", with_port=False) + \
-            endpoints.label_names("dst")
-        self._pair_width = len(self.pair_names)
-
-        def store(metric: str, extra: list[str], width: int = 1) -> SeriesStore:
-            return SeriesStore(metric, [*self.pair_names, *extra], self.pair_names, max_series,
-                               ttl_seconds, width=width)
-
-        self._requests = store("ebpf_net_dns_requests_total", ["qtype", "transport", *query])
-        self._responses = store("ebpf_net_dns_responses_total",
-                                ["qtype", "rcode", "transport", *query])
-        self._timeouts = store("ebpf_net_dns_timeouts_total", ["qtype", "transport", *query])
-        self._latency = store("ebpf_net_dns_request_duration_seconds", ["rcode"],
-                              width=histogram.WIDTH)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
+        self._requests = self.store("ebpf_net_dns_requests_total", ["qtype", "transport", *query])
+        self._responses = self.store("ebpf_net_dns_responses_total",
+                                     ["qtype", "rcode", "transport", *query])
+        self._timeouts = self.store("ebpf_net_dns_timeouts_total",
+                                    ["qtype", "transport", *query])
+        self._latency = self.store("ebpf_net_dns_request_duration_seconds", ["rcode"],
+                                   width=histogram.WIDTH)
 
     def stores(self) -> Sequence[SeriesStore]:
         return (self._requests, self._responses, self._timeouts, self._latency)
-
-    def start(self) -> None:
-        """Sweeps timed-out queries every second, so a burst of unanswered queries cannot fill
-        the pending map between scrapes."""
-        sweep = getattr(self.source, "sweep", None)
-        if sweep is None:
-            return
-
-        def run() -> None:
-            while not self._stop.wait(SWEEP_SECONDS):
-                try:
-                    sweep()
-                except Exception as e:   # keep sweeping; the scrape reports failures
-                    log.warning("timeout sweep failed", extra={"error": str(e)})
-
-        self._sweeper = threading.Thread(target=run, name="dns-sweep", daemon=True)
-        self._sweeper.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._sweeper:
-            self._sweeper.join(timeout=5)
-
-    def describe(self) -> Iterable[CounterMetricFamily]:
-        return self._families()
-
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        with self._lock:
-            self._fold(self.source.drain())  # type: ignore[attr-defined]
-            for store in self.stores():
-                store.expire()
-            return self._families()
-
-    def _pair(self, family: int, client: bytes, server: bytes, port: int) -> tuple[str, ...]:
-        server_text = address_text(family, server)
-        self.ports.learn_server(server_text, port)
-        return (self.endpoints.values(address_text(family, client), None)
-                + self.endpoints.values(server_text, str(port)))
 
     def _query(self, wire: bytes) -> tuple[str, ...]:
         return (self.query_label(wire),) if self.query_label else ()
@@ -240,7 +192,7 @@ class DnsCollector:
                       *self._query(timeout.name))] += 1
 
         # counts that found dns_events full, by kind and rcode (qtype and transport unknown)
-        overflow_pair = (OVERFLOW,) * self._pair_width
+        overflow_pair = (OVERFLOW,) * len(self.pair_names)
         overflow_query = (OVERFLOW,) if self.query_label else ()
         for index in np.flatnonzero(batch.overflow):
             kind, rcode = divmod(int(index), 16)

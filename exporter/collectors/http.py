@@ -13,7 +13,7 @@ import ctypes
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,10 +21,11 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from .. import histogram, logs
 from ..cardinality import SeriesStore
-from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
+from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
 from ..httpnames import PathLabel, method_name, status_label
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
+from .base import PairCollector
 
 log = logs.get("http")
 
@@ -147,68 +148,22 @@ class KernelHttpSource:
                          self.conns.capacity)
 
 
-class HttpCollector:
+class HttpCollector(PairCollector):
     name = "http"
+    sweep_seconds = SWEEP_SECONDS
 
     def __init__(self, source: KernelHttpSource | object, endpoints: EndpointLabels,
                  ports: PortFolder, stats: KernelStats, max_series: int,
                  ttl_seconds: float, path_label: PathLabel | None = None) -> None:
-        self.source = source
+        super().__init__(source, endpoints, ports, stats, max_series, ttl_seconds)
         self.path_label = path_label
-        self.endpoints = endpoints
-        self.ports = ports
-        self.stats = stats
-        self.pair_names = endpoints.label_names("src", with_port=False) + \
-            endpoints.label_names("dst")
-        labels = [*self.pair_names, "method", "status_code",
-                  *(["path"] if path_label else [])]
-        self._requests = SeriesStore("ebpf_net_http_requests_total", labels, self.pair_names,
-                                     max_series, ttl_seconds)
-        self._duration = SeriesStore("ebpf_net_http_request_duration_seconds", labels,
-                                     self.pair_names, max_series, ttl_seconds,
-                                     width=histogram.WIDTH)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
+        extra = ["method", "status_code", *(["path"] if path_label else [])]
+        self._requests = self.store("ebpf_net_http_requests_total", extra)
+        self._duration = self.store("ebpf_net_http_request_duration_seconds", extra,
+                                    width=histogram.WIDTH)
 
     def stores(self) -> Sequence[SeriesStore]:
         return (self._requests, self._duration)
-
-    def start(self) -> None:
-        sweep = getattr(self.source, "sweep", None)
-        if sweep is None:
-            return
-
-        def run() -> None:
-            while not self._stop.wait(SWEEP_SECONDS):
-                try:
-                    sweep()
-                except Exception as e:   # keep sweeping; the scrape reports failures
-                    log.warning("idle sweep failed", extra={"error": str(e)})
-
-        self._sweeper = threading.Thread(target=run, name="http-sweep", daemon=True)
-        self._sweeper.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._sweeper:
-            self._sweeper.join(timeout=5)
-
-    def describe(self) -> Iterable[CounterMetricFamily]:
-        return self._families()
-
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        with self._lock:
-            self._fold(self.source.drain())  # type: ignore[attr-defined]
-            for store in self.stores():
-                store.expire()
-            return self._families()
-
-    def _pair(self, family: int, client: bytes, server: bytes, port: int) -> tuple[str, ...]:
-        server_text = address_text(family, server)
-        self.ports.learn_server(server_text, port)
-        return (self.endpoints.values(address_text(family, client), None)
-                + self.endpoints.values(server_text, str(port)))
 
     def _path(self, captured: bytes) -> tuple[str, ...]:
         return (self.path_label(captured),) if self.path_label else ()

@@ -5,9 +5,8 @@ closed, active, connect failures, retransmits, resets and the RTT histogram. src
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +21,7 @@ from ..cardinality import SeriesStore
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
+from .base import PairCollector
 
 TCP_ENDPOINTS_FIELDS = {
     "names": ["family", "role", "lport", "rport", "laddr", "raddr"],
@@ -77,24 +77,14 @@ class KernelTcpSource:
                         max(sockets, 0), self.socket_capacity)
 
 
-class TcpCollector:
+class TcpCollector(PairCollector):
     name = "tcp"
 
     def __init__(self, source: KernelTcpSource | object, endpoints: EndpointLabels,
                  ports: PortFolder, stats: KernelStats, max_series: int,
                  ttl_seconds: float) -> None:
-        self.source = source
-        self.endpoints = endpoints
-        self.ports = ports
-        self.stats = stats
-        self.pair_names = endpoints.label_names("src", with_port=False) + \
-            endpoints.label_names("dst")
-        self._pair_width = len(self.pair_names)
-
-        def store(metric: str, extra: list[str], width: int = 1) -> SeriesStore:
-            return SeriesStore(metric, [*self.pair_names, *extra], self.pair_names, max_series,
-                               ttl_seconds, width=width)
-
+        super().__init__(source, endpoints, ports, stats, max_series, ttl_seconds)
+        store = self.store
         self._opened = store("ebpf_net_tcp_connections_opened_total", ["role"])
         self._closed = store("ebpf_net_tcp_connections_closed_total", ["role"])
         self._failures = store("ebpf_net_tcp_connect_failures_total", ["reason"])
@@ -104,21 +94,11 @@ class TcpCollector:
         self._by_metric = {OPENED: self._opened, CLOSED: self._closed,
                            CONNECT_FAILURES: self._failures, RETRANSMITS: self._retransmits,
                            RESETS: self._resets, RTT: self._rtt}
-        self._lock = threading.Lock()
 
     def stores(self) -> Sequence[SeriesStore]:
         return tuple(self._by_metric.values())
 
-    def describe(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
-        return self._families()
-
-    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
-        with self._lock:
-            self._fold(self.source.drain())  # type: ignore[attr-defined]
-            self._expire()
-            return self._families()
-
-    def _pair(self, key: np.void) -> tuple[tuple[str, ...], int]:
+    def _oriented_pair(self, key: np.void) -> tuple[tuple[str, ...], int]:
         """Endpoint label values (client first) and the role of the socket."""
         family, role = int(key["family"]), int(key["role"])
         local = address_text(family, key["laddr"].tobytes())
@@ -156,11 +136,11 @@ class TcpCollector:
                 continue
             if metric == OPENED:    # the server end of an open is a server for port folding
                 self._learn_server(key)
-            pair, role = self._pair(key)
+            pair, role = self._oriented_pair(key)
             self._count(deltas[metric], pair + self._extra(metric, role, variant),
                         metric, variant, float(count))
 
-        overflow_pair = (OVERFLOW,) * self._pair_width
+        overflow_pair = (OVERFLOW,) * len(self.pair_names)
         for index in np.flatnonzero(batch.overflow):
             metric, rest = divmod(int(index), 3 * 64)
             role, variant = divmod(rest, 64)
