@@ -61,7 +61,7 @@ def web(node: TestNode) -> Iterator[ExporterProcess]:
     (root / "nginx.conf").write_text(nginx_config(node, root))
     node.spawn(node.b_ns, ["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)])
     servers = [SlowServer(node.b_ns, node.b_ip, SLOW_PORT, SLOW_SECONDS),
-               SlowServer(node.b_ns, node.b_ip, PIPELINE_PORT, 0.1),
+               SlowServer(node.b_ns, node.b_ip, PIPELINE_PORT, 0.2),
                RawServer(node.b_ns, node.b_ip, BAD_STATUS_PORT, b"HTTP/1.1 2x0 Bad\r\n\r\n"),
                RawServer(node.b_ns, node.b_ip, SINK_PORT, None)]
     wait_until(lambda: node.run(node.a_ns, ["curl", "-s", "-o", "/dev/null", "-w",
@@ -185,7 +185,7 @@ def test_duration_histogram_agrees_with_the_client(node: TestNode, web: Exporter
 def test_pipelining_past_the_depth_is_counted_as_pipelined(node: TestNode,
                                                            web: ExporterProcess):
     """12 requests sent at once, each in its own segment, to a server answering one every
-    100 ms: the first 8 wait in the connection's queue and pair with their responses; the 4
+    200 ms: the first 8 wait in the connection's queue and pair with their responses; the 4
     past the depth are counted as pipelined, and the pairing stays in order."""
     with in_netns(node.a_ns):
         sock = socket.create_connection((node.b_ip, PIPELINE_PORT), timeout=10)
@@ -193,7 +193,7 @@ def test_pipelining_past_the_depth_is_counted_as_pipelined(node: TestNode,
     try:
         for i in range(12):
             sock.sendall(f"GET /p{i} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
-            time.sleep(0.01)
+            time.sleep(0.005)      # its own segment (no autocorking), all sent within 60 ms
         received = b""
         while received.count(b"HTTP/1.1 200") < 12:
             chunk = sock.recv(65536)
