@@ -10,10 +10,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 from cachetools import LRUCache, TTLCache
 
 FOLDED_PORT = "*"
 NO_PORT = ""
+# port label codes in vectorised folding: a port number, or one of these
+FOLDED_CODE = -1
+NO_PORT_CODE = -2
 OVERFLOW = "overflow"
 
 # learned server endpoints are kept this long after last seen
@@ -102,10 +106,78 @@ class PortFolder:
             return False
         return self.looks_ephemeral(lport) or (not self.looks_ephemeral(rport) and rport < lport)
 
+    def fold_codes(self, texts: list[str], src: np.ndarray, sport: np.ndarray,
+                   dst: np.ndarray, dport: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """fold() for many packets at once: src and dst index `texts`; returns port label codes
+        (the port, FOLDED_CODE or NO_PORT_CODE). Known servers are looked up once per distinct
+        (address, port)."""
+        sport = sport.astype(np.int64)
+        dport = dport.astype(np.int64)
+        dst_known = self._known(texts, dst, dport)
+        src_known = self._known(texts, src, sport)
+        servers = np.fromiter(self.server_ports, dtype=np.int64, count=len(self.server_ports))
+
+        def by_rule(port: np.ndarray) -> np.ndarray:
+            folded = ((port >= self.ephemeral_floor) & ~np.isin(port, servers)) | (port == 0)
+            return np.where(folded, FOLDED_CODE, port)
+
+        s_code = np.where(dst_known, FOLDED_CODE, np.where(src_known, sport, by_rule(sport)))
+        d_code = np.where(dst_known, dport, np.where(src_known, FOLDED_CODE, by_rule(dport)))
+        no_ports = (sport == 0) & (dport == 0)
+        return np.where(no_ports, NO_PORT_CODE, s_code), np.where(no_ports, NO_PORT_CODE, d_code)
+
+    def _known(self, texts: list[str], address: np.ndarray, port: np.ndarray) -> np.ndarray:
+        pairs, inverse = np.unique(address.astype(np.int64) * 65536 + port, return_inverse=True)
+        known = np.fromiter((self.is_known_server(texts[int(p) >> 16], int(p) & 0xFFFF)
+                             for p in pairs), dtype=bool, count=len(pairs))
+        return known[inverse.reshape(-1)]
+
     def _by_rule(self, port: int) -> str:
         if not port:
             return FOLDED_PORT
         return FOLDED_PORT if self.looks_ephemeral(port) else str(port)
+
+
+def port_text(code: int) -> str:
+    """The label of a port code from PortFolder.fold_codes."""
+    if code == FOLDED_CODE:
+        return FOLDED_PORT
+    if code == NO_PORT_CODE:
+        return NO_PORT
+    return str(code)
+
+
+def distinct_addresses(family: np.ndarray, *columns: np.ndarray) -> tuple[list[str], list]:
+    """Text of each distinct (family, 16-byte address) in the columns, and for each column the
+    index of its rows' addresses in that list. Sorts integers, not byte strings: numpy's sort of
+    opaque bytes is several times slower."""
+    rows = len(family)
+    fam = np.tile(np.asarray(family, dtype=np.uint8), len(columns))
+    raw = np.ascontiguousarray(np.concatenate(columns))
+    words = raw.view(">u8")                                # two big-endian words per address
+    if not (fam == 6).any():                               # IPv4 only: one 32-bit word each
+        _, firsts, inverse = np.unique(words[:, 0] >> 32, return_index=True,
+                                       return_inverse=True)
+    else:
+        firsts, inverse = unique_rows(fam, words[:, 0], words[:, 1])
+    texts = [address_text(int(fam[i]), raw[i].tobytes()) for i in firsts]
+    inverse = inverse.reshape(-1)
+    return texts, [inverse[i * rows:(i + 1) * rows] for i in range(len(columns))]
+
+
+def unique_rows(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows given as integer columns: the first row of each distinct row (in sorted order)
+    and, for every row, the number of its distinct row."""
+    order = np.lexsort(columns[::-1])
+    changes = np.zeros(len(order), dtype=bool)
+    if len(order):
+        changes[0] = True
+        for column in columns:
+            ordered = column[order]
+            changes[1:] |= ordered[1:] != ordered[:-1]
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.cumsum(changes) - 1
+    return order[changes], inverse
 
 
 class EndpointLabels:

@@ -16,9 +16,11 @@ from ..endpoints import (
     OVERFLOW,
     EndpointLabels,
     PortFolder,
-    address_text,
+    distinct_addresses,
     family_name,
+    port_text,
     protocol_name,
+    unique_rows,
 )
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
@@ -110,23 +112,9 @@ class FlowsCollector:
 
     def _fold(self, batch: FlowBatch) -> None:
         keys, values = batch.keys, batch.values
-        addresses = [(address_text(k["family"], k["saddr"].tobytes()),
-                      address_text(k["family"], k["daddr"].tobytes())) for k in keys]
-        # learn servers from this batch's handshakes before folding its ports
-        for (src, dst), key, handshake in zip(addresses, keys, values["handshake"], strict=True):
-            if handshake & FLOW_SAW_SYN:
-                self.ports.learn_server(dst, int(key["dport"]))
-            if handshake & FLOW_SAW_SYNACK:
-                self.ports.learn_server(src, int(key["sport"]))
-
         deltas: defaultdict[tuple[str, ...], list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for (src, dst), key, value in zip(addresses, keys, values, strict=True):
-            sport, dport = self.ports.fold(src, int(key["sport"]), dst, int(key["dport"]))
-            labels = (self.endpoints.values(src, sport) + self.endpoints.values(dst, dport)
-                      + (protocol_name(key["protocol"]), family_name(key["family"])))
-            delta = deltas[labels]
-            delta[0] += float(value["bytes"])
-            delta[1] += float(value["packets"])
+        if len(keys):
+            self._fold_flows(keys, values, deltas)
 
         overflow_endpoint = (OVERFLOW,) * (len(self.label_names) - 2)
         for index, (family, protocol) in enumerate(OVERFLOW_INDEX):
@@ -141,6 +129,44 @@ class FlowsCollector:
             self._packets.add(labels, (packet_count,))
 
         self.stats.record_map("flows", batch.entries, batch.capacity)
+
+    def _fold_flows(self, keys: np.ndarray, values: np.ndarray,
+                    deltas: defaultdict[tuple[str, ...], list[float]]) -> None:
+        """Folds a drain into per-label-set deltas with numpy: Python runs once per distinct
+        address, (address, port) and label set, not once per flow."""
+        texts, (src, dst) = distinct_addresses(keys["family"], keys["saddr"], keys["daddr"])
+        sport, dport = keys["sport"], keys["dport"]
+        # learn servers from this batch's handshakes before folding its ports
+        handshake = values["handshake"]
+        for row in np.flatnonzero(handshake & FLOW_SAW_SYN):
+            self.ports.learn_server(texts[dst[row]], int(dport[row]))
+        for row in np.flatnonzero(handshake & FLOW_SAW_SYNACK):
+            self.ports.learn_server(texts[src[row]], int(sport[row]))
+        s_code, d_code = self.ports.fold_codes(texts, src, sport, dst, dport)
+
+        # one group per label set: (src, its port, dst, its port, protocol); the family follows
+        # from the addresses. Packed into one integer when the ranges fit (a fast sort).
+        protocol = keys["protocol"].astype(np.int64)
+        columns = (src.astype(np.int64), s_code + 2, dst.astype(np.int64), d_code + 2, protocol)
+        address_bits = max(len(texts) - 1, 1).bit_length()
+        if 2 * address_bits + 2 * 17 + 8 <= 62:
+            packed = columns[0]
+            for column, bits in zip(columns[1:], (17, address_bits, 17, 8), strict=True):
+                packed = (packed << bits) | column
+            _, firsts, inverse = np.unique(packed, return_index=True, return_inverse=True)
+            inverse = inverse.reshape(-1)
+        else:
+            firsts, inverse = unique_rows(*columns)
+        byte_sums = np.bincount(inverse, weights=values["bytes"].astype(np.float64))
+        packet_sums = np.bincount(inverse, weights=values["packets"].astype(np.float64))
+        family = keys["family"]
+        for row, byte_count, packet_count in zip(firsts, byte_sums, packet_sums, strict=True):
+            labels = (self.endpoints.values(texts[src[row]], port_text(s_code[row]))
+                      + self.endpoints.values(texts[dst[row]], port_text(d_code[row]))
+                      + (protocol_name(protocol[row]), family_name(family[row])))
+            delta = deltas[labels]
+            delta[0] += float(byte_count)
+            delta[1] += float(packet_count)
 
     def _families(self) -> list[CounterMetricFamily]:
         byte_family = CounterMetricFamily(

@@ -64,3 +64,62 @@ def test_endpoint_labels_follow_the_configured_vocabulary():
     only_type = EndpointLabels(["ip_type"])
     assert only_type.label_names("dst") == ["dst_ip_type"]
     assert only_type.values("8.8.8.8", "53") == ("public",)
+
+
+def test_vectorised_folding_agrees_with_the_scalar_rule():
+    import numpy as np
+
+    from exporter.endpoints import port_text
+
+    rng = np.random.default_rng(7)
+    texts = [f"10.0.0.{i}" for i in range(20)]
+    folder = PortFolder(ephemeral_floor=32768, server_ports=[40000])
+    ports = np.array([0, 22, 53, 80, 443, 8080, 32767, 32768, 40000, 45000, 50000, 60999])
+    for _ in range(30):
+        folder.learn_server(texts[rng.integers(20)], int(rng.choice(ports)))
+    n = 5000
+    src, dst = rng.integers(0, 20, n), rng.integers(0, 20, n)
+    sport, dport = rng.choice(ports, n), rng.choice(ports, n)
+    both_zero = rng.random(n) < 0.05
+    sport[both_zero], dport[both_zero] = 0, 0
+    s_code, d_code = folder.fold_codes(texts, src, sport.astype(np.uint16), dst,
+                                       dport.astype(np.uint16))
+    for i in range(n):
+        expected = folder.fold(texts[src[i]], int(sport[i]), texts[dst[i]], int(dport[i]))
+        assert (port_text(s_code[i]), port_text(d_code[i])) == expected, i
+
+
+def test_distinct_addresses_with_both_families():
+    import numpy as np
+
+    from exporter.endpoints import distinct_addresses
+
+    def raw(text):
+        ip = ipaddress.ip_address(text)
+        return np.frombuffer(ip.packed.ljust(16, b"\0"), dtype=np.uint8)
+
+    # one row per packet: its family applies to both of its addresses
+    rows = [("10.0.0.1", "10.0.0.9", 4), ("fd00::1", "fd00::9", 6),
+            ("10.0.0.1", "10.0.0.9", 4), ("fd00::2", "fd00::1", 6)]
+    src = np.stack([raw(r[0]) for r in rows])
+    dst = np.stack([raw(r[1]) for r in rows])
+    family = np.array([r[2] for r in rows], dtype=np.uint8)
+    texts, (s, d) = distinct_addresses(family, src, dst)
+    assert [texts[i] for i in s] == [r[0] for r in rows]
+    assert [texts[i] for i in d] == [r[1] for r in rows]
+    assert sorted(texts) == sorted({"10.0.0.1", "10.0.0.9", "fd00::1", "fd00::9", "fd00::2"})
+
+
+def test_unique_rows_matches_a_plain_reference():
+    import numpy as np
+
+    from exporter.endpoints import unique_rows
+
+    rng = np.random.default_rng(3)
+    a, b, c = rng.integers(0, 5, 2000), rng.integers(-2, 3, 2000), rng.integers(0, 4, 2000)
+    firsts, inverse = unique_rows(a, b, c)
+    rows = list(zip(a.tolist(), b.tolist(), c.tolist(), strict=True))
+    assert len(firsts) == len(set(rows))
+    for i, row in enumerate(rows):
+        assert rows[firsts[inverse[i]]] == row
+    assert unique_rows(np.array([], dtype=np.int64))[0].size == 0
