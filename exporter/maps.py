@@ -19,6 +19,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,19 @@ class BatchMap:
         self.delete(drained)
         return drained, len(snapshot.raw_keys)
 
+    def claim(self, snapshot: MapSnapshot, rows: Iterable[int]) -> list[int]:
+        """Deletes these rows' keys one by one and returns the rows whose delete succeeded.
+
+        For maps the kernel also deletes from (a DNS query answered, an HTTP connection
+        ended): whichever side deletes a key first owns what it stood for, so it is counted
+        once, by the kernel or by user space, never by both."""
+        claimed = []
+        for row in rows:
+            raw = snapshot.raw_keys[row].tobytes()
+            if self._lib.bpf_delete_elem(self.fd, ctypes.c_char_p(raw)) == 0:
+                claimed.append(int(row))
+        return claimed
+
     def delete(self, snapshot: MapSnapshot) -> None:
         """Deletes the snapshot's keys with BPF_MAP_DELETE_BATCH."""
         keys = snapshot.raw_keys
@@ -163,6 +177,12 @@ class BatchMap:
             err = ctypes.get_errno()
             raise MapReadError(f"{self.name}: BPF_MAP_DELETE_BATCH failed after "
                                f"{count.value} of {len(keys)} keys: {os.strerror(err)}")
+
+
+def older_than(timestamps_ns: np.ndarray, now_ns: int, limit_ns: int) -> np.ndarray:
+    """Rows whose timestamp (bpf_ktime_get_ns: CLOCK_MONOTONIC, like time.monotonic_ns) is
+    more than limit_ns before now_ns."""
+    return np.flatnonzero(timestamps_ns < now_ns - limit_ns)
 
 
 class Generation:

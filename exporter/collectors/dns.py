@@ -10,7 +10,6 @@ exactly once."""
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from collections import defaultdict
@@ -24,7 +23,7 @@ from .. import histogram, logs
 from ..cardinality import SeriesStore
 from ..dnsnames import QueryLabel, qtype_name, rcode_name, transport_name
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
-from ..maps import BatchMap, CounterArray, Generation
+from ..maps import BatchMap, CounterArray, Generation, older_than
 from ..selfmetrics import KernelStats
 from .base import PairCollector
 
@@ -60,11 +59,6 @@ REQUEST, RESPONSE, LATENCY = 0, 1, 2
 SWEEP_SECONDS = 1.0
 
 
-def expired(queried_ns: np.ndarray, now_ns: int, timeout_ns: int) -> np.ndarray:
-    """Rows of queries pending for longer than the timeout."""
-    return np.flatnonzero(queried_ns < now_ns - timeout_ns)
-
-
 @dataclass
 class Timeout:
     family: int
@@ -91,10 +85,7 @@ class DnsBatch:
 class KernelDnsSource:
     def __init__(self, program: object, timeout_seconds: float,
                  query_names: bool = False) -> None:
-        from bcc import libbcc
-
         table = program.table  # type: ignore[attr-defined]
-        self._lib = libbcc.lib
         self.generation = Generation(table("dns_generation"))
         self.events = BatchMap("dns_events", table("dns_events"),
                                DNS_KEY_NAMED if query_names else DNS_KEY, COUNT, per_cpu=True)
@@ -111,13 +102,12 @@ class KernelDnsSource:
     def sweep(self) -> None:
         """Deletes queries pending longer than the timeout, remembering each one deleted."""
         snapshot = self.pending.read()
-        # bpf_ktime_get_ns() and time.monotonic_ns() are both CLOCK_MONOTONIC
+        # the kernel deletes a query when its response comes: a query is a response or a
+        # timeout, whichever claims it first
+        claimed = self.pending.claim(snapshot, older_than(
+            snapshot.values["queried_ns"], time.monotonic_ns(), self.timeout_ns))
         timeouts = []
-        for row in expired(snapshot.values["queried_ns"], time.monotonic_ns(), self.timeout_ns):
-            raw = snapshot.raw_keys[row].tobytes()
-            # the kernel deletes the same key when the response comes: whoever is first counts
-            if self._lib.bpf_delete_elem(self.pending.fd, ctypes.c_char_p(raw)) != 0:
-                continue
+        for row in claimed:
             key, value = snapshot.keys[row], snapshot.values[row]
             timeouts.append(Timeout(int(key["family"]), int(key["transport"]),
                                     key["client"].tobytes(), key["server"].tobytes(),
@@ -125,7 +115,7 @@ class KernelDnsSource:
                                     value["name"].tobytes() if self.query_names else b""))
         with self._lock:
             self._timeouts += timeouts
-            self._pending_entries = len(snapshot.raw_keys) - len(timeouts)
+            self._pending_entries = len(snapshot.raw_keys) - len(claimed)
 
     def drain(self) -> DnsBatch:
         self.sweep()

@@ -9,7 +9,6 @@ is counted once."""
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ from .. import histogram, logs
 from ..cardinality import SeriesStore
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
 from ..httpnames import PathLabel, method_name, status_label
-from ..maps import BatchMap, CounterArray, Generation
+from ..maps import BatchMap, CounterArray, Generation, older_than
 from ..selfmetrics import KernelStats
 from .base import PairCollector
 
@@ -89,11 +88,6 @@ class HttpBatch:
     conn_capacity: int = 0
 
 
-def idle(last_seen_ns: np.ndarray, now_ns: int, idle_ns: int) -> np.ndarray:
-    """Rows of connections not seen for longer than the idle timeout."""
-    return np.flatnonzero(last_seen_ns < now_ns - idle_ns)
-
-
 def queued_slots(conn: np.void) -> list[int]:
     """Queue slots of the requests a connection still waits a response for, oldest first."""
     answered, requested = int(conn["answered"]), int(conn["requested"])
@@ -102,10 +96,7 @@ def queued_slots(conn: np.void) -> list[int]:
 
 class KernelHttpSource:
     def __init__(self, program: object, idle_seconds: float, paths: bool = False) -> None:
-        from bcc import libbcc
-
         table = program.table  # type: ignore[attr-defined]
-        self._lib = libbcc.lib
         self.generation = Generation(table("http_generation"))
         self.paths = paths
         self.events = BatchMap("http_events", table("http_events"),
@@ -120,12 +111,12 @@ class KernelHttpSource:
 
     def sweep(self) -> None:
         snapshot = self.conns.read()
+        # the kernel deletes a connection when it ends: its unanswered requests are counted
+        # by whichever claims it first
+        claimed = self.conns.claim(snapshot, older_than(
+            snapshot.values["last_seen_ns"], time.monotonic_ns(), self.idle_ns))
         swept = []
-        # bpf_ktime_get_ns() and time.monotonic_ns() are both CLOCK_MONOTONIC
-        for row in idle(snapshot.values["last_seen_ns"], time.monotonic_ns(), self.idle_ns):
-            raw = snapshot.raw_keys[row].tobytes()
-            if self._lib.bpf_delete_elem(self.conns.fd, ctypes.c_char_p(raw)) != 0:
-                continue        # the connection ended meanwhile: the kernel counted it
+        for row in claimed:
             key, conn = snapshot.keys[row], snapshot.values[row]
             slots = queued_slots(conn)
             if slots:
@@ -135,7 +126,7 @@ class KernelHttpSource:
                     [conn["path"][s].tobytes() for s in slots] if self.paths else []))
         with self._lock:
             self._unanswered += swept
-            self._conn_entries = len(snapshot.raw_keys)
+            self._conn_entries = len(snapshot.raw_keys) - len(claimed)
 
     def drain(self) -> HttpBatch:
         self.sweep()

@@ -94,3 +94,19 @@ def test_counter_arrays_report_growth_since_the_last_read(kernel_ready):
         assert counter.read_deltas().tolist() == [0, 0, 0, 0]
     finally:
         bpf.cleanup()
+
+
+def test_a_key_is_claimed_once_whoever_deletes_it_first(program):
+    table = program[b"counts"]
+    table.clear()
+    fill(table, 10, generation=0)
+    reader = maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
+    snapshot = reader.read()
+    rows = np.flatnonzero(snapshot.keys["id"] < 4)
+    # another party (the kernel, in the exporter) deletes one of them first
+    first = snapshot.keys[rows[0]]
+    del table[table.Key(generation=int(first["generation"]), tag=int(first["tag"]),
+                        id=int(first["id"]))]
+    assert reader.claim(snapshot, rows) == [int(r) for r in rows[1:]]
+    assert reader.claim(snapshot, rows) == []          # nothing is claimed twice
+    assert len(reader.read().raw_keys) == 6

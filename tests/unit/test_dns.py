@@ -4,9 +4,10 @@ from prometheus_client import CollectorRegistry
 
 from exporter import histogram
 from exporter.collectors import dns as dnsmod
-from exporter.collectors.dns import DnsCollector, expired
+from exporter.collectors.dns import DnsCollector
 from exporter.dnsnames import QueryLabel, decode_name, qtype_name, rcode_name, transport_name
 from exporter.endpoints import EndpointLabels, PortFolder
+from exporter.maps import older_than
 from exporter.selfmetrics import KernelStats
 
 from .batches import QueueSource, dns_batch, timeout
@@ -35,7 +36,7 @@ def test_transport_names():
 def test_expiry_takes_queries_older_than_the_timeout_only():
     now, timeout_ns = 10_000_000_000, 5_000_000_000
     queried = np.array([now - 6e9, now - 5e9, now - 4e9, now - 5e9 - 1], dtype=np.uint64)
-    assert expired(queried, now, timeout_ns).tolist() == [0, 3]
+    assert older_than(queried, now, timeout_ns).tolist() == [0, 3]
 
 
 def registry_with(batches):

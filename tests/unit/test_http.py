@@ -4,9 +4,10 @@ from prometheus_client import CollectorRegistry
 
 from exporter import histogram
 from exporter.collectors import http as httpmod
-from exporter.collectors.http import HttpCollector, Unanswered, idle, queued_slots
+from exporter.collectors.http import HttpCollector, Unanswered, queued_slots
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.httpnames import PathLabel, method_name, status_label, template
+from exporter.maps import older_than
 from exporter.selfmetrics import KernelStats
 
 from .batches import QueueSource, _address
@@ -29,7 +30,7 @@ def test_status_labels(code, label):
 def test_idle_connections_and_their_queued_requests():
     now = 1_000_000_000_000
     seen = np.array([now - 301e9, now - 299e9, now - 400e9], dtype=np.uint64)
-    assert idle(seen, now, int(300e9)).tolist() == [0, 2]
+    assert older_than(seen, now, int(300e9)).tolist() == [0, 2]
     conn = np.zeros(1, dtype=httpmod.CONN)[0]
     conn["method"][:] = [1, 3, 4, 5, 1, 1, 1, 1]
     conn["requested"], conn["answered"] = 10, 7        # slots 7, 0, 1 still wait
