@@ -96,3 +96,32 @@ def timeout(client: str, server: str, qtype: int = 1, transport: int = 0, port: 
     _, server_raw = _address(server)
     return Timeout(family, transport, client_raw.tobytes(), server_raw.tobytes(), port, qtype,
                    name)
+
+
+def http_batch(rows: list[dict], swept=(), **extra):
+    """rows: kind, method, status, client, server, port, variant, count."""
+    from exporter.collectors import http as httpmod
+
+    keys = np.zeros(len(rows), dtype=httpmod.HTTP_KEY)
+    counts = np.zeros(len(rows), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        family, client = _address(row.get("client", "10.0.0.1"))
+        _, server = _address(row.get("server", "10.0.0.80"))
+        keys[i]["kind"] = row["kind"]
+        keys[i]["method"] = row["method"]
+        keys[i]["status"] = row["status"]
+        keys[i]["variant"] = row.get("variant", 0)
+        keys[i]["family"] = family
+        keys[i]["server_port"] = row.get("port", 80)
+        keys[i]["client"] = client
+        keys[i]["server"] = server
+        counts[i] = row["count"]
+    return httpmod.HttpBatch(keys, counts, list(swept), **extra)
+
+
+def unanswered(client: str, server: str, methods: list[int], port: int = 80):
+    from exporter.collectors.http import Unanswered
+
+    family, client_raw = _address(client)
+    _, server_raw = _address(server)
+    return Unanswered(family, client_raw.tobytes(), server_raw.tobytes(), port, methods)

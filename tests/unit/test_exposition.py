@@ -23,8 +23,7 @@ from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
-from .batches import QueueSource, dns_batch, flow_batch, tcp_batch, timeout
-from .test_http import http_batch
+from .batches import QueueSource, dns_batch, flow_batch, http_batch, tcp_batch, timeout
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden.prom"
 

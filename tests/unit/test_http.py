@@ -4,13 +4,13 @@ from prometheus_client import CollectorRegistry
 
 from exporter import histogram
 from exporter.collectors import http as httpmod
-from exporter.collectors.http import HttpCollector, Unanswered, queued_slots
+from exporter.collectors.http import HttpCollector, queued_slots
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.httpnames import PathLabel, method_name, status_label, template
 from exporter.maps import older_than
 from exporter.selfmetrics import KernelStats
 
-from .batches import QueueSource, _address
+from .batches import QueueSource, http_batch, unanswered
 
 
 @pytest.mark.parametrize("code,name", [(1, "GET"), (2, "HEAD"), (3, "POST"), (4, "PUT"),
@@ -37,27 +37,7 @@ def test_idle_connections_and_their_queued_requests():
     assert queued_slots(conn) == [7, 0, 1]
 
 
-def http_batch(rows, unanswered=(), **extra):
-    keys = np.zeros(len(rows), dtype=httpmod.HTTP_KEY)
-    counts = np.zeros(len(rows), dtype=np.uint64)
-    for i, row in enumerate(rows):
-        family, client = _address(row.get("client", "10.0.0.1"))
-        _, server = _address(row.get("server", "10.0.0.80"))
-        keys[i]["kind"] = row["kind"]
-        keys[i]["method"] = row["method"]
-        keys[i]["status"] = row["status"]
-        keys[i]["variant"] = row.get("variant", 0)
-        keys[i]["family"] = family
-        keys[i]["server_port"] = row.get("port", 80)
-        keys[i]["client"] = client
-        keys[i]["server"] = server
-        counts[i] = row["count"]
-    return httpmod.HttpBatch(keys, counts, list(unanswered), **extra)
-
-
 def test_requests_durations_unanswered_and_overflow():
-    _, client = _address("10.0.0.1")
-    _, server = _address("10.0.0.80")
     overflow = np.zeros(16, dtype=np.uint64)
     overflow[3] = 6                                    # POST requests that found the map full
     batch = http_batch([
@@ -67,7 +47,7 @@ def test_requests_durations_unanswered_and_overflow():
          "variant": histogram.slot_of(3000), "count": 5},
         {"kind": httpmod.LATENCY, "method": 1, "status": 200, "variant": histogram.SUM_SLOT,
          "count": 15000},
-    ], unanswered=[Unanswered(4, client.tobytes(), server.tobytes(), 80, [3, 1])],
+    ], swept=[unanswered("10.0.0.1", "10.0.0.80", [3, 1])],
         overflow=overflow)
     collector = HttpCollector(QueueSource([batch], http_batch([])),
                               EndpointLabels(["ip", "port"]), PortFolder(32768), KernelStats(),
