@@ -80,6 +80,7 @@ class Exporter:
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
         endpoints = EndpointLabels(config.labels.endpoint)
+        series = (self.stats, config.series.max_per_metric, config.series.ttl)
         collectors: list[SignalCollector] = []
 
         if config.collectors.tcp:
@@ -88,14 +89,12 @@ class Exporter:
                 raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
                                    "run with --no-collector.tcp")
             tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
-            collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, self.stats,
-                                           config.series.max_per_metric, config.series.ttl))
+            collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, *series))
         reporters = []
         if classifier.wanted(config):
             program = self._program("classifier", "classifier.c", classifier.cflags(config))
             ingress, egress = classifier.load(program, config)
             reporters.append(classifier.ClassifierCounters(program).report)
-            series = (self.stats, config.series.max_per_metric, config.series.ttl)
             if config.collectors.flows:
                 collectors.append(FlowsCollector(KernelFlowSource(program), endpoints, ports,
                                                  *series))
