@@ -8,7 +8,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 # root already (CI, these VMs): no sudo needed, and it may not be installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test unit lint demo run clean
+.PHONY: setup test unit lint demo run bench bench-quick clean
 
 setup:
 	sh scripts/setup-host.sh
@@ -24,12 +24,21 @@ unit:
 	$(PYTHON) -m pytest -q tests/unit
 
 lint:
-	$(VENV)/bin/ruff check exporter tests
+	$(VENV)/bin/ruff check exporter tests benchmarks
 
 # A test node of namespaces and veths with real servers and a traffic loop, and the exporter
 # attached to it (never to the host's own interfaces). Ctrl-C tears it all down.
 demo:
 	$(SUDO) $(PYTHON) -m tests.demo
+
+# The performance benchmarks (issue 8): their own test node, about 6 minutes; prints the
+# headline table and writes docs/benchmarks.md. Not part of `make test`.
+bench:
+	$(SUDO) $(PYTHON) -m benchmarks --out docs/benchmarks.md
+
+# A smoke run of the same code: few rounds, small flow counts, prints only (under a minute).
+bench-quick:
+	$(SUDO) $(PYTHON) -m benchmarks --quick
 
 run:
 	$(SUDO) $(VENV)/bin/ebpf-net-exporter

@@ -1,0 +1,89 @@
+"""python -m benchmarks [--quick] [--out docs/benchmarks.md]: builds a test node, runs the five
+measurements, prints the headline table and writes the results document."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tests.testnode import TestNode
+
+from . import interleaved, kernel_cost, scrape, startup, throughput
+from .document import Results, headlines, markdown
+from .machine import Machine, load_average
+from .report import HEADLINE_HEADER, headline_rows, text_table
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _kernel_costs(node: TestNode, seconds: float) -> list[kernel_cost.WorkloadCost]:
+    started = startup.start(node)
+    floor = kernel_cost.Floor(node, [node.veth_a, node.veth_b])
+    try:
+        floor.attach()
+        with kernel_cost.run_time_statistics():
+            pid = started.exporter.proc.pid
+            costs = [
+                kernel_cost.measure("udp, 64-byte frames", pid, floor,
+                                    lambda: throughput.udp_kpps(node, seconds)),
+                kernel_cost.measure("tcp bulk", pid, floor,
+                                    lambda: throughput.tcp_gbits(node, seconds)),
+            ]
+    finally:
+        floor.detach()
+        floor.close()
+        started.exporter.stop()
+    for cost in costs:
+        _say(f"  {cost.workload}: classifier {cost.tc_ns_per_run:.0f} ns/run, floor "
+             f"{cost.floor_ns_per_run:.0f} ns/run; over the floor "
+             f"{cost.over_floor_per_packet:+.0f} ns per packet")
+    return costs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: few rounds, short runs, small flow counts")
+    parser.add_argument("--out", type=Path, help="write the results document here")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("benchmarks: must run as root (BPF, network namespaces)", file=sys.stderr)
+        return 2
+
+    if args.quick:
+        rounds, seconds, kernel_seconds = 2, 1.0, 1.0
+        sizes, scrape_rounds = [1_000, 10_000], {1_000: 3, 10_000: 3}
+    else:
+        rounds, seconds, kernel_seconds = 12, 2.0, 4.0
+        sizes = [10_000, 100_000, 1_000_000]
+        scrape_rounds = {10_000: 20, 100_000: 12, 1_000_000: 5}
+    ports_per_source = 10
+
+    began = time.monotonic()
+    load_before = load_average()
+    with TestNode() as node:
+        node.iperf3_server(node.b_ns, node.b_ip)
+        _say("1. per-packet kernel cost")
+        kernel = _kernel_costs(node, kernel_seconds)
+        _say("2, 4, 5. throughput, start-up and connection rate, interleaved")
+        rounds_result = interleaved.run(node, rounds, seconds, _say)
+        _say("3. scrape cost")
+        scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
+    results = Results(Machine.describe(), args.quick, load_before, load_average(), seconds,
+                      kernel, rounds_result, scrapes, ports_per_source,
+                      time.monotonic() - began)
+    _say("")
+    _say(text_table(HEADLINE_HEADER, headline_rows(headlines(results))))
+    if args.out:
+        args.out.write_text(markdown(results))
+        _say(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
