@@ -447,7 +447,6 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
     if (!s)
         return;
     u32 *gen = http_generation.lookup(&zero);
-    u64 now = bpf_ktime_get_ns();
 
     if (avail >= 8) {
         /* a cheap look at 8 bytes first: most segments are neither a request nor a response */
@@ -456,6 +455,7 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
         u8 c0 = s->head[0];
         int maybe = (c0 >= 'A' && c0 <= 'Z') && (s->head[1] >= 'A' && s->head[1] <= 'Z');
         if (maybe) {
+            u64 now = bpf_ktime_get_ns();   /* only for a request or response */
             __builtin_memset(s->head, 0, HTTP_SCAN);
             s->avail = avail < HTTP_SCAN ? avail : HTTP_SCAN;
             copy_bytes_128(skb, pkt->payload_off, s->avail, s->head);
