@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import interleaved, kernel_cost, scrape, startup, throughput
+from . import connections, interleaved, kernel_cost, scrape, startup, throughput
 from .document import Results, headlines, markdown
 from .machine import Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
@@ -21,7 +21,8 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _kernel_costs(node: TestNode, seconds: float) -> list[kernel_cost.WorkloadCost]:
+def _kernel_costs(node: TestNode, seconds: float
+                  ) -> tuple[list[kernel_cost.WorkloadCost], kernel_cost.ConnectionCost]:
     started = startup.start(node)
     floor = kernel_cost.Floor(node, [node.veth_a, node.veth_b])
     try:
@@ -34,6 +35,8 @@ def _kernel_costs(node: TestNode, seconds: float) -> list[kernel_cost.WorkloadCo
                 kernel_cost.measure("tcp bulk", pid, floor,
                                     lambda: throughput.tcp_gbits(node, seconds)),
             ]
+            per_connection = kernel_cost.measure_connections(
+                pid, lambda: connections.loop(node, seconds))
     finally:
         floor.detach()
         floor.close()
@@ -42,7 +45,8 @@ def _kernel_costs(node: TestNode, seconds: float) -> list[kernel_cost.WorkloadCo
         _say(f"  {cost.workload}: classifier {cost.tc_ns_per_run:.0f} ns/run, floor "
              f"{cost.floor_ns_per_run:.0f} ns/run; over the floor "
              f"{cost.over_floor_per_packet:+.0f} ns per packet")
-    return costs
+    _say(f"  tracepoints: {per_connection.ns_per_connection:.0f} ns per TCP connection")
+    return costs, per_connection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     with TestNode() as node:
         node.iperf3_server(node.b_ns, node.b_ip)
         _say("1. per-packet kernel cost")
-        kernel = _kernel_costs(node, kernel_seconds)
+        connections.prepare(node)
+        kernel, per_connection = _kernel_costs(node, kernel_seconds)
         _say("2, 4, 5. throughput, start-up and connection rate, interleaved")
         rounds_result = interleaved.run(node, rounds, seconds, _say)
         _say("3. scrape cost")
         scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
     results = Results(Machine.describe(), args.quick, load_before, load_average(), seconds,
-                      kernel, rounds_result, scrapes, ports_per_source,
+                      kernel, per_connection, rounds_result, scrapes, ports_per_source,
                       time.monotonic() - began)
     _say("")
     _say(text_table(HEADLINE_HEADER, headline_rows(headlines(results))))

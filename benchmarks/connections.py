@@ -50,8 +50,14 @@ def prepare(node: TestNode) -> None:
     node.run(node.a_ns, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
 
 
-def connections_per_second(node: TestNode, seconds: float) -> float:
+def loop(node: TestNode, seconds: float) -> tuple[int, float]:
+    """Connections made in about `seconds`, and the seconds they took."""
     result = node.run(node.a_ns, [sys.executable, "-c", _LOOP, f"{seconds:g}"],
                       timeout=seconds + 30)
     outcome = json.loads(result.stdout)
-    return float(outcome["connections"]) / float(outcome["seconds"])
+    return int(outcome["connections"]), float(outcome["seconds"])
+
+
+def connections_per_second(node: TestNode, seconds: float) -> float:
+    count, took = loop(node, seconds)
+    return count / took

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .interleaved import Rounds
-from .kernel_cost import WorkloadCost
+from .kernel_cost import ConnectionCost, WorkloadCost
 from .machine import Machine
 from .report import (
     HEADLINE_HEADER,
@@ -32,6 +32,7 @@ class Results:
     load_after: tuple[float, float, float]
     seconds_per_run: float
     kernel: list[WorkloadCost]
+    per_connection: ConnectionCost
     rounds: Rounds
     scrapes: list[ScrapeRun]
     ports_per_source: int
@@ -92,6 +93,14 @@ def _kernel_section(r: Results) -> str:
             f"{cost.floor_ns_per_packet:.0f} ns, **over the floor "
             f"{cost.over_floor_per_packet:+.0f} ns**; per run "
             f"{cost.over_floor_per_run:+.0f} ns.")
+    c = r.per_connection
+    rows = [[p.name, f"{p.runs:,}", f"{p.ns_per_run:.0f}", f"{p.runs / c.connections:.2f}"]
+            for p in c.programs if p.runs]
+    parts.append(
+        f"**TCP connections on loopback** ({c.connections:,} connect, 1 byte, close; no TC "
+        f"program runs):\n\n"
+        f"{markdown_table(('program', 'runs', 'ns per run', 'runs per connection'), rows)}\n\n"
+        f"Tracepoint programs per connection (both ends): **{c.ns_per_connection:.0f} ns**.")
     return "\n\n".join(parts)
 
 

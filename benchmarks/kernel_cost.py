@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 
@@ -37,6 +38,7 @@ _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
 _BPF_ENABLE_STATS = 32
 _BPF_STATS_RUN_TIME = 0
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -156,24 +158,47 @@ class WorkloadCost:
         return self.tc_ns_per_packet - self.floor_ns_per_packet
 
 
+def _deltas(ids: set[int], run: Callable[[], T]) -> tuple[dict[int, ProgStats], T]:
+    before = read_stats(ids)
+    outcome = run()
+    after = read_stats(ids)
+    return {i: ProgStats(after[i].name, after[i].run_time_ns - before[i].run_time_ns,
+                         after[i].run_cnt - before[i].run_cnt) for i in ids if i in after}, outcome
+
+
+def _costs(deltas: dict[int, ProgStats]) -> list[ProgramCost]:
+    return [ProgramCost(d.name, d.run_cnt, d.run_time_ns / d.run_cnt if d.run_cnt else 0.0)
+            for d in sorted(deltas.values(), key=lambda d: d.name)]
+
+
 def measure(workload: str, exporter_pid: int, floor: Floor, run: Callable[[], object]
             ) -> WorkloadCost:
-    """Runs the workload with statistics on and returns what the kernel accounted."""
-    ids = prog_ids_of(exporter_pid) | {floor.prog_id}
-    before = read_stats(ids)
-    run()
-    after = read_stats(ids)
-    deltas = {i: ProgStats(after[i].name, after[i].run_time_ns - before[i].run_time_ns,
-                           after[i].run_cnt - before[i].run_cnt) for i in ids if i in after}
+    """Runs a workload through the node with statistics on; what the kernel accounted."""
+    deltas, _ = _deltas(prog_ids_of(exporter_pid) | {floor.prog_id}, run)
     floor_delta = deltas.pop(floor.prog_id)
-    programs = [ProgramCost(d.name, d.run_cnt, d.run_time_ns / d.run_cnt if d.run_cnt else 0.0)
-                for d in sorted(deltas.values(), key=lambda d: d.name)]
     tc = [d for d in deltas.values() if d.name in TC_PROGRAMS]
     tc_time = sum(d.run_time_ns for d in tc)
     tc_runs = sum(d.run_cnt for d in tc)
     packets = floor_delta.run_cnt / 2
     if not tc_runs or not floor_delta.run_cnt:
         raise RuntimeError(f"{workload}: no program runs were accounted")
-    return WorkloadCost(workload, programs, floor_delta.run_cnt,
+    return WorkloadCost(workload, _costs(deltas), floor_delta.run_cnt,
                         floor_delta.run_time_ns / floor_delta.run_cnt, tc_time / tc_runs,
                         packets, tc_time / packets, floor_delta.run_time_ns / packets)
+
+
+@dataclass(frozen=True)
+class ConnectionCost:
+    """The tracepoint programs' accounting over a loop of TCP connections."""
+    connections: int
+    programs: list[ProgramCost]
+
+    @property
+    def ns_per_connection(self) -> float:
+        return sum(p.runs * p.ns_per_run for p in self.programs) / self.connections
+
+
+def measure_connections(exporter_pid: int, run: Callable[[], tuple[int, float]]
+                        ) -> ConnectionCost:
+    deltas, outcome = _deltas(prog_ids_of(exporter_pid), run)
+    return ConnectionCost(outcome[0], _costs(deltas))
