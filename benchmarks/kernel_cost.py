@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,13 @@ class WorkloadCost:
     packets: float                  # each packet passes two hooks: one ingress, one egress
     tc_ns_per_packet: float
     floor_ns_per_packet: float
+    seconds: float                  # how long the workload ran
+    added_ns: float                 # every program of ours (tracepoints too) minus the floor
+
+    @property
+    def core_share(self) -> float:
+        """The CPU time our programs added, as a share of one core over the workload."""
+        return self.added_ns / (self.seconds * 1e9)
 
     @property
     def over_floor_per_run(self) -> float:
@@ -158,12 +166,16 @@ class WorkloadCost:
         return self.tc_ns_per_packet - self.floor_ns_per_packet
 
 
-def _deltas(ids: set[int], run: Callable[[], T]) -> tuple[dict[int, ProgStats], T]:
+def _deltas(ids: set[int], run: Callable[[], T]) -> tuple[dict[int, ProgStats], T, float]:
+    """What each program accounted while run() ran, run()'s result and its seconds."""
     before = read_stats(ids)
+    began = time.monotonic()
     outcome = run()
+    seconds = time.monotonic() - began
     after = read_stats(ids)
-    return {i: ProgStats(after[i].name, after[i].run_time_ns - before[i].run_time_ns,
-                         after[i].run_cnt - before[i].run_cnt) for i in ids if i in after}, outcome
+    deltas = {i: ProgStats(after[i].name, after[i].run_time_ns - before[i].run_time_ns,
+                           after[i].run_cnt - before[i].run_cnt) for i in ids if i in after}
+    return deltas, outcome, seconds
 
 
 def _costs(deltas: dict[int, ProgStats]) -> list[ProgramCost]:
@@ -174,7 +186,7 @@ def _costs(deltas: dict[int, ProgStats]) -> list[ProgramCost]:
 def measure(workload: str, exporter_pid: int, floor: Floor, run: Callable[[], object]
             ) -> WorkloadCost:
     """Runs a workload through the node with statistics on; what the kernel accounted."""
-    deltas, _ = _deltas(prog_ids_of(exporter_pid) | {floor.prog_id}, run)
+    deltas, _, seconds = _deltas(prog_ids_of(exporter_pid) | {floor.prog_id}, run)
     floor_delta = deltas.pop(floor.prog_id)
     tc = [d for d in deltas.values() if d.name in TC_PROGRAMS]
     tc_time = sum(d.run_time_ns for d in tc)
@@ -182,9 +194,11 @@ def measure(workload: str, exporter_pid: int, floor: Floor, run: Callable[[], ob
     packets = floor_delta.run_cnt / 2
     if not tc_runs or not floor_delta.run_cnt:
         raise RuntimeError(f"{workload}: no program runs were accounted")
+    added = sum(d.run_time_ns for d in deltas.values()) - floor_delta.run_time_ns
     return WorkloadCost(workload, _costs(deltas), floor_delta.run_cnt,
                         floor_delta.run_time_ns / floor_delta.run_cnt, tc_time / tc_runs,
-                        packets, tc_time / packets, floor_delta.run_time_ns / packets)
+                        packets, tc_time / packets, floor_delta.run_time_ns / packets, seconds,
+                        added)
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,12 @@ class ConnectionCost:
     """The tracepoint programs' accounting over a loop of TCP connections."""
     connections: int
     programs: list[ProgramCost]
+    seconds: float
+
+    @property
+    def core_share(self) -> float:
+        """The CPU time of the tracepoint programs, as a share of one core over the loop."""
+        return sum(p.runs * p.ns_per_run for p in self.programs) / (self.seconds * 1e9)
 
     @property
     def ns_per_connection(self) -> float:
@@ -200,5 +220,5 @@ class ConnectionCost:
 
 def measure_connections(exporter_pid: int, run: Callable[[], tuple[int, float]]
                         ) -> ConnectionCost:
-    deltas, outcome = _deltas(prog_ids_of(exporter_pid), run)
-    return ConnectionCost(outcome[0], _costs(deltas))
+    deltas, outcome, seconds = _deltas(prog_ids_of(exporter_pid), run)
+    return ConnectionCost(outcome[0], _costs(deltas), seconds)

@@ -8,17 +8,42 @@ from dataclasses import dataclass
 
 from .stats import Summary
 
+NO_TARGET = "-"
+
 
 @dataclass(frozen=True)
 class Headline:
     figure: str
     measured: str
-    target: str
-    met: bool | None        # None: no target
+    target: str             # NO_TARGET when there is none
+    met: bool | None        # None: no target, or the spread straddles it
 
 
-def verdict(met: bool | None) -> str:
-    return "-" if met is None else ("met" if met else "MISSED")
+def verdict(headline: Headline) -> str:
+    if headline.target == NO_TARGET:
+        return "-"
+    if headline.met is None:
+        return "not resolved"
+    return "met" if headline.met else "MISSED"
+
+
+def at_most(low: float, high: float, target: float) -> bool | None:
+    """Whether a measurement whose spread is low..high is at most `target` (None: straddles)."""
+    if high <= target:
+        return True
+    if low > target:
+        return False
+    return None
+
+
+def against(low: float, high: float, target: float) -> bool | None:
+    """Whether a measurement whose spread is low..high is at least `target`: None when the
+    spread straddles it (the run cannot tell)."""
+    if low >= target:
+        return True
+    if high < target:
+        return False
+    return None
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -35,7 +60,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def headline_rows(headlines: Sequence[Headline]) -> list[list[str]]:
-    return [[h.figure, h.measured, h.target, verdict(h.met)] for h in headlines]
+    return [[h.figure, h.measured, h.target, verdict(h)] for h in headlines]
 
 
 HEADLINE_HEADER = ("figure", "measured (median)", "target", "")

@@ -5,7 +5,7 @@ import ipaddress
 import numpy as np
 import pytest
 
-from benchmarks.report import markdown_table, text_table, verdict
+from benchmarks.report import Headline, against, at_most, markdown_table, text_table, verdict
 from benchmarks.sprayer import FRAME, SOURCE_PORT_BASE, frames
 from benchmarks.stats import paired_ratios, percentile, summarize
 
@@ -33,7 +33,16 @@ def test_tables():
     assert markdown_table(("a", "b"), [["1", "22"]]) == "| a | b |\n| --- | --- |\n| 1 | 22 |"
     assert text_table(("a", "bb"), [["333", "4"]]).splitlines() == [
         "a    bb", "---  --", "333  4 "]
-    assert [verdict(x) for x in (True, False, None)] == ["met", "MISSED", "-"]
+    verdicts = [verdict(Headline("f", "1", target, met))
+                for target, met in (("< 2", True), ("< 2", False), ("< 2", None), ("-", None))]
+    assert verdicts == ["met", "MISSED", "not resolved", "-"]
+
+
+def test_a_spread_that_straddles_the_target_does_not_decide():
+    assert [against(0.98, 1.2, 0.97), against(0.90, 0.96, 0.97), against(0.9, 1.1, 0.97)] == [
+        True, False, None]
+    assert [at_most(80, 95, 100), at_most(120, 140, 100), at_most(90, 110, 100)] == [
+        True, False, None]
 
 
 def test_sprayed_frames_are_distinct_valid_udp_flows():
