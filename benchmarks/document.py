@@ -73,7 +73,7 @@ def headlines(r: Results) -> list[Headline]:
         assert s.memory is not None
         out += [Headline("scrape p50, 100k flows", f"{p50 * 1000:.0f} ms", "< 250 ms", p50 < 0.25),
                 Headline("CPU per scrape, 100k flows", f"{cpu:.3f} s", "< 0.25 s", cpu < 0.25),
-                Headline("RSS (PSS) at 100k flows", f"{s.memory.rss_mib:.0f} MiB "
+                Headline("RSS (PSS) at 100k flows", f"{s.memory.rss_mib:.1f} MiB "
                          f"({s.memory.pss_mib:.0f})", "< 250 MiB", s.memory.rss_mib < 250)]
     if 1_000_000 in by_size:
         p50 = percentile(by_size[1_000_000].latencies, 50)
@@ -199,8 +199,10 @@ Every collector on (flows, tcp, dns, http). ns per run as the kernel accounts it
 
 ## 2 and 5. Throughput and connection rate, with and without the exporter
 
-{len(r.rounds.startup_seconds)} interleaved rounds of {r.seconds_per_run:g} s per workload:
-without, then with the exporter attached (started fresh each round). Median (IQR p25-p75, n).
+{len(r.rounds.startup_seconds)} interleaved rounds of {r.seconds_per_run:g} s per workload,
+without and with the exporter attached (started fresh each round; A B, then B A). Median
+(IQR p25-p75, n). A ratio whose interquartile range straddles its target is "not resolved":
+at this machine's noise the run cannot tell. Part 1's share of a core is the steadier figure.
 
 {_interleaved_section(r)}
 

@@ -1,6 +1,7 @@
 """Parts 2, 4 and 5 in one interleaved run: each round measures the workloads without the
-exporter (A), then starts the exporter, measures them again with it attached (B) and stops it.
-Every start is a part 4 sample."""
+exporter (A) and with it attached (B: started, measured, stopped), in the order A B in odd
+rounds and B A in even ones, so that neither side always runs second (after a start-up, or
+later in a drift of the machine's load). Every start is a part 4 sample."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def run(node: TestNode, rounds: int, seconds: float,
     connections.prepare(node)
     result = Rounds()
     for number in range(1, rounds + 1):
-        _measure_all(node, seconds, result.without)
+        if number % 2:
+            _measure_all(node, seconds, result.without)
         started = startup.start(node)
         try:
             result.startup_seconds.append(started.seconds)
@@ -48,6 +50,8 @@ def run(node: TestNode, rounds: int, seconds: float,
             _measure_all(node, seconds, result.attached)
         finally:
             started.exporter.stop()
+        if not number % 2:
+            _measure_all(node, seconds, result.without)
         progress(f"  round {number}/{rounds}: " + ", ".join(
             f"{name} {result.without[name][-1]:.4g} -> {result.attached[name][-1]:.4g}"
             for name in WORKLOADS) + f", ready in {started.seconds:.2f} s")
