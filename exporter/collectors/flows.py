@@ -164,7 +164,7 @@ class FlowsCollector:
             # still packs into one integer (three integer sorts beat one lexsort of 5 columns)
             src_end = _numbered(columns[0] << 17 | columns[1])
             dst_end = _numbered(columns[2] << 17 | columns[3])
-            end_bits = max(len(src_end), len(dst_end), 1).bit_length()
+            end_bits = max(len(protocol), 1).bit_length()    # ranks are below the rows
             packed = (src_end << end_bits | dst_end) << 8 | protocol
             _, firsts, inverse = np.unique(packed, return_index=True, return_inverse=True)
             inverse = inverse.reshape(-1)
