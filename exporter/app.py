@@ -12,6 +12,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__, classifier, environment, logs
+from .collectors import drops
 from .collectors.base import PairCollector
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
@@ -90,6 +91,8 @@ class Exporter:
                                    "run with --no-collector.tcp")
             tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
             collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, *series))
+        if config.collectors.drops:
+            collectors.append(self._drops(endpoints, ports, series))
         reporters = []
         if classifier.wanted(config):
             program = self._program("classifier", "classifier.c", classifier.cflags(config))
@@ -132,6 +135,17 @@ class Exporter:
         program = Program(name, source, cflags)
         self.programs.append(program)
         return program
+
+    def _drops(self, endpoints: EndpointLabels, ports: PortFolder,
+               series: tuple[KernelStats, int, float]) -> drops.DropsCollector:
+        if not drops.tracepoint_has_reason(TRACEFS_EVENTS):
+            raise StartupError("the kernel lacks the skb:kfree_skb tracepoint with a drop "
+                               "reason (Linux >= 5.17): run with --no-collector.drops")
+        reasons = drops.reason_names(TRACEFS_EVENTS)
+        program = self._program("drops", "drops.c",
+                                drops.program_flags(self.config.maps.drop_capacity, reasons))
+        return drops.DropsCollector(drops.KernelDropSource(program), endpoints, ports, *series,
+                                    reasons=reasons)
 
     def _monitor(self, classifier: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
         interfaces = classifier.table("monitored_ifaces")

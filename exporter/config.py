@@ -223,6 +223,7 @@ class CollectorsConfig:
     tcp: bool = _spec(parse_bool)
     dns: bool = _spec(parse_bool)
     http: bool = _spec(parse_bool)
+    drops: bool = _spec(parse_bool)
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ class MapsConfig:
     dns_event_capacity: int = _spec(parse_capacity)
     http_conn_capacity: int = _spec(parse_capacity)
     http_event_capacity: int = _spec(parse_capacity)
+    drop_capacity: int = _spec(parse_capacity)
 
 
 @dataclass(frozen=True)

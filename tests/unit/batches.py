@@ -125,3 +125,26 @@ def unanswered(client: str, server: str, methods: list[int], port: int = 80):
     family, client_raw = _address(client)
     _, server_raw = _address(server)
     return Unanswered(family, client_raw.tobytes(), server_raw.tobytes(), port, methods)
+
+
+def drop_batch(rows: list[dict], **extra):
+    """rows: reason, src, dst (absent: not IP), sport, dport, protocol (number), count."""
+    from exporter.collectors import drops as dropsmod
+
+    keys = np.zeros(len(rows), dtype=dropsmod.DROP_KEY)
+    counts = np.zeros(len(rows), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        keys[i]["reason"] = row["reason"]
+        if "src" in row:
+            family, src = _address(row["src"])
+            _, dst = _address(row["dst"])
+            keys[i]["family"] = family
+            keys[i]["saddr"] = src
+            keys[i]["daddr"] = dst
+            keys[i]["protocol"] = row.get("protocol", 17)
+            keys[i]["sport"] = row.get("sport", 0)
+            keys[i]["dport"] = row.get("dport", 0)
+        else:
+            keys[i]["protocol"] = row.get("protocol", dropsmod.PROTOCOL_NON_IP)
+        counts[i] = row["count"]
+    return dropsmod.DropBatch(keys, counts, **extra)
