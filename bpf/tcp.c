@@ -21,6 +21,10 @@
 enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
 
 #include "common.h"
+/* the live view's records (-DWITH_EVENTS); never in the exporter's programs */
+#ifdef WITH_EVENTS
+#include "events.h"
+#endif
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -93,6 +97,10 @@ struct sock_info {
     u32 flags;
     u32 last_srtt_us;       /* the latest srtt tcp_probe reported, not yet sampled if flagged */
     u64 next_rtt_sample_ns;
+#ifdef WITH_EVENTS
+    u16 client_port;        /* the live view shows connections, so it keeps the folded port */
+    u16 pad[3];
+#endif
 };
 
 /* One map holds every TCP counter and the RTT histogram, told apart by `metric`: bcc allows map
@@ -208,6 +216,40 @@ static __always_inline void endpoints_from_sockaddrs(struct tcp_endpoints *ep, c
     ep->rport = bpf_ntohs(*(const u16 *)(remote + 2));
 }
 
+#ifdef WITH_EVENTS
+static __always_inline void keep_client_port(struct sock_info *info)
+{
+    info->client_port = info->ep.role == ROLE_CLIENT ? info->ep.lport : info->ep.rport;
+}
+
+/* For the live view: one record per socket that closes (bpf/events.h). */
+static __always_inline void emit_close(const struct sock_info *info, u32 outcome)
+{
+    struct live_event *ev = live_events.ringbuf_reserve(sizeof(struct live_event));
+    if (!ev)
+        return;
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->kind = LIVE_TCP_CLOSE;
+    ev->family = info->ep.family;
+    ev->transport = info->ep.role;
+    if (info->ep.role == ROLE_SERVER) {
+        __builtin_memcpy(ev->client, info->ep.raddr, 16);
+        __builtin_memcpy(ev->server, info->ep.laddr, 16);
+        ev->client_port = info->client_port;
+        ev->server_port = info->ep.lport;
+    } else {
+        /* a client, or a socket whose role was not seen: local end first */
+        __builtin_memcpy(ev->client, info->ep.laddr, 16);
+        __builtin_memcpy(ev->server, info->ep.raddr, 16);
+        ev->client_port = info->ep.role == ROLE_CLIENT ? info->client_port : info->ep.lport;
+        ev->server_port = info->ep.rport;
+    }
+    ev->latency_us = info->last_srtt_us;
+    ev->code = outcome;
+    live_events.ringbuf_submit(ev, 0);
+}
+#endif
+
 static __always_inline void remember_socket(u64 sk, struct sock_info *info)
 {
     if (tcp_sockets.insert(&sk, info) == 0) {
@@ -231,6 +273,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct sock_info info = {};
         ENDPOINTS_FROM_FIELDS(&info.ep, args);
         info.ep.role = ROLE_CLIENT;
+#ifdef WITH_EVENTS
+        keep_client_port(&info);
+#endif
         fold_client_port(&info.ep);
         remember_socket(sk, &info);
         return 0;
@@ -241,6 +286,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct sock_info info = {};
         ENDPOINTS_FROM_FIELDS(&info.ep, args);
         info.ep.role = oldstate == TCPS_SYN_SENT ? ROLE_CLIENT : ROLE_SERVER;
+#ifdef WITH_EVENTS
+        keep_client_port(&info);
+#endif
         fold_client_port(&info.ep);
         info.flags = SOCK_OPEN_SEEN;
         info.next_rtt_sample_ns = bpf_ktime_get_ns() + RTT_SAMPLE_INTERVAL_NS;
@@ -260,8 +308,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             else if (info->flags & SOCK_SYN_RETRANSMITTED)
                 reason = CONNECT_TIMEOUT;
             count_event(METRIC_CONNECT_FAILURES, &info->ep, reason, 1);
+#ifdef WITH_EVENTS
+            emit_close(info, LIVE_TCP_REFUSED + reason);    /* same order as CONNECT_* */
+#endif
         } else if (info->flags & SOCK_OPEN_SEEN) {
             count_event(METRIC_CLOSED, &info->ep, 0, 1);
+#ifdef WITH_EVENTS
+            emit_close(info, LIVE_TCP_CLOSED);
+#endif
         }
         if (info->flags & SOCK_RTT_UNSAMPLED)
             observe_rtt(&info->ep, info->last_srtt_us);

@@ -34,6 +34,9 @@ EPILOG = """examples:
   # check a config file and print the effective configuration
   .venv/bin/ebpf-net-exporter --config.file exporter.yaml --config.check
 
+  # the live view: flows, DNS and HTTP exchanges as they complete (see flows --help)
+  sudo .venv/bin/ebpf-net-exporter flows --json
+
 every setting can also come from an environment variable EBPF_NET_<SECTION>_<KEY>,
 e.g. EBPF_NET_SERIES_TTL=10m; see docs/configuration.md
 """
@@ -127,6 +130,12 @@ def effective_yaml(cfg: config.Config) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["flows"]:        # the live view: a command of its own
+        from .live import cli as live_cli
+
+        live_cli.main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.print_source:
         try:
