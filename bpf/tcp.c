@@ -13,7 +13,13 @@
  * - RTT: the smoothed RTT (srtt) that tcp:tcp_probe reports on every segment a socket receives
  *   is remembered per socket; each socket contributes its latest value once per
  *   RTT_SAMPLE_INTERVAL_NS it lives, and once more when it closes if it measured anything since
- *   its last sample. A short connection so counts once, with its final srtt. */
+ *   its last sample. A short connection so counts once, with its final srtt.
+ * - process (opt-in, -DWITH_PROCESS): the command name of the socket's process, taken where the
+ *   kernel runs in that process's context: connect() (SYN_SENT) for a client; for a server's
+ *   accepted socket, whose handshake completes in softirq, its first send or receive
+ *   (sock:sock_send_length, sock:sock_recv_length), so its open is counted then (or at close,
+ *   with no process, if it never sent nor received). Part of every key, so it labels every
+ *   TCP metric; the cgroup id goes to the live view only. */
 
 /* Kernels >= 6.10 type tcp_send_reset's `reason` as enum sk_rst_reason, which older headers
  * lack. The enum is 4 bytes either way; give bcc's generated struct a tag we define. */
@@ -90,6 +96,9 @@ struct tcp_endpoints {
     u16 pad;
     u8 laddr[16];
     u8 raddr[16];
+#ifdef WITH_PROCESS
+    char comm[16];          /* zero when not known */
+#endif
 };
 
 struct sock_info {
@@ -100,6 +109,10 @@ struct sock_info {
 #ifdef WITH_EVENTS
     u16 client_port;        /* the live view shows connections, so it keeps the folded port */
     u16 pad[3];
+#endif
+#ifdef WITH_PROCESS
+    u64 cgroup_id;
+    u64 process_pending;    /* 1: a server socket whose open waits for its process (see top) */
 #endif
 };
 
@@ -246,7 +259,19 @@ static __always_inline void emit_close(const struct sock_info *info, u32 outcome
     }
     ev->latency_us = info->last_srtt_us;
     ev->code = outcome;
+#ifdef WITH_PROCESS
+    __builtin_memcpy(ev->comm, info->ep.comm, sizeof(ev->comm));
+    ev->cgroup_id = info->cgroup_id;
+#endif
     live_events.ringbuf_submit(ev, 0);
+}
+#endif
+
+#ifdef WITH_PROCESS
+static __always_inline void take_process(struct sock_info *info)
+{
+    bpf_get_current_comm(info->ep.comm, sizeof(info->ep.comm));
+    info->cgroup_id = bpf_get_current_cgroup_id();
 }
 #endif
 
@@ -277,6 +302,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         keep_client_port(&info);
 #endif
         fold_client_port(&info.ep);
+#ifdef WITH_PROCESS
+        take_process(&info);            /* connect(): the client's own process */
+#endif
         remember_socket(sk, &info);
         return 0;
     }
@@ -292,6 +320,19 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         fold_client_port(&info.ep);
         info.flags = SOCK_OPEN_SEEN;
         info.next_rtt_sample_ns = bpf_ktime_get_ns() + RTT_SAMPLE_INTERVAL_NS;
+#ifdef WITH_PROCESS
+        /* softirq here: a client keeps what connect() saw; a server waits for its process */
+        struct sock_info *known = tcp_sockets.lookup(&sk);
+        if (oldstate == TCPS_SYN_SENT && known) {
+            __builtin_memcpy(info.ep.comm, known->ep.comm, sizeof(info.ep.comm));
+            info.cgroup_id = known->cgroup_id;
+        }
+        if (oldstate == TCPS_SYN_RECV) {
+            info.process_pending = 1;
+            remember_socket(sk, &info);
+            return 0;
+        }
+#endif
         remember_socket(sk, &info);
         count_event(METRIC_OPENED, &info.ep, 0, 1);
         return 0;
@@ -312,6 +353,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             emit_close(info, LIVE_TCP_REFUSED + reason);    /* same order as CONNECT_* */
 #endif
         } else if (info->flags & SOCK_OPEN_SEEN) {
+#ifdef WITH_PROCESS
+            if (__sync_fetch_and_and(&info->process_pending, 0))   /* never sent nor received */
+                count_event(METRIC_OPENED, &info->ep, 0, 1);
+#endif
             count_event(METRIC_CLOSED, &info->ep, 0, 1);
 #ifdef WITH_EVENTS
             emit_close(info, LIVE_TCP_CLOSED);
@@ -403,3 +448,32 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     observe_rtt(&info->ep, srtt_us);
     return 0;
 }
+
+#ifdef WITH_PROCESS
+/* A server socket's first send or receive, in its process's context: its open is counted now,
+ * with that process. The mark is cleared atomically, so two CPUs never count it twice. */
+static __always_inline void take_pending_process(u64 sk)
+{
+    struct sock_info *info = tcp_sockets.lookup(&sk);
+    if (!info || !info->process_pending)
+        return;
+    if (!__sync_fetch_and_and(&info->process_pending, 0))
+        return;
+    take_process(info);
+    count_event(METRIC_OPENED, &info->ep, 0, 1);
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    if (args->protocol == PROTO_TCP)
+        take_pending_process((u64)args->sk);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    if (args->protocol == PROTO_TCP)
+        take_pending_process((u64)args->sk);
+    return 0;
+}
+#endif

@@ -33,6 +33,8 @@ IFACE_ETHERNET = 1          # bpf/packet.h
 TRACEFS_EVENTS = environment.TRACEFS / "events"
 TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
                    "tcp/tcp_send_reset", "tcp/tcp_probe")
+# where a server socket's process is known (bpf/tcp.c, -DWITH_PROCESS); Linux >= 6.3
+PROCESS_TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length")
 
 
 class StartupError(Exception):
@@ -51,6 +53,8 @@ def tcp_program_flags(config: Config) -> list[str]:
     reset_format = TRACEFS_EVENTS / "tcp/tcp_send_reset/format"
     if "saddr[28]" in reset_format.read_text():
         flags.append("-DTCP_SEND_RESET_SOCKADDR")
+    if config.tcp.process_label:
+        flags.append("-DWITH_PROCESS")
     return flags
 
 
@@ -89,8 +93,14 @@ class Exporter:
             if missing:
                 raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
                                    "run with --no-collector.tcp")
+            process = config.tcp.process_label
+            missing = _missing_tracepoints(PROCESS_TRACEPOINTS) if process else []
+            if missing:
+                raise StartupError(f"tcp.process_label needs tracepoints {', '.join(missing)} "
+                                   "(Linux >= 6.3): turn it off")
             tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
-            collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, *series))
+            collectors.append(TcpCollector(KernelTcpSource(tcp, process=process), endpoints,
+                                           ports, *series, process_label=process))
         if config.collectors.drops:
             collectors.append(self._drops(endpoints, ports, series))
         reporters = []

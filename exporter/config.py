@@ -258,6 +258,7 @@ class MapsConfig:
 @dataclass(frozen=True)
 class TcpConfig:
     rtt_sample_interval: float = _spec(parse_duration)
+    process_label: bool = _spec(parse_bool)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import classifier, environment, logs
-from ..app import IFACE_ETHERNET, TCP_TRACEPOINTS, _missing_tracepoints, tcp_program_flags
+from ..app import (
+    IFACE_ETHERNET,
+    PROCESS_TRACEPOINTS,
+    TCP_TRACEPOINTS,
+    _missing_tracepoints,
+    tcp_program_flags,
+)
+from ..cgroups import CgroupNames
 from ..collectors.dns import KernelDnsSource
 from ..collectors.flows import KernelFlowSource
 from ..collectors.http import KernelHttpSource
@@ -68,19 +75,21 @@ class LiveView:
         self._sources = [KernelHttpSource(packets, config.http.idle_timeout, paths=True)]
         packets.bpf[b"live_events"].open_ring_buffer(self._on_record)
         if not _missing_tracepoints(TCP_TRACEPOINTS):
-            tcp = Program("live-tcp", "tcp.c", [*tcp_program_flags(config), "-DWITH_EVENTS",
-                                                *self.tcp_flags()])
+            # the process of each connection where the kernel gives it
+            process = not _missing_tracepoints(PROCESS_TRACEPOINTS)
+            flags = [f for f in tcp_program_flags(config) if f != "-DWITH_PROCESS"]
+            flags += ["-DWITH_EVENTS", *(["-DWITH_PROCESS"] if process else [])]
+            tcp = Program("live-tcp", "tcp.c", flags)
             self.programs.append(tcp)
-            self._sources.append(KernelTcpSource(tcp))
+            self._sources.append(KernelTcpSource(tcp, process=process))
+            if process:
+                self.formatter.cgroups = CgroupNames()
             tcp.bpf[b"live_events"].open_ring_buffer(self._on_record)
         else:
             log.warning("no TCP tracepoints: flows show no RTT and end only when idle")
         self.monitor = self._monitor(packets, ingress.fd, egress.fd)
         self.monitor.start()
         log.info("ready", extra={"interfaces": len(self.monitor.attached)})
-
-    def tcp_flags(self) -> list[str]:
-        return []
 
     def _monitor(self, program: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
         interfaces = program.table("monitored_ifaces")
@@ -148,3 +157,5 @@ class LiveView:
             self.monitor.stop()
         for program in self.programs:
             program.close()
+        if self.formatter.cgroups is not None:
+            self.formatter.cgroups.close()

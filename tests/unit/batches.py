@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exporter.collectors.flows import FLOW_KEY, FLOW_VALUE, FlowBatch
-from exporter.collectors.tcp import TCP_KEY, TcpBatch
+from exporter.collectors.tcp import TCP_KEY, TCP_KEY_PROCESS, TcpBatch
 
 
 def _address(text: str) -> tuple[int, np.ndarray]:
@@ -37,9 +37,9 @@ def flow_batch(rows: list[dict], **extra) -> FlowBatch:
     return FlowBatch(keys, values, **extra)
 
 
-def tcp_batch(rows: list[dict], **extra) -> TcpBatch:
-    """rows: metric, variant, role, local, remote, lport, rport, count."""
-    keys = np.zeros(len(rows), dtype=TCP_KEY)
+def tcp_batch(rows: list[dict], process: bool = False, **extra) -> TcpBatch:
+    """rows: metric, variant, role, local, remote, lport, rport, count; comm with process."""
+    keys = np.zeros(len(rows), dtype=TCP_KEY_PROCESS if process else TCP_KEY)
     counts = np.zeros(len(rows), dtype=np.uint64)
     for i, row in enumerate(rows):
         family, local = _address(row["local"])
@@ -52,6 +52,8 @@ def tcp_batch(rows: list[dict], **extra) -> TcpBatch:
         keys[i]["rport"] = row.get("rport", 0)
         keys[i]["laddr"] = local
         keys[i]["raddr"] = remote
+        if process:
+            keys[i]["comm"] = np.frombuffer(row.get("comm", b"").ljust(16, b"\0"), np.uint8)
         counts[i] = row["count"]
     return TcpBatch(keys, counts, **extra)
 
