@@ -14,6 +14,7 @@ from prometheus_client.process_collector import ProcessCollector
 from . import __version__, classifier, environment, logs
 from .collectors import drops
 from .collectors.base import PairCollector
+from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.http import HttpCollector, KernelHttpSource
@@ -23,7 +24,7 @@ from .dnsnames import QueryLabel
 from .endpoints import EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
 from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
-from .loader import Program
+from .loader import LoadError, Program
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
 
@@ -65,7 +66,8 @@ class Exporter:
         self.stats = KernelStats()
         self.programs: list[Program] = []
         self.monitor: InterfaceMonitor | None = None
-        self.sweeping: list[PairCollector] = []   # collectors that may sweep in a thread
+        # collectors that may sweep or poll in a thread of their own
+        self.sweeping: list[PairCollector | BashCollector] = []
         self.web: WebServer | None = None
         self._ready = threading.Event()
 
@@ -103,6 +105,10 @@ class Exporter:
                                            ports, *series, process_label=process))
         if config.collectors.drops:
             collectors.append(self._drops(endpoints, ports, series))
+        if config.collectors.bash:
+            bash = self._bash(series)
+            collectors.append(bash)
+            self.sweeping.append(bash)
         reporters = []
         if classifier.wanted(config):
             program = self._program("classifier", "classifier.c", classifier.cflags(config))
@@ -156,6 +162,17 @@ class Exporter:
                                 drops.program_flags(self.config.maps.drop_capacity, reasons))
         return drops.DropsCollector(drops.KernelDropSource(program), endpoints, ports, *series,
                                     reasons=reasons)
+
+    def _bash(self, series: tuple[KernelStats, int, float]) -> BashCollector:
+        binary = self.config.bash.binary
+        program = self._program("bash", "bash.c", [])
+        try:
+            program.attach_uretprobe(binary, "readline", "on_readline_return")
+        except LoadError as e:
+            raise StartupError(f"bash audit: cannot probe readline in {binary} (uprobes, "
+                               f"and a bash with its symbols, are needed): {e}") from e
+        return BashCollector(KernelBashSource(program), CommandLog(self.config.bash.log_file),
+                             *series)
 
     def _monitor(self, classifier: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
         interfaces = classifier.table("monitored_ifaces")

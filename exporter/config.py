@@ -183,6 +183,18 @@ def parse_glob(value: Any) -> str:
     return value.strip()
 
 
+def parse_file(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail("a file path", value)
+    return value.strip()
+
+
+def parse_optional_file(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    return parse_file(value)
+
+
 def parse_path_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _fail("a path prefix starting with /", value)
@@ -224,6 +236,7 @@ class CollectorsConfig:
     dns: bool = _spec(parse_bool)
     http: bool = _spec(parse_bool)
     drops: bool = _spec(parse_bool)
+    bash: bool = _spec(parse_bool)
 
 
 @dataclass(frozen=True)
@@ -277,6 +290,12 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class BashConfig:
+    binary: str = _spec(parse_file)
+    log_file: str = _spec(parse_optional_file)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _spec(one_of(*LOG_LEVELS))
     format: str = _spec(one_of(*LOG_FORMATS))
@@ -294,6 +313,7 @@ class Config:
     tcp: TcpConfig
     dns: DnsConfig
     http: HttpConfig
+    bash: BashConfig
     log: LogConfig
 
 

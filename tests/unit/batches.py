@@ -150,3 +150,39 @@ def drop_batch(rows: list[dict], **extra):
             keys[i]["protocol"] = row.get("protocol", dropsmod.PROTOCOL_NON_IP)
         counts[i] = row["count"]
     return dropsmod.DropBatch(keys, counts, **extra)
+
+
+def bash_record(line: bytes, uid: int = 1000, pid: int = 42,
+                time_ns: int = 5_000_000_000) -> bytes:
+    """A record of bpf/bash.c's ring buffer."""
+    from exporter.collectors.bash import BASH_COMMAND, LINE_BYTES
+
+    record = np.zeros(1, dtype=BASH_COMMAND)
+    record[0]["time_ns"] = time_ns
+    record[0]["pid"] = pid
+    record[0]["uid"] = uid
+    cut = line[:LINE_BYTES - 1]
+    record[0]["length"] = len(cut) + 1
+    record[0]["line"] = cut
+    return record.tobytes()
+
+
+@dataclass
+class BashSource:
+    """Hands prepared records to the collector when opened; reports `lost` once."""
+    records: list = field(default_factory=list)
+    lost_records: int = 0
+
+    def open(self, on_record):
+        for record in self.records:
+            on_record(record)
+
+    def poll(self, milliseconds):
+        pass
+
+    def consume(self):
+        pass
+
+    def lost(self):
+        lost, self.lost_records = self.lost_records, 0
+        return lost

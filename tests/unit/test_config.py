@@ -135,7 +135,7 @@ def test_cli_config_check_prints_the_effective_configuration(tmp_path):
     assert effective["series"]["ttl"] == 120.0
     assert effective["interfaces"]["include"] == ["veth.*"]
     assert effective["collectors"] == {"flows": True, "tcp": False, "dns": True, "http": True,
-                                    "drops": False}
+                                    "drops": False, "bash": False}
 
 
 @pytest.mark.parametrize("args,message", [

@@ -15,6 +15,7 @@ from exporter import histogram
 from exporter.collectors import dns as dnsmod
 from exporter.collectors import http as httpmod
 from exporter.collectors import tcp as tcpmod
+from exporter.collectors.bash import BashCollector, CommandLog
 from exporter.collectors.dns import DnsCollector
 from exporter.collectors.drops import DropsCollector
 from exporter.collectors.flows import FlowsCollector
@@ -25,7 +26,9 @@ from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
 from .batches import (
+    BashSource,
     QueueSource,
+    bash_record,
     dns_batch,
     drop_batch,
     flow_batch,
@@ -102,7 +105,9 @@ def collectors(stats: KernelStats) -> list:
     drops = DropsCollector(QueueSource([drop_batch(DROPS, entries=2, capacity=16384)],
                                        drop_batch([])), endpoints, ports, stats, 100, 300,
                            reasons=DROP_REASONS)
-    return [flows, tcp, dns, http, drops]
+    bash = BashCollector(BashSource([bash_record(b"ls -l", uid=0)]), CommandLog(os.devnull),
+                         stats, 100, 300)
+    return [flows, tcp, dns, http, drops, bash]
 
 
 def test_exposition_matches_the_golden_file():
@@ -151,7 +156,7 @@ def test_every_self_metric_of_the_spec_is_served_with_per_collector_labels():
     text = full_exposition()
     for name in SELF_METRICS:
         assert f"# TYPE {name} " in text, name
-    for collector in ("flows", "tcp", "dns", "http", "drops"):
+    for collector in ("flows", "tcp", "dns", "http", "drops", "bash"):
         assert f'ebpf_net_exporter_scrape_collector_success{{collector="{collector}"}} 1.0' \
             in text
     assert 'ebpf_net_exporter_bpf_map_capacity{map="tcp_sockets"} 131072.0' in text
