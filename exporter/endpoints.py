@@ -8,10 +8,18 @@ the ephemeral floor that is not a configured server port is a client's, shown as
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from cachetools import LRUCache, TTLCache
+
+from .k8s.cluster import Identity
+from .namepolicy import NamePolicy
+
+# the endpoint label vocabulary, in the order labels appear
+KUBERNETES_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node")
+ENDPOINT_LABELS = (*KUBERNETES_LABELS, "ip", "ip_type", "port")
+Resolver = Callable[[str], Identity]
 
 FOLDED_PORT = "*"
 NO_PORT = ""
@@ -181,35 +189,51 @@ def unique_rows(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class EndpointLabels:
-    """Label names and values of one end of a pair, from the configured vocabulary."""
+    """Label names and values of the two ends of a pair, from the configured vocabulary
+    (METRICS.md, "Endpoint labels"). Each side may carry its own subset: a metric family can
+    keep, say, only the destination's names. Kubernetes names come from `resolver` (an address
+    to its Identity) folded by `policy` (allowlists, pod namespaces)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = tuple(names)
-        self._with_ip = "ip" in self.names
-        self._with_type = "ip_type" in self.names
-        self.with_port = "port" in self.names
+    def __init__(self, names: Sequence[str], dst_names: Sequence[str] | None = None,
+                 resolver: Resolver | None = None, policy: NamePolicy | None = None) -> None:
+        self.names = {"src": _in_order(names),
+                      "dst": _in_order(names if dst_names is None else dst_names)}
+        wanted = set(self.names["src"]) | set(self.names["dst"])
+        if resolver is None and wanted & set(KUBERNETES_LABELS):
+            raise ValueError(f"labels {sorted(wanted & set(KUBERNETES_LABELS))} need "
+                             "Kubernetes metadata")
+        self.resolver = resolver
+        self.policy = policy or NamePolicy()
         self._types: LRUCache[str, str] = LRUCache(maxsize=262144)
 
     def label_names(self, side: str, with_port: bool = True) -> list[str]:
-        names = []
-        if self._with_ip:
-            names.append(f"{side}_ip")
-        if self._with_type:
-            names.append(f"{side}_ip_type")
-        if self.with_port and with_port:
-            names.append(f"{side}_port")
-        return names
+        return [f"{side}_{name}" for name in self.names[side] if with_port or name != "port"]
 
-    def values(self, address: str, port: str | None) -> tuple[str, ...]:
+    def values(self, side: str, address: str, port: str | None) -> tuple[str, ...]:
         """Label values for an end; port None when this end carries no port label."""
+        names = self.names[side]
+        if not names:
+            return ()
+        identity = self.policy.apply(self.resolver(address)) if self.resolver else None
         values: list[str] = []
-        if self._with_ip:
-            values.append(address)
-        if self._with_type:
-            kind = self._types.get(address)
-            if kind is None:
-                kind = self._types[address] = ip_type(ipaddress.ip_address(address))
-            values.append(kind)
-        if self.with_port and port is not None:
-            values.append(port)
+        for name in names:
+            if name == "port":
+                if port is not None:
+                    values.append(port)
+            elif name == "ip":
+                values.append(address)
+            elif name == "ip_type":
+                kind = self._types.get(address)
+                if kind is None:
+                    kind = self._types[address] = ip_type(ipaddress.ip_address(address))
+                values.append(kind)
+            else:
+                values.append(getattr(identity, name))
         return tuple(values)
+
+
+def _in_order(names: Sequence[str]) -> tuple[str, ...]:
+    unknown = set(names) - set(ENDPOINT_LABELS)
+    if unknown:
+        raise ValueError(f"unknown endpoint labels {sorted(unknown)}")
+    return tuple(name for name in ENDPOINT_LABELS if name in names)

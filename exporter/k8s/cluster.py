@@ -126,6 +126,7 @@ class ClusterState:
         self._host_ips: dict[str, str] = {}     # node addresses, from Nodes
         self._host_pod_ips: dict[str, str] = {}  # addresses of host-network pods -> node
         self._service_ips: dict[str, tuple[str, str]] = {}
+        self._local_ips: dict[str, str] = {}    # this node's own addresses -> its name
         self._deleted: TTLCache[str, Identity] = TTLCache(DELETED_POD_MEMORY, deleted_pod_grace)
         self._resolved: dict[str, Identity] = {}    # live objects' identities; cleared on change
         self.version = 0
@@ -246,6 +247,12 @@ class ClusterState:
             if self._host_ips.get(ip) == name:
                 del self._host_ips[ip]
 
+    def set_local_node(self, name: str, addresses: Iterable[str]) -> None:
+        """This node's own addresses, known without the API server (or RBAC on nodes)."""
+        with self._lock:
+            self._changed()
+            self._local_ips = dict.fromkeys(addresses, name)
+
     # --- readers (scrapes) ---
 
     def resolve(self, ip: str) -> Identity | None:
@@ -266,7 +273,7 @@ class ClusterState:
             # two live pods on one address: the old one is terminating; the new one owns it
             newest = max((self._pods[key] for key in pods), key=lambda p: p.created)
             return self._pod_identity(newest)
-        node = self._host_ips.get(ip) or self._host_pod_ips.get(ip)
+        node = self._host_ips.get(ip) or self._host_pod_ips.get(ip) or self._local_ips.get(ip)
         if node:
             return Identity(workload=node, workload_kind="Node", node=node)
         service = self._service_ips.get(ip)

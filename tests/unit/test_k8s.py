@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.k8s import RBAC_RULES, Identity, KubernetesMetadata
+from exporter.k8s import RBAC_RULES, Identity
 from exporter.k8s.connection import connect
+from exporter.k8s.metadata import KubernetesMetadata
 from exporter.k8s.watch import Backoff
 from tests import kubeapi
 from tests.kubeapi import KubeAPI
