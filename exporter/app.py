@@ -67,7 +67,7 @@ class EndpointLabelSets:
 
     def __init__(self, config: Config, kubernetes: KubernetesMetadata | None) -> None:
         settings = config.labels
-        self.resolver = kubernetes.resolve if kubernetes else None
+        self.resolver = kubernetes
         self.policy = NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
                                  Globs(settings.workload_allow, settings.workload_deny),
                                  Globs(settings.service_allow, settings.service_deny),
@@ -177,6 +177,10 @@ class Exporter:
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
+        # the watches start once the programs load: a start-up that fails on the kernel side
+        # never loads the API server with a cluster-wide list
+        if self.kubernetes:
+            self.kubernetes.start()
         if self.monitor:
             self.monitor.start()
         for collector in self.sweeping:
@@ -208,7 +212,6 @@ class Exporter:
         metadata = KubernetesMetadata(api, settings.deleted_pod_grace)
         if settings.node_name:
             metadata.state.set_local_node(settings.node_name, local_addresses())
-        metadata.start()
         log.info("kubernetes labels on", extra={"from": source,
                                                 "node": settings.node_name or "unset"})
         return metadata

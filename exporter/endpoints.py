@@ -8,7 +8,9 @@ the ephemeral floor that is not a configured server port is a client's, shown as
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 from cachetools import LRUCache, TTLCache
@@ -19,7 +21,8 @@ from .namepolicy import NamePolicy
 # the endpoint label vocabulary, in the order labels appear
 KUBERNETES_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node")
 ENDPOINT_LABELS = (*KUBERNETES_LABELS, "ip", "ip_type", "port")
-Resolver = Callable[[str], Identity]
+CACHE_SECONDS = 60.0        # endpoint values are recomputed at least this often
+CACHE_SIZE = 1 << 20        # ... and when this many are cached
 
 FOLDED_PORT = "*"
 NO_PORT = ""
@@ -188,6 +191,16 @@ def unique_rows(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order[changes], inverse
 
 
+class Resolver(Protocol):
+    """Kubernetes identities of addresses (k8s.metadata.KubernetesMetadata)."""
+
+    def resolve(self, address: str) -> Identity: ...
+
+    def version(self) -> Hashable:
+        """Changes whenever a resolve() result may have changed."""
+        ...
+
+
 class EndpointLabels:
     """Label names and values of the two ends of a pair, from the configured vocabulary
     (METRICS.md, "Endpoint labels"). Each side may carry its own subset: a metric family can
@@ -204,30 +217,42 @@ class EndpointLabels:
                              "Kubernetes metadata")
         self.resolver = resolver
         self.policy = policy or NamePolicy()
-        self._types: LRUCache[str, str] = LRUCache(maxsize=262144)
+        self._with_port = {side: "port" in names for side, names in self.names.items()}
+        # (side, address) -> values but the port (always last); see refresh()
+        self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._cache_key: Hashable = None
 
     def label_names(self, side: str, with_port: bool = True) -> list[str]:
         return [f"{side}_{name}" for name in self.names[side] if with_port or name != "port"]
 
+    def refresh(self) -> None:
+        """Called once per scrape: forgets cached values if identities may have changed
+        (a watch event), and at least once a minute (deleted pods expire by time)."""
+        key = (self.resolver.version() if self.resolver else None,
+               int(time.monotonic() // CACHE_SECONDS))
+        if key != self._cache_key or len(self._cache) > CACHE_SIZE:
+            self._cache.clear()
+            self._cache_key = key
+
     def values(self, side: str, address: str, port: str | None) -> tuple[str, ...]:
         """Label values for an end; port None when this end carries no port label."""
+        values = self._cache.get((side, address))
+        if values is None:
+            values = self._cache[(side, address)] = self._address_values(side, address)
+        if port is not None and self._with_port[side]:
+            return (*values, port)
+        return values
+
+    def _address_values(self, side: str, address: str) -> tuple[str, ...]:
         names = self.names[side]
-        if not names:
-            return ()
-        identity = self.policy.apply(self.resolver(address)) if self.resolver else None
+        identity = self.policy.apply(self.resolver.resolve(address)) if self.resolver else None
         values: list[str] = []
         for name in names:
-            if name == "port":
-                if port is not None:
-                    values.append(port)
-            elif name == "ip":
+            if name == "ip":
                 values.append(address)
             elif name == "ip_type":
-                kind = self._types.get(address)
-                if kind is None:
-                    kind = self._types[address] = ip_type(ipaddress.ip_address(address))
-                values.append(kind)
-            else:
+                values.append(ip_type(ipaddress.ip_address(address)))
+            elif name != "port":
                 values.append(getattr(identity, name))
         return tuple(values)
 

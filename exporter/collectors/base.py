@@ -51,6 +51,7 @@ class PairCollector:
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
+            self.endpoints.refresh()
             self._fold(self.source.drain())
             self._expire()
             return self._families()

@@ -105,6 +105,7 @@ class FlowsCollector:
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         with self._lock:
+            self.endpoints.refresh()
             self._fold(self.source.drain())  # type: ignore[attr-defined]
             self._bytes.expire()
             self._packets.expire()

@@ -56,6 +56,10 @@ class KubernetesMetadata:
             return identity
         return EXTERNAL_IDENTITY if self.health.complete() else UNKNOWN_IDENTITY
 
+    def version(self) -> tuple[int, bool]:
+        """Changes whenever resolve() may answer differently (endpoints.Resolver)."""
+        return self.state.version, self.health.complete()
+
     def collect(self) -> Iterable[Metric]:
         objects = GaugeMetricFamily("ebpf_net_exporter_k8s_objects",
                                     "Kubernetes objects in the exporter's cache.", labels=["kind"])
