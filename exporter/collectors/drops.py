@@ -112,6 +112,7 @@ class DropsCollector:
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         with self._lock:
+            self.endpoints.refresh()
             self._fold(self.source.drain())  # type: ignore[attr-defined]
             self._drops.expire()
             return self._families()
@@ -126,7 +127,7 @@ class DropsCollector:
         src = address_text(family, key["saddr"].tobytes())
         dst = address_text(family, key["daddr"].tobytes())
         sport, dport = self.ports.fold(src, int(key["sport"]), dst, int(key["dport"]))
-        return self.endpoints.values(src, sport) + self.endpoints.values(dst, dport)
+        return self.endpoints.values("src", src, sport) + self.endpoints.values("dst", dst, dport)
 
     @staticmethod
     def _protocol(key: np.void) -> str:

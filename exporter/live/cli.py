@@ -13,7 +13,7 @@ from typing import Any
 from .. import config, logs
 from ..cli import EXIT_RUNTIME, EXIT_USAGE, OneLineParser
 from .filters import FilterError, LineFilter, parse_host
-from .identity import make_identity
+from .identity import Identity, IdentityError, make_identity
 from .output import Formatter
 
 EPILOG = """examples:
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a flow without packets this long has ended (default 2s)")
     parser.add_argument("--interval", default="10s", metavar="DURATION",
                         help="print flows still going this often (default 10s)")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="Kubernetes names from this kubeconfig (in a pod: its service "
+                             "account)")
+    parser.add_argument("--node-name", dest="node_name", metavar="NAME",
+                        help="this node's name, for its own addresses")
     parser.add_argument("--config.file", dest="config_file", metavar="PATH",
                         help="the exporter's configuration file (interfaces, DNS and HTTP "
                              "ports)")
@@ -78,28 +83,40 @@ def load_config(args: argparse.Namespace) -> config.Config:
         # the view shows every name and target: capture them in the kernel
         "dns.query_names": ["*"], "http.paths": ["/"], "log.level": args.log_level,
     }
+    origins = {"interfaces.include": "--interfaces", "log.level": "--log.level"}
     if args.interfaces:
         overrides["interfaces.include"] = [args.interfaces]
-    return config.load(args.config_file, os.environ, overrides,
-                       {"interfaces.include": "--interfaces", "log.level": "--log.level"})
+    for dest, path in (("kubeconfig", "kubernetes.kubeconfig"),
+                       ("node_name", "kubernetes.node_name")):
+        if getattr(args, dest):
+            overrides[path] = getattr(args, dest)
+            origins[path] = f"--{dest.replace('_', '-')}"
+    return config.load(args.config_file, os.environ, overrides, origins)
 
 
 def main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
+    identity: Identity | None = None
     try:
         cfg = load_config(args)
         idle = config.parse_duration(args.idle)
         interval = config.parse_duration(args.interval)
-        identity = make_identity()
-        line_filter = LineFilter(frozenset(k for k in KINDS if getattr(args, k)),
-                                 [parse_host(h) for h in args.host], args.port,
-                                 args.namespace, identity)
-    except (config.ConfigError, FilterError) as e:
+        if any(not 0 < port < 65536 for port in args.port):
+            raise FilterError("--port: expected a port number 1-65535")
+        hosts = [parse_host(h) for h in args.host]
+        logs.setup(cfg.log.level, cfg.log.format)
+        identity = make_identity(cfg)
+        line_filter = LineFilter(frozenset(k for k in KINDS if getattr(args, k)), hosts,
+                                 args.port, args.namespace, identity)
+    except (config.ConfigError, FilterError, IdentityError) as e:
+        if identity is not None:
+            identity.close()
         _fail(str(e))
-    if any(not 0 < port < 65536 for port in args.port):
-        _fail("--port: expected a port number 1-65535")
-    logs.setup(cfg.log.level, cfg.log.format)
-    sys.exit(run(cfg, line_filter, Formatter(identity, args.json), idle, interval))
+    try:
+        code = run(cfg, line_filter, Formatter(identity, args.json), idle, interval)
+    finally:
+        identity.close()
+    sys.exit(code)
 
 
 def _writer() -> Any:

@@ -115,3 +115,38 @@ def test_filters_keep_only_the_chosen_lines(node: TestNode,
         assert len(live.lines) == 1
     finally:
         assert live.stop() == 0, live.log()
+
+
+def test_kubernetes_names_and_the_namespace_filter(node: TestNode):
+    from tests import kubeapi
+    from tests.exporter_process import wait_until
+    from tests.kubeapi import KubeAPI
+
+    with KubeAPI(netns=node.node_ns) as api:
+        api.create("replicasets", kubeapi.replicaset("shop", "web-5d9c", "web"))
+        api.create("pods", kubeapi.pod("shop", "web-5d9c-k2j4", [node.a_ip],
+                                       owner=("ReplicaSet", "web-5d9c")))
+        api.create("pods", kubeapi.pod("data", "db-0", [node.b_ip], owner=("StatefulSet", "db")))
+        live = LiveProcess(node, ["--udp", "--namespace", "shop", "--idle", "0.5s",
+                                  "--kubeconfig", str(api.kubeconfig)]).wait_ready()
+        try:
+            # a flow with no end in namespace shop: pod b (namespace data) to the node
+            assert udp_send(node.b_ns, node.node_ns, node.node_ip_b, 7661, [10]) == 1
+            port = iter(range(7630, 7660))
+
+            def named() -> list[dict]:
+                # a datagram at a time until the view has listed the pods
+                assert udp_send(node.a_ns, node.b_ns, node.b_ip, next(port), [10]) == 1
+                return live.matching(lambda x: x["src"].get("namespace") == "shop")
+
+            (line, *_) = wait_until(named, 20, "a line with Kubernetes names", interval=1.0)
+            assert line["src"] == {"ip": node.a_ip, "port": line["src"]["port"],
+                                   "namespace": "shop", "workload": "web",
+                                   "workload_kind": "Deployment", "pod": "web-5d9c-k2j4"}
+            assert (line["dst"]["namespace"], line["dst"]["workload"]) == ("data", "db")
+            # printed before the first shop line would have been, had it passed the filter
+            assert not live.matching(lambda x: x["dst"]["port"] == 7661)
+            assert all("shop" in (x["src"].get("namespace"), x["dst"].get("namespace"))
+                       for x in live.matching(lambda x: True))
+        finally:
+            assert live.stop() == 0, live.log()
