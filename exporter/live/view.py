@@ -61,6 +61,7 @@ class LiveView:
         self.table = FlowTable(PortFolder(floor, config.ports.server), idle_seconds,
                                interval_seconds)
         self._sources: list[Any] = []
+        self._output_closed = False     # the reader went away (| head)
         self._flows: KernelFlowSource | None = None
         self._dns: KernelDnsSource | None = None
 
@@ -109,7 +110,14 @@ class LiveView:
                                 on_detach)
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
-        record = decode(ctypes.string_at(data, size))
+        # called from C: an exception here would be printed and dropped, so it is noted
+        try:
+            self._record(ctypes.string_at(data, size))
+        except BrokenPipeError:
+            self._output_closed = True
+
+    def _record(self, raw: bytes) -> None:
+        record = decode(raw)
         if isinstance(record, TcpClose):
             self.table.add_close(record, time.monotonic())
         elif isinstance(record, Exchange):
@@ -124,6 +132,8 @@ class LiveView:
         while not stop.is_set():
             for program in self.programs:
                 program.bpf.ring_buffer_poll(POLL_MILLISECONDS)
+            if self._output_closed:
+                raise BrokenPipeError("the output was closed")
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS

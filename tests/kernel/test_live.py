@@ -150,3 +150,41 @@ def test_kubernetes_names_and_the_namespace_filter(node: TestNode):
                        for x in live.matching(lambda x: True))
         finally:
             assert live.stop() == 0, live.log()
+
+
+def test_a_killed_view_leaves_filters_that_the_next_view_removes_and_the_exporters_stay(
+        node: TestNode, pair: tuple[ExporterProcess, LiveProcess]):
+    import signal
+
+    from tests.exporter_process import filters_on, wait_until
+
+    def live_filters() -> dict[str, str]:
+        found = {}
+        for device in (node.veth_a, node.veth_b):
+            for hook in ("ingress", "egress"):
+                out = node.run(node.node_ns, ["tc", "filter", "show", "dev", device, hook]).stdout
+                found[f"{device} {hook}"] = " ".join(
+                    word for word in out.split() if word.startswith("ebpf_net_live_"))
+        return found
+
+    devices = (node.veth_a, node.veth_b)
+    first_view = pair[1].proc.pid      # `ip netns exec` execs the view: same pid
+    killed = LiveProcess(node).wait_ready()
+    killed_name = f"ebpf_net_live_{killed.proc.pid}"
+    assert all(killed_name in names for names in live_filters().values())
+    killed.proc.send_signal(signal.SIGKILL)
+    assert killed.stop() == -signal.SIGKILL
+    assert all(killed_name in names for names in live_filters().values())   # left behind
+
+    successor = LiveProcess(node).wait_ready()
+    try:
+        names = live_filters()
+        assert all(killed_name not in n for n in names.values())
+        assert all(f"ebpf_net_live_{successor.proc.pid}" in n for n in names.values())
+        assert all(f"ebpf_net_live_{first_view}" in n for n in names.values())
+    finally:
+        assert successor.stop() == 0, successor.log()
+    wait_until(lambda: all(f"ebpf_net_live_{successor.proc.pid}" not in n
+                           for n in live_filters().values()), 5, "the successor's filters gone")
+    # the exporter's own filters were never replaced nor removed
+    assert set(filters_on(node, devices).values()) == {1}
