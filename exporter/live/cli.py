@@ -146,6 +146,8 @@ def run(cfg: config.Config, line_filter: LineFilter, formatter: Formatter, idle:
         view.run(stop)
         return 0
     except BrokenPipeError:     # the reader went away (| head): a normal end
+        # no second error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (EnvironmentProblem, LoadError, OSError) as e:
         log.error(str(e))

@@ -53,10 +53,10 @@ class FlowLine:
     state: str                  # closed, refused, timeout, aborted, idle or active
     src: End
     dst: End
-    src_bytes: int
-    dst_bytes: int
-    src_packets: int
-    dst_packets: int
+    src_bytes: int | None       # None: no packet of it crossed a monitored interface (a
+    dst_bytes: int | None       # connection over lo, say, known from its sockets only)
+    src_packets: int | None
+    dst_packets: int | None
     rtt_us: int | None
     process: str
     cgroup_id: int
@@ -170,7 +170,10 @@ class FlowTable:
         chosen = by_role.get("client") or by_role.get("server") or \
             (flow.closes[0] if flow.closes else None)
         rtts = [close.srtt_us for close in flow.closes if close.srtt_us]
-        return FlowLine(flow, state, flow.ends[c], flow.ends[s], flow.bytes[c], flow.bytes[s],
-                        flow.packets[c], flow.packets[s], max(rtts) if rtts else None,
+        seen = any(flow.packets)
+        return FlowLine(flow, state, flow.ends[c], flow.ends[s],
+                        flow.bytes[c] if seen else None, flow.bytes[s] if seen else None,
+                        flow.packets[c] if seen else None, flow.packets[s] if seen else None,
+                        max(rtts) if rtts else None,
                         chosen.comm if chosen else "", chosen.cgroup_id if chosen else 0,
                         round(max(now - flow.first_seen, 0.0), 3))

@@ -53,9 +53,11 @@ class Formatter:
             return json.dumps(record)
         rtt = f" rtt={line.rtt_us}us" if line.rtt_us is not None else ""
         process = f" process={line.process}" if line.process else ""
+        traffic = (f"sent={line.src_bytes}B/{line.src_packets}p "
+                   f"received={line.dst_bytes}B/{line.dst_packets}p"
+                   if line.src_packets is not None else "packets=unseen")
         return (f"{record['time']} FLOW {record['protocol']} {_text(line.src)} -> "
-                f"{_text(line.dst)} {line.state} sent={line.src_bytes}B/{line.src_packets}p "
-                f"received={line.dst_bytes}B/{line.dst_packets}p{rtt}{process}")
+                f"{_text(line.dst)} {line.state} {traffic}{rtt}{process}")
 
     def exchange(self, ex: Exchange, wall: float) -> str:
         record: dict[str, Any] = {"time": _timestamp(wall), "type": ex.kind,

@@ -61,6 +61,11 @@ def test_a_refused_connect_ends_as_refused():
     flows.add_close(TcpClose(4, CLIENT, SERVER, "client", "refused", 0, "curl"), 0.0)
     (line,) = flows.due(1.0)
     assert (line.state, line.src, line.rtt_us) == ("refused", CLIENT, None)
+    # known from its sockets only: no packet crossed a monitored interface
+    assert (line.src_bytes, line.src_packets, line.dst_bytes) == (None, None, None)
+    text = Formatter(AddressIdentity(), as_json=False).flow(line, 0.0)
+    assert text.endswith("FLOW tcp 10.0.0.1:41000 -> 10.0.0.2:8080 refused packets=unseen "
+                         "process=curl")
 
 
 def test_flows_without_sockets_end_when_idle_and_long_ones_print_each_interval():
