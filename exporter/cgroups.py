@@ -7,14 +7,13 @@ pods, which the address cannot.
 
 Paths are found by walking the cgroup2 hierarchy, again at most once a second when an id is
 not known. Where no cgroup2 file system is mounted in this mount namespace (`ip netns exec`
-remounts /sys), one is mounted privately for the walk."""
+remounts /sys), one is mounted privately for the walk, at a directory named after the process."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +50,28 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
     return None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_mount_points() -> None:
+    """Mount points of processes killed before they could remove theirs (the mount went with
+    their mount namespace; the empty directory stays)."""
+    for directory in MOUNT_DIR.glob("cgroup2-*"):
+        pid = directory.name.removeprefix("cgroup2-")
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
 class CgroupNames:
     def __init__(self, root: Path | None = None) -> None:
         self._mounted: Path | None = None
@@ -60,7 +81,9 @@ class CgroupNames:
 
     def _mount(self) -> Path | None:
         MOUNT_DIR.mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix="cgroup2-", dir=MOUNT_DIR))
+        _remove_stale_mount_points()
+        target = MOUNT_DIR / f"cgroup2-{os.getpid()}"
+        target.mkdir(exist_ok=True)
         result = subprocess.run(["mount", "-t", "cgroup2", "none", str(target)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
