@@ -72,6 +72,11 @@ def rule_groups(path: Path) -> list[dict[str, Any]]:
     return groups
 
 
+def rule_files(root: Path = ROOT) -> list[Path]:
+    """alerts/*.yml and *.yaml: Prometheus rule files, one per area."""
+    return sorted(p for p in (root / "alerts").iterdir() if p.suffix in (".yml", ".yaml"))
+
+
 def prometheus_rule(path: Path) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
@@ -108,7 +113,7 @@ def expected_files(root: Path = ROOT) -> dict[str, str]:
     """Every file deploy/base/generated/ should hold, by name, with its text."""
     files: dict[str, str] = {}
     group_files: dict[str, Path] = {}
-    for path in sorted((root / "alerts").glob("*.yaml")):
+    for path in rule_files(root):
         rule = prometheus_rule(path)
         for group in rule["spec"]["groups"]:
             other = group_files.setdefault(group["name"], path)

@@ -93,6 +93,6 @@ SAMPLE_DASHBOARD = """{
 
 def add_samples(root: Path) -> None:
     """One sample rule file and one dashboard, then the generated manifests made anew."""
-    (root / "alerts/zz-deploy-test-sample.yaml").write_text(SAMPLE_RULES)
+    (root / "alerts/zz-deploy-test-sample.yml").write_text(SAMPLE_RULES)
     (root / "dashboards/zz-deploy-test-sample.json").write_text(SAMPLE_DASHBOARD)
     sync_deploy.write(root)

@@ -3,7 +3,6 @@ scripts/sync_deploy.py), the API calls the exporter makes (ClusterRole) and its 
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from exporter.config import default_document
+from exporter.k8s import RBAC_RULES
 from scripts import sync_deploy
 from tests.deploytools import (
     OVERLAYS,
@@ -22,26 +22,10 @@ from tests.deploytools import (
     scratch_tree,
 )
 
-# The contract of issue 5 (shared brief): list and watch, cluster-wide, on these kinds.
-# TODO(issue 5): exporter.k8s.RBAC_RULES replaces this once the lead's code is on main; the
-# test below already prefers it when it imports.
-CONTRACT_RULES = [
-    {"apiGroups": [""], "resources": ["pods", "services", "nodes"], "verbs": ["list", "watch"]},
-    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch"]},
-]
-
 
 def permissions(rules: list[dict]) -> set[tuple[str, str, str]]:
     return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
             for resource in rule["resources"] for verb in rule["verbs"]}
-
-
-def exporter_rbac_rules() -> list[dict]:
-    try:
-        return list(importlib.import_module("exporter.k8s").RBAC_RULES)
-    except (ImportError, AttributeError):
-        return CONTRACT_RULES
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +59,8 @@ def test_sync_notices_a_source_added_changed_or_removed(tmp_path: Path) -> None:
 
 
 def test_prometheus_rules_equal_the_alert_files(sample_tree: Path) -> None:
-    sources = sorted((sample_tree / "alerts").glob("*.yaml"))
-    assert sources[-1].name == "zz-deploy-test-sample.yaml"
+    sources = sync_deploy.rule_files(sample_tree)
+    assert sources[-1].name == "zz-deploy-test-sample.yml"
     for overlay in OVERLAYS:
         rendered = of_kind(render(sample_tree, overlay), "PrometheusRule")
         assert len(rendered) == len(sources)
@@ -115,7 +99,7 @@ def test_sync_refuses_sources_it_cannot_embed(tmp_path: Path) -> None:
 
 
 def test_cluster_role_allows_exactly_the_calls_the_exporter_makes() -> None:
-    wanted = permissions(exporter_rbac_rules())
+    wanted = permissions(RBAC_RULES)
     assert ("", "pods", "watch") in wanted
     for overlay in OVERLAYS:
         role = one(render(REPO, overlay), "ClusterRole")
@@ -151,6 +135,10 @@ def test_one_metrics_port_from_the_exporter_default_to_the_service_monitor() -> 
             [service["metadata"]["namespace"]]
         assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
         assert service["spec"]["clusterIP"] == "None"
+        # the operator names the scrape job after the Service: alerts/ and dashboards/ query
+        # job="ebpf-net-exporter"
+        assert service["metadata"]["name"] == "ebpf-net-exporter"
+        assert "jobLabel" not in monitor["spec"]
 
 
 def test_daemonset_runs_everywhere_with_the_least_privilege_of_its_overlay() -> None:

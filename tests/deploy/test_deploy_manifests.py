@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from scripts import sync_deploy
 from tests.conftest import skip_or_fail
 from tests.deploytools import (
     NAMESPACE,
@@ -64,7 +65,7 @@ def test_overlay_renders_every_object_in_its_namespace(overlay: str) -> None:
     assert CORE_OBJECTS <= names
     config = [n for k, n in names if k == "ConfigMap" and n.startswith("ebpf-net-exporter-config")]
     assert len(config) == 1
-    rules = len(list((REPO / "alerts").glob("*.yaml")))
+    rules = len(sync_deploy.rule_files())
     dashboards = len(list((REPO / "dashboards").glob("*.json")))
     assert len(names) == len(CORE_OBJECTS) + 1 + rules + dashboards, sorted(names)
     for m in manifests:
