@@ -114,10 +114,11 @@ def build_base(tmp: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def image_container(kernel_ready: None, tmp_path_factory: pytest.TempPathFactory
+def image_container(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                     ) -> Iterator[str]:
     if not os.environ.get("EBPF_NET_IMAGE_TEST"):
         pytest.skip("builds an image (minutes): run with `make image-test`")
+    request.getfixturevalue("kernel_ready")
     for tool in ("buildah", "debootstrap"):
         if shutil.which(tool) is None:
             skip_or_fail(f"{tool} is missing (apt-get install buildah debootstrap)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,3 +176,22 @@ def test_config_map_holds_a_config_the_exporter_accepts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout)
     assert effective["log"]["format"] == "json"
+
+
+def test_the_overlay_docs_show_renders_as_they_say(tmp_path: Path) -> None:
+    """docs/deploy.md's own overlay (image, no ServiceMonitor, a label for the operator's
+    selector), its YAML blocks merged into one kustomization."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs/deploy.md").read_text(), re.S)
+    kustomization: dict = {}
+    for block in blocks:
+        kustomization.update(yaml.safe_load(block))
+    assert kustomization["kind"] == "Kustomization"
+    root = scratch_tree(tmp_path)
+    mine = root / "deploy/overlays/mine"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    manifests = render(root, "mine")
+    image = one(manifests, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example.com/ebpf-net-exporter:0.1.0"
+    assert of_kind(manifests, "ServiceMonitor") == []
+    assert all(m["metadata"]["labels"]["release"] == "kube-prometheus-stack" for m in manifests)
