@@ -25,6 +25,7 @@ from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
 from .loader import Program
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
+from .webconfig import WebConfig
 
 log = logs.get("main")
 
@@ -54,8 +55,9 @@ def tcp_program_flags(config: Config) -> list[str]:
 
 
 class Exporter:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, web_config: WebConfig | None = None) -> None:
         self.config = config
+        self.web_config = web_config
         self.registry = CollectorRegistry()
         self.stats = KernelStats()
         self.programs: list[Program] = []
@@ -71,11 +73,14 @@ class Exporter:
         config = self.config
         environment.prepare()
         # bind the port before compiling: a port in use fails in milliseconds
-        app = make_app(self.registry, config.web.telemetry_path, self.ready)
-        self.web = WebServer(config.web.listen_address, app)
+        web = self.web_config
+        app = make_app(self.registry, config.web.telemetry_path, self.ready, web)
+        self.web = WebServer(config.web.listen_address, app, web.tls if web else None)
         self.web.start()
         log.info("listening", extra={"address": config.web.listen_address,
-                                     "path": config.web.telemetry_path})
+                                     "path": config.web.telemetry_path,
+                                     "scheme": web.scheme if web else "http",
+                                     "basic_auth": bool(web and web.users)})
 
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from . import __version__, config, logs
+from . import __version__, config, logs, webconfig
 from .loader import LoadError, bpf_dir, expand_source
 
 EXIT_RUNTIME = 1
@@ -30,6 +30,9 @@ EPILOG = """examples:
   # TCP metrics only, on localhost, JSON logs
   sudo .venv/bin/ebpf-net-exporter --no-collector.flows --web.listen-address 127.0.0.1:9814 \\
       --log.format json
+
+  # TLS and basic auth on the endpoint (exporter-toolkit's file format)
+  sudo .venv/bin/ebpf-net-exporter --web.config.file web-config.yml
 
   # check a config file and print the effective configuration
   .venv/bin/ebpf-net-exporter --config.file exporter.yaml --config.check
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate the configuration, print it and exit")
     parser.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR",
                         help="[host]:port to serve on (default :9814)")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
+                        help="TLS and basic auth of the endpoint, in Prometheus "
+                             "exporter-toolkit's format (see docs/security.md)")
     parser.add_argument("--web.telemetry-path", dest="web_telemetry_path", metavar="PATH",
                         help="path of the metrics (default /metrics)")
     parser.add_argument("--interfaces", metavar="REGEX",
@@ -138,14 +144,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = config.load(args.config_file, os.environ, *overrides_from(args))
     except config.ConfigError as e:
         _fail(str(e), EXIT_USAGE)
+    web = None
+    if args.web_config_file:
+        try:
+            web = webconfig.load(args.web_config_file)
+        except webconfig.WebConfigError as e:
+            _fail(f"--web.config.file: {e}", EXIT_USAGE)
     if args.config_check:
         print(effective_yaml(cfg), end="")
         return
     logs.setup(cfg.log.level, cfg.log.format)
-    sys.exit(run(cfg))
+    sys.exit(run(cfg, web))
 
 
-def run(cfg: config.Config) -> int:
+def run(cfg: config.Config, web: webconfig.WebConfig | None = None) -> int:
     from .app import Exporter, StartupError
     from .environment import EnvironmentProblem
 
@@ -163,7 +175,7 @@ def run(cfg: config.Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
 
-    exporter = Exporter(cfg)
+    exporter = Exporter(cfg, web)
     try:
         exporter.start()
         while not stop.wait(1.0):
