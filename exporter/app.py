@@ -4,6 +4,7 @@ the HTTP endpoint; and takes them down again in reverse order."""
 from __future__ import annotations
 
 import platform
+import socket
 import threading
 
 from prometheus_client import CollectorRegistry
@@ -11,7 +12,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import __version__, classifier, environment, logs
+from . import __version__, classifier, environment, logs, privileges, singleton
 from .collectors.base import PairCollector
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
@@ -64,6 +65,7 @@ class Exporter:
         self.monitor: InterfaceMonitor | None = None
         self.sweeping: list[PairCollector] = []   # collectors that may sweep in a thread
         self.web: WebServer | None = None
+        self._claim: socket.socket | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -72,6 +74,10 @@ class Exporter:
     def start(self) -> None:
         config = self.config
         environment.prepare()
+        try:
+            self._claim = singleton.claim_netns()
+        except singleton.AlreadyRunning as e:
+            raise StartupError(str(e)) from None
         # bind the port before compiling: a port in use fails in milliseconds
         web = self.web_config
         app = make_app(self.registry, config.web.telemetry_path, self.ready, web)
@@ -127,6 +133,12 @@ class Exporter:
 
         if self.monitor:
             self.monitor.start()
+        # programs loaded and attached: this thread, and the sweepers it starts, need nothing
+        dropped = privileges.keep_only(())
+        if dropped:
+            log.info("capabilities dropped", extra={"dropped": privileges.names(
+                dropped & privileges.EXPORTER_CAPABILITIES), "kept_by_interface_monitor":
+                "CAP_NET_ADMIN"})
         for collector in self.sweeping:
             collector.start()
         self._ready.set()
@@ -179,4 +191,6 @@ class Exporter:
             program.close()
         if self.web:
             self.web.stop()
+        if self._claim:
+            self._claim.close()
 

@@ -133,6 +133,9 @@ def effective_yaml(cfg: config.Config) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # numpy (imported later, by the collectors) would start an OpenBLAS thread per core: idle
+    # here (no linear algebra), yet each would keep every capability the process started with
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     if args.print_source:
         try:

@@ -30,7 +30,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import logs
+from . import logs, privileges
 
 log = logs.get("interfaces")
 
@@ -44,7 +44,14 @@ ARPHRD_ETHER = 1
 STACKED_ON_LINK = {"vlan", "macvlan", "ipvlan", "macvtap"}
 RESYNC_SECONDS = 10.0
 RTMGRP_LINK = 1
-STATE_DIR = Path("/run/ebpf-net-exporter")
+DEFAULT_STATE_DIR = Path("/run/ebpf-net-exporter")
+
+
+def state_dir() -> Path:
+    """Where the qdisc ownership file lives: systemd's RUNTIME_DIRECTORY when set (a non-root
+    exporter cannot write /run), else /run/ebpf-net-exporter."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) if runtime else DEFAULT_STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,8 @@ class QdiscOwnership:
 
     def __init__(self) -> None:
         netns = os.stat("/proc/self/ns/net").st_ino
-        self.path = STATE_DIR / f"clsact-netns-{netns}.json"
+        self.directory = state_dir()
+        self.path = self.directory / f"clsact-netns-{netns}.json"
         self._owned: dict[int, str] = {}
         try:
             self._owned = {int(k): v for k, v in json.loads(self.path.read_text()).items()}
@@ -119,7 +127,7 @@ class QdiscOwnership:
             self._save()
 
     def _save(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._owned))
         tmp.replace(self.path)
@@ -244,6 +252,8 @@ class InterfaceMonitor:
 
     def _run(self) -> None:
         try:
+            # attaching and detaching filters is all this thread does: CAP_NET_ADMIN only
+            privileges.keep_only((privileges.CAP_NET_ADMIN,))
             events = link_event_socket()    # before the first reconcile: no event is missed
             attacher = self._make_attacher()
             self._reconcile(attacher)

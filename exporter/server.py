@@ -14,7 +14,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from . import logs
+from . import logs, privileges
 from .webconfig import BasicAuth, WebConfig
 
 log = logs.get("web")
@@ -147,8 +147,13 @@ class WebServer:
             raise OSError(f"web.listen_address {listen_address}: {e.strerror}") from e
         self._server.tls = tls
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="web",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
+
+    def _serve(self) -> None:
+        # serving HTTP and reading maps through open descriptors need no capability; every
+        # connection's thread starts from this one's (empty) set
+        privileges.keep_only(())
+        self._server.serve_forever()
 
     def start(self) -> None:
         self._thread.start()

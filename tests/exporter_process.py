@@ -73,9 +73,11 @@ class ExporterProcess:
                  config: dict[str, Any] | None = None, interfaces: str | None = None,
                  env: dict[str, str] | None = None, host: str = "127.0.0.1",
                  port: int | None = None, tls_ca: Path | None = None,
-                 basic_auth: tuple[str, str] | None = None) -> None:
+                 basic_auth: tuple[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         """tls_ca and basic_auth: how the test's own client reaches an exporter run with
-        --web.config.file (the CA that signed its certificate, a user and password)."""
+        --web.config.file (the CA that signed its certificate, a user and password).
+        prefix: a command that execs the exporter inside the namespace (e.g. setpriv)."""
         self.node = node
         self._tls = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
         self._headers = {"Authorization": "Basic " + base64.b64encode(
@@ -93,7 +95,7 @@ class ExporterProcess:
         self.argv = argv
         self._final_log: str | None = None
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *argv],
+        self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *prefix, *argv],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env={**os.environ, **(env or {})})
 
