@@ -128,6 +128,7 @@ class Exporter:
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
+        self.registry.register(logs.LogFailuresCollector())
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 

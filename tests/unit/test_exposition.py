@@ -20,6 +20,7 @@ from exporter.collectors.flows import FlowsCollector
 from exporter.collectors.http import HttpCollector
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
+from exporter.logs import LogFailuresCollector
 from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
@@ -107,6 +108,7 @@ def full_exposition() -> str:
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)
     stats.add_parse_errors("http", 0)
+    registry.register(LogFailuresCollector())
     return generate_latest(registry).decode()
 
 
