@@ -8,7 +8,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 # root already (CI, these VMs): no sudo needed, and it may not be installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test unit lint demo run clean
+.PHONY: setup test unit lint demo run clean soak
 
 setup:
 	sh scripts/setup-host.sh
@@ -24,12 +24,17 @@ unit:
 	$(PYTHON) -m pytest -q tests/unit
 
 lint:
-	$(VENV)/bin/ruff check exporter tests
+	$(VENV)/bin/ruff check exporter tests benchmarks
 
 # A test node of namespaces and veths with real servers and a traffic loop, and the exporter
 # attached to it (never to the host's own interfaces). Ctrl-C tears it all down.
 demo:
 	$(SUDO) $(PYTHON) -m tests.demo
+
+# 10 minutes of churn with a scrape every second: RSS, scrape time, counters, map fill
+# (benchmarks/soak.py; results in docs/benchmarks.md, "Soak")
+soak:
+	$(SUDO) $(PYTHON) -m benchmarks.soak --seconds 600
 
 run:
 	$(SUDO) $(VENV)/bin/ebpf-net-exporter
