@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import socket
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.gc_collector import GCCollector
@@ -18,7 +19,7 @@ from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.http import HttpCollector, KernelHttpSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
-from .config import Config
+from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
@@ -34,6 +35,13 @@ IFACE_ETHERNET = 1          # bpf/packet.h
 TRACEFS_EVENTS = environment.TRACEFS / "events"
 TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
                    "tcp/tcp_send_reset", "tcp/tcp_probe")
+
+
+def _value(config: Config, path: str) -> Any:
+    value: Any = config
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
 
 
 class StartupError(Exception):
@@ -145,6 +153,26 @@ class Exporter:
         self._ready.set()
         log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
                                  "ephemeral_floor": floor})
+
+    def reload(self, new: Config) -> list[str]:
+        """Applies a re-read configuration without touching the programs or the counts:
+        interfaces to monitor, the DNS and HTTP label allowlists (when on before and after)
+        and the log level. Returns the changed settings that need a restart."""
+        old, applied = self.config, {"interfaces.include", "interfaces.exclude", "log.level"}
+        if self.monitor and new.interfaces != old.interfaces:
+            self.monitor.set_names(NameFilter(new.interfaces.include, new.interfaces.exclude))
+        logs.set_level(new.log.level)
+        for collector in self.sweeping:
+            if isinstance(collector, DnsCollector) and collector.query_label and \
+                    new.dns.query_names:
+                collector.query_label = QueryLabel(new.dns.query_names)
+                applied.add("dns.query_names")
+            if isinstance(collector, HttpCollector) and collector.path_label and new.http.paths:
+                collector.path_label = PathLabel(new.http.paths, new.http.path_max_length)
+                applied |= {"http.paths", "http.path_max_length"}
+        changed = [path for path in field_paths() if _value(old, path) != _value(new, path)]
+        self.config = new
+        return [path for path in changed if path not in applied]
 
     def _program(self, name: str, source: str, cflags: list[str]) -> Program:
         program = Program(name, source, cflags)

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import yaml
@@ -157,10 +157,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(effective_yaml(cfg), end="")
         return
     logs.setup(cfg.log.level, cfg.log.format)
-    sys.exit(run(cfg, web))
+
+    def reread() -> config.Config:
+        return config.load(args.config_file, os.environ, *overrides_from(args))
+
+    sys.exit(run(cfg, web, reread))
 
 
-def run(cfg: config.Config, web: webconfig.WebConfig | None = None) -> int:
+def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
+        reread: Callable[[], config.Config] | None = None) -> int:
     from .app import Exporter, StartupError
     from .environment import EnvironmentProblem
 
@@ -171,8 +176,10 @@ def run(cfg: config.Config, web: webconfig.WebConfig | None = None) -> int:
         log.info("stopping", extra={"signal": signal.Signals(number).name})
         stop.set()
 
+    hangup = threading.Event()
+
     def on_hangup(_number: int, _frame: Any) -> None:
-        log.warning("SIGHUP received: configuration reload is not supported yet, ignored")
+        hangup.set()        # reloaded in the main loop, not inside the signal handler
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -181,8 +188,10 @@ def run(cfg: config.Config, web: webconfig.WebConfig | None = None) -> int:
     exporter = Exporter(cfg, web)
     try:
         exporter.start()
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.2):
+            if hangup.is_set():
+                hangup.clear()
+                reload(exporter, reread)
         return 0
     except (EnvironmentProblem, StartupError, LoadError, OSError) as e:
         log.error(str(e))
@@ -194,6 +203,24 @@ def run(cfg: config.Config, web: webconfig.WebConfig | None = None) -> int:
         return EXIT_RUNTIME
     finally:
         exporter.stop()
+
+
+def reload(exporter: Any, reread: Callable[[], config.Config] | None) -> None:
+    """SIGHUP: re-read the file and the environment; a bad configuration is one error line and
+    the running one stays."""
+    log = logs.get("main")
+    if reread is None:
+        return
+    try:
+        new = reread()
+    except config.ConfigError as e:
+        log.error(f"reload failed, configuration unchanged: {e}")
+        return
+    restart = exporter.reload(new)
+    log.info("configuration reloaded", extra={"interfaces": ",".join(new.interfaces.include)})
+    if restart:
+        log.warning("changed settings take effect after a restart",
+                    extra={"settings": ",".join(restart)})
 
 
 if __name__ == "__main__":

@@ -320,6 +320,13 @@ class InterfaceMonitor:
         self.attached.pop(link.index, None)
         log.info("detached", extra={"interface": link.name, "ifindex": link.index})
 
+    def set_names(self, names: NameFilter) -> None:
+        """New include/exclude patterns (a configuration reload): the monitor's thread attaches
+        and detaches to match at once; programs and counts are untouched."""
+        self.names = names
+        self._warned_empty = False
+        os.write(self._wake_write, b"r")
+
     def _watch(self, events: socket.socket, attacher: TcAttacher) -> None:
         while not self._stop.is_set():
             try:
@@ -327,6 +334,8 @@ class InterfaceMonitor:
                 if self._stop.is_set():
                     break
                 changed = drain(events) if events in ready else 0
+                if self._wake_read in ready:        # set_names()
+                    changed += len(os.read(self._wake_read, 64))
                 if changed or not ready:
                     self._reconcile(attacher)
             except Exception as e:  # keep watching: a missed event is caught by the resync

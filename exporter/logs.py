@@ -108,3 +108,7 @@ def setup(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def set_level(level: str) -> None:
+    logging.getLogger(ROOT).setLevel(level.upper())
