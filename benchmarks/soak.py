@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import statistics
 import sys
@@ -37,6 +38,7 @@ WARMUP_FRACTION = 0.25
 @dataclass
 class Samples:
     rss_mib: list[tuple[float, float]] = field(default_factory=list)     # (seconds, MiB)
+    series: list[tuple[float, int]] = field(default_factory=list)        # (seconds, samples)
     scrape_seconds: list[float] = field(default_factory=list)
     decreases: list[str] = field(default_factory=list)
     over_capacity: list[str] = field(default_factory=list)
@@ -53,6 +55,11 @@ class Result:
     scrape_p50_ms: float
     scrape_p99_ms: float
     scrape_max_ms: float
+    # samples served: TCP tracepoints see every socket of the host, so other namespaces' TCP
+    # churn adds series (until series.ttl drops them) and memory with them
+    series_warm: int
+    series_end: int
+    load_average: tuple[float, float]   # 1-minute load average at the start and at the end
     decreases: list[str]
     over_capacity: list[str]
     tcp_connections: float
@@ -208,6 +215,7 @@ def run(seconds: float, progress: bool = False) -> Result:
             exporter.wait_ready()
             samples = Samples()
             previous: dict[tuple, float] = {}
+            load_start = os.getloadavg()[0]
             with Churn(node) as churn:
                 started = time.monotonic()
                 next_scrape = started
@@ -220,15 +228,18 @@ def run(seconds: float, progress: bool = False) -> Result:
                     samples.scrape_seconds.append(time.monotonic() - before)
                     samples.scrapes += 1
                     samples.rss_mib.append((before - started, rss_mib(exporter.proc.pid)))
+                    samples.series.append((before - started, len(scrape.samples)))
                     check(scrape, previous, samples)
                     if exporter.proc.poll() is not None:
                         raise AssertionError(f"the exporter exited:\n{exporter.log()}")
                     if progress and samples.scrapes % 60 == 0:
                         print(f"{samples.scrapes} s: rss {samples.rss_mib[-1][1]:.1f} MiB, "
-                              f"scrape {samples.scrape_seconds[-1] * 1000:.0f} ms",
+                              f"scrape {samples.scrape_seconds[-1] * 1000:.0f} ms, "
+                              f"{len(scrape.samples)} samples, load {os.getloadavg()[0]:.1f}",
                               file=sys.stderr, flush=True)
                 churn_counts = dict(churn.counts)
             warm = [p for p in samples.rss_mib if p[0] >= seconds * WARMUP_FRACTION]
+            series = [n for t, n in samples.series if t >= seconds * WARMUP_FRACTION]
             window = max(1, min(60, len(warm) // 4))
             ms = sorted(s * 1000 for s in samples.scrape_seconds)
             result = Result(
@@ -239,6 +250,8 @@ def run(seconds: float, progress: bool = False) -> Result:
                 scrape_p50_ms=statistics.median(ms),
                 scrape_p99_ms=ms[min(len(ms) - 1, int(len(ms) * 0.99))],
                 scrape_max_ms=ms[-1],
+                series_warm=series[0], series_end=series[-1],
+                load_average=(load_start, os.getloadavg()[0]),
                 decreases=samples.decreases[:20], over_capacity=samples.over_capacity[:20],
                 tcp_connections=scrape.value("ebpf_net_tcp_connections_closed_total",
                                              role="client", dst_port=str(ECHO_PORT)),
