@@ -128,7 +128,7 @@ class Churn:
         qid = 0
         while not self.stop.wait(0.02):
             qid = (qid + 1) % 65536
-            # one name in 10 is not served (dnsmasq has no upstream): it times out
+            # one name in 10 is not served: dnsmasq, with no upstream, refuses it
             name = "soak.test" if qid % 10 else "unknown.example"
             with in_netns(self.node.a_ns):
                 client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
