@@ -55,6 +55,10 @@ struct iface_info {
 BPF_HASH(monitored_ifaces, u32, struct iface_info, 16384);
 
 #include "packet.h"
+/* the live view's records (-DWITH_EVENTS); never in the exporter's programs */
+#ifdef WITH_EVENTS
+#include "events.h"
+#endif
 /* each part is compiled in only when its collector is on: -DWITH_FLOWS, -DWITH_DNS, -DWITH_HTTP */
 #ifdef WITH_FLOWS
 #include "flows.h"

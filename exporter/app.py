@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.gc_collector import GCCollector
@@ -14,27 +14,38 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__, classifier, environment, logs, privileges, singleton
+from .collectors import drops
 from .collectors.base import PairCollector
+from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.http import HttpCollector, KernelHttpSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config, field_paths
 from .dnsnames import QueryLabel
-from .endpoints import EndpointLabels, PortFolder, read_ephemeral_floor
+from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
 from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
-from .loader import Program
+from .loader import LoadError, Program
+from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
 from .webconfig import WebConfig
+
+if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
+    from .k8s.metadata import KubernetesMetadata
 
 log = logs.get("main")
 
 IFACE_ETHERNET = 1          # bpf/packet.h
 TRACEFS_EVENTS = environment.TRACEFS / "events"
+ADDRESS_LABELS = ("ip", "ip_type", "port")
+KUBERNETES_DEFAULT_LABELS = ("namespace", "workload", "workload_kind", "service", "node",
+                             "ip_type", "port")
 TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
                    "tcp/tcp_send_reset", "tcp/tcp_probe")
+# where a server socket's process is known (bpf/tcp.c, -DWITH_PROCESS); Linux >= 6.3
+PROCESS_TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length")
 
 
 def _value(config: Config, path: str) -> Any:
@@ -60,7 +71,52 @@ def tcp_program_flags(config: Config) -> list[str]:
     reset_format = TRACEFS_EVENTS / "tcp/tcp_send_reset/format"
     if "saddr[28]" in reset_format.read_text():
         flags.append("-DTCP_SEND_RESET_SOCKADDR")
+    if config.tcp.process_label:
+        flags.append("-DWITH_PROCESS")
     return flags
+
+
+class EndpointLabelSets:
+    """The endpoint labels of each metric family: labels.endpoint (or its auto choice), per
+    family and side as labels.per_metric says, with the names folded by the allowlists."""
+
+    def __init__(self, config: Config, kubernetes: KubernetesMetadata | None) -> None:
+        settings = config.labels
+        self.resolver = kubernetes
+        self.policy = NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
+                                 Globs(settings.workload_allow, settings.workload_deny),
+                                 Globs(settings.service_allow, settings.service_deny),
+                                 settings.pod_namespaces)
+        self.default = self._names(settings.endpoint)
+        self.per_metric = settings.per_metric
+
+    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
+        if names is None:
+            if self.resolver is None:
+                return ADDRESS_LABELS
+            pods = ("pod",) if self.policy.pod_namespaces else ()
+            return KUBERNETES_DEFAULT_LABELS + pods
+        if self.resolver is None and set(names) & set(KUBERNETES_LABELS):
+            dropped = sorted(set(names) & set(KUBERNETES_LABELS))
+            log.warning("kubernetes labels off: endpoint labels left out",
+                        extra={"labels": ",".join(dropped)})
+            names = tuple(n for n in names if n not in KUBERNETES_LABELS)
+        return names
+
+    def of(self, family: str) -> EndpointLabels:
+        sides = self.per_metric.get(family, {})
+        src, dst = (self._names(sides[side]) if sides.get(side) is not None else self.default
+                    for side in ("src", "dst"))
+        return EndpointLabels(src, dst, self.resolver, self.policy)
+
+
+def local_addresses() -> list[str]:
+    """This host's own addresses (its network namespace's), but loopback."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        addresses = [msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr()]
+    return [a for a in addresses if a and not a.startswith(("127.", "::1"))]
 
 
 class Exporter:
@@ -71,9 +127,11 @@ class Exporter:
         self.stats = KernelStats()
         self.programs: list[Program] = []
         self.monitor: InterfaceMonitor | None = None
-        self.sweeping: list[PairCollector] = []   # collectors that may sweep in a thread
+        # collectors that may sweep or poll in a thread of their own
+        self.sweeping: list[PairCollector | BashCollector] = []
         self.web: WebServer | None = None
         self._claim: socket.socket | None = None
+        self.kubernetes: KubernetesMetadata | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -98,7 +156,8 @@ class Exporter:
 
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
-        endpoints = EndpointLabels(config.labels.endpoint)
+        self.kubernetes = self._kubernetes()
+        labels = EndpointLabelSets(config, self.kubernetes)
         series = (self.stats, config.series.max_per_metric, config.series.ttl)
         collectors: list[SignalCollector] = []
 
@@ -107,28 +166,42 @@ class Exporter:
             if missing:
                 raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
                                    "run with --no-collector.tcp")
+            process = config.tcp.process_label
+            missing = _missing_tracepoints(PROCESS_TRACEPOINTS) if process else []
+            if missing:
+                raise StartupError(f"tcp.process_label needs tracepoints {', '.join(missing)} "
+                                   "(Linux >= 6.3): turn it off")
             tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
-            collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, *series))
+            collectors.append(TcpCollector(KernelTcpSource(tcp, process=process),
+                                           labels.of("tcp"), ports, *series,
+                                           process_label=process))
+        if config.collectors.drops:
+            collectors.append(self._drops(labels.of("drops"), ports, series))
+        if config.collectors.bash:
+            bash = self._bash(series)
+            collectors.append(bash)
+            self.sweeping.append(bash)
         reporters = []
         if classifier.wanted(config):
             program = self._program("classifier", "classifier.c", classifier.cflags(config))
             ingress, egress = classifier.load(program, config)
             reporters.append(classifier.ClassifierCounters(program).report)
             if config.collectors.flows:
-                collectors.append(FlowsCollector(KernelFlowSource(program), endpoints, ports,
-                                                 *series))
+                collectors.append(FlowsCollector(KernelFlowSource(program), labels.of("flows"),
+                                                 ports, *series))
             if config.collectors.dns:
                 names = config.dns.query_names
                 dns = DnsCollector(
                     KernelDnsSource(program, config.dns.timeout, query_names=bool(names)),
-                    endpoints, ports, *series, query_label=QueryLabel(names) if names else None)
+                    labels.of("dns"), ports, *series,
+                    query_label=QueryLabel(names) if names else None)
                 collectors.append(dns)
                 self.sweeping.append(dns)
             if config.collectors.http:
                 paths = config.http.paths
                 http = HttpCollector(
                     KernelHttpSource(program, config.http.idle_timeout, paths=bool(paths)),
-                    endpoints, ports, *series,
+                    labels.of("http"), ports, *series,
                     path_label=PathLabel(paths, config.http.path_max_length) if paths else None)
                 collectors.append(http)
                 self.sweeping.append(http)
@@ -137,17 +210,24 @@ class Exporter:
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
         self.registry.register(logs.LogFailuresCollector())
+        if self.kubernetes:
+            self.registry.register(self.kubernetes)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
         if self.monitor:
             self.monitor.start()
-        # programs loaded and attached: this thread, and the sweepers it starts, need nothing
+        # programs loaded and attached: this thread, and the watches and sweepers it starts,
+        # need nothing (the interface monitor's thread kept CAP_NET_ADMIN)
         dropped = privileges.keep_only(())
         if dropped:
             log.info("capabilities dropped", extra={"dropped": privileges.names(
                 dropped & privileges.EXPORTER_CAPABILITIES), "kept_by_interface_monitor":
                 "CAP_NET_ADMIN"})
+        # the watches start once the programs load: a start-up that fails on the kernel side
+        # never loads the API server with a cluster-wide list
+        if self.kubernetes:
+            self.kubernetes.start()
         for collector in self.sweeping:
             collector.start()
         self._ready.set()
@@ -174,10 +254,59 @@ class Exporter:
         self.config = new
         return [path for path in changed if path not in applied]
 
+    def _kubernetes(self) -> KubernetesMetadata | None:
+        """Watches of the API server when there is one to reach; None (with a log line saying
+        why) when Kubernetes labels are off."""
+        from .k8s.connection import KubernetesConfigError, connect
+        from .k8s.metadata import KubernetesMetadata
+
+        settings = self.config.kubernetes
+        if settings.enabled == "false":
+            log.info("kubernetes labels off (kubernetes.enabled=false); ip labels on")
+            return None
+        try:
+            api, source = connect(settings.kubeconfig)
+        except KubernetesConfigError as e:
+            raise StartupError(str(e)) from e
+        if api is None:
+            if settings.enabled == "true":
+                raise StartupError(f"kubernetes.enabled is true but there is {source}: "
+                                   "give --kubeconfig or run in a pod")
+            log.info(f"kubernetes labels off: {source}; ip labels on")
+            return None
+        metadata = KubernetesMetadata(api, settings.deleted_pod_grace)
+        if settings.node_name:
+            metadata.state.set_local_node(settings.node_name, local_addresses())
+        log.info("kubernetes labels on", extra={"from": source,
+                                                "node": settings.node_name or "unset"})
+        return metadata
+
     def _program(self, name: str, source: str, cflags: list[str]) -> Program:
         program = Program(name, source, cflags)
         self.programs.append(program)
         return program
+
+    def _drops(self, endpoints: EndpointLabels, ports: PortFolder,
+               series: tuple[KernelStats, int, float]) -> drops.DropsCollector:
+        if not drops.tracepoint_has_reason(TRACEFS_EVENTS):
+            raise StartupError("the kernel lacks the skb:kfree_skb tracepoint with a drop "
+                               "reason (Linux >= 5.17): run with --no-collector.drops")
+        reasons = drops.reason_names(TRACEFS_EVENTS)
+        program = self._program("drops", "drops.c",
+                                drops.program_flags(self.config.maps.drop_capacity, reasons))
+        return drops.DropsCollector(drops.KernelDropSource(program), endpoints, ports, *series,
+                                    reasons=reasons)
+
+    def _bash(self, series: tuple[KernelStats, int, float]) -> BashCollector:
+        binary = self.config.bash.binary
+        program = self._program("bash", "bash.c", [])
+        try:
+            program.attach_uretprobe(binary, "readline", "on_readline_return")
+        except LoadError as e:
+            raise StartupError(f"bash audit: cannot probe readline in {binary} (uprobes, "
+                               f"and a bash with its symbols, are needed): {e}") from e
+        return BashCollector(KernelBashSource(program), CommandLog(self.config.bash.log_file),
+                             *series)
 
     def _monitor(self, classifier: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
         interfaces = classifier.table("monitored_ifaces")
@@ -211,6 +340,8 @@ class Exporter:
 
     def stop(self) -> None:
         self._ready.clear()
+        if self.kubernetes:
+            self.kubernetes.stop()
         for collector in self.sweeping:
             collector.stop()
         if self.monitor:

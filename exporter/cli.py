@@ -34,14 +34,21 @@ EPILOG = """examples:
   # TLS and basic auth on the endpoint (exporter-toolkit's file format)
   sudo .venv/bin/ebpf-net-exporter --web.config.file web-config.yml
 
+  # outside a pod: Kubernetes labels from a kubeconfig, pod names in two namespaces
+  sudo .venv/bin/ebpf-net-exporter --kubeconfig ~/.kube/config --node-name worker-1 \\
+      --labels.pod-namespaces 'shop,payments'
+
   # check a config file and print the effective configuration
   .venv/bin/ebpf-net-exporter --config.file exporter.yaml --config.check
+
+  # the live view: flows, DNS and HTTP exchanges as they complete (see flows --help)
+  sudo .venv/bin/ebpf-net-exporter flows --json
 
 every setting can also come from an environment variable EBPF_NET_<SECTION>_<KEY>,
 e.g. EBPF_NET_SERIES_TTL=10m; see docs/configuration.md
 """
 
-COLLECTORS = ("flows", "tcp", "dns", "http")
+COLLECTORS = ("flows", "tcp", "dns", "http", "drops", "bash")
 # flag destination -> (config path, flag)
 FLAG_FIELDS = {
     "web_listen_address": ("web.listen_address", "--web.listen-address"),
@@ -51,6 +58,13 @@ FLAG_FIELDS = {
     "log_format": ("log.format", "--log.format"),
     "series_max": ("series.max_per_metric", "--series.max-per-metric"),
     "series_ttl": ("series.ttl", "--series.ttl"),
+    "kubernetes": ("kubernetes.enabled", "--kubernetes"),
+    "kubeconfig": ("kubernetes.kubeconfig", "--kubeconfig"),
+    "node_name": ("kubernetes.node_name", "--node-name"),
+    "namespace_allow": ("labels.namespace_allow", "--labels.namespace-allow"),
+    "namespace_deny": ("labels.namespace_deny", "--labels.namespace-deny"),
+    "pod_namespaces": ("labels.pod_namespaces", "--labels.pod-namespaces"),
+    "endpoint_labels": ("labels.endpoint", "--labels.endpoint"),
 }
 
 
@@ -86,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="series cap per metric")
     parser.add_argument("--series.ttl", dest="series_ttl", metavar="DURATION",
                         help="drop series idle this long, e.g. 5m")
+    parser.add_argument("--kubernetes", metavar="MODE",
+                        help="auto (on in a pod or with a kubeconfig), true or false")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="kubeconfig to reach the API server outside a pod "
+                             "(default: $KUBECONFIG; in a pod: the service account)")
+    parser.add_argument("--node-name", dest="node_name", metavar="NAME",
+                        help="this node's name (default: $NODE_NAME)")
+    parser.add_argument("--labels.endpoint", dest="endpoint_labels", metavar="NAMES",
+                        help="endpoint labels, comma-separated, or auto")
+    parser.add_argument("--labels.namespace-allow", dest="namespace_allow", metavar="GLOBS",
+                        help="namespaces whose names are kept, comma-separated globs; "
+                             "others read `other`")
+    parser.add_argument("--labels.namespace-deny", dest="namespace_deny", metavar="GLOBS",
+                        help="namespaces whose names read `other`")
+    parser.add_argument("--labels.pod-namespaces", dest="pod_namespaces", metavar="GLOBS",
+                        help="namespaces whose endpoints carry a pod label")
     for name in COLLECTORS:
         parser.add_argument(f"--collector.{name}", dest=f"collector_{name}",
                             action="store_const", const=True,
@@ -123,6 +153,8 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def effective_yaml(cfg: config.Config) -> str:
     def plain(value: Any) -> Any:
+        if value is None:           # every optional setting means "work it out": auto
+            return "auto"
         if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
@@ -136,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # numpy (imported later, by the collectors) would start an OpenBLAS thread per core: idle
     # here (no linear algebra), yet each would keep every capability the process started with
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["flows"]:        # the live view: a command of its own
+        from .live import cli as live_cli
+
+        live_cli.main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.print_source:
         try:

@@ -105,10 +105,10 @@ def select_links(links: Iterable[Link], names: NameFilter) -> tuple[dict[int, Li
 class QdiscOwnership:
     """Which clsact qdiscs this exporter created, kept in a file so a restart still knows."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "clsact") -> None:
         netns = os.stat("/proc/self/ns/net").st_ino
         self.directory = state_dir()
-        self.path = self.directory / f"clsact-netns-{netns}.json"
+        self.path = self.directory / f"{owner}-netns-{netns}.json"
         self._owned: dict[int, str] = {}
         try:
             self._owned = {int(k): v for k, v in json.loads(self.path.read_text()).items()}
@@ -134,12 +134,19 @@ class QdiscOwnership:
 
 
 class TcAttacher:
-    """Adds and removes our filters on the links of the current network namespace."""
+    """Adds and removes our filters on the links of the current network namespace. The live
+    view attaches its own filters beside the exporter's with another priority, handle, name and
+    ownership record, so neither ever replaces or removes the other's."""
 
-    def __init__(self, ingress_fd: int, egress_fd: int) -> None:
+    def __init__(self, ingress_fd: int, egress_fd: int, priority: int = FILTER_PRIORITY,
+                 handle: int = FILTER_HANDLE, name: str = FILTER_NAME,
+                 owner: str = "clsact") -> None:
         self._fds = {INGRESS: ingress_fd, EGRESS: egress_fd}
         self._ipr = IPRoute()
-        self.ownership = QdiscOwnership()
+        self.priority = priority
+        self.handle = handle
+        self.name = name
+        self.ownership = QdiscOwnership(owner)
 
     def attach(self, link: Link) -> None:
         try:
@@ -149,15 +156,15 @@ class TcAttacher:
             if e.code != 17:    # EEXIST: someone's (or a crashed run of ours) clsact is there
                 raise
         for parent, fd in self._fds.items():
-            self._ipr.tc("replace-filter", "bpf", link.index, handle=FILTER_HANDLE, fd=fd,
-                         name=FILTER_NAME, parent=parent, classid=1, direct_action=True,
-                         prio=FILTER_PRIORITY)
+            self._ipr.tc("replace-filter", "bpf", link.index, handle=self.handle, fd=fd,
+                         name=self.name, parent=parent, classid=1, direct_action=True,
+                         prio=self.priority)
 
     def detach(self, link: Link) -> None:
         for parent in self._fds:
             try:
-                self._ipr.tc("del-filter", "bpf", link.index, handle=FILTER_HANDLE,
-                             parent=parent, prio=FILTER_PRIORITY)
+                self._ipr.tc("del-filter", "bpf", link.index, handle=self.handle,
+                             parent=parent, prio=self.priority)
             except NetlinkError as e:
                 if e.code not in (2, 19, 22):   # already gone with the link or the qdisc
                     raise

@@ -11,7 +11,7 @@ as_root() {
 arch=$(dpkg --print-architecture)
 packages="python3 python3-venv python3-pip python3-bpfcc linux-headers-$arch
 iproute2 bpftool nftables procps util-linux curl iperf3 prometheus bind9-dnsutils
-dnsmasq-base nginx-light openssl"
+dnsmasq-base nginx-light tmux openssl"
 
 missing=""
 for p in $packages; do
