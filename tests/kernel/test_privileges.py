@@ -119,3 +119,20 @@ def test_as_root_every_thread_but_the_interface_monitor_drops_everything(node: T
         assert_dropped_after_start(process)
         assert "capabilities dropped" in process.log()
         assert process.stop() == 0
+
+
+def test_kubernetes_watches_hold_no_capability(node: TestNode):
+    from tests import kubeapi
+    from tests.kubeapi import KubeAPI
+
+    with KubeAPI(netns=node.node_ns) as api:
+        api.create("pods", kubeapi.pod("shop", "web-0", [node.a_ip], owner=None))
+        with ExporterProcess(node, ["--kubeconfig", str(api.kubeconfig),
+                                    "--node-name", "node-1"]) as process:
+            process.wait_ready()
+            process.wait_for(lambda s: s.value("ebpf_net_exporter_k8s_objects",
+                                               kind="pods") == 1, "the watches to list")
+            # the watch threads (and the client's) started after the drop: they hold none
+            assert len(thread_capabilities(process.proc.pid)) > 6
+            assert_dropped_after_start(process)
+            assert process.stop() == 0
