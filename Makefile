@@ -12,7 +12,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 # root already (CI, these VMs): no sudo needed, and it may not be installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test unit lint demo run bench bench-quick clean deploy-sync image-test
+.PHONY: setup test unit lint demo run bench bench-quick soak clean deploy-sync image-test
 
 setup:
 	sh scripts/setup-host.sh
@@ -54,6 +54,11 @@ bench:
 # A smoke run of the same code: few rounds, small flow counts, prints only (under a minute).
 bench-quick:
 	$(SUDO) $(PYTHON) -m benchmarks --quick
+
+# 10 minutes of churn with a scrape every second: RSS, scrape time, counters, map fill
+# (benchmarks/soak.py; results in docs/benchmarks.md, "Soak")
+soak:
+	$(SUDO) $(PYTHON) -m benchmarks.soak --seconds 600
 
 run:
 	$(SUDO) $(VENV)/bin/ebpf-net-exporter

@@ -22,6 +22,8 @@ from .scrape import ScrapeRun
 from .stats import Summary, paired_ratios, percentile, summarize
 
 NOTES = Path(__file__).with_name("notes.md")
+# the latest `make soak` run (issue 9), written up by hand: appended so `make bench` keeps it
+SOAK = Path(__file__).with_name("soak.md")
 
 UNITS = {"tcp": "Gbit/s (iperf3, one stream)", "udp": "kpps of 64-byte frames received",
          "connections": "connections/s (connect, 1 byte, close)"}
@@ -177,6 +179,8 @@ def markdown(r: Results) -> str:
     load = ", ".join(f"{x:.2f}" for x in r.load_before)
     load_after = ", ".join(f"{x:.2f}" for x in r.load_after)
     notes = NOTES.read_text() if NOTES.exists() else ""
+    if SOAK.exists():
+        notes = f"{notes.rstrip()}\n\n{SOAK.read_text()}"
     return f"""# Benchmarks
 
 Written by `make bench` (`python -m benchmarks`){mode}; {r.wall_seconds / 60:.1f} minutes.

@@ -4,15 +4,16 @@ the HTTP endpoint; and takes them down again in reverse order."""
 from __future__ import annotations
 
 import platform
+import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import __version__, classifier, environment, logs
+from . import __version__, classifier, environment, logs, privileges, singleton
 from .collectors import drops
 from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
@@ -20,7 +21,7 @@ from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.http import HttpCollector, KernelHttpSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
-from .config import Config
+from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
@@ -29,6 +30,7 @@ from .loader import LoadError, Program
 from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
+from .webconfig import WebConfig
 
 if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
     from .k8s.metadata import KubernetesMetadata
@@ -44,6 +46,13 @@ TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tc
                    "tcp/tcp_send_reset", "tcp/tcp_probe")
 # where a server socket's process is known (bpf/tcp.c, -DWITH_PROCESS); Linux >= 6.3
 PROCESS_TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length")
+
+
+def _value(config: Config, path: str) -> Any:
+    value: Any = config
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
 
 
 class StartupError(Exception):
@@ -111,8 +120,9 @@ def local_addresses() -> list[str]:
 
 
 class Exporter:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, web_config: WebConfig | None = None) -> None:
         self.config = config
+        self.web_config = web_config
         self.registry = CollectorRegistry()
         self.stats = KernelStats()
         self.programs: list[Program] = []
@@ -120,6 +130,7 @@ class Exporter:
         # collectors that may sweep or poll in a thread of their own
         self.sweeping: list[PairCollector | BashCollector] = []
         self.web: WebServer | None = None
+        self._claim: socket.socket | None = None
         self.kubernetes: KubernetesMetadata | None = None
         self._ready = threading.Event()
 
@@ -129,12 +140,19 @@ class Exporter:
     def start(self) -> None:
         config = self.config
         environment.prepare()
+        try:
+            self._claim = singleton.claim_netns()
+        except singleton.AlreadyRunning as e:
+            raise StartupError(str(e)) from None
         # bind the port before compiling: a port in use fails in milliseconds
-        app = make_app(self.registry, config.web.telemetry_path, self.ready)
-        self.web = WebServer(config.web.listen_address, app)
+        web = self.web_config
+        app = make_app(self.registry, config.web.telemetry_path, self.ready, web)
+        self.web = WebServer(config.web.listen_address, app, web.tls if web else None)
         self.web.start()
         log.info("listening", extra={"address": config.web.listen_address,
-                                     "path": config.web.telemetry_path})
+                                     "path": config.web.telemetry_path,
+                                     "scheme": web.scheme if web else "http",
+                                     "basic_auth": bool(web and web.users)})
 
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
@@ -191,22 +209,50 @@ class Exporter:
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
+        self.registry.register(logs.LogFailuresCollector())
         if self.kubernetes:
             self.registry.register(self.kubernetes)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
+        if self.monitor:
+            self.monitor.start()
+        # programs loaded and attached: this thread, and the watches and sweepers it starts,
+        # need nothing (the interface monitor's thread kept CAP_NET_ADMIN)
+        dropped = privileges.keep_only(())
+        if dropped:
+            log.info("capabilities dropped", extra={"dropped": privileges.names(
+                dropped & privileges.EXPORTER_CAPABILITIES), "kept_by_interface_monitor":
+                "CAP_NET_ADMIN"})
         # the watches start once the programs load: a start-up that fails on the kernel side
         # never loads the API server with a cluster-wide list
         if self.kubernetes:
             self.kubernetes.start()
-        if self.monitor:
-            self.monitor.start()
         for collector in self.sweeping:
             collector.start()
         self._ready.set()
         log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
                                  "ephemeral_floor": floor})
+
+    def reload(self, new: Config) -> list[str]:
+        """Applies a re-read configuration without touching the programs or the counts:
+        interfaces to monitor, the DNS and HTTP label allowlists (when on before and after)
+        and the log level. Returns the changed settings that need a restart."""
+        old, applied = self.config, {"interfaces.include", "interfaces.exclude", "log.level"}
+        if self.monitor and new.interfaces != old.interfaces:
+            self.monitor.set_names(NameFilter(new.interfaces.include, new.interfaces.exclude))
+        logs.set_level(new.log.level)
+        for collector in self.sweeping:
+            if isinstance(collector, DnsCollector) and collector.query_label and \
+                    new.dns.query_names:
+                collector.query_label = QueryLabel(new.dns.query_names)
+                applied.add("dns.query_names")
+            if isinstance(collector, HttpCollector) and collector.path_label and new.http.paths:
+                collector.path_label = PathLabel(new.http.paths, new.http.path_max_length)
+                applied |= {"http.paths", "http.path_max_length"}
+        changed = [path for path in field_paths() if _value(old, path) != _value(new, path)]
+        self.config = new
+        return [path for path in changed if path not in applied]
 
     def _kubernetes(self) -> KubernetesMetadata | None:
         """Watches of the API server when there is one to reach; None (with a log line saying
@@ -305,4 +351,6 @@ class Exporter:
             program.close()
         if self.web:
             self.web.stop()
+        if self._claim:
+            self._claim.close()
 

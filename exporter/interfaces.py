@@ -30,7 +30,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import logs
+from . import logs, privileges
 
 log = logs.get("interfaces")
 
@@ -44,7 +44,14 @@ ARPHRD_ETHER = 1
 STACKED_ON_LINK = {"vlan", "macvlan", "ipvlan", "macvtap"}
 RESYNC_SECONDS = 10.0
 RTMGRP_LINK = 1
-STATE_DIR = Path("/run/ebpf-net-exporter")
+DEFAULT_STATE_DIR = Path("/run/ebpf-net-exporter")
+
+
+def state_dir() -> Path:
+    """Where the qdisc ownership file lives: systemd's RUNTIME_DIRECTORY when set (a non-root
+    exporter cannot write /run), else /run/ebpf-net-exporter."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) if runtime else DEFAULT_STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,8 @@ class QdiscOwnership:
 
     def __init__(self, owner: str = "clsact") -> None:
         netns = os.stat("/proc/self/ns/net").st_ino
-        self.path = STATE_DIR / f"{owner}-netns-{netns}.json"
+        self.directory = state_dir()
+        self.path = self.directory / f"{owner}-netns-{netns}.json"
         self._owned: dict[int, str] = {}
         try:
             self._owned = {int(k): v for k, v in json.loads(self.path.read_text()).items()}
@@ -119,7 +127,7 @@ class QdiscOwnership:
             self._save()
 
     def _save(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._owned))
         tmp.replace(self.path)
@@ -251,6 +259,8 @@ class InterfaceMonitor:
 
     def _run(self) -> None:
         try:
+            # attaching and detaching filters is all this thread does: CAP_NET_ADMIN only
+            privileges.keep_only((privileges.CAP_NET_ADMIN,))
             events = link_event_socket()    # before the first reconcile: no event is missed
             attacher = self._make_attacher()
             self._reconcile(attacher)
@@ -317,6 +327,13 @@ class InterfaceMonitor:
         self.attached.pop(link.index, None)
         log.info("detached", extra={"interface": link.name, "ifindex": link.index})
 
+    def set_names(self, names: NameFilter) -> None:
+        """New include/exclude patterns (a configuration reload): the monitor's thread attaches
+        and detaches to match at once; programs and counts are untouched."""
+        self.names = names
+        self._warned_empty = False
+        os.write(self._wake_write, b"r")
+
     def _watch(self, events: socket.socket, attacher: TcAttacher) -> None:
         while not self._stop.is_set():
             try:
@@ -324,6 +341,8 @@ class InterfaceMonitor:
                 if self._stop.is_set():
                     break
                 changed = drain(events) if events in ready else 0
+                if self._wake_read in ready:        # set_names()
+                    changed += len(os.read(self._wake_read, 64))
                 if changed or not ready:
                     self._reconcile(attacher)
             except Exception as e:  # keep watching: a missed event is caught by the resync

@@ -24,6 +24,7 @@ from exporter.collectors.http import HttpCollector
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.metadata import KubernetesMetadata
+from exporter.logs import LogFailuresCollector
 from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
@@ -133,6 +134,7 @@ def full_exposition() -> str:
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)
     stats.add_parse_errors("http", 0)
+    registry.register(LogFailuresCollector())
     return generate_latest(registry).decode()
 
 
