@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import socket
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -83,18 +84,43 @@ class EndpointLabelSets:
     def __init__(self, config: Config, kubernetes: KubernetesMetadata | None) -> None:
         settings = config.labels
         self.resolver = kubernetes
-        self.policy = NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
-                                 Globs(settings.workload_allow, settings.workload_deny),
-                                 Globs(settings.service_allow, settings.service_deny),
-                                 settings.pod_namespaces)
-        self.default = self._names(settings.endpoint)
+        self.policy = self._policy(config)
+        self.default = self._names(settings.endpoint, settings.pod_namespaces)
         self.per_metric = settings.per_metric
+        self.handed_out: list[EndpointLabels] = []
 
-    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
+    @staticmethod
+    def _policy(config: Config) -> NamePolicy:
+        settings = config.labels
+        return NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
+                          Globs(settings.workload_allow, settings.workload_deny),
+                          Globs(settings.service_allow, settings.service_deny),
+                          settings.pod_namespaces)
+
+    def reload(self, config: Config) -> set[str]:
+        """New allow/deny globs and pod namespaces for every family, from the next scrape on;
+        returns the settings applied. Label names cannot change without a restart: the pod
+        namespaces are applied only if they keep the `pod` label (chosen by auto) as it is."""
+        applied = {f"labels.{kind}_{way}" for kind in ("namespace", "workload", "service")
+                   for way in ("allow", "deny")}
+        pods_as_before = self._names(config.labels.endpoint,
+                                     config.labels.pod_namespaces) == self.default
+        if pods_as_before:
+            applied.add("labels.pod_namespaces")
+        else:
+            config = replace(config, labels=replace(config.labels,
+                                                    pod_namespaces=self.policy.pod_namespaces))
+        self.policy = self._policy(config)
+        for labels in self.handed_out:
+            labels.set_policy(self.policy)
+        return applied
+
+    def _names(self, names: tuple[str, ...] | None,
+               pod_namespaces: tuple[str, ...] = ()) -> tuple[str, ...]:
         if names is None:
             if self.resolver is None:
                 return ADDRESS_LABELS
-            pods = ("pod",) if self.policy.pod_namespaces else ()
+            pods = ("pod",) if pod_namespaces else ()
             return KUBERNETES_DEFAULT_LABELS + pods
         if self.resolver is None and set(names) & set(KUBERNETES_LABELS):
             dropped = sorted(set(names) & set(KUBERNETES_LABELS))
@@ -105,9 +131,11 @@ class EndpointLabelSets:
 
     def of(self, family: str) -> EndpointLabels:
         sides = self.per_metric.get(family, {})
-        src, dst = (self._names(sides[side]) if sides.get(side) is not None else self.default
-                    for side in ("src", "dst"))
-        return EndpointLabels(src, dst, self.resolver, self.policy)
+        src, dst = (self._names(sides[side], self.policy.pod_namespaces)
+                    if sides.get(side) is not None else self.default for side in ("src", "dst"))
+        labels = EndpointLabels(src, dst, self.resolver, self.policy)
+        self.handed_out.append(labels)
+        return labels
 
 
 def local_addresses() -> list[str]:
@@ -132,6 +160,7 @@ class Exporter:
         self.web: WebServer | None = None
         self._claim: socket.socket | None = None
         self.kubernetes: KubernetesMetadata | None = None
+        self.label_sets: EndpointLabelSets | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -157,7 +186,7 @@ class Exporter:
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
         self.kubernetes = self._kubernetes()
-        labels = EndpointLabelSets(config, self.kubernetes)
+        labels = self.label_sets = EndpointLabelSets(config, self.kubernetes)
         series = (self.stats, config.series.max_per_metric, config.series.ttl)
         collectors: list[SignalCollector] = []
 
@@ -242,6 +271,8 @@ class Exporter:
         if self.monitor and new.interfaces != old.interfaces:
             self.monitor.set_names(NameFilter(new.interfaces.include, new.interfaces.exclude))
         logs.set_level(new.log.level)
+        if self.label_sets:
+            applied |= self.label_sets.reload(new)
         for collector in self.sweeping:
             if isinstance(collector, DnsCollector) and collector.query_label and \
                     new.dns.query_names:

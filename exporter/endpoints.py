@@ -236,6 +236,11 @@ class EndpointLabels:
         self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
         self._cache_key: Hashable = None
 
+    def set_policy(self, policy: NamePolicy) -> None:
+        """New allowlists (SIGHUP): values are recomputed from the next scrape on."""
+        self.policy = policy
+        self._cache_key = None
+
     def label_names(self, side: str, with_port: bool = True) -> list[str]:
         return [f"{side}_{name}" for name in self.names[side] if with_port or name != "port"]
 
