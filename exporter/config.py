@@ -52,7 +52,7 @@ def parse_bool(value: Any) -> bool:
 
 
 def parse_positive_int(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail("a positive integer", value)
@@ -60,7 +60,7 @@ def parse_positive_int(value: Any) -> int:
 
 
 def parse_port(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise _fail("a port number 1-65535", value)
@@ -94,7 +94,7 @@ def parse_listen_address(value: Any) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise _fail("[host]:port such as :9814 or 127.0.0.1:9814", value)
     port = value.rsplit(":", 1)[1]
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not port.isdecimal() or not 0 <= int(port) <= 65535:
         raise _fail("[host]:port with a port 0-65535", value)
     return value
 
