@@ -4,7 +4,8 @@ Collectors fold each scrape's kernel deltas into a SeriesStore. Totals only grow
 stay monotonic however the kernel maps are drained. A new label set past the cap is folded into
 the metric's ``overflow`` series (its endpoint labels read ``overflow``; totals stay exact) and
 counted. A series without new counts for the TTL is dropped (Prometheus treats its return as a
-counter reset)."""
+counter reset). Each series keeps its label text, rendered once when it is created, for the
+/metrics fast path (exposition.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from .endpoints import OVERFLOW
-
-LabelValues = tuple[str, ...]
+from .exposition import LabelRenderer, LabelText, LabelValues, Row
 
 
 class SeriesStore:
@@ -36,8 +36,10 @@ class SeriesStore:
         self.ttl_seconds = ttl_seconds
         self.width = width
         self._clock = clock
+        self._render = LabelRenderer(self.label_names, histogram=width > 1)
         self._values: dict[LabelValues, list[float]] = {}
         self._last_change: dict[LabelValues, float] = {}
+        self._text: dict[LabelValues, LabelText] = {}
         self.overflowed_series_total = 0
 
     def __len__(self) -> int:
@@ -59,6 +61,7 @@ class SeriesStore:
             if current is None:
                 # the overflow series itself may exceed the cap by the few non-endpoint variants
                 current = self._values[labels] = [0.0] * self.width
+                self._text[labels] = self._render(labels)
         for i, value in enumerate(delta):
             current[i] += value
         self._last_change[labels] = now
@@ -74,7 +77,13 @@ class SeriesStore:
         for labels in stale:
             del self._values[labels]
             del self._last_change[labels]
+            del self._text[labels]
         return len(stale)
 
     def items(self) -> list[tuple[LabelValues, list[float]]]:
         return [(labels, list(values)) for labels, values in self._values.items()]
+
+    def rows(self) -> list[Row]:
+        """A snapshot for a StoreFamily: label values, label text, values."""
+        text = self._text
+        return [(labels, text[labels], list(values)) for labels, values in self._values.items()]

@@ -1,6 +1,7 @@
 """The HTTP endpoint: metrics at the telemetry path (prometheus_client's WSGI app, which does
-content negotiation and gzip), /healthz (alive), /readyz (programs attached) and a landing page;
-over TLS and behind basic auth when a web config (exporter/webconfig.py) asks for it."""
+content negotiation and gzip, with the traffic families written by exposition.py), /healthz
+(alive), /readyz (programs attached) and a landing page; over TLS and behind basic auth when
+a web config (exporter/webconfig.py) asks for it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 
 from . import logs, privileges
+from .exposition import make_metrics_app
 from .webconfig import BasicAuth, WebConfig
 
 log = logs.get("web")
@@ -81,7 +83,7 @@ def split_listen_address(address: str) -> tuple[str, int]:
 
 def make_app(registry: CollectorRegistry, telemetry_path: str,
              ready: Callable[[], bool], web: WebConfig | None = None) -> WsgiApp:
-    metrics = make_wsgi_app(registry)
+    metrics = make_metrics_app(registry)
     landing = (f'<html><head><title>ebpf-net-exporter</title></head><body>'
                f'<h1>ebpf-net-exporter</h1><p><a href="{telemetry_path}">Metrics</a></p>'
                f'</body></html>').encode()

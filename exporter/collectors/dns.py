@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from .. import histogram, logs
 from ..cardinality import SeriesStore
 from ..dnsnames import QueryLabel, qtype_name, rcode_name, transport_name
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
+from ..exposition import StoreFamily, store_family
 from ..maps import BatchMap, CounterArray, Generation, older_than
 from ..selfmetrics import KernelStats
 from .base import PairCollector
@@ -202,25 +202,17 @@ class DnsCollector(PairCollector):
         self.stats.record_map("dns_events", batch.entries, batch.capacity)
         self.stats.record_map("dns_pending", batch.pending, batch.pending_capacity)
 
-    def _families(self) -> list[CounterMetricFamily]:
-        names = self.pair_names
-        requests = CounterMetricFamily(
+    def _families(self) -> list[StoreFamily]:
+        requests = store_family(
             "ebpf_net_dns_requests", "DNS queries seen, by question type and transport.",
-            labels=list(self._requests.label_names))
-        responses = CounterMetricFamily(
+            "counter", self._requests)
+        responses = store_family(
             "ebpf_net_dns_responses", "DNS responses matched to their query, by question type, "
-            "response code and transport.", labels=list(self._responses.label_names))
-        timeouts = CounterMetricFamily(
+            "response code and transport.", "counter", self._responses)
+        timeouts = store_family(
             "ebpf_net_dns_timeouts", "DNS queries left without a response for dns.timeout.",
-            labels=list(self._timeouts.label_names))
-        latency = HistogramMetricFamily(
+            "counter", self._timeouts)
+        latency = store_family(
             "ebpf_net_dns_request_duration_seconds", "Time from a DNS query to its response, "
-            "measured in the kernel, by response code.", labels=[*names, "rcode"])
-        for family, store in ((requests, self._requests), (responses, self._responses),
-                              (timeouts, self._timeouts)):
-            for labels, (value,) in store.items():
-                family.add_metric(labels, value)
-        for labels, series in self._latency.items():
-            buckets, total = histogram.buckets(series)
-            latency.add_metric(labels, buckets, total)
+            "measured in the kernel, by response code.", "histogram", self._latency)
         return [requests, responses, timeouts, latency]

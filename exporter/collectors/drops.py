@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily
 
 from .. import btf, dropreasons, logs
 from ..cardinality import SeriesStore
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text, protocol_name
+from ..exposition import StoreFamily, store_family
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
 
@@ -107,10 +107,10 @@ class DropsCollector:
     def stores(self) -> Sequence[SeriesStore]:
         return (self._drops,)
 
-    def describe(self) -> Iterable[CounterMetricFamily]:
+    def describe(self) -> Iterable[StoreFamily]:
         return self._families()
 
-    def collect(self) -> Iterable[CounterMetricFamily]:
+    def collect(self) -> Iterable[StoreFamily]:
         with self._lock:
             self.endpoints.refresh()
             self._fold(self.source.drain())  # type: ignore[attr-defined]
@@ -150,10 +150,7 @@ class DropsCollector:
         self.stats.record_map("drops", batch.entries, batch.capacity)
         self.stats.add_failures("drops", float(batch.failures))
 
-    def _families(self) -> list[CounterMetricFamily]:
-        family = CounterMetricFamily(
+    def _families(self) -> list[StoreFamily]:
+        return [store_family(
             "ebpf_net_drops", "Packets the kernel dropped (skb:kfree_skb), by the reason it "
-            "gave, as this kernel names it.", labels=self.label_names)
-        for labels, (value,) in self._drops.items():
-            family.add_metric(labels, value)
-        return [family]
+            "gave, as this kernel names it.", "counter", self._drops)]

@@ -9,7 +9,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily
 
 from ..cardinality import SeriesStore
 from ..endpoints import (
@@ -21,6 +20,7 @@ from ..endpoints import (
     port_text,
     protocol_name,
 )
+from ..exposition import StoreFamily
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
 
@@ -104,10 +104,10 @@ class FlowsCollector:
     def stores(self) -> Sequence[SeriesStore]:
         return (self._bytes, self._packets)
 
-    def describe(self) -> Iterable[CounterMetricFamily]:
+    def describe(self) -> Iterable[StoreFamily]:
         return self._families()
 
-    def collect(self) -> Iterable[CounterMetricFamily]:
+    def collect(self) -> Iterable[StoreFamily]:
         with self._lock:
             self.endpoints.refresh()
             self._fold(self.source.drain())  # type: ignore[attr-defined]
@@ -180,16 +180,12 @@ class FlowsCollector:
             delta[0] += float(byte_count)
             delta[1] += float(packet_count)
 
-    def _families(self) -> list[CounterMetricFamily]:
-        byte_family = CounterMetricFamily(
-            "ebpf_net_flow_bytes", "Bytes of IP packets (IP header included, link header "
-            "excluded) seen on the monitored interfaces, counted once per node.",
-            labels=self.label_names)
-        packet_family = CounterMetricFamily(
-            "ebpf_net_flow_packets", "IP packets seen on the monitored interfaces, as on the "
-            "wire (an offloaded aggregate counts as its segments), counted once per node.",
-            labels=self.label_names)
-        for family, store in ((byte_family, self._bytes), (packet_family, self._packets)):
-            for labels, (value,) in store.items():
-                family.add_metric(labels, value)
-        return [byte_family, packet_family]
+    def _families(self) -> list[StoreFamily]:
+        return [
+            StoreFamily("ebpf_net_flow_bytes", "Bytes of IP packets (IP header included, link "
+                        "header excluded) seen on the monitored interfaces, counted once per "
+                        "node.", "counter", self.label_names, self._bytes.rows()),
+            StoreFamily("ebpf_net_flow_packets", "IP packets seen on the monitored interfaces, "
+                        "as on the wire (an offloaded aggregate counts as its segments), counted "
+                        "once per node.", "counter", self.label_names, self._packets.rows()),
+        ]

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from .. import histogram, logs
 from ..cardinality import SeriesStore
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
+from ..exposition import StoreFamily, store_family
 from ..httpnames import PathLabel, method_name, status_label
 from ..maps import BatchMap, CounterArray, Generation, older_than
 from ..selfmetrics import KernelStats
@@ -193,18 +193,12 @@ class HttpCollector(PairCollector):
         self.stats.record_map("http_events", batch.entries, batch.capacity)
         self.stats.record_map("http_conns", batch.conns, batch.conn_capacity)
 
-    def _families(self) -> list[CounterMetricFamily]:
-        labels = list(self._requests.label_names)
-        requests = CounterMetricFamily(
+    def _families(self) -> list[StoreFamily]:
+        requests = store_family(
             "ebpf_net_http_requests", "HTTP/1.x requests by method and response status code "
             "(none: the connection ended first; pipelined: past the pipelining depth; "
-            "untracked: the connection map was full).", labels=labels)
-        duration = HistogramMetricFamily(
+            "untracked: the connection map was full).", "counter", self._requests)
+        duration = store_family(
             "ebpf_net_http_request_duration_seconds", "Time from an HTTP request's first byte "
-            "to its response's first byte, measured in the kernel.", labels=labels)
-        for series_labels, (value,) in self._requests.items():
-            requests.add_metric(series_labels, value)
-        for series_labels, series in self._duration.items():
-            buckets, total = histogram.buckets(series)
-            duration.add_metric(series_labels, buckets, total)
+            "to its response's first byte, measured in the kernel.", "histogram", self._duration)
         return [requests, duration]

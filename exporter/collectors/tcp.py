@@ -10,15 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
 
 from .. import histogram
 from ..cardinality import SeriesStore
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
+from ..exposition import StoreFamily, store_family
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
 from .base import PairCollector
@@ -214,41 +210,29 @@ class TcpCollector(PairCollector):
         for store in (self._failures, self._retransmits, self._resets, self._rtt):
             store.expire()
 
-    def _families(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
-        names = self.pair_names
-        process = self._process_names
-        opened = CounterMetricFamily(
+    def _families(self) -> list[StoreFamily]:
+        opened = store_family(
             "ebpf_net_tcp_connections_opened", "TCP connections established, by the role of "
-            "the local socket (client: active open, server: passive open).",
-            labels=[*names, "role", *process])
-        closed = CounterMetricFamily(
+            "the local socket (client: active open, server: passive open).", "counter",
+            self._opened)
+        closed = store_family(
             "ebpf_net_tcp_connections_closed", "TCP connections closed whose open the exporter "
-            "saw, by the role of the local socket.", labels=[*names, "role", *process])
-        active = GaugeMetricFamily(
+            "saw, by the role of the local socket.", "counter", self._closed)
+        active = StoreFamily(
             "ebpf_net_tcp_active_connections", "TCP connections open now (opened minus closed "
-            "since the exporter started), by the role of the local socket.",
-            labels=[*names, "role", *process])
-        failures = CounterMetricFamily(
+            "since the exporter started), by the role of the local socket.", "gauge",
+            self._opened.label_names,
+            [(labels, text, [self._active(labels)]) for labels, text, _ in opened.rows])
+        failures = store_family(
             "ebpf_net_tcp_connect_failures", "Connection attempts that ended before "
             "establishment: refused (reset), timeout (SYN retransmitted, no answer), aborted.",
-            labels=[*names, "reason", *process])
-        retransmits = CounterMetricFamily(
-            "ebpf_net_tcp_retransmits", "TCP segments retransmitted.", labels=[*names, *process])
-        resets = CounterMetricFamily(
-            "ebpf_net_tcp_resets", "TCP resets sent and received.",
-            labels=[*names, "direction", *process])
-        rtt = HistogramMetricFamily(
+            "counter", self._failures)
+        retransmits = store_family(
+            "ebpf_net_tcp_retransmits", "TCP segments retransmitted.", "counter",
+            self._retransmits)
+        resets = store_family(
+            "ebpf_net_tcp_resets", "TCP resets sent and received.", "counter", self._resets)
+        rtt = store_family(
             "ebpf_net_tcp_rtt_seconds", "Smoothed RTT of TCP connections: each connection's "
-            "latest srtt once per sampling interval and once at close.", labels=[*names, *process])
-
-        for labels, (value,) in self._opened.items():
-            opened.add_metric(labels, value)
-            active.add_metric(labels, self._active(labels))
-        for target, store in ((closed, self._closed), (failures, self._failures),
-                              (retransmits, self._retransmits), (resets, self._resets)):
-            for labels, (value,) in store.items():
-                target.add_metric(labels, value)
-        for labels, series in self._rtt.items():
-            buckets, total = histogram.buckets(series)
-            rtt.add_metric(labels, buckets, total)
+            "latest srtt once per sampling interval and once at close.", "histogram", self._rtt)
         return [opened, closed, active, failures, retransmits, resets, rtt]

@@ -142,7 +142,7 @@ def test_promtool_accepts_every_metric_the_exporter_serves(tmp_path):
     promtool = shutil.which("promtool")
     if not promtool:
         skip_or_fail("promtool is not installed (Debian's prometheus package; make setup)")
-    for text in (GOLDEN.read_text(), full_exposition()):
+    for text in (GOLDEN.read_text(), full_exposition(), fast_and_library(None)[0]):
         result = subprocess.run([promtool, "check", "metrics"], input=text,
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -167,3 +167,80 @@ def test_every_self_metric_of_the_spec_is_served_with_per_collector_labels():
     assert 'ebpf_net_exporter_bpf_map_capacity{map="tcp_sockets"} 131072.0' in text
     assert 'ebpf_net_exporter_series_overflow_total{metric="ebpf_net_flow_bytes_total"} 0.0' \
         in text
+
+
+# The /metrics fast path (exporter/exposition.py) against prometheus_client's own encoders.
+HOSTILE = ['a "quoted" name', "back\\slash\\", "two\nlines", 'all\\"\n\\n', "", "ünïcode"]
+
+
+def hostile_collectors(stats: KernelStats) -> list:
+    """Every fast-path family with label values that need escaping (the bash collector's
+    family goes through the library and sits between them)."""
+    found = collectors(stats)
+    flows, tcp = found[:2]
+    for index, value in enumerate(HOSTILE):
+        labels = tuple(f"{value}{i}" for i in range(len(flows._bytes.label_names)))
+        flows._bytes.add(labels, (1e21 + index,))
+        flows._packets.add(labels, (0.5,))
+        rtt_labels = tuple(value for _ in tcp._rtt.label_names)
+        tcp._rtt.add(rtt_labels, [float(i * index) for i in range(histogram.WIDTH)])
+        tcp._opened.add(tuple(value for _ in tcp._opened.label_names), (3.0,))
+    return found
+
+
+def fast_and_library(accept: str | None) -> tuple[str, str, str]:
+    from prometheus_client.exposition import choose_encoder
+
+    from exporter.exposition import generate
+
+    registry = CollectorRegistry()
+    for collector in hostile_collectors(KernelStats()):
+        registry.register(collector)
+    registry.register(LogFailuresCollector())
+    fast, content_type = generate(registry, accept)
+    encoder, _ = choose_encoder(accept or "")
+    return fast.decode(), encoder(registry).decode(), content_type
+
+
+def test_fast_path_writes_what_prometheus_client_writes():
+    fast, library, content_type = fast_and_library(None)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert 'src_ip="a \\"quoted\\" name0"' in fast
+    assert 'src_ip="two\\nlines0"' in fast
+    assert 'le="+Inf",src_ip="back\\\\slash\\\\"' in fast      # le sorts among the labels
+    assert fast.count("ebpf_net_tcp_rtt_seconds_bucket{") == 27 * (len(HOSTILE) + 1)
+    assert fast == library
+
+
+def test_fast_path_matches_openmetrics_when_negotiated():
+    fast, library, content_type = fast_and_library(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+    assert content_type.startswith("application/openmetrics-text")
+    assert fast.endswith("# EOF\n") and fast.count("# EOF") == 1
+    assert fast == library
+
+
+def test_the_served_metrics_are_the_fast_path_gzipped_or_not():
+    import gzip
+    from wsgiref.util import setup_testing_defaults
+
+    from exporter.exposition import make_metrics_app
+
+    stats = KernelStats()
+    registry = CollectorRegistry()
+    registry.register(ExporterCollector(hostile_collectors(stats), stats, {}, lambda: 2))
+    app = make_metrics_app(registry)
+    for encoding in ("", "gzip"):
+        environ: dict = {"HTTP_ACCEPT_ENCODING": encoding}
+        setup_testing_defaults(environ)
+        replies: list = []
+        body = b"".join(app(environ, lambda status, headers, found=replies:
+                            found.append((status, headers))))
+        status, headers = replies[0]
+        assert status == "200 OK"
+        if encoding:
+            assert ("Content-Encoding", "gzip") in headers
+            body = gzip.decompress(body)
+        text = body.decode()
+        assert text.count("ebpf_net_flow_bytes_total{") == len(FLOWS) + len(HOSTILE)
+        assert "ebpf_net_flow_bytes_total{" in text and "1e+21" in text
