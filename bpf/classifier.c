@@ -114,7 +114,8 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
         parser = PARSER_DNS;
 #endif
 #ifdef WITH_HTTP
-    if (parser < 0 && pkt.protocol == IPPROTO_TCP)
+    /* only a segment that can matter to HTTP: most TCP segments are not copied and tail-called */
+    if (parser < 0 && pkt.protocol == IPPROTO_TCP && http_wanted(skb, &pkt))
         parser = PARSER_HTTP;
 #endif
     if (parser < 0)

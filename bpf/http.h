@@ -458,14 +458,45 @@ static __always_inline void http_response(struct http_scratch *s, const struct p
     http_count(key, latency_us);
 }
 
+/* Bytes of TCP payload in this segment (in the aggregate, for a GSO skb). */
+static __always_inline u32 http_payload_bytes(struct __sk_buff *skb, const struct packet *pkt)
+{
+    u32 segment_end = pkt->l3_off + pkt->ip_len;
+    if (skb->gso_segs > 1 || segment_end > skb->len)
+        segment_end = skb->len;
+    return segment_end > pkt->payload_off ? segment_end - pkt->payload_off : 0;
+}
+
+static __always_inline int http_upper(u8 c)
+{
+    return c >= 'A' && c <= 'Z';
+}
+
+/* Whether account_http() can do anything with this TCP segment; the classifier asks before it
+ * copies the packet to packet_scratch and tail-calls parse_http, which most segments (ACKs,
+ * bodies, other protocols) then need not. Something happens only for a segment that ends the
+ * connection (FIN, RST), or one of 8 bytes or more starting with three upper-case letters: a
+ * method token (3 to 12 letters) or "HTTP/". Every other state (retransmission sequence
+ * numbers, the pipelining queue, last_seen_ns for the idle sweep) changes only for those. */
+static __always_inline int http_wanted(struct __sk_buff *skb, const struct packet *pkt)
+{
+    if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
+        return 0;
+    if (pkt->tcp_flags & (HTTP_TCP_FIN | HTTP_TCP_RST))
+        return 1;
+    if (http_payload_bytes(skb, pkt) < 8)
+        return 0;
+    u8 start[4];
+    if (bpf_skb_load_bytes(skb, pkt->payload_off, start, 4) < 0)
+        return 0;
+    return http_upper(start[0]) && http_upper(start[1]) && http_upper(start[2]);
+}
+
 static __always_inline void account_http(struct __sk_buff *skb, const struct packet *pkt)
 {
     if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
         return;
-    u32 segment_end = pkt->l3_off + pkt->ip_len;
-    if (skb->gso_segs > 1 || segment_end > skb->len)
-        segment_end = skb->len;
-    u32 avail = segment_end > pkt->payload_off ? segment_end - pkt->payload_off : 0;
+    u32 avail = http_payload_bytes(skb, pkt);
     int ends = pkt->tcp_flags & (HTTP_TCP_FIN | HTTP_TCP_RST);
     if (avail < 8 && !ends)
         return;             /* no message line fits in under 8 bytes: nothing to look at */
