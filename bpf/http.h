@@ -487,7 +487,7 @@ static __always_inline int http_wanted(struct __sk_buff *skb, const struct packe
     if (http_payload_bytes(skb, pkt) < 8)
         return 0;
     u8 start[4];
-    if (bpf_skb_load_bytes(skb, pkt->payload_off, start, 4) < 0)
+    if (load_header(skb, pkt->payload_off, start, 4) < 0)
         return 0;
     return http_upper(start[0]) && http_upper(start[1]) && http_upper(start[2]);
 }

@@ -1,5 +1,6 @@
 /* Parses the L2/L3/L4 headers of a packet seen by the TC classifier into struct packet.
- * Reads with bpf_skb_load_bytes so headers outside the linear area are still parsed. */
+ * Reads headers in the linear area directly (skb->data), and with bpf_skb_load_bytes when they
+ * are not there, so they are still parsed. */
 #ifndef EBPF_NET_PACKET_H
 #define EBPF_NET_PACKET_H
 
@@ -54,6 +55,43 @@ struct ipv6_ext_header {
     __be16 frag_off;        /* only meaningful for the fragment header */
 };
 
+/* Headers start within this many bytes of the frame: past it, always the helper (the bound
+ * also lets the verifier accept the variable offset into the packet). */
+#define DIRECT_LOAD_MAX_OFF 1024
+
+/* Copies `len` bytes (a constant once inlined) of the packet at `off` into dst: from the
+ * linear area when they are all there, a few word loads instead of a helper call; else
+ * bpf_skb_load_bytes. Returns < 0 when the packet is too short. Unaligned loads are fine on the
+ * architectures bcc runs on (the verifier checks alignment only with strict alignment). */
+static __always_inline int load_header(struct __sk_buff *skb, u32 off, void *dst, u32 len)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    if (off > DIRECT_LOAD_MAX_OFF || data + off + len > data_end)
+        return bpf_skb_load_bytes(skb, off, dst, len);
+    const u8 *src = data + off;
+    u8 *to = dst;
+    u32 i = 0;
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        if (i + 8 <= len) {
+            *(u64 *)(to + i) = *(const u64 *)(src + i);
+            i += 8;
+        }
+    }
+    if (i + 4 <= len) {
+        *(u32 *)(to + i) = *(const u32 *)(src + i);
+        i += 4;
+    }
+    if (i + 2 <= len) {
+        *(u16 *)(to + i) = *(const u16 *)(src + i);
+        i += 2;
+    }
+    if (i < len)
+        to[i] = src[i];
+    return 0;
+}
+
 static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 {
     pkt->hdr_len = pkt->l4_off - pkt->l3_off;
@@ -62,7 +100,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
         return PARSE_OK;
     if (pkt->protocol == IPPROTO_TCP) {
         struct tcphdr tcp;
-        if (bpf_skb_load_bytes(skb, pkt->l4_off, &tcp, sizeof(tcp)) < 0)
+        if (load_header(skb, pkt->l4_off, &tcp, sizeof(tcp)) < 0)
             return PARSE_MALFORMED;
         u32 doff = tcp.doff * 4;
         if (doff < sizeof(tcp))
@@ -76,7 +114,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
         pkt->payload_off += doff;
     } else if (pkt->protocol == IPPROTO_UDP) {
         struct udphdr udp;
-        if (bpf_skb_load_bytes(skb, pkt->l4_off, &udp, sizeof(udp)) < 0)
+        if (load_header(skb, pkt->l4_off, &udp, sizeof(udp)) < 0)
             return PARSE_MALFORMED;
         pkt->sport = bpf_ntohs(udp.source);
         pkt->dport = bpf_ntohs(udp.dest);
@@ -91,7 +129,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 {
     struct iphdr ip;
-    if (bpf_skb_load_bytes(skb, pkt->l3_off, &ip, sizeof(ip)) < 0)
+    if (load_header(skb, pkt->l3_off, &ip, sizeof(ip)) < 0)
         return PARSE_MALFORMED;
     u32 ihl = ip.ihl * 4;
     u32 tot_len = bpf_ntohs(ip.tot_len);
@@ -114,7 +152,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 {
     struct ipv6hdr ip6;
-    if (bpf_skb_load_bytes(skb, pkt->l3_off, &ip6, sizeof(ip6)) < 0)
+    if (load_header(skb, pkt->l3_off, &ip6, sizeof(ip6)) < 0)
         return PARSE_MALFORMED;
     if (ip6.version != 6)
         return PARSE_MALFORMED;
@@ -132,7 +170,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
             next != IPPROTO_FRAGMENT && next != IPPROTO_AH)
             break;
         struct ipv6_ext_header ext;
-        if (bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)) < 0)
+        if (load_header(skb, off, &ext, sizeof(ext)) < 0)
             return PARSE_MALFORMED;
         if (next == IPPROTO_FRAGMENT) {
             if (bpf_ntohs(ext.frag_off) & 0xfff8)
@@ -179,7 +217,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, u32 iface_flags, 
     u32 off = 0;
     if (iface_flags & IFACE_ETHERNET) {
         struct ethhdr eth;
-        if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+        if (load_header(skb, 0, &eth, sizeof(eth)) < 0)
             return PARSE_NOT_IP;
         proto = eth.h_proto;
         off = sizeof(eth);
@@ -188,7 +226,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, u32 iface_flags, 
             if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
                 break;
             struct vlan_tag tag;
-            if (bpf_skb_load_bytes(skb, off, &tag, sizeof(tag)) < 0)
+            if (load_header(skb, off, &tag, sizeof(tag)) < 0)
                 return PARSE_MALFORMED;
             proto = tag.encapsulated_proto;
             off += sizeof(tag);
