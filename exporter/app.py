@@ -289,7 +289,6 @@ class Exporter:
         """Watches of the API server when there is one to reach; None (with a log line saying
         why) when Kubernetes labels are off."""
         from .k8s.connection import KubernetesConfigError, connect
-        from .k8s.metadata import KubernetesMetadata
 
         settings = self.config.kubernetes
         if settings.enabled == "false":
@@ -305,6 +304,8 @@ class Exporter:
                                    "give --kubeconfig or run in a pod")
             log.info(f"kubernetes labels off: {source}; ip labels on")
             return None
+        from .k8s.metadata import KubernetesMetadata  # imports the kubernetes client
+
         metadata = KubernetesMetadata(api, settings.deleted_pod_grace)
         if settings.node_name:
             metadata.state.set_local_node(settings.node_name, local_addresses())
