@@ -85,5 +85,6 @@ class SeriesStore:
 
     def rows(self) -> list[Row]:
         """A snapshot for a StoreFamily: label values, label text, values."""
-        text = self._text
-        return [(labels, text[labels], list(values)) for labels, values in self._values.items()]
+        values = self._values     # zip and map: no Python-level loop over the series
+        return list(zip(values, map(self._text.__getitem__, values),
+                        map(list, values.values()), strict=True))

@@ -244,3 +244,17 @@ def test_the_served_metrics_are_the_fast_path_gzipped_or_not():
         text = body.decode()
         assert text.count("ebpf_net_flow_bytes_total{") == len(FLOWS) + len(HOSTILE)
         assert "ebpf_net_flow_bytes_total{" in text and "1e+21" in text
+
+
+def test_value_text_is_floattogostring():
+    import math
+
+    from prometheus_client.utils import floatToGoString
+
+    from exporter.exposition import value_text
+
+    values = [0.0, -0.0, 1.0, 0.5, 1e-7, 2.5e-05, 999999.0, 999999.99, 1e6, 1234567.0, 1e21,
+              -3.0, math.inf, -math.inf, math.nan, 7, 0, 10**7]
+    values += [float(1 << i) for i in range(64)] + [(1 << i) * 1e-6 for i in range(27)]
+    for value in values:
+        assert value_text(value) == floatToGoString(value), value
