@@ -26,6 +26,7 @@ class SeriesStore:
         ttl_seconds: float,
         width: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        text_from: SeriesStore | None = None,
     ) -> None:
         self.metric = metric
         self.label_names = tuple(label_names)
@@ -40,6 +41,9 @@ class SeriesStore:
         self._values: dict[LabelValues, list[float]] = {}
         self._last_change: dict[LabelValues, float] = {}
         self._text: dict[LabelValues, LabelText] = {}
+        # a store with the same label names and series (flow bytes and packets) whose label
+        # texts this one reuses: one string per series, not two
+        self._text_from = text_from._text if text_from is not None else None
         self.overflowed_series_total = 0
 
     def __len__(self) -> int:
@@ -61,7 +65,8 @@ class SeriesStore:
             if current is None:
                 # the overflow series itself may exceed the cap by the few non-endpoint variants
                 current = self._values[labels] = [0.0] * self.width
-                self._text[labels] = self._render(labels)
+                shared = self._text_from.get(labels) if self._text_from is not None else None
+                self._text[labels] = shared if shared is not None else self._render(labels)
         for i, value in enumerate(delta):
             current[i] += value
         self._last_change[labels] = now

@@ -98,7 +98,8 @@ class FlowsCollector:
         self._bytes = SeriesStore("ebpf_net_flow_bytes_total", self.label_names,
                                   endpoint_names, max_series, ttl_seconds)
         self._packets = SeriesStore("ebpf_net_flow_packets_total", self.label_names,
-                                    endpoint_names, max_series, ttl_seconds)
+                                    endpoint_names, max_series, ttl_seconds,
+                                    text_from=self._bytes)
         self._lock = threading.Lock()
 
     def stores(self) -> Sequence[SeriesStore]:

@@ -73,3 +73,15 @@ def test_histogram_width_series_add_elementwise():
     s.add(("x",), (1, 0, 5))
     s.add(("x",), (0, 2, 5))
     assert s.get(("x",)) == [1.0, 2.0, 10.0]
+
+
+def test_a_store_reuses_the_label_text_of_its_sibling():
+    first = SeriesStore("a_total", ["x", "y"], ["x"], 10, 60)
+    second = SeriesStore("b_total", ["x", "y"], ["x"], 10, 60, text_from=first)
+    first.add(("1", 'q"'), (1.0,))
+    second.add(("1", 'q"'), (2.0,))
+    second.add(("2", "z"), (3.0,))          # not in the sibling: rendered here
+    (_, text_a, _), = first.rows()
+    (_, text_b, values), (_, text_c, _) = second.rows()
+    assert text_b is text_a and text_a == '{x="1",y="q\\""}' and values == [2.0]
+    assert text_c == '{x="2",y="z"}'
