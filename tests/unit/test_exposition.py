@@ -220,11 +220,15 @@ def test_fast_path_matches_openmetrics_when_negotiated():
     assert fast == library
 
 
-def test_the_served_metrics_are_the_fast_path_gzipped_or_not():
+def test_the_served_metrics_are_the_fast_path_gzipped_or_not(monkeypatch):
     import gzip
     from wsgiref.util import setup_testing_defaults
 
+    from exporter import exposition
     from exporter.exposition import make_metrics_app
+
+    released: list = []
+    monkeypatch.setattr(exposition, "_release_free_memory", lambda: released.append(1))
 
     stats = KernelStats()
     registry = CollectorRegistry()
@@ -234,8 +238,10 @@ def test_the_served_metrics_are_the_fast_path_gzipped_or_not():
         environ: dict = {"HTTP_ACCEPT_ENCODING": encoding}
         setup_testing_defaults(environ)
         replies: list = []
-        body = b"".join(app(environ, lambda status, headers, found=replies:
-                            found.append((status, headers))))
+        response = app(environ, lambda status, headers, found=replies:
+                       found.append((status, headers)))
+        body = b"".join(response)
+        response.close()        # what the server does once the body is sent
         status, headers = replies[0]
         assert status == "200 OK"
         if encoding:
@@ -244,6 +250,7 @@ def test_the_served_metrics_are_the_fast_path_gzipped_or_not():
         text = body.decode()
         assert text.count("ebpf_net_flow_bytes_total{") == len(FLOWS) + len(HOSTILE)
         assert "ebpf_net_flow_bytes_total{" in text and "1e+21" in text
+    assert len(released) == 2       # the freed pages went back after each response
 
 
 def test_value_text_is_floattogostring():
