@@ -77,6 +77,13 @@ class MapSnapshot:
         return MapSnapshot(self.raw_keys[rows], self.values[rows], self.key_dtype)
 
 
+def _joined(chunks: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """The chunks as one array, without copying a single one again."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
+
+
 class BatchMap:
     """A hash or array map read and deleted with batch syscalls into preallocated buffers."""
 
@@ -139,8 +146,8 @@ class BatchMap:
                                        f"{os.strerror(err)}")
                 first = False
                 token.value = next_token.value
-        raw = np.concatenate(keys) if keys else np.empty(0, dtype=key_type)
-        flat = np.concatenate(values) if values else np.empty(0, dtype=self.value_dtype)
+        raw = _joined(keys, key_type)
+        flat = _joined(values, self.value_dtype)
         return MapSnapshot(raw, flat.reshape(total, self.cpus) if self.per_cpu else flat,
                            self.key_dtype)
 
@@ -148,7 +155,9 @@ class BatchMap:
         """Reads the map, deletes the entries of `generation` (which no program may be writing:
         see Generation.flip) and returns them, with the number of entries the map held."""
         snapshot = self.read()
-        drained = snapshot.select(snapshot.keys["generation"] == generation)
+        old = snapshot.keys["generation"] == generation
+        # usually every entry is of the old generation: no copy of a million rows then
+        drained = snapshot if old.all() else snapshot.select(old)
         self.delete(drained)
         return drained, len(snapshot.raw_keys)
 
@@ -170,9 +179,10 @@ class BatchMap:
         keys = snapshot.raw_keys
         if len(keys) == 0:
             return
-        buffer = np.ascontiguousarray(keys).tobytes()
+        buffer = np.ascontiguousarray(keys)     # the kernel reads the keys in place
         count = ctypes.c_uint32(len(keys))
-        rc = self._lib.bpf_delete_batch(self.fd, buffer, ctypes.byref(count))
+        rc = self._lib.bpf_delete_batch(self.fd, buffer.ctypes.data_as(ctypes.c_void_p),
+                                        ctypes.byref(count))
         if rc != 0:
             err = ctypes.get_errno()
             raise MapReadError(f"{self.name}: BPF_MAP_DELETE_BATCH failed after "
