@@ -1,0 +1,315 @@
+"""What the exporter knows of the cluster: slim copies of the watched objects, an index from
+every pod, node and ClusterIP address to its identity, and the identities of deleted pods kept
+for a grace period so that late packets still resolve.
+
+Watchers write here from their threads; scrapes read. A scrape never waits on the API server:
+it reads whatever the watches have delivered so far."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachetools import TTLCache
+
+# kinds as the exporter names them (self metrics, logs)
+PODS, SERVICES, NODES, REPLICASETS, JOBS = "pods", "services", "nodes", "replicasets", "jobs"
+KINDS = (PODS, SERVICES, NODES, REPLICASETS, JOBS)
+
+EXTERNAL = "external"       # an address no cluster object has
+UNKNOWN = "unknown"         # an address not resolvable now: the API server is not synced
+TERMINAL_PHASES = ("Succeeded", "Failed")
+DELETED_POD_MEMORY = 65536  # deleted pods remembered at once (each a few hundred bytes)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The Kubernetes endpoint labels of one address (METRICS.md, "Endpoint labels")."""
+    namespace: str = ""
+    workload: str = EXTERNAL
+    workload_kind: str = ""
+    service: str = ""
+    pod: str = ""
+    node: str = ""
+
+
+UNKNOWN_IDENTITY = Identity(workload=UNKNOWN)
+EXTERNAL_IDENTITY = Identity()
+
+
+@dataclass(frozen=True)
+class Owner:
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    ips: tuple[str, ...]
+    host_network: bool
+    node: str
+    running: bool                     # not Succeeded or Failed: its addresses are its own
+    labels: Mapping[str, str] = field(hash=False)
+    owner: Owner | None
+    created: str                      # RFC 3339: sorts in time order
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    cluster_ips: tuple[str, ...]
+    selector: Mapping[str, str] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    addresses: tuple[str, ...]
+
+
+def _meta(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    return raw.get("metadata") or {}
+
+
+def controller_of(raw: Mapping[str, Any]) -> Owner | None:
+    refs = _meta(raw).get("ownerReferences") or []
+    chosen = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    return Owner(chosen.get("kind", ""), chosen.get("name", "")) if chosen else None
+
+
+def pod_from(raw: Mapping[str, Any]) -> Pod:
+    meta, spec, status = _meta(raw), raw.get("spec") or {}, raw.get("status") or {}
+    ips = tuple(entry["ip"] for entry in status.get("podIPs") or [] if entry.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (status["podIP"],)
+    return Pod(meta.get("namespace", ""), meta.get("name", ""), ips,
+               bool(spec.get("hostNetwork")), spec.get("nodeName") or "",
+               status.get("phase") not in TERMINAL_PHASES, meta.get("labels") or {},
+               controller_of(raw), meta.get("creationTimestamp") or "")
+
+
+def service_from(raw: Mapping[str, Any]) -> Service:
+    meta, spec = _meta(raw), raw.get("spec") or {}
+    ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    return Service(meta.get("namespace", ""), meta.get("name", ""),
+                   tuple(ip for ip in ips if ip and ip != "None"), spec.get("selector") or {})
+
+
+def node_from(raw: Mapping[str, Any]) -> Node:
+    addresses = (raw.get("status") or {}).get("addresses") or []
+    return Node(_meta(raw).get("name", ""),
+                tuple(a["address"] for a in addresses
+                      if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address")))
+
+
+def object_key(raw: Mapping[str, Any]) -> tuple[str, str]:
+    meta = _meta(raw)
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+class ClusterState:
+    """Objects by kind, and addresses to identities. Thread-safe."""
+
+    def __init__(self, deleted_pod_grace: float) -> None:
+        self._lock = threading.RLock()
+        self._pods: dict[tuple[str, str], Pod] = {}
+        self._services: dict[tuple[str, str], Service] = {}
+        self._nodes: dict[str, Node] = {}
+        self._replicaset_owners: dict[tuple[str, str], Owner | None] = {}
+        self._job_owners: dict[tuple[str, str], Owner | None] = {}
+        self._pod_ips: dict[str, set[tuple[str, str]]] = {}
+        self._host_ips: dict[str, str] = {}     # node addresses, from Nodes
+        self._host_pod_ips: dict[str, str] = {}  # addresses of host-network pods -> node
+        self._service_ips: dict[str, tuple[str, str]] = {}
+        self._deleted: TTLCache[str, Identity] = TTLCache(DELETED_POD_MEMORY, deleted_pod_grace)
+        self._resolved: dict[str, Identity] = {}    # live objects' identities; cleared on change
+        self.version = 0
+
+    # --- writers (watch threads) ---
+
+    def apply(self, kind: str, event: str, raw: Mapping[str, Any]) -> None:
+        """One watch event: ADDED, MODIFIED or DELETED."""
+        with self._lock:
+            self._changed()
+            if event == "DELETED":
+                self._remove(kind, object_key(raw))
+            else:
+                self._put(kind, raw)
+
+    def replace(self, kind: str, items: Iterable[Mapping[str, Any]]) -> None:
+        """A fresh list: what is not in it any more was deleted."""
+        with self._lock:
+            self._changed()
+            seen = set()
+            for raw in items:
+                seen.add(self._put(kind, raw))
+            for key in [k for k in self._keys(kind) if k not in seen]:
+                self._remove(kind, key)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {PODS: len(self._pods), SERVICES: len(self._services),
+                    NODES: len(self._nodes), REPLICASETS: len(self._replicaset_owners),
+                    JOBS: len(self._job_owners)}
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._resolved.clear()
+
+    def _keys(self, kind: str) -> list[tuple[str, str]]:
+        if kind == NODES:
+            return [("", name) for name in self._nodes]
+        store = {PODS: self._pods, SERVICES: self._services,
+                 REPLICASETS: self._replicaset_owners, JOBS: self._job_owners}[kind]
+        return list(store)
+
+    def _put(self, kind: str, raw: Mapping[str, Any]) -> tuple[str, str]:
+        key = object_key(raw)
+        if kind == PODS:
+            self._remove_pod(key, deleted=False)
+            pod = pod_from(raw)
+            self._pods[key] = pod
+            if pod.running:
+                for ip in pod.ips:
+                    if pod.host_network:
+                        self._host_pod_ips[ip] = pod.node
+                    else:
+                        self._pod_ips.setdefault(ip, set()).add(key)
+                        self._deleted.pop(ip, None)     # the address has a new owner
+            elif not pod.host_network:
+                self._remember_deleted(pod)             # finished: gone but for late packets
+        elif kind == SERVICES:
+            self._remove_service(key)
+            service = service_from(raw)
+            self._services[key] = service
+            for ip in service.cluster_ips:
+                self._service_ips[ip] = key
+        elif kind == NODES:
+            self._remove_node(key[1])
+            node = node_from(raw)
+            self._nodes[node.name] = node
+            for ip in node.addresses:
+                self._host_ips[ip] = node.name
+        elif kind == REPLICASETS:
+            self._replicaset_owners[key] = controller_of(raw)
+        elif kind == JOBS:
+            self._job_owners[key] = controller_of(raw)
+        return key
+
+    def _remove(self, kind: str, key: tuple[str, str]) -> None:
+        if kind == PODS:
+            self._remove_pod(key, deleted=True)
+        elif kind == SERVICES:
+            self._remove_service(key)
+        elif kind == NODES:
+            self._remove_node(key[1])
+        elif kind == REPLICASETS:
+            self._replicaset_owners.pop(key, None)
+        elif kind == JOBS:
+            self._job_owners.pop(key, None)
+
+    def _remove_pod(self, key: tuple[str, str], deleted: bool) -> None:
+        pod = self._pods.pop(key, None)
+        if pod is None:
+            return
+        if deleted and pod.running and not pod.host_network:
+            self._remember_deleted(pod)
+        for ip in pod.ips:
+            owners = self._pod_ips.get(ip)
+            if owners is not None:
+                owners.discard(key)
+                if not owners:
+                    del self._pod_ips[ip]
+            if pod.host_network and self._host_pod_ips.get(ip) == pod.node:
+                del self._host_pod_ips[ip]
+
+    def _remember_deleted(self, pod: Pod) -> None:
+        identity = self._pod_identity(pod)
+        for ip in pod.ips:
+            if ip not in self._pod_ips or self._pod_ips[ip] == {(pod.namespace, pod.name)}:
+                self._deleted[ip] = identity
+
+    def _remove_service(self, key: tuple[str, str]) -> None:
+        service = self._services.pop(key, None)
+        for ip in service.cluster_ips if service else ():
+            if self._service_ips.get(ip) == key:
+                del self._service_ips[ip]
+
+    def _remove_node(self, name: str) -> None:
+        node = self._nodes.pop(name, None)
+        for ip in node.addresses if node else ():
+            if self._host_ips.get(ip) == name:
+                del self._host_ips[ip]
+
+    # --- readers (scrapes) ---
+
+    def resolve(self, ip: str) -> Identity | None:
+        """The identity of an address, or None when no cluster object has it."""
+        with self._lock:
+            if ip in self._resolved:
+                return self._resolved[ip]
+            identity = self._lookup(ip)
+            if identity is not None:
+                self._resolved[ip] = identity
+                return identity
+            # deleted pods expire by time, not by an event: never cached
+            return self._deleted.get(ip)
+
+    def _lookup(self, ip: str) -> Identity | None:
+        pods = self._pod_ips.get(ip)
+        if pods:
+            # two live pods on one address: the old one is terminating; the new one owns it
+            newest = max((self._pods[key] for key in pods), key=lambda p: p.created)
+            return self._pod_identity(newest)
+        node = self._host_ips.get(ip) or self._host_pod_ips.get(ip)
+        if node:
+            return Identity(workload=node, workload_kind="Node", node=node)
+        service = self._service_ips.get(ip)
+        if service:
+            return self._service_identity(self._services[service])
+        return None
+
+    def _pod_identity(self, pod: Pod) -> Identity:
+        kind, name = self._workload(pod)
+        return Identity(pod.namespace, name, kind, self._service_of(pod), pod.name)
+
+    def _workload(self, pod: Pod) -> tuple[str, str]:
+        owner = pod.owner
+        if owner is None:
+            return "Pod", pod.name
+        if owner.kind == "ReplicaSet":
+            key = (pod.namespace, owner.name)
+            if key in self._replicaset_owners:
+                parent = self._replicaset_owners[key]
+                return (parent.kind, parent.name) if parent else ("ReplicaSet", owner.name)
+            # not listed (yet): a Deployment's ReplicaSet is named <deployment>-<template hash>
+            suffix = "-" + pod.labels.get("pod-template-hash", "\0")
+            if owner.name.endswith(suffix):
+                return "Deployment", owner.name[:-len(suffix)]
+            return "ReplicaSet", owner.name
+        if owner.kind == "Job":
+            parent = self._job_owners.get((pod.namespace, owner.name))
+            if parent is not None and parent.kind == "CronJob":
+                return "CronJob", parent.name
+            return "Job", owner.name
+        return owner.kind, owner.name
+
+    def _service_of(self, pod: Pod) -> str:
+        """The first Service by name in the pod's namespace whose selector matches it."""
+        names = sorted(s.name for (namespace, _), s in self._services.items()
+                       if namespace == pod.namespace and s.selector
+                       and all(pod.labels.get(k) == v for k, v in s.selector.items()))
+        return names[0] if names else ""
+
+    def _service_identity(self, service: Service) -> Identity:
+        """A ClusterIP: its service, and the workload behind it when there is only one."""
+        workloads = {self._workload(pod) for (namespace, _), pod in self._pods.items()
+                     if namespace == service.namespace and pod.running and service.selector
+                     and all(pod.labels.get(k) == v for k, v in service.selector.items())}
+        kind, name = workloads.pop() if len(workloads) == 1 else ("Service", service.name)
+        return Identity(service.namespace, name, kind, service.name)
