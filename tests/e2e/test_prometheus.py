@@ -21,6 +21,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -90,12 +91,12 @@ class Traffic:
 
     def _requests(self) -> None:
         node = self.node
-        # one query nobody answers, so the timeouts series exists (a fault of its own would
-        # take dns.timeout to show)
+        # one query nobody answers (dnsmasq listens on pod b's IPv4 address only), so the
+        # timeouts series exists (a fault of its own would take dns.timeout to show)
         with in_netns(node.a_ns):
-            lost = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            lost = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         with lost:
-            lost.sendto(dnstools.message(1, "lost.test"), (node.node_ip_a, 53))
+            lost.sendto(dnstools.message(1, "lost.test"), (node.b_ip6, 53))
         while not self.stop.wait(0.05):
             i = self.iterations = self.iterations + 1
             assert self._http_get(HTTP_PORT, "/index.html") == 200
@@ -121,7 +122,11 @@ class Stack:
     exporter: ExporterProcess
     prometheus: Prometheus
     traffic: Traffic
-    kubernetes: bool
+    api: Any            # the test Kubernetes API server (tests.kubeapi.KubeAPI), or None
+
+    @property
+    def kubernetes(self) -> bool:
+        return self.api is not None
 
     def active(self) -> dict[str, set[str]]:
         self.traffic.check()
@@ -158,10 +163,11 @@ class Stack:
 def register_pods(api, node: TestNode) -> None:
     from tests import kubeapi
 
-    for (namespace, workload), ip in ((CLIENT, node.a_ip), (SERVER, node.b_ip)):
+    for (namespace, workload), ips in ((CLIENT, [node.a_ip, node.a_ip6]),
+                                       (SERVER, [node.b_ip, node.b_ip6])):
         replicaset = f"{workload}-5d8f7"
         api.create("replicasets", kubeapi.replicaset(namespace, replicaset, workload))
-        api.create("pods", kubeapi.pod(namespace, f"{replicaset}-x2x9z", [ip],
+        api.create("pods", kubeapi.pod(namespace, f"{replicaset}-x2x9z", ips,
                                        owner=("ReplicaSet", replicaset), node="test-node"))
     api.create("nodes", kubeapi.node("test-node", [node.node_ip_a, node.node_ip_b]))
 
@@ -174,6 +180,7 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
                             rules_dir)
     with TestNode() as node, contextlib.ExitStack() as stack:
         args: list[str] = []
+        api = None
         if kubernetes:
             from tests.kubeapi import KubeAPI
 
@@ -196,7 +203,7 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
         traffic.start()
         stack.callback(traffic.stop.set)
         wait_until(prometheus.targets_up, 30, "Prometheus to scrape the exporter", interval=0.5)
-        yield Stack(node, exporter, prometheus, traffic, kubernetes)
+        yield Stack(node, exporter, prometheus, traffic, api)
 
 
 def test_healthy_traffic_fires_no_alert(stack):
@@ -247,6 +254,22 @@ def test_http_500_fires_the_http_error_alert_only(stack):
     assert set(active) == {"EbpfNetHTTPErrorRatioHigh"}
     errors = stack.prometheus.query('sum(ebpf_net_http_requests_total{status_code="500"})')
     assert float(errors[0]["value"][1]) > 0
+    stack.wait_quiet()
+
+
+def test_a_forbidden_watch_fires_the_kubernetes_watch_alert_only(stack):
+    if not stack.kubernetes:
+        pytest.skip("waiting for Kubernetes metadata in the exporter (issue 5: --kubeconfig)")
+    stack.api.forbidden.add("jobs")
+    stack.api.drop_watches()
+    try:
+        active = stack.wait_only("EbpfNetKubernetesWatchFailing")
+    finally:
+        stack.api.forbidden.discard("jobs")
+    assert set(active) == {"EbpfNetKubernetesWatchFailing"}
+    # cutting the watches may count an error for every kind; jobs is among them
+    failing = stack.prometheus.query("rate(ebpf_net_exporter_k8s_watch_errors_total[10s]) > 0")
+    assert "jobs" in {r["metric"]["kind"] for r in failing}
     stack.wait_quiet()
 
 
