@@ -3,7 +3,8 @@ connections), a real Prometheus scraping it every second with the rule files of 
 (`for` shortened to 2 s and 5 m windows to 10 s), then
 
 - no alert on healthy traffic;
-- faults on purpose, one at a time, each making exactly its alert go pending or firing:
+- faults on purpose, one at a time, each making exactly its alert go pending and then
+  firing, no other alert active meanwhile:
   nftables dropping a share of a bulk transfer's packets (retransmits), a DNS server answering
   ServFail, an HTTP server answering 500, the exporter stopped;
 - every dashboard panel query (variables filled in) and every rule expression evaluated through
@@ -146,15 +147,19 @@ class Stack:
             raise AssertionError(f"{e}; active: {self.active()}") from None
 
     def wait_only(self, alertname: str, timeout: float = 40) -> dict[str, set[str]]:
-        """Polls until `alertname` is pending or firing; returns the active alerts then."""
+        """Polls until `alertname` fires (pending first, then firing once its shortened `for`
+        has passed), failing as soon as any other alert is active meanwhile; returns the
+        active alerts when it fires."""
         seen: list[dict[str, set[str]]] = [{}]
 
-        def active() -> bool:
+        def fired() -> bool:
             seen[0] = self.active()
-            return alertname in seen[0]
+            others = set(seen[0]) - {alertname}
+            assert not others, f"other alerts active while waiting for {alertname}: {seen[0]}"
+            return "firing" in seen[0].get(alertname, set())
 
         try:
-            wait_until(active, timeout, f"{alertname} to go pending", interval=0.5)
+            wait_until(fired, timeout, f"{alertname} to fire", interval=0.5)
         except AssertionError as e:
             raise AssertionError(f"{e}; active: {seen[0]}") from None
         return seen[0]
