@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import threading
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.gc_collector import GCCollector
@@ -19,17 +20,24 @@ from .collectors.http import HttpCollector, KernelHttpSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config
 from .dnsnames import QueryLabel
-from .endpoints import EndpointLabels, PortFolder, read_ephemeral_floor
+from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
 from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
 from .loader import Program
+from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
+
+if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
+    from .k8s.metadata import KubernetesMetadata
 
 log = logs.get("main")
 
 IFACE_ETHERNET = 1          # bpf/packet.h
 TRACEFS_EVENTS = environment.TRACEFS / "events"
+ADDRESS_LABELS = ("ip", "ip_type", "port")
+KUBERNETES_DEFAULT_LABELS = ("namespace", "workload", "workload_kind", "service", "node",
+                             "ip_type", "port")
 TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
                    "tcp/tcp_send_reset", "tcp/tcp_probe")
 
@@ -53,6 +61,49 @@ def tcp_program_flags(config: Config) -> list[str]:
     return flags
 
 
+class EndpointLabelSets:
+    """The endpoint labels of each metric family: labels.endpoint (or its auto choice), per
+    family and side as labels.per_metric says, with the names folded by the allowlists."""
+
+    def __init__(self, config: Config, kubernetes: KubernetesMetadata | None) -> None:
+        settings = config.labels
+        self.resolver = kubernetes
+        self.policy = NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
+                                 Globs(settings.workload_allow, settings.workload_deny),
+                                 Globs(settings.service_allow, settings.service_deny),
+                                 settings.pod_namespaces)
+        self.default = self._names(settings.endpoint)
+        self.per_metric = settings.per_metric
+
+    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
+        if names is None:
+            if self.resolver is None:
+                return ADDRESS_LABELS
+            pods = ("pod",) if self.policy.pod_namespaces else ()
+            return KUBERNETES_DEFAULT_LABELS + pods
+        if self.resolver is None and set(names) & set(KUBERNETES_LABELS):
+            dropped = sorted(set(names) & set(KUBERNETES_LABELS))
+            log.warning("kubernetes labels off: endpoint labels left out",
+                        extra={"labels": ",".join(dropped)})
+            names = tuple(n for n in names if n not in KUBERNETES_LABELS)
+        return names
+
+    def of(self, family: str) -> EndpointLabels:
+        sides = self.per_metric.get(family, {})
+        src, dst = (self._names(sides[side]) if sides.get(side) is not None else self.default
+                    for side in ("src", "dst"))
+        return EndpointLabels(src, dst, self.resolver, self.policy)
+
+
+def local_addresses() -> list[str]:
+    """This host's own addresses (its network namespace's), but loopback."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        addresses = [msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr()]
+    return [a for a in addresses if a and not a.startswith(("127.", "::1"))]
+
+
 class Exporter:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -62,6 +113,7 @@ class Exporter:
         self.monitor: InterfaceMonitor | None = None
         self.sweeping: list[PairCollector] = []   # collectors that may sweep in a thread
         self.web: WebServer | None = None
+        self.kubernetes: KubernetesMetadata | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -79,7 +131,8 @@ class Exporter:
 
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
-        endpoints = EndpointLabels(config.labels.endpoint)
+        self.kubernetes = self._kubernetes()
+        labels = EndpointLabelSets(config, self.kubernetes)
         series = (self.stats, config.series.max_per_metric, config.series.ttl)
         collectors: list[SignalCollector] = []
 
@@ -89,27 +142,29 @@ class Exporter:
                 raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
                                    "run with --no-collector.tcp")
             tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
-            collectors.append(TcpCollector(KernelTcpSource(tcp), endpoints, ports, *series))
+            collectors.append(TcpCollector(KernelTcpSource(tcp), labels.of("tcp"), ports,
+                                           *series))
         reporters = []
         if classifier.wanted(config):
             program = self._program("classifier", "classifier.c", classifier.cflags(config))
             ingress, egress = classifier.load(program, config)
             reporters.append(classifier.ClassifierCounters(program).report)
             if config.collectors.flows:
-                collectors.append(FlowsCollector(KernelFlowSource(program), endpoints, ports,
-                                                 *series))
+                collectors.append(FlowsCollector(KernelFlowSource(program), labels.of("flows"),
+                                                 ports, *series))
             if config.collectors.dns:
                 names = config.dns.query_names
                 dns = DnsCollector(
                     KernelDnsSource(program, config.dns.timeout, query_names=bool(names)),
-                    endpoints, ports, *series, query_label=QueryLabel(names) if names else None)
+                    labels.of("dns"), ports, *series,
+                    query_label=QueryLabel(names) if names else None)
                 collectors.append(dns)
                 self.sweeping.append(dns)
             if config.collectors.http:
                 paths = config.http.paths
                 http = HttpCollector(
                     KernelHttpSource(program, config.http.idle_timeout, paths=bool(paths)),
-                    endpoints, ports, *series,
+                    labels.of("http"), ports, *series,
                     path_label=PathLabel(paths, config.http.path_max_length) if paths else None)
                 collectors.append(http)
                 self.sweeping.append(http)
@@ -117,9 +172,15 @@ class Exporter:
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
+        if self.kubernetes:
+            self.registry.register(self.kubernetes)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
+        # the watches start once the programs load: a start-up that fails on the kernel side
+        # never loads the API server with a cluster-wide list
+        if self.kubernetes:
+            self.kubernetes.start()
         if self.monitor:
             self.monitor.start()
         for collector in self.sweeping:
@@ -127,6 +188,33 @@ class Exporter:
         self._ready.set()
         log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
                                  "ephemeral_floor": floor})
+
+    def _kubernetes(self) -> KubernetesMetadata | None:
+        """Watches of the API server when there is one to reach; None (with a log line saying
+        why) when Kubernetes labels are off."""
+        from .k8s.connection import KubernetesConfigError, connect
+        from .k8s.metadata import KubernetesMetadata
+
+        settings = self.config.kubernetes
+        if settings.enabled == "false":
+            log.info("kubernetes labels off (kubernetes.enabled=false); ip labels on")
+            return None
+        try:
+            api, source = connect(settings.kubeconfig)
+        except KubernetesConfigError as e:
+            raise StartupError(str(e)) from e
+        if api is None:
+            if settings.enabled == "true":
+                raise StartupError(f"kubernetes.enabled is true but there is {source}: "
+                                   "give --kubeconfig or run in a pod")
+            log.info(f"kubernetes labels off: {source}; ip labels on")
+            return None
+        metadata = KubernetesMetadata(api, settings.deleted_pod_grace)
+        if settings.node_name:
+            metadata.state.set_local_node(settings.node_name, local_addresses())
+        log.info("kubernetes labels on", extra={"from": source,
+                                                "node": settings.node_name or "unset"})
+        return metadata
 
     def _program(self, name: str, source: str, cflags: list[str]) -> Program:
         program = Program(name, source, cflags)
@@ -165,6 +253,8 @@ class Exporter:
 
     def stop(self) -> None:
         self._ready.clear()
+        if self.kubernetes:
+            self.kubernetes.stop()
         for collector in self.sweeping:
             collector.stop()
         if self.monitor:

@@ -31,6 +31,10 @@ EPILOG = """examples:
   sudo .venv/bin/ebpf-net-exporter --no-collector.flows --web.listen-address 127.0.0.1:9814 \\
       --log.format json
 
+  # outside a pod: Kubernetes labels from a kubeconfig, pod names in two namespaces
+  sudo .venv/bin/ebpf-net-exporter --kubeconfig ~/.kube/config --node-name worker-1 \\
+      --labels.pod-namespaces 'shop,payments'
+
   # check a config file and print the effective configuration
   .venv/bin/ebpf-net-exporter --config.file exporter.yaml --config.check
 
@@ -48,6 +52,13 @@ FLAG_FIELDS = {
     "log_format": ("log.format", "--log.format"),
     "series_max": ("series.max_per_metric", "--series.max-per-metric"),
     "series_ttl": ("series.ttl", "--series.ttl"),
+    "kubernetes": ("kubernetes.enabled", "--kubernetes"),
+    "kubeconfig": ("kubernetes.kubeconfig", "--kubeconfig"),
+    "node_name": ("kubernetes.node_name", "--node-name"),
+    "namespace_allow": ("labels.namespace_allow", "--labels.namespace-allow"),
+    "namespace_deny": ("labels.namespace_deny", "--labels.namespace-deny"),
+    "pod_namespaces": ("labels.pod_namespaces", "--labels.pod-namespaces"),
+    "endpoint_labels": ("labels.endpoint", "--labels.endpoint"),
 }
 
 
@@ -80,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="series cap per metric")
     parser.add_argument("--series.ttl", dest="series_ttl", metavar="DURATION",
                         help="drop series idle this long, e.g. 5m")
+    parser.add_argument("--kubernetes", metavar="MODE",
+                        help="auto (on in a pod or with a kubeconfig), true or false")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="kubeconfig to reach the API server outside a pod "
+                             "(default: $KUBECONFIG; in a pod: the service account)")
+    parser.add_argument("--node-name", dest="node_name", metavar="NAME",
+                        help="this node's name (default: $NODE_NAME)")
+    parser.add_argument("--labels.endpoint", dest="endpoint_labels", metavar="NAMES",
+                        help="endpoint labels, comma-separated, or auto")
+    parser.add_argument("--labels.namespace-allow", dest="namespace_allow", metavar="GLOBS",
+                        help="namespaces whose names are kept, comma-separated globs; "
+                             "others read `other`")
+    parser.add_argument("--labels.namespace-deny", dest="namespace_deny", metavar="GLOBS",
+                        help="namespaces whose names read `other`")
+    parser.add_argument("--labels.pod-namespaces", dest="pod_namespaces", metavar="GLOBS",
+                        help="namespaces whose endpoints carry a pod label")
     for name in COLLECTORS:
         parser.add_argument(f"--collector.{name}", dest=f"collector_{name}",
                             action="store_const", const=True,
@@ -117,6 +144,8 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def effective_yaml(cfg: config.Config) -> str:
     def plain(value: Any) -> Any:
+        if value is None:           # every optional setting means "work it out": auto
+            return "auto"
         if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         if isinstance(value, dict):

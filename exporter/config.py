@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "EBPF_NET_"
-ENDPOINT_LABELS = ("ip", "ip_type", "port")
+ENDPOINT_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node", "ip",
+                   "ip_type", "port")    # endpoints.ENDPOINT_LABELS: the order labels appear
+KUBERNETES_MODES = ("auto", "true", "false")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 
@@ -205,6 +207,58 @@ def one_of(*choices: str) -> Parser:
     return parse_choice
 
 
+def parse_endpoint_labels(value: Any) -> tuple[str, ...] | None:
+    """None for auto: Kubernetes names when Kubernetes is on, the address when it is off."""
+    if value is None or value == "auto":
+        return None
+    return list_of(one_of(*ENDPOINT_LABELS))(value)
+
+
+def parse_kubernetes_mode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return one_of(*KUBERNETES_MODES)(value)
+
+
+def parse_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _fail("a string", value)
+    return value.strip()
+
+
+SIDES = ("src", "dst")
+
+
+def parse_per_metric(value: Any) -> dict[str, dict[str, tuple[str, ...] | None]]:
+    """{family: {src: [...], dst: [...]}}: the endpoint labels each side of a metric family
+    carries; a side left out (or auto) carries labels.endpoint."""
+    if isinstance(value, str):      # from an environment variable: YAML flow syntax
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid mapping {value!r}: {e}") from e
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail("a mapping like {flows: {src: [], dst: [namespace, workload]}}", value)
+    families = [f.name for f in dataclasses.fields(CollectorsConfig)]
+    parsed: dict[str, dict[str, tuple[str, ...] | None]] = {}
+    for family, sides in value.items():
+        if family not in families:
+            raise ConfigError(f"{family}: unknown metric family (known: {', '.join(families)})")
+        if not isinstance(sides, Mapping) or not set(sides) <= set(SIDES):
+            raise ConfigError(f"{family}: expected a mapping with src and/or dst, got {sides!r}")
+        parsed[family] = {}
+        for side in SIDES:
+            try:
+                parsed[family][side] = parse_endpoint_labels(sides.get(side, "auto"))
+            except ConfigError as e:
+                raise ConfigError(f"{family}.{side}: {e}") from e
+    return parsed
+
+
 @dataclass(frozen=True)
 class WebConfig:
     listen_address: str = _spec(parse_listen_address)
@@ -233,7 +287,23 @@ class PortsConfig:
 
 @dataclass(frozen=True)
 class LabelsConfig:
-    endpoint: tuple[str, ...] = _spec(list_of(one_of(*ENDPOINT_LABELS)))
+    endpoint: tuple[str, ...] | None = _spec(parse_endpoint_labels)
+    per_metric: Mapping[str, Mapping[str, tuple[str, ...] | None]] = _spec(parse_per_metric)
+    namespace_allow: tuple[str, ...] = _spec(list_of(parse_glob))
+    namespace_deny: tuple[str, ...] = _spec(list_of(parse_glob))
+    workload_allow: tuple[str, ...] = _spec(list_of(parse_glob))
+    workload_deny: tuple[str, ...] = _spec(list_of(parse_glob))
+    service_allow: tuple[str, ...] = _spec(list_of(parse_glob))
+    service_deny: tuple[str, ...] = _spec(list_of(parse_glob))
+    pod_namespaces: tuple[str, ...] = _spec(list_of(parse_glob))
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    enabled: str = _spec(parse_kubernetes_mode)
+    kubeconfig: str = _spec(parse_text)
+    node_name: str = _spec(parse_text)
+    deleted_pod_grace: float = _spec(parse_duration)
 
 
 @dataclass(frozen=True)
@@ -286,6 +356,7 @@ class Config:
     collectors: CollectorsConfig
     ports: PortsConfig
     labels: LabelsConfig
+    kubernetes: KubernetesConfig
     series: SeriesConfig
     maps: MapsConfig
     tcp: TcpConfig
@@ -362,6 +433,8 @@ def flatten(document: Mapping[str, Any], origin: str) -> dict[str, Any]:
 
 # EBPF_NET_* variables that are not configuration keys
 OTHER_VARIABLES = ("EBPF_NET_BPF_DIR",)
+# variables every Kubernetes tool reads, and the keys they set (EBPF_NET_* ones win)
+STANDARD_VARIABLES = {"KUBECONFIG": "kubernetes.kubeconfig", "NODE_NAME": "kubernetes.node_name"}
 
 
 def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -412,6 +485,9 @@ def load(path: str | None, environ: Mapping[str, str], overrides: Mapping[str, A
     if path:
         for key, value in flatten(read_file(path), f"config file {path}").items():
             flat[key], origins[key] = value, f"config file {path}"
+    for name, key in STANDARD_VARIABLES.items():
+        if environ.get(name):
+            flat[key], origins[key] = environ[name], name
     for key, value in from_environment(environ).items():
         flat[key], origins[key] = value, env_name(key)
     for key, value in overrides.items():

@@ -8,10 +8,21 @@ the ephemeral floor that is not a configured server port is a client's, shown as
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 from cachetools import LRUCache, TTLCache
+
+from .k8s.cluster import Identity
+from .namepolicy import NamePolicy
+
+# the endpoint label vocabulary, in the order labels appear
+KUBERNETES_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node")
+ENDPOINT_LABELS = (*KUBERNETES_LABELS, "ip", "ip_type", "port")
+CACHE_SECONDS = 60.0        # endpoint values are recomputed at least this often
+CACHE_SIZE = 1 << 20        # ... and when this many are cached
 
 FOLDED_PORT = "*"
 NO_PORT = ""
@@ -180,36 +191,74 @@ def unique_rows(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order[changes], inverse
 
 
-class EndpointLabels:
-    """Label names and values of one end of a pair, from the configured vocabulary."""
+class Resolver(Protocol):
+    """Kubernetes identities of addresses (k8s.metadata.KubernetesMetadata)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = tuple(names)
-        self._with_ip = "ip" in self.names
-        self._with_type = "ip_type" in self.names
-        self.with_port = "port" in self.names
-        self._types: LRUCache[str, str] = LRUCache(maxsize=262144)
+    def resolve(self, address: str) -> Identity: ...
+
+    def version(self) -> Hashable:
+        """Changes whenever a resolve() result may have changed."""
+        ...
+
+
+class EndpointLabels:
+    """Label names and values of the two ends of a pair, from the configured vocabulary
+    (METRICS.md, "Endpoint labels"). Each side may carry its own subset: a metric family can
+    keep, say, only the destination's names. Kubernetes names come from `resolver` (an address
+    to its Identity) folded by `policy` (allowlists, pod namespaces)."""
+
+    def __init__(self, names: Sequence[str], dst_names: Sequence[str] | None = None,
+                 resolver: Resolver | None = None, policy: NamePolicy | None = None) -> None:
+        self.names = {"src": _in_order(names),
+                      "dst": _in_order(names if dst_names is None else dst_names)}
+        wanted = set(self.names["src"]) | set(self.names["dst"])
+        if resolver is None and wanted & set(KUBERNETES_LABELS):
+            raise ValueError(f"labels {sorted(wanted & set(KUBERNETES_LABELS))} need "
+                             "Kubernetes metadata")
+        self.resolver = resolver
+        self.policy = policy or NamePolicy()
+        self._with_port = {side: "port" in names for side, names in self.names.items()}
+        # (side, address) -> values but the port (always last); see refresh()
+        self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._cache_key: Hashable = None
 
     def label_names(self, side: str, with_port: bool = True) -> list[str]:
-        names = []
-        if self._with_ip:
-            names.append(f"{side}_ip")
-        if self._with_type:
-            names.append(f"{side}_ip_type")
-        if self.with_port and with_port:
-            names.append(f"{side}_port")
-        return names
+        return [f"{side}_{name}" for name in self.names[side] if with_port or name != "port"]
 
-    def values(self, address: str, port: str | None) -> tuple[str, ...]:
+    def refresh(self) -> None:
+        """Called once per scrape: forgets cached values if identities may have changed
+        (a watch event), and at least once a minute (deleted pods expire by time)."""
+        key = (self.resolver.version() if self.resolver else None,
+               int(time.monotonic() // CACHE_SECONDS))
+        if key != self._cache_key or len(self._cache) > CACHE_SIZE:
+            self._cache.clear()
+            self._cache_key = key
+
+    def values(self, side: str, address: str, port: str | None) -> tuple[str, ...]:
         """Label values for an end; port None when this end carries no port label."""
+        values = self._cache.get((side, address))
+        if values is None:
+            values = self._cache[(side, address)] = self._address_values(side, address)
+        if port is not None and self._with_port[side]:
+            return (*values, port)
+        return values
+
+    def _address_values(self, side: str, address: str) -> tuple[str, ...]:
+        names = self.names[side]
+        identity = self.policy.apply(self.resolver.resolve(address)) if self.resolver else None
         values: list[str] = []
-        if self._with_ip:
-            values.append(address)
-        if self._with_type:
-            kind = self._types.get(address)
-            if kind is None:
-                kind = self._types[address] = ip_type(ipaddress.ip_address(address))
-            values.append(kind)
-        if self.with_port and port is not None:
-            values.append(port)
+        for name in names:
+            if name == "ip":
+                values.append(address)
+            elif name == "ip_type":
+                values.append(ip_type(ipaddress.ip_address(address)))
+            elif name != "port":
+                values.append(getattr(identity, name))
         return tuple(values)
+
+
+def _in_order(names: Sequence[str]) -> tuple[str, ...]:
+    unknown = set(names) - set(ENDPOINT_LABELS)
+    if unknown:
+        raise ValueError(f"unknown endpoint labels {sorted(unknown)}")
+    return tuple(name for name in ENDPOINT_LABELS if name in names)

@@ -477,10 +477,12 @@ def udp_send(
     payload_sizes: Sequence[int],
     *,
     timeout: float = 2.0,
+    source: str | None = None,
 ) -> int:
     """Send one UDP datagram per size; return how many the server received.
 
-    The receiver gives up after ``timeout`` seconds without a datagram.
+    The receiver gives up after ``timeout`` seconds without a datagram. ``source``
+    picks the client's address when its interface has several.
     """
     srv = _socket(server_ns, server_addr, socket.SOCK_DGRAM)
     with srv:
@@ -491,6 +493,8 @@ def udp_send(
         worker = _Worker(_recv_datagrams, srv, len(payload_sizes))
         worker.start()
         with _socket(client_ns, server_addr, socket.SOCK_DGRAM) as cli:
+            if source:
+                cli.bind((source, 0))
             for size in payload_sizes:
                 cli.sendto(bytes(size), (server_addr, port))
         return int(worker.finish(timeout + SOCKET_TIMEOUT))

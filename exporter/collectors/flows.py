@@ -105,6 +105,7 @@ class FlowsCollector:
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         with self._lock:
+            self.endpoints.refresh()
             self._fold(self.source.drain())  # type: ignore[attr-defined]
             self._bytes.expire()
             self._packets.expire()
@@ -161,8 +162,8 @@ class FlowsCollector:
         packet_sums = np.bincount(inverse, weights=values["packets"].astype(np.float64))
         family = keys["family"]
         for row, byte_count, packet_count in zip(firsts, byte_sums, packet_sums, strict=True):
-            labels = (self.endpoints.values(texts[src[row]], port_text(s_code[row]))
-                      + self.endpoints.values(texts[dst[row]], port_text(d_code[row]))
+            labels = (self.endpoints.values("src", texts[src[row]], port_text(s_code[row]))
+                      + self.endpoints.values("dst", texts[dst[row]], port_text(d_code[row]))
                       + (protocol_name(protocol[row]), family_name(family[row])))
             delta = deltas[labels]
             delta[0] += float(byte_count)

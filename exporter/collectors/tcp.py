@@ -112,8 +112,8 @@ class TcpCollector(PairCollector):
             client, server, port = local, remote, rport
         else:
             client, server, port = remote, local, lport
-        return (self.endpoints.values(client, None)
-                + self.endpoints.values(server, str(port))), role
+        return (self.endpoints.values("src", client, None)
+                + self.endpoints.values("dst", server, str(port))), role
 
     @staticmethod
     def _extra(metric: int, role: int, variant: int) -> tuple[str, ...]:

@@ -1,33 +1,12 @@
-"""Kubernetes identity of addresses: watches of the API server (reflectors), the cluster state
-they keep, and the metadata facade the collectors resolve endpoints with."""
+"""Kubernetes identity of addresses: watches of the API server (reflectors, watch.py), the
+cluster state they keep (cluster.py), and the metadata facade the collectors resolve endpoints
+with (metadata.py). This module stays light: it does not import the kubernetes client."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from .cluster import ClusterState, Identity
 
-from kubernetes import client as kube_client
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-
-from .. import logs
-from .cluster import (
-    EXTERNAL_IDENTITY,
-    JOBS,
-    KINDS,
-    NODES,
-    PODS,
-    REPLICASETS,
-    SERVICES,
-    UNKNOWN_IDENTITY,
-    ClusterState,
-    Identity,
-)
-from .health import Health
-from .watch import Backoff, Reflector
-
-__all__ = ["RBAC_RULES", "ClusterState", "Identity", "KubernetesMetadata"]
-
-log = logs.get("k8s")
+__all__ = ["RBAC_RULES", "ClusterState", "Identity"]
 
 # Every API call the exporter makes, as the ClusterRole must grant it (deploy/ is checked
 # against this): cluster-wide list and watch, nothing else.
@@ -36,52 +15,3 @@ RBAC_RULES = [
     {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch"]},
 ]
-
-
-class KubernetesMetadata:
-    """Resolves addresses to identities from watches that run in the background."""
-
-    def __init__(self, api: kube_client.ApiClient, deleted_pod_grace: float,
-                 backoff: Backoff | None = None) -> None:
-        self.state = ClusterState(deleted_pod_grace)
-        self.health = Health()
-        core, apps, batch = kube_client.CoreV1Api(api), kube_client.AppsV1Api(api), \
-            kube_client.BatchV1Api(api)
-        calls = {PODS: core.list_pod_for_all_namespaces,
-                 SERVICES: core.list_service_for_all_namespaces,
-                 NODES: core.list_node,
-                 REPLICASETS: apps.list_replica_set_for_all_namespaces,
-                 JOBS: batch.list_job_for_all_namespaces}
-        self.reflectors = [Reflector(kind, calls[kind], self.state, self.health,
-                                     backoff or Backoff()) for kind in KINDS]
-
-    def start(self) -> None:
-        for reflector in self.reflectors:
-            reflector.start()
-
-    def stop(self) -> None:
-        for reflector in self.reflectors:
-            reflector.stop()
-
-    def resolve(self, ip: str) -> Identity:
-        identity = self.state.resolve(ip)
-        if identity is not None:
-            return identity
-        return EXTERNAL_IDENTITY if self.health.complete() else UNKNOWN_IDENTITY
-
-    def collect(self) -> Iterable[Metric]:
-        objects = GaugeMetricFamily("ebpf_net_exporter_k8s_objects",
-                                    "Kubernetes objects in the exporter's cache.", labels=["kind"])
-        for kind, count in sorted(self.state.counts().items()):
-            objects.add_metric([kind], count)
-        yield objects
-        errors = CounterMetricFamily(
-            "ebpf_net_exporter_k8s_watch_errors",
-            "Failed list or watch calls to the Kubernetes API server (each is retried with "
-            "back-off).", labels=["kind"])
-        for kind, count in sorted(self.health.error_counts().items()):
-            errors.add_metric([kind], count)
-        yield errors
-
-    def describe(self) -> Iterable[Metric]:
-        return self.collect()

@@ -107,6 +107,10 @@ def node_from(raw: Mapping[str, Any]) -> Node:
                       if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address")))
 
 
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
 def object_key(raw: Mapping[str, Any]) -> tuple[str, str]:
     meta = _meta(raw)
     return meta.get("namespace", ""), meta.get("name", "")
@@ -119,6 +123,9 @@ class ClusterState:
         self._lock = threading.RLock()
         self._pods: dict[tuple[str, str], Pod] = {}
         self._services: dict[tuple[str, str], Service] = {}
+        # by namespace too: service selection looks only within the pod's namespace
+        self._pods_in: dict[str, dict[str, Pod]] = {}
+        self._services_in: dict[str, dict[str, Service]] = {}
         self._nodes: dict[str, Node] = {}
         self._replicaset_owners: dict[tuple[str, str], Owner | None] = {}
         self._job_owners: dict[tuple[str, str], Owner | None] = {}
@@ -126,8 +133,11 @@ class ClusterState:
         self._host_ips: dict[str, str] = {}     # node addresses, from Nodes
         self._host_pod_ips: dict[str, str] = {}  # addresses of host-network pods -> node
         self._service_ips: dict[str, tuple[str, str]] = {}
+        self._local_ips: dict[str, str] = {}    # this node's own addresses -> its name
         self._deleted: TTLCache[str, Identity] = TTLCache(DELETED_POD_MEMORY, deleted_pod_grace)
-        self._resolved: dict[str, Identity] = {}    # live objects' identities; cleared on change
+        # live objects' identities, forgotten by namespace (or address) as objects change
+        self._resolved: dict[str, Identity] = {}
+        self._resolved_in: dict[str, set[str]] = {}
         self.version = 0
 
     # --- writers (watch threads) ---
@@ -135,7 +145,11 @@ class ClusterState:
     def apply(self, kind: str, event: str, raw: Mapping[str, Any]) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
         with self._lock:
-            self._changed()
+            self.version += 1
+            namespace = object_key(raw)[0]
+            self._forget(namespace)
+            if kind in (NODES, PODS):       # host-network pods and nodes: namespace ""
+                self._forget("")
             if event == "DELETED":
                 self._remove(kind, object_key(raw))
             else:
@@ -160,6 +174,16 @@ class ClusterState:
     def _changed(self) -> None:
         self.version += 1
         self._resolved.clear()
+        self._resolved_in.clear()
+
+    def _forget(self, namespace: str) -> None:
+        for ip in self._resolved_in.pop(namespace, ()):
+            self._resolved.pop(ip, None)
+
+    def _forget_addresses(self, addresses: Iterable[str]) -> None:
+        """An address may have been cached under another namespace (an IP reused)."""
+        for ip in addresses:
+            self._resolved.pop(ip, None)
 
     def _keys(self, kind: str) -> list[tuple[str, str]]:
         if kind == NODES:
@@ -173,7 +197,8 @@ class ClusterState:
         if kind == PODS:
             self._remove_pod(key, deleted=False)
             pod = pod_from(raw)
-            self._pods[key] = pod
+            self._forget_addresses(pod.ips)
+            self._pods[key] = self._pods_in.setdefault(pod.namespace, {})[pod.name] = pod
             if pod.running:
                 for ip in pod.ips:
                     if pod.host_network:
@@ -186,12 +211,15 @@ class ClusterState:
         elif kind == SERVICES:
             self._remove_service(key)
             service = service_from(raw)
+            self._forget_addresses(service.cluster_ips)
             self._services[key] = service
+            self._services_in.setdefault(service.namespace, {})[service.name] = service
             for ip in service.cluster_ips:
                 self._service_ips[ip] = key
         elif kind == NODES:
             self._remove_node(key[1])
             node = node_from(raw)
+            self._forget_addresses(node.addresses)
             self._nodes[node.name] = node
             for ip in node.addresses:
                 self._host_ips[ip] = node.name
@@ -217,6 +245,8 @@ class ClusterState:
         pod = self._pods.pop(key, None)
         if pod is None:
             return
+        self._pods_in.get(pod.namespace, {}).pop(pod.name, None)
+        self._forget_addresses(pod.ips)
         if deleted and pod.running and not pod.host_network:
             self._remember_deleted(pod)
         for ip in pod.ips:
@@ -236,6 +266,8 @@ class ClusterState:
 
     def _remove_service(self, key: tuple[str, str]) -> None:
         service = self._services.pop(key, None)
+        if service:
+            self._services_in.get(service.namespace, {}).pop(service.name, None)
         for ip in service.cluster_ips if service else ():
             if self._service_ips.get(ip) == key:
                 del self._service_ips[ip]
@@ -245,6 +277,12 @@ class ClusterState:
         for ip in node.addresses if node else ():
             if self._host_ips.get(ip) == name:
                 del self._host_ips[ip]
+
+    def set_local_node(self, name: str, addresses: Iterable[str]) -> None:
+        """This node's own addresses, known without the API server (or RBAC on nodes)."""
+        with self._lock:
+            self._changed()
+            self._local_ips = dict.fromkeys(addresses, name)
 
     # --- readers (scrapes) ---
 
@@ -256,6 +294,7 @@ class ClusterState:
             identity = self._lookup(ip)
             if identity is not None:
                 self._resolved[ip] = identity
+                self._resolved_in.setdefault(identity.namespace, set()).add(ip)
                 return identity
             # deleted pods expire by time, not by an event: never cached
             return self._deleted.get(ip)
@@ -266,7 +305,7 @@ class ClusterState:
             # two live pods on one address: the old one is terminating; the new one owns it
             newest = max((self._pods[key] for key in pods), key=lambda p: p.created)
             return self._pod_identity(newest)
-        node = self._host_ips.get(ip) or self._host_pod_ips.get(ip)
+        node = self._host_ips.get(ip) or self._host_pod_ips.get(ip) or self._local_ips.get(ip)
         if node:
             return Identity(workload=node, workload_kind="Node", node=node)
         service = self._service_ips.get(ip)
@@ -301,15 +340,15 @@ class ClusterState:
 
     def _service_of(self, pod: Pod) -> str:
         """The first Service by name in the pod's namespace whose selector matches it."""
-        names = sorted(s.name for (namespace, _), s in self._services.items()
-                       if namespace == pod.namespace and s.selector
-                       and all(pod.labels.get(k) == v for k, v in s.selector.items()))
+        names = sorted(s.name for s in self._services_in.get(pod.namespace, {}).values()
+                       if s.selector and selects(s.selector, pod.labels))
         return names[0] if names else ""
 
     def _service_identity(self, service: Service) -> Identity:
         """A ClusterIP: its service, and the workload behind it when there is only one."""
-        workloads = {self._workload(pod) for (namespace, _), pod in self._pods.items()
-                     if namespace == service.namespace and pod.running and service.selector
-                     and all(pod.labels.get(k) == v for k, v in service.selector.items())}
+        workloads = {self._workload(pod) for pod in self._pods_in.get(service.namespace,
+                                                                      {}).values()
+                     if pod.running and service.selector and selects(service.selector,
+                                                                     pod.labels)}
         kind, name = workloads.pop() if len(workloads) == 1 else ("Service", service.name)
         return Identity(service.namespace, name, kind, service.name)

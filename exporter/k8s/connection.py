@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
+import yaml
 from kubernetes import client, config
 
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -26,14 +27,16 @@ def connect(kubeconfig: str) -> tuple[client.ApiClient | None, str]:
         try:
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration,
                                     persist_config=False)
-        except (config.ConfigException, OSError, ValueError, TypeError) as e:
-            raise KubernetesConfigError(f"kubeconfig {kubeconfig}: {e}") from e
+        except (config.ConfigException, OSError, ValueError, TypeError, yaml.YAMLError) as e:
+            reason = " ".join(str(e).split())        # YAML errors span several lines
+            raise KubernetesConfigError(f"kubeconfig {kubeconfig}: {reason}") from e
         source = f"kubeconfig {kubeconfig}"
     elif in_cluster():
         try:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException as e:
-            raise KubernetesConfigError(f"in-cluster configuration: {e}") from e
+            raise KubernetesConfigError(f"in-cluster configuration: {' '.join(str(e).split())}") \
+                from e
         source = "in-cluster service account"
     else:
         return None, "no in-cluster service account and no kubeconfig"

@@ -59,11 +59,11 @@ def test_endpoint_labels_follow_the_configured_vocabulary():
     labels = EndpointLabels(["ip", "ip_type", "port"])
     assert labels.label_names("src") == ["src_ip", "src_ip_type", "src_port"]
     assert labels.label_names("src", with_port=False) == ["src_ip", "src_ip_type"]
-    assert labels.values("10.0.0.1", "*") == ("10.0.0.1", "private", "*")
-    assert labels.values("8.8.8.8", None) == ("8.8.8.8", "public")
+    assert labels.values("src", "10.0.0.1", "*") == ("10.0.0.1", "private", "*")
+    assert labels.values("dst", "8.8.8.8", None) == ("8.8.8.8", "public")
     only_type = EndpointLabels(["ip_type"])
     assert only_type.label_names("dst") == ["dst_ip_type"]
-    assert only_type.values("8.8.8.8", "53") == ("public",)
+    assert only_type.values("dst", "8.8.8.8", "53") == ("public",)
 
 
 def test_vectorised_folding_agrees_with_the_scalar_rule():

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.k8s import RBAC_RULES, Identity, KubernetesMetadata
-from exporter.k8s.connection import connect
+from exporter.k8s import RBAC_RULES, Identity
+from exporter.k8s.connection import KubernetesConfigError, connect
+from exporter.k8s.metadata import KubernetesMetadata
 from exporter.k8s.watch import Backoff
 from tests import kubeapi
 from tests.kubeapi import KubeAPI
@@ -244,3 +245,20 @@ def test_rbac_rules_cover_every_watched_kind() -> None:
     assert granted == {("", "pods"), ("", "services"), ("", "nodes"), ("apps", "replicasets"),
                        ("batch", "jobs")}
     assert all(rule["verbs"] == ["list", "watch"] for rule in RBAC_RULES)
+
+
+def test_no_cluster_configuration_means_kubernetes_off(monkeypatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    client, reason = connect("")
+    assert client is None
+    assert reason == "no in-cluster service account and no kubeconfig"
+
+
+@pytest.mark.parametrize("content", [None, "clusters: [unclosed", "{}"])
+def test_unusable_kubeconfig_is_one_line_naming_the_file(tmp_path, content) -> None:
+    path = tmp_path / "kubeconfig"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(KubernetesConfigError, match=rf"^kubeconfig {path}: ") as caught:
+        connect(str(path))
+    assert "\n" not in str(caught.value)

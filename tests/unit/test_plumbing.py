@@ -79,7 +79,10 @@ def test_interface_selection_by_regex_and_stacking():
 
 
 def test_no_headers_anywhere_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    # set first, so that the variable ensure_headers() sets is undone after the test (it would
+    # point later tests' exporters at this test's deleted directory)
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", "")
+    monkeypatch.delenv("BCC_KERNEL_SOURCE")
     monkeypatch.setattr(environment.platform, "release", lambda: "9.9.9-nowhere")
     with pytest.raises(environment.EnvironmentProblem,
                        match=r"no kernel headers for 9\.9\.9-nowhere: install linux-headers"):
@@ -87,7 +90,10 @@ def test_no_headers_anywhere_is_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_headers_found_in_usr_src_are_merged_and_used(tmp_path, monkeypatch):
-    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    # set first, so that the variable ensure_headers() sets is undone after the test (it would
+    # point later tests' exporters at this test's deleted directory)
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", "")
+    monkeypatch.delenv("BCC_KERNEL_SOURCE")
     monkeypatch.setattr(environment.platform, "release", lambda: "9.9.9-nowhere")
     monkeypatch.setattr(environment, "MERGED_HEADERS", tmp_path / "merged")
     build = tmp_path / "linux-headers-6.1.0-9-amd64"
