@@ -38,6 +38,7 @@ JOB = "ebpf-net-exporter"
 HTTP_PORT, HTTP_500_PORT, BULK_PORT, CLOSED_PORT = 8080, 8081, 5001, 9
 BULK_BYTES = 8 << 20
 RATE_INTERVAL = "10s"        # what Grafana's $__rate_interval would be at a 1 s scrape, roughly
+RULE_WINDOW = "10s"          # the rules' 5 m windows, so a fault shows (and clears) in seconds
 HTTP_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 # Kubernetes names the test API server gives the test node's pods
 CLIENT, SERVER = ("web", "front"), ("shop", "api")
@@ -106,7 +107,7 @@ class Traffic:
                 assert self._http_get(HTTP_500_PORT, "/") == 500
             if "dns" in self.faults:
                 self._dns(node.node_ip_b, "ok.test", (i + 1) & 0xFFFF)
-            if i % 20 == 0:
+            if i % 40 == 0:
                 connect_refused(node.a_ns, node.b_ip, CLOSED_PORT, 1)
 
     def _bulk(self) -> None:
@@ -182,7 +183,7 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
     kubernetes = kubernetes_supported()
     rules_dir = tmp_path_factory.mktemp("rules")
     rules = shortened_rules([monitoring.ALERTS / name for name in monitoring.RULE_FILES],
-                            rules_dir)
+                            rules_dir, window=RULE_WINDOW)
     with TestNode() as node, contextlib.ExitStack() as stack:
         args: list[str] = []
         api = None
