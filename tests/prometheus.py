@@ -114,12 +114,16 @@ class Prometheus:
         assert status == 200 and body["status"] == "success", (status, body, selector)
         return list(body["data"])
 
-    def alerts(self) -> dict[str, set[str]]:
-        """alertname -> states ("pending", "firing") of its active alerts."""
+    def active_alerts(self) -> list[dict[str, Any]]:
+        """The pending and firing alerts (labels, annotations, state)."""
         status, body = self._get("/api/v1/alerts")
         assert status == 200 and body["status"] == "success", (status, body)
+        return list(body["data"]["alerts"])
+
+    def alerts(self) -> dict[str, set[str]]:
+        """alertname -> states ("pending", "firing") of its active alerts."""
         active: dict[str, set[str]] = {}
-        for alert in body["data"]["alerts"]:
+        for alert in self.active_alerts():
             active.setdefault(alert["labels"]["alertname"], set()).add(alert["state"])
         return active
 

@@ -1,14 +1,16 @@
 """End to end: the exporter on a test node with real traffic (HTTP, DNS, TCP bulk, refused
-connections), a real Prometheus scraping it every second with the rule files of alerts/ loaded
+connections) and Kubernetes labels (the node's pods registered in a test API server), a real
+Prometheus scraping it every second with the rule files of alerts/ loaded
 (`for` shortened to 2 s and 5 m windows to 10 s), then
 
 - no alert on healthy traffic;
 - faults on purpose, one at a time, each making exactly its alert go pending and then
   firing, no other alert active meanwhile:
   nftables dropping a share of a bulk transfer's packets (retransmits), a DNS server answering
-  ServFail, an HTTP server answering 500, the exporter stopped;
-- every dashboard panel query (variables filled in) and every rule expression evaluated through
-  Prometheus's HTTP API: no error, and data.
+  ServFail, an HTTP server answering 500, a forbidden Kubernetes watch, the exporter stopped;
+- every dashboard panel query (variables filled in: All, and one workload) and every rule
+  expression evaluated through Prometheus's HTTP API: no error, and data; every template
+  variable lists the test's namespaces and workloads.
 
 The tests of this module run in file order on one node, one exporter and one Prometheus."""
 
@@ -18,17 +20,16 @@ import contextlib
 import http.client
 import re
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
-from tests import dnstools, monitoring
-from tests.exporter_process import EXPORTER, REPO, ExporterProcess, wait_until
+from tests import dnstools, kubeapi, monitoring
+from tests.exporter_process import ExporterProcess, wait_until
 from tests.httptools import RawServer
+from tests.kubeapi import KubeAPI
 from tests.prometheus import Prometheus, shortened_rules
 from tests.testnode import TestNode, connect_refused, in_netns, tcp_transfer
 
@@ -42,13 +43,8 @@ RULE_WINDOW = "10s"          # the rules' 5 m windows, so a fault shows (and cle
 HTTP_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 # Kubernetes names the test API server gives the test node's pods
 CLIENT, SERVER = ("web", "front"), ("shop", "api")
+SERVER_LABELS = {"dst_namespace": SERVER[0], "dst_workload": SERVER[1]}
 THRESHOLD = re.compile(r"\s*(?:>|==)\s*[0-9.]+\b")
-
-
-def kubernetes_supported() -> bool:
-    """The exporter takes --kubeconfig once Kubernetes metadata (issue 5) is wired in."""
-    result = subprocess.run([*EXPORTER, "--help"], capture_output=True, text=True, cwd=REPO)
-    return "--kubeconfig" in result.stdout
 
 
 @dataclass
@@ -124,11 +120,7 @@ class Stack:
     exporter: ExporterProcess
     prometheus: Prometheus
     traffic: Traffic
-    api: Any            # the test Kubernetes API server (tests.kubeapi.KubeAPI), or None
-
-    @property
-    def kubernetes(self) -> bool:
-        return self.api is not None
+    api: KubeAPI
 
     def active(self) -> dict[str, set[str]]:
         self.traffic.check()
@@ -165,10 +157,23 @@ class Stack:
             raise AssertionError(f"{e}; active: {seen[0]}") from None
         return seen[0]
 
+    def firing_labels(self, alertname: str) -> list[dict[str, str]]:
+        """The labels of each firing alert of that name, without alertname and severity
+        (checked against the rule file)."""
+        rule = next(r for r in monitoring.alerts() if r.name == alertname)
+        out = []
+        for alert in self.prometheus.active_alerts():
+            labels = dict(alert["labels"])
+            if labels.pop("alertname") == alertname and alert["state"] == "firing":
+                assert labels.pop("severity") == rule.spec["labels"]["severity"]
+                assert alert["annotations"]["summary"] == rule.spec["annotations"]["summary"]
+                out.append(labels)
+        return out
 
-def register_pods(api, node: TestNode) -> None:
-    from tests import kubeapi
 
+def register_pods(api: KubeAPI, node: TestNode) -> None:
+    """Pod a is web/front, pod b shop/api (Deployments, through their ReplicaSets); the node
+    addresses are the node test-node."""
     for (namespace, workload), ips in ((CLIENT, [node.a_ip, node.a_ip6]),
                                        (SERVER, [node.b_ip, node.b_ip6])):
         replicaset = f"{workload}-5d8f7"
@@ -180,19 +185,12 @@ def register_pods(api, node: TestNode) -> None:
 
 @pytest.fixture(scope="module")
 def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
-    kubernetes = kubernetes_supported()
     rules_dir = tmp_path_factory.mktemp("rules")
     rules = shortened_rules([monitoring.ALERTS / name for name in monitoring.RULE_FILES],
                             rules_dir, window=RULE_WINDOW)
     with TestNode() as node, contextlib.ExitStack() as stack:
-        args: list[str] = []
-        api = None
-        if kubernetes:
-            from tests.kubeapi import KubeAPI
-
-            api = stack.enter_context(KubeAPI(node.node_ns))
-            register_pods(api, node)
-            args = ["--kubeconfig", str(api.kubeconfig), "--node-name", "test-node"]
+        api = stack.enter_context(KubeAPI(node.node_ns))
+        register_pods(api, node)
         # thousands of short client connections a minute: reuse TIME_WAIT ports
         node.run(node.a_ns, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
         node.http_server(node.b_ns, node.b_ip, HTTP_PORT)
@@ -201,7 +199,8 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
         stack.callback(servfail.close)
         errors = RawServer(node.b_ns, node.b_ip, HTTP_500_PORT, HTTP_500)
         stack.callback(errors.close)
-        exporter = stack.enter_context(ExporterProcess(node, args=args))
+        exporter = stack.enter_context(ExporterProcess(
+            node, ["--kubeconfig", str(api.kubeconfig), "--node-name", "test-node"]))
         exporter.wait_ready()
         prometheus = Prometheus(node, node.node_ns, JOB, [f"127.0.0.1:{exporter.port}"],
                                 rules).wait_ready()
@@ -235,6 +234,7 @@ table inet ebpf_net_e2e {{
     finally:
         node.run(node.node_ns, ["nft", "delete", "table", "inet", "ebpf_net_e2e"])
     assert set(active) == {"EbpfNetTCPRetransmitRatioHigh"}
+    assert stack.firing_labels("EbpfNetTCPRetransmitRatioHigh") == [SERVER_LABELS]
     assert float(ratio[0]["value"][1]) > 0.01
     stack.wait_quiet()
 
@@ -246,6 +246,8 @@ def test_servfail_fires_the_dns_error_alert_only(stack):
     finally:
         stack.traffic.faults.discard("dns")
     assert set(active) == {"EbpfNetDNSErrorRatioHigh"}
+    # the ServFail server listens on the node's address: the node is its workload
+    assert stack.firing_labels("EbpfNetDNSErrorRatioHigh") == [{"dst_workload": "test-node"}]
     servfail = stack.prometheus.query('sum(ebpf_net_dns_responses_total{rcode="ServFail"})')
     assert float(servfail[0]["value"][1]) > 0
     stack.wait_quiet()
@@ -258,14 +260,13 @@ def test_http_500_fires_the_http_error_alert_only(stack):
     finally:
         stack.traffic.faults.discard("http")
     assert set(active) == {"EbpfNetHTTPErrorRatioHigh"}
+    assert stack.firing_labels("EbpfNetHTTPErrorRatioHigh") == [SERVER_LABELS]
     errors = stack.prometheus.query('sum(ebpf_net_http_requests_total{status_code="500"})')
     assert float(errors[0]["value"][1]) > 0
     stack.wait_quiet()
 
 
 def test_a_forbidden_watch_fires_the_kubernetes_watch_alert_only(stack):
-    if not stack.kubernetes:
-        pytest.skip("waiting for Kubernetes metadata in the exporter (issue 5: --kubeconfig)")
     stack.api.forbidden.add("jobs")
     stack.api.drop_watches()
     try:
@@ -274,14 +275,10 @@ def test_a_forbidden_watch_fires_the_kubernetes_watch_alert_only(stack):
         stack.api.forbidden.discard("jobs")
     assert set(active) == {"EbpfNetKubernetesWatchFailing"}
     # cutting the watches may count an error for every kind; jobs is among them
-    failing = stack.prometheus.query("rate(ebpf_net_exporter_k8s_watch_errors_total[10s]) > 0")
-    assert "jobs" in {r["metric"]["kind"] for r in failing}
+    instance = f"127.0.0.1:{stack.exporter.port}"
+    assert {"job": JOB, "instance": instance, "kind": "jobs"} in \
+        stack.firing_labels("EbpfNetKubernetesWatchFailing")
     stack.wait_quiet()
-
-
-def needs_kubernetes(expr: str) -> bool:
-    return bool(monitoring.source_metrics(expr) & {
-        "ebpf_net_exporter_k8s_objects", "ebpf_net_exporter_k8s_watch_errors_total"})
 
 
 def opened(expr: str) -> str:
@@ -305,8 +302,7 @@ def all_queries() -> list[tuple[str, str]]:
 
 def test_every_dashboard_query_and_rule_expression_returns_data(stack):
     """After the faults every series exists (retransmits, ServFail, 500s), idle ones at 0."""
-    queries = [(where, expr) for where, expr in all_queries()
-               if stack.kubernetes or not needs_kubernetes(expr)]
+    queries = all_queries()
     empty: list[str] = []
 
     def all_have_data() -> bool:
@@ -321,8 +317,6 @@ def test_every_dashboard_query_and_rule_expression_returns_data(stack):
 
 
 def test_every_template_variable_lists_the_test_pods(stack):
-    if not stack.kubernetes:
-        pytest.skip("waiting for Kubernetes metadata in the exporter (issue 5: --kubeconfig)")
     for name, dashboard in monitoring.dashboards().items():
         variables = monitoring.variables(dashboard)
         selector, label = monitoring.variable_query(variables["namespace"])
@@ -337,8 +331,6 @@ def test_every_template_variable_lists_the_test_pods(stack):
 
 
 def test_panel_queries_narrowed_to_one_workload_return_data(stack):
-    if not stack.kubernetes:
-        pytest.skip("waiting for Kubernetes metadata in the exporter (issue 5: --kubeconfig)")
     empty = []
     for name, dashboard in monitoring.dashboards().items():
         _, label = monitoring.variable_query(monitoring.variables(dashboard)["namespace"])
@@ -357,4 +349,6 @@ def test_a_stopped_exporter_fires_the_exporter_down_alert_only(stack):
     stack.exporter.stop()
     active = stack.wait_only("EbpfNetExporterDown")
     assert set(active) == {"EbpfNetExporterDown"}
+    assert stack.firing_labels("EbpfNetExporterDown") == [
+        {"job": JOB, "instance": f"127.0.0.1:{stack.exporter.port}"}]
     assert stack.prometheus.query(f'up{{job="{JOB}"}} == 0')
