@@ -253,6 +253,9 @@ class Exporter:
 
     def stop(self) -> None:
         self._ready.clear()
+        # no scrape may see the collectors half torn down (it would read as failing)
+        if self.web:
+            self.web.stop()
         if self.kubernetes:
             self.kubernetes.stop()
         for collector in self.sweeping:
@@ -262,6 +265,4 @@ class Exporter:
             log.info("detached from every interface")
         for program in self.programs:
             program.close()
-        if self.web:
-            self.web.stop()
 
