@@ -44,6 +44,8 @@ HTTP_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 # Kubernetes names the test API server gives the test node's pods
 CLIENT, SERVER = ("web", "front"), ("shop", "api")
 SERVER_LABELS = {"dst_namespace": SERVER[0], "dst_workload": SERVER[1]}
+NODE_NAME = "test-node"
+OURS = (CLIENT[1], SERVER[1], NODE_NAME)
 THRESHOLD = re.compile(r"\s*(?:>|==)\s*[0-9.]+\b")
 
 
@@ -123,8 +125,16 @@ class Stack:
     api: KubeAPI
 
     def active(self) -> dict[str, set[str]]:
+        """alertname -> states of the active alerts about this test's endpoints. The TCP
+        tracepoints see every socket of the machine, other tests' included, which show as
+        workload "external": alerts about those are not this test's business."""
         self.traffic.check()
-        return self.prometheus.alerts()
+        active: dict[str, set[str]] = {}
+        for alert in self.prometheus.active_alerts():
+            labels = alert["labels"]
+            if labels.get("dst_workload", OURS[0]) in OURS:
+                active.setdefault(labels["alertname"], set()).add(alert["state"])
+        return active
 
     def wait_quiet(self, timeout: float = 40) -> None:
         """No alert active for three rule evaluations in a row."""
@@ -158,12 +168,14 @@ class Stack:
         return seen[0]
 
     def firing_labels(self, alertname: str) -> list[dict[str, str]]:
-        """The labels of each firing alert of that name, without alertname and severity
-        (checked against the rule file)."""
+        """The labels of each firing alert of that name about this test's endpoints, without
+        alertname and severity (checked against the rule file)."""
         rule = next(r for r in monitoring.alerts() if r.name == alertname)
         out = []
         for alert in self.prometheus.active_alerts():
             labels = dict(alert["labels"])
+            if labels.get("dst_workload", OURS[0]) not in OURS:
+                continue
             if labels.pop("alertname") == alertname and alert["state"] == "firing":
                 assert labels.pop("severity") == rule.spec["labels"]["severity"]
                 assert alert["annotations"]["summary"] == rule.spec["annotations"]["summary"]
@@ -179,8 +191,8 @@ def register_pods(api: KubeAPI, node: TestNode) -> None:
         replicaset = f"{workload}-5d8f7"
         api.create("replicasets", kubeapi.replicaset(namespace, replicaset, workload))
         api.create("pods", kubeapi.pod(namespace, f"{replicaset}-x2x9z", ips,
-                                       owner=("ReplicaSet", replicaset), node="test-node"))
-    api.create("nodes", kubeapi.node("test-node", [node.node_ip_a, node.node_ip_b]))
+                                       owner=("ReplicaSet", replicaset), node=NODE_NAME))
+    api.create("nodes", kubeapi.node(NODE_NAME, [node.node_ip_a, node.node_ip_b]))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +212,7 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
         errors = RawServer(node.b_ns, node.b_ip, HTTP_500_PORT, HTTP_500)
         stack.callback(errors.close)
         exporter = stack.enter_context(ExporterProcess(
-            node, ["--kubeconfig", str(api.kubeconfig), "--node-name", "test-node"]))
+            node, ["--kubeconfig", str(api.kubeconfig), "--node-name", NODE_NAME]))
         exporter.wait_ready()
         prometheus = Prometheus(node, node.node_ns, JOB, [f"127.0.0.1:{exporter.port}"],
                                 rules).wait_ready()
@@ -247,7 +259,7 @@ def test_servfail_fires_the_dns_error_alert_only(stack):
         stack.traffic.faults.discard("dns")
     assert set(active) == {"EbpfNetDNSErrorRatioHigh"}
     # the ServFail server listens on the node's address: the node is its workload
-    assert stack.firing_labels("EbpfNetDNSErrorRatioHigh") == [{"dst_workload": "test-node"}]
+    assert stack.firing_labels("EbpfNetDNSErrorRatioHigh") == [{"dst_workload": NODE_NAME}]
     servfail = stack.prometheus.query('sum(ebpf_net_dns_responses_total{rcode="ServFail"})')
     assert float(servfail[0]["value"][1]) > 0
     stack.wait_quiet()
