@@ -55,6 +55,10 @@ struct iface_info {
 BPF_HASH(monitored_ifaces, u32, struct iface_info, 16384);
 
 #include "packet.h"
+/* the live view's records (-DWITH_EVENTS); never in the exporter's programs */
+#ifdef WITH_EVENTS
+#include "events.h"
+#endif
 /* each part is compiled in only when its collector is on: -DWITH_FLOWS, -DWITH_DNS, -DWITH_HTTP */
 #ifdef WITH_FLOWS
 #include "flows.h"
@@ -74,15 +78,16 @@ BPF_PERCPU_ARRAY(packet_scratch, struct packet, 1);
 
 static __always_inline int classify(struct __sk_buff *skb, int egress)
 {
-    u32 ifindex = skb->ifindex;
-    struct iface_info *iface = monitored_ifaces.lookup(&ifindex);
-    if (!iface)
-        return TC_ACT_UNSPEC;   /* a filter left behind on an interface no longer monitored */
+    /* a forwarded packet first: one lookup instead of two on the node's busiest path */
     if (egress && skb->ingress_ifindex) {
         u32 in = skb->ingress_ifindex;
         if (monitored_ifaces.lookup(&in))
             return TC_ACT_UNSPEC;   /* counted when it came in */
     }
+    u32 ifindex = skb->ifindex;
+    struct iface_info *iface = monitored_ifaces.lookup(&ifindex);
+    if (!iface)
+        return TC_ACT_UNSPEC;   /* a filter left behind on an interface no longer monitored */
 
     struct packet pkt = {};
     int res = parse_packet(skb, iface->flags, &pkt);
@@ -100,22 +105,25 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 #endif
     if (!pkt.has_ports)
         return TC_ACT_UNSPEC;
+    /* the packet is handed to a parser through packet_scratch, filled only when a parser
+     * runs: most UDP packets go to none. A tail call does not return when it happens; when it
+     * does not (no such parser), the next line runs */
+    int parser = -1;
+#ifdef WITH_DNS
+    if (DNS_PORT(pkt.sport) || DNS_PORT(pkt.dport))
+        parser = PARSER_DNS;
+#endif
+#ifdef WITH_HTTP
+    if (parser < 0 && pkt.protocol == IPPROTO_TCP)
+        parser = PARSER_HTTP;
+#endif
+    if (parser < 0)
+        return TC_ACT_UNSPEC;
     struct packet *shared = packet_scratch.lookup(&zero);
     if (!shared)
         return TC_ACT_UNSPEC;
     __builtin_memcpy(shared, &pkt, sizeof(pkt));
-    /* a tail call does not return when it happens; when it does not (no such parser), the
-     * next line runs */
-#ifdef WITH_DNS
-    if (DNS_PORT(pkt.sport) || DNS_PORT(pkt.dport)) {
-        parsers.call(skb, PARSER_DNS);
-        return TC_ACT_UNSPEC;
-    }
-#endif
-#ifdef WITH_HTTP
-    if (pkt.protocol == IPPROTO_TCP)
-        parsers.call(skb, PARSER_HTTP);
-#endif
+    parsers.call(skb, parser);
     return TC_ACT_UNSPEC;
 }
 

@@ -220,6 +220,33 @@ static __always_inline void dns_count(struct dns_key *key, u64 val)
         *count += val;
 }
 
+#ifdef WITH_EVENTS
+/* For the live view: one record per answered query (bpf/events.h). */
+static __always_inline void dns_emit(const struct dns_pending_key *pending,
+                                     const struct dns_message *msg, u64 latency_us,
+                                     const struct dns_key *key)
+{
+    struct live_event *ev = live_events.ringbuf_reserve(sizeof(struct live_event));
+    if (!ev)
+        return;
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->kind = LIVE_DNS;
+    ev->family = pending->family;
+    ev->transport = pending->transport;
+    ev->client_port = pending->client_port;
+    ev->server_port = pending->server_port;
+    __builtin_memcpy(ev->client, pending->client, 16);
+    __builtin_memcpy(ev->server, pending->server, 16);
+    ev->latency_us = latency_us;
+    ev->code = msg->rcode;
+    ev->what = msg->qtype;
+#ifdef DNS_QUERY_NAMES
+    __builtin_memcpy(ev->name, key->name, DNS_NAME_CAPTURE);
+#endif
+    live_events.ringbuf_submit(ev, 0);
+}
+#endif
+
 /* Handles one DNS message of the packet; the ends are oriented by the QR bit. */
 static __always_inline void dns_handle(struct __sk_buff *skb, const struct packet *pkt,
                                        u8 transport, u32 off, u32 end, u32 generation,
@@ -300,6 +327,9 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
     if (dns_pending.delete(&pending) != 0)
         return;
     u64 latency_us = (bpf_ktime_get_ns() - queried_ns) / 1000;
+#ifdef WITH_EVENTS
+    dns_emit(&pending, msg, latency_us, key);
+#endif
 
     key->kind = DNS_KIND_RESPONSE;
     key->rcode = msg->rcode;

@@ -390,6 +390,31 @@ static __always_inline void http_request(struct http_scratch *s, const struct pa
     conn->requested += 1;
 }
 
+#ifdef WITH_EVENTS
+/* For the live view: one record per answered request (bpf/events.h). */
+static __always_inline void http_emit(const struct http_conn_key *ck, u8 method, u16 status,
+                                      u64 latency_us, const struct http_scratch *s)
+{
+    struct live_event *ev = live_events.ringbuf_reserve(sizeof(struct live_event));
+    if (!ev)
+        return;
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->kind = LIVE_HTTP;
+    ev->family = ck->family;
+    ev->client_port = ck->client_port;
+    ev->server_port = ck->server_port;
+    __builtin_memcpy(ev->client, ck->client, 16);
+    __builtin_memcpy(ev->server, ck->server, 16);
+    ev->latency_us = latency_us;
+    ev->code = status;
+    ev->what = method;
+#ifdef HTTP_PATHS
+    __builtin_memcpy(ev->name, s->key.path, HTTP_PATH_CAPTURE);
+#endif
+    live_events.ringbuf_submit(ev, 0);
+}
+#endif
+
 static __always_inline void http_response(struct http_scratch *s, const struct packet *pkt,
                                           u16 status, u64 now, u32 len)
 {
@@ -420,6 +445,9 @@ static __always_inline void http_response(struct http_scratch *s, const struct p
 #endif
     u64 latency_us = (now - conn->requested_ns[slot]) / 1000;
     conn->answered += 1;
+#ifdef WITH_EVENTS
+    http_emit(&ck, method, status, latency_us, s);
+#endif
 
     struct http_key *key = &s->key;
     http_count_request(key, method, status);
@@ -447,7 +475,6 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
     if (!s)
         return;
     u32 *gen = http_generation.lookup(&zero);
-    u64 now = bpf_ktime_get_ns();
 
     if (avail >= 8) {
         /* a cheap look at 8 bytes first: most segments are neither a request nor a response */
@@ -456,6 +483,7 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
         u8 c0 = s->head[0];
         int maybe = (c0 >= 'A' && c0 <= 'Z') && (s->head[1] >= 'A' && s->head[1] <= 'Z');
         if (maybe) {
+            u64 now = bpf_ktime_get_ns();   /* only for a request or response */
             __builtin_memset(s->head, 0, HTTP_SCAN);
             s->avail = avail < HTTP_SCAN ? avail : HTTP_SCAN;
             copy_bytes_128(skb, pkt->payload_off, s->avail, s->head);

@@ -13,7 +13,13 @@
  * - RTT: the smoothed RTT (srtt) that tcp:tcp_probe reports on every segment a socket receives
  *   is remembered per socket; each socket contributes its latest value once per
  *   RTT_SAMPLE_INTERVAL_NS it lives, and once more when it closes if it measured anything since
- *   its last sample. A short connection so counts once, with its final srtt. */
+ *   its last sample. A short connection so counts once, with its final srtt.
+ * - process (opt-in, -DWITH_PROCESS): the command name of the socket's process, taken where the
+ *   kernel runs in that process's context: connect() (SYN_SENT) for a client; for a server's
+ *   accepted socket, whose handshake completes in softirq, its first send or receive
+ *   (sock:sock_send_length, sock:sock_recv_length), so its open is counted then (or at close,
+ *   with no process, if it never sent nor received). Part of every key, so it labels every
+ *   TCP metric; the cgroup id goes to the live view only. */
 
 /* Kernels >= 6.10 type tcp_send_reset's `reason` as enum sk_rst_reason, which older headers
  * lack. The enum is 4 bytes either way; give bcc's generated struct a tag we define. */
@@ -21,6 +27,10 @@
 enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
 
 #include "common.h"
+/* the live view's records (-DWITH_EVENTS); never in the exporter's programs */
+#ifdef WITH_EVENTS
+#include "events.h"
+#endif
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -86,6 +96,9 @@ struct tcp_endpoints {
     u16 pad;
     u8 laddr[16];
     u8 raddr[16];
+#ifdef WITH_PROCESS
+    char comm[16];          /* zero when not known */
+#endif
 };
 
 struct sock_info {
@@ -93,6 +106,14 @@ struct sock_info {
     u32 flags;
     u32 last_srtt_us;       /* the latest srtt tcp_probe reported, not yet sampled if flagged */
     u64 next_rtt_sample_ns;
+#ifdef WITH_EVENTS
+    u16 client_port;        /* the live view shows connections, so it keeps the folded port */
+    u16 pad[3];
+#endif
+#ifdef WITH_PROCESS
+    u64 cgroup_id;
+    u64 process_pending;    /* 1: a server socket whose open waits for its process (see top) */
+#endif
 };
 
 /* One map holds every TCP counter and the RTT histogram, told apart by `metric`: bcc allows map
@@ -208,6 +229,52 @@ static __always_inline void endpoints_from_sockaddrs(struct tcp_endpoints *ep, c
     ep->rport = bpf_ntohs(*(const u16 *)(remote + 2));
 }
 
+#ifdef WITH_EVENTS
+static __always_inline void keep_client_port(struct sock_info *info)
+{
+    info->client_port = info->ep.role == ROLE_CLIENT ? info->ep.lport : info->ep.rport;
+}
+
+/* For the live view: one record per socket that closes (bpf/events.h). */
+static __always_inline void emit_close(const struct sock_info *info, u32 outcome)
+{
+    struct live_event *ev = live_events.ringbuf_reserve(sizeof(struct live_event));
+    if (!ev)
+        return;
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->kind = LIVE_TCP_CLOSE;
+    ev->family = info->ep.family;
+    ev->transport = info->ep.role;
+    if (info->ep.role == ROLE_SERVER) {
+        __builtin_memcpy(ev->client, info->ep.raddr, 16);
+        __builtin_memcpy(ev->server, info->ep.laddr, 16);
+        ev->client_port = info->client_port;
+        ev->server_port = info->ep.lport;
+    } else {
+        /* a client, or a socket whose role was not seen: local end first */
+        __builtin_memcpy(ev->client, info->ep.laddr, 16);
+        __builtin_memcpy(ev->server, info->ep.raddr, 16);
+        ev->client_port = info->ep.role == ROLE_CLIENT ? info->client_port : info->ep.lport;
+        ev->server_port = info->ep.rport;
+    }
+    ev->latency_us = info->last_srtt_us;
+    ev->code = outcome;
+#ifdef WITH_PROCESS
+    __builtin_memcpy(ev->comm, info->ep.comm, sizeof(ev->comm));
+    ev->cgroup_id = info->cgroup_id;
+#endif
+    live_events.ringbuf_submit(ev, 0);
+}
+#endif
+
+#ifdef WITH_PROCESS
+static __always_inline void take_process(struct sock_info *info)
+{
+    bpf_get_current_comm(info->ep.comm, sizeof(info->ep.comm));
+    info->cgroup_id = bpf_get_current_cgroup_id();
+}
+#endif
+
 static __always_inline void remember_socket(u64 sk, struct sock_info *info)
 {
     if (tcp_sockets.insert(&sk, info) == 0) {
@@ -231,7 +298,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct sock_info info = {};
         ENDPOINTS_FROM_FIELDS(&info.ep, args);
         info.ep.role = ROLE_CLIENT;
+#ifdef WITH_EVENTS
+        keep_client_port(&info);
+#endif
         fold_client_port(&info.ep);
+#ifdef WITH_PROCESS
+        take_process(&info);            /* connect(): the client's own process */
+#endif
         remember_socket(sk, &info);
         return 0;
     }
@@ -241,9 +314,25 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct sock_info info = {};
         ENDPOINTS_FROM_FIELDS(&info.ep, args);
         info.ep.role = oldstate == TCPS_SYN_SENT ? ROLE_CLIENT : ROLE_SERVER;
+#ifdef WITH_EVENTS
+        keep_client_port(&info);
+#endif
         fold_client_port(&info.ep);
         info.flags = SOCK_OPEN_SEEN;
         info.next_rtt_sample_ns = bpf_ktime_get_ns() + RTT_SAMPLE_INTERVAL_NS;
+#ifdef WITH_PROCESS
+        /* softirq here: a client keeps what connect() saw; a server waits for its process */
+        struct sock_info *known = tcp_sockets.lookup(&sk);
+        if (oldstate == TCPS_SYN_SENT && known) {
+            __builtin_memcpy(info.ep.comm, known->ep.comm, sizeof(info.ep.comm));
+            info.cgroup_id = known->cgroup_id;
+        }
+        if (oldstate == TCPS_SYN_RECV) {
+            info.process_pending = 1;
+            remember_socket(sk, &info);
+            return 0;
+        }
+#endif
         remember_socket(sk, &info);
         count_event(METRIC_OPENED, &info.ep, 0, 1);
         return 0;
@@ -260,8 +349,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             else if (info->flags & SOCK_SYN_RETRANSMITTED)
                 reason = CONNECT_TIMEOUT;
             count_event(METRIC_CONNECT_FAILURES, &info->ep, reason, 1);
+#ifdef WITH_EVENTS
+            emit_close(info, LIVE_TCP_REFUSED + reason);    /* same order as CONNECT_* */
+#endif
         } else if (info->flags & SOCK_OPEN_SEEN) {
+#ifdef WITH_PROCESS
+            if (__sync_fetch_and_and(&info->process_pending, 0))   /* never sent nor received */
+                count_event(METRIC_OPENED, &info->ep, 0, 1);
+#endif
             count_event(METRIC_CLOSED, &info->ep, 0, 1);
+#ifdef WITH_EVENTS
+            emit_close(info, LIVE_TCP_CLOSED);
+#endif
         }
         if (info->flags & SOCK_RTT_UNSAMPLED)
             observe_rtt(&info->ep, info->last_srtt_us);
@@ -349,3 +448,32 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     observe_rtt(&info->ep, srtt_us);
     return 0;
 }
+
+#ifdef WITH_PROCESS
+/* A server socket's first send or receive, in its process's context: its open is counted now,
+ * with that process. The mark is cleared atomically, so two CPUs never count it twice. */
+static __always_inline void take_pending_process(u64 sk)
+{
+    struct sock_info *info = tcp_sockets.lookup(&sk);
+    if (!info || !info->process_pending)
+        return;
+    if (!__sync_fetch_and_and(&info->process_pending, 0))
+        return;
+    take_process(info);
+    count_event(METRIC_OPENED, &info->ep, 0, 1);
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    if (args->protocol == PROTO_TCP)
+        take_pending_process((u64)args->sk);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    if (args->protocol == PROTO_TCP)
+        take_pending_process((u64)args->sk);
+    return 0;
+}
+#endif

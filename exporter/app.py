@@ -4,29 +4,34 @@ the HTTP endpoint; and takes them down again in reverse order."""
 from __future__ import annotations
 
 import platform
+import socket
 import threading
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import __version__, classifier, environment, logs
+from . import __version__, classifier, environment, logs, privileges, singleton
+from .collectors import drops
 from .collectors.base import PairCollector
+from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
 from .collectors.http import HttpCollector, KernelHttpSource
 from .collectors.tcp import KernelTcpSource, TcpCollector
-from .config import Config
+from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
 from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
-from .loader import Program
+from .loader import LoadError, Program
 from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
+from .webconfig import WebConfig
 
 if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
     from .k8s.metadata import KubernetesMetadata
@@ -40,6 +45,15 @@ KUBERNETES_DEFAULT_LABELS = ("namespace", "workload", "workload_kind", "service"
                              "ip_type", "port")
 TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
                    "tcp/tcp_send_reset", "tcp/tcp_probe")
+# where a server socket's process is known (bpf/tcp.c, -DWITH_PROCESS); Linux >= 6.3
+PROCESS_TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length")
+
+
+def _value(config: Config, path: str) -> Any:
+    value: Any = config
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
 
 
 class StartupError(Exception):
@@ -58,6 +72,8 @@ def tcp_program_flags(config: Config) -> list[str]:
     reset_format = TRACEFS_EVENTS / "tcp/tcp_send_reset/format"
     if "saddr[28]" in reset_format.read_text():
         flags.append("-DTCP_SEND_RESET_SOCKADDR")
+    if config.tcp.process_label:
+        flags.append("-DWITH_PROCESS")
     return flags
 
 
@@ -68,18 +84,43 @@ class EndpointLabelSets:
     def __init__(self, config: Config, kubernetes: KubernetesMetadata | None) -> None:
         settings = config.labels
         self.resolver = kubernetes
-        self.policy = NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
-                                 Globs(settings.workload_allow, settings.workload_deny),
-                                 Globs(settings.service_allow, settings.service_deny),
-                                 settings.pod_namespaces)
-        self.default = self._names(settings.endpoint)
+        self.policy = self._policy(config)
+        self.default = self._names(settings.endpoint, settings.pod_namespaces)
         self.per_metric = settings.per_metric
+        self.handed_out: list[EndpointLabels] = []
 
-    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
+    @staticmethod
+    def _policy(config: Config) -> NamePolicy:
+        settings = config.labels
+        return NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
+                          Globs(settings.workload_allow, settings.workload_deny),
+                          Globs(settings.service_allow, settings.service_deny),
+                          settings.pod_namespaces)
+
+    def reload(self, config: Config) -> set[str]:
+        """New allow/deny globs and pod namespaces for every family, from the next scrape on;
+        returns the settings applied. Label names cannot change without a restart: the pod
+        namespaces are applied only if they keep the `pod` label (chosen by auto) as it is."""
+        applied = {f"labels.{kind}_{way}" for kind in ("namespace", "workload", "service")
+                   for way in ("allow", "deny")}
+        pods_as_before = self._names(config.labels.endpoint,
+                                     config.labels.pod_namespaces) == self.default
+        if pods_as_before:
+            applied.add("labels.pod_namespaces")
+        else:
+            config = replace(config, labels=replace(config.labels,
+                                                    pod_namespaces=self.policy.pod_namespaces))
+        self.policy = self._policy(config)
+        for labels in self.handed_out:
+            labels.set_policy(self.policy)
+        return applied
+
+    def _names(self, names: tuple[str, ...] | None,
+               pod_namespaces: tuple[str, ...] = ()) -> tuple[str, ...]:
         if names is None:
             if self.resolver is None:
                 return ADDRESS_LABELS
-            pods = ("pod",) if self.policy.pod_namespaces else ()
+            pods = ("pod",) if pod_namespaces else ()
             return KUBERNETES_DEFAULT_LABELS + pods
         if self.resolver is None and set(names) & set(KUBERNETES_LABELS):
             dropped = sorted(set(names) & set(KUBERNETES_LABELS))
@@ -90,9 +131,11 @@ class EndpointLabelSets:
 
     def of(self, family: str) -> EndpointLabels:
         sides = self.per_metric.get(family, {})
-        src, dst = (self._names(sides[side]) if sides.get(side) is not None else self.default
-                    for side in ("src", "dst"))
-        return EndpointLabels(src, dst, self.resolver, self.policy)
+        src, dst = (self._names(sides[side], self.policy.pod_namespaces)
+                    if sides.get(side) is not None else self.default for side in ("src", "dst"))
+        labels = EndpointLabels(src, dst, self.resolver, self.policy)
+        self.handed_out.append(labels)
+        return labels
 
 
 def local_addresses() -> list[str]:
@@ -105,15 +148,19 @@ def local_addresses() -> list[str]:
 
 
 class Exporter:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, web_config: WebConfig | None = None) -> None:
         self.config = config
+        self.web_config = web_config
         self.registry = CollectorRegistry()
         self.stats = KernelStats()
         self.programs: list[Program] = []
         self.monitor: InterfaceMonitor | None = None
-        self.sweeping: list[PairCollector] = []   # collectors that may sweep in a thread
+        # collectors that may sweep or poll in a thread of their own
+        self.sweeping: list[PairCollector | BashCollector] = []
         self.web: WebServer | None = None
+        self._claim: socket.socket | None = None
         self.kubernetes: KubernetesMetadata | None = None
+        self.label_sets: EndpointLabelSets | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -122,17 +169,24 @@ class Exporter:
     def start(self) -> None:
         config = self.config
         environment.prepare()
+        try:
+            self._claim = singleton.claim_netns()
+        except singleton.AlreadyRunning as e:
+            raise StartupError(str(e)) from None
         # bind the port before compiling: a port in use fails in milliseconds
-        app = make_app(self.registry, config.web.telemetry_path, self.ready)
-        self.web = WebServer(config.web.listen_address, app)
+        web = self.web_config
+        app = make_app(self.registry, config.web.telemetry_path, self.ready, web)
+        self.web = WebServer(config.web.listen_address, app, web.tls if web else None)
         self.web.start()
         log.info("listening", extra={"address": config.web.listen_address,
-                                     "path": config.web.telemetry_path})
+                                     "path": config.web.telemetry_path,
+                                     "scheme": web.scheme if web else "http",
+                                     "basic_auth": bool(web and web.users)})
 
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
         self.kubernetes = self._kubernetes()
-        labels = EndpointLabelSets(config, self.kubernetes)
+        labels = self.label_sets = EndpointLabelSets(config, self.kubernetes)
         series = (self.stats, config.series.max_per_metric, config.series.ttl)
         collectors: list[SignalCollector] = []
 
@@ -141,9 +195,21 @@ class Exporter:
             if missing:
                 raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
                                    "run with --no-collector.tcp")
+            process = config.tcp.process_label
+            missing = _missing_tracepoints(PROCESS_TRACEPOINTS) if process else []
+            if missing:
+                raise StartupError(f"tcp.process_label needs tracepoints {', '.join(missing)} "
+                                   "(Linux >= 6.3): turn it off")
             tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
-            collectors.append(TcpCollector(KernelTcpSource(tcp), labels.of("tcp"), ports,
-                                           *series))
+            collectors.append(TcpCollector(KernelTcpSource(tcp, process=process),
+                                           labels.of("tcp"), ports, *series,
+                                           process_label=process))
+        if config.collectors.drops:
+            collectors.append(self._drops(labels.of("drops"), ports, series))
+        if config.collectors.bash:
+            bash = self._bash(series)
+            collectors.append(bash)
+            self.sweeping.append(bash)
         reporters = []
         if classifier.wanted(config):
             program = self._program("classifier", "classifier.c", classifier.cflags(config))
@@ -172,22 +238,52 @@ class Exporter:
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
+        self.registry.register(logs.LogFailuresCollector())
         if self.kubernetes:
             self.registry.register(self.kubernetes)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
+        if self.monitor:
+            self.monitor.start()
+        # programs loaded and attached: this thread, and the watches and sweepers it starts,
+        # need nothing (the interface monitor's thread kept CAP_NET_ADMIN)
+        dropped = privileges.keep_only(())
+        if dropped:
+            log.info("capabilities dropped", extra={"dropped": privileges.names(
+                dropped & privileges.EXPORTER_CAPABILITIES), "kept_by_interface_monitor":
+                "CAP_NET_ADMIN"})
         # the watches start once the programs load: a start-up that fails on the kernel side
         # never loads the API server with a cluster-wide list
         if self.kubernetes:
             self.kubernetes.start()
-        if self.monitor:
-            self.monitor.start()
         for collector in self.sweeping:
             collector.start()
         self._ready.set()
         log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
                                  "ephemeral_floor": floor})
+
+    def reload(self, new: Config) -> list[str]:
+        """Applies a re-read configuration without touching the programs or the counts:
+        interfaces to monitor, the DNS and HTTP label allowlists (when on before and after)
+        and the log level. Returns the changed settings that need a restart."""
+        old, applied = self.config, {"interfaces.include", "interfaces.exclude", "log.level"}
+        if self.monitor and new.interfaces != old.interfaces:
+            self.monitor.set_names(NameFilter(new.interfaces.include, new.interfaces.exclude))
+        logs.set_level(new.log.level)
+        if self.label_sets:
+            applied |= self.label_sets.reload(new)
+        for collector in self.sweeping:
+            if isinstance(collector, DnsCollector) and collector.query_label and \
+                    new.dns.query_names:
+                collector.query_label = QueryLabel(new.dns.query_names)
+                applied.add("dns.query_names")
+            if isinstance(collector, HttpCollector) and collector.path_label and new.http.paths:
+                collector.path_label = PathLabel(new.http.paths, new.http.path_max_length)
+                applied |= {"http.paths", "http.path_max_length"}
+        changed = [path for path in field_paths() if _value(old, path) != _value(new, path)]
+        self.config = new
+        return [path for path in changed if path not in applied]
 
     def _kubernetes(self) -> KubernetesMetadata | None:
         """Watches of the API server when there is one to reach; None (with a log line saying
@@ -220,6 +316,28 @@ class Exporter:
         program = Program(name, source, cflags)
         self.programs.append(program)
         return program
+
+    def _drops(self, endpoints: EndpointLabels, ports: PortFolder,
+               series: tuple[KernelStats, int, float]) -> drops.DropsCollector:
+        if not drops.tracepoint_has_reason(TRACEFS_EVENTS):
+            raise StartupError("the kernel lacks the skb:kfree_skb tracepoint with a drop "
+                               "reason (Linux >= 5.17): run with --no-collector.drops")
+        reasons = drops.reason_names(TRACEFS_EVENTS)
+        program = self._program("drops", "drops.c",
+                                drops.program_flags(self.config.maps.drop_capacity, reasons))
+        return drops.DropsCollector(drops.KernelDropSource(program), endpoints, ports, *series,
+                                    reasons=reasons)
+
+    def _bash(self, series: tuple[KernelStats, int, float]) -> BashCollector:
+        binary = self.config.bash.binary
+        program = self._program("bash", "bash.c", [])
+        try:
+            program.attach_uretprobe(binary, "readline", "on_readline_return")
+        except LoadError as e:
+            raise StartupError(f"bash audit: cannot probe readline in {binary} (uprobes, "
+                               f"and a bash with its symbols, are needed): {e}") from e
+        return BashCollector(KernelBashSource(program), CommandLog(self.config.bash.log_file),
+                             *series)
 
     def _monitor(self, classifier: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
         interfaces = classifier.table("monitored_ifaces")
@@ -265,4 +383,6 @@ class Exporter:
             log.info("detached from every interface")
         for program in self.programs:
             program.close()
+        if self._claim:
+            self._claim.close()
 

@@ -9,12 +9,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import yaml
 
-from . import __version__, config, logs
+from . import __version__, config, logs, webconfig
 from .loader import LoadError, bpf_dir, expand_source
 
 EXIT_RUNTIME = 1
@@ -31,6 +31,9 @@ EPILOG = """examples:
   sudo .venv/bin/ebpf-net-exporter --no-collector.flows --web.listen-address 127.0.0.1:9814 \\
       --log.format json
 
+  # TLS and basic auth on the endpoint (exporter-toolkit's file format)
+  sudo .venv/bin/ebpf-net-exporter --web.config.file web-config.yml
+
   # outside a pod: Kubernetes labels from a kubeconfig, pod names in two namespaces
   sudo .venv/bin/ebpf-net-exporter --kubeconfig ~/.kube/config --node-name worker-1 \\
       --labels.pod-namespaces 'shop,payments'
@@ -38,11 +41,14 @@ EPILOG = """examples:
   # check a config file and print the effective configuration
   .venv/bin/ebpf-net-exporter --config.file exporter.yaml --config.check
 
+  # the live view: flows, DNS and HTTP exchanges as they complete (see flows --help)
+  sudo .venv/bin/ebpf-net-exporter flows --json
+
 every setting can also come from an environment variable EBPF_NET_<SECTION>_<KEY>,
 e.g. EBPF_NET_SERIES_TTL=10m; see docs/configuration.md
 """
 
-COLLECTORS = ("flows", "tcp", "dns", "http")
+COLLECTORS = ("flows", "tcp", "dns", "http", "drops", "bash")
 # flag destination -> (config path, flag)
 FLAG_FIELDS = {
     "web_listen_address": ("web.listen_address", "--web.listen-address"),
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate the configuration, print it and exit")
     parser.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR",
                         help="[host]:port to serve on (default :9814)")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
+                        help="TLS and basic auth of the endpoint, in Prometheus "
+                             "exporter-toolkit's format (see docs/security.md)")
     parser.add_argument("--web.telemetry-path", dest="web_telemetry_path", metavar="PATH",
                         help="path of the metrics (default /metrics)")
     parser.add_argument("--interfaces", metavar="REGEX",
@@ -156,6 +165,15 @@ def effective_yaml(cfg: config.Config) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # numpy (imported later, by the collectors) would start an OpenBLAS thread per core: idle
+    # here (no linear algebra), yet each would keep every capability the process started with
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["flows"]:        # the live view: a command of its own
+        from .live import cli as live_cli
+
+        live_cli.main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.print_source:
         try:
@@ -167,14 +185,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = config.load(args.config_file, os.environ, *overrides_from(args))
     except config.ConfigError as e:
         _fail(str(e), EXIT_USAGE)
+    web = None
+    if args.web_config_file:
+        try:
+            web = webconfig.load(args.web_config_file)
+        except webconfig.WebConfigError as e:
+            _fail(f"--web.config.file: {e}", EXIT_USAGE)
     if args.config_check:
         print(effective_yaml(cfg), end="")
         return
     logs.setup(cfg.log.level, cfg.log.format)
-    sys.exit(run(cfg))
+
+    def reread() -> config.Config:
+        return config.load(args.config_file, os.environ, *overrides_from(args))
+
+    sys.exit(run(cfg, web, reread))
 
 
-def run(cfg: config.Config) -> int:
+def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
+        reread: Callable[[], config.Config] | None = None) -> int:
     from .app import Exporter, StartupError
     from .environment import EnvironmentProblem
 
@@ -185,18 +214,22 @@ def run(cfg: config.Config) -> int:
         log.info("stopping", extra={"signal": signal.Signals(number).name})
         stop.set()
 
+    hangup = threading.Event()
+
     def on_hangup(_number: int, _frame: Any) -> None:
-        log.warning("SIGHUP received: configuration reload is not supported yet, ignored")
+        hangup.set()        # reloaded in the main loop, not inside the signal handler
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
 
-    exporter = Exporter(cfg)
+    exporter = Exporter(cfg, web)
     try:
         exporter.start()
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.2):
+            if hangup.is_set():
+                hangup.clear()
+                reload(exporter, reread)
         return 0
     except (EnvironmentProblem, StartupError, LoadError, OSError) as e:
         log.error(str(e))
@@ -208,6 +241,24 @@ def run(cfg: config.Config) -> int:
         return EXIT_RUNTIME
     finally:
         exporter.stop()
+
+
+def reload(exporter: Any, reread: Callable[[], config.Config] | None) -> None:
+    """SIGHUP: re-read the file and the environment; a bad configuration is one error line and
+    the running one stays."""
+    log = logs.get("main")
+    if reread is None:
+        return
+    try:
+        new = reread()
+    except config.ConfigError as e:
+        log.error(f"reload failed, configuration unchanged: {e}")
+        return
+    restart = exporter.reload(new)
+    log.info("configuration reloaded", extra={"interfaces": ",".join(new.interfaces.include)})
+    if restart:
+        log.warning("changed settings take effect after a restart",
+                    extra={"settings": ",".join(restart)})
 
 
 if __name__ == "__main__":

@@ -71,14 +71,23 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+# Longer than any sensible interval or TTL, and small enough for the kernel's u64 nanoseconds;
+# an infinite one (YAML's .inf) would fail only later, at start.
+MAX_DURATION = 366 * 24 * 3600.0
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from a number of seconds or a string like 250ms, 30s, 5m, 1h."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    match = _DURATION.match(value.strip()) if isinstance(value, str) else None
-    if not match or float(match.group(1)) <= 0:
-        raise _fail("a duration like 30s, 5m or 1h", value)
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value.strip()) if isinstance(value, str) else None
+        if not match or float(match.group(1)) <= 0:
+            raise _fail("a duration like 30s, 5m or 1h", value)
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not seconds <= MAX_DURATION:
+        raise _fail("a duration of at most a year", value)
+    return seconds
 
 
 def parse_listen_address(value: Any) -> str:
@@ -125,8 +134,9 @@ def split_list(text: str) -> list[str]:
     if text.strip().startswith("["):
         try:
             items = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"invalid list {text!r}: {e}") from e
+        except yaml.YAMLError as e:     # its str() spans lines: keep the problem only
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"invalid list {text!r}: {problem}") from e
         if not isinstance(items, list):
             raise _fail("a list", text)
         return items
@@ -174,7 +184,7 @@ def parse_regex(value: Any) -> str:
         raise _fail("a regular expression", value)
     try:
         re.compile(value)
-    except re.error as e:
+    except (re.error, OverflowError, RecursionError) as e:  # a{4300000000}: OverflowError
         raise ConfigError(f"invalid regex {value!r}: {e}") from e
     return value
 
@@ -183,6 +193,18 @@ def parse_glob(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail("a name pattern such as *.svc.cluster.local", value)
     return value.strip()
+
+
+def parse_file(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail("a file path", value)
+    return value.strip()
+
+
+def parse_optional_file(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    return parse_file(value)
 
 
 def parse_path_prefix(value: Any) -> str:
@@ -237,8 +259,9 @@ def parse_per_metric(value: Any) -> dict[str, dict[str, tuple[str, ...] | None]]
     if isinstance(value, str):      # from an environment variable: YAML flow syntax
         try:
             value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"invalid mapping {value!r}: {e}") from e
+        except yaml.YAMLError as e:     # its str() spans lines: keep the problem only
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"invalid mapping {value!r}: {problem}") from e
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -277,6 +300,8 @@ class CollectorsConfig:
     tcp: bool = _spec(parse_bool)
     dns: bool = _spec(parse_bool)
     http: bool = _spec(parse_bool)
+    drops: bool = _spec(parse_bool)
+    bash: bool = _spec(parse_bool)
 
 
 @dataclass(frozen=True)
@@ -321,11 +346,13 @@ class MapsConfig:
     dns_event_capacity: int = _spec(parse_capacity)
     http_conn_capacity: int = _spec(parse_capacity)
     http_event_capacity: int = _spec(parse_capacity)
+    drop_capacity: int = _spec(parse_capacity)
 
 
 @dataclass(frozen=True)
 class TcpConfig:
     rtt_sample_interval: float = _spec(parse_duration)
+    process_label: bool = _spec(parse_bool)
 
 
 @dataclass(frozen=True)
@@ -341,6 +368,12 @@ class HttpConfig:
     idle_timeout: float = _spec(parse_duration)
     paths: tuple[str, ...] = _spec(list_of(parse_path_prefix))
     path_max_length: int = _spec(parse_path_length)
+
+
+@dataclass(frozen=True)
+class BashConfig:
+    binary: str = _spec(parse_file)
+    log_file: str = _spec(parse_optional_file)
 
 
 @dataclass(frozen=True)
@@ -362,6 +395,7 @@ class Config:
     tcp: TcpConfig
     dns: DnsConfig
     http: HttpConfig
+    bash: BashConfig
     log: LogConfig
 
 

@@ -8,6 +8,7 @@ the ephemeral floor that is not a configured server port is a client's, shown as
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Protocol
@@ -88,10 +89,12 @@ class PortFolder:
         self.server_ports = frozenset(server_ports)
         self._servers: TTLCache[tuple[str, int], bool] = TTLCache(
             maxsize=SERVER_MEMORY_SIZE, ttl=SERVER_MEMORY_SECONDS)
+        self._lock = threading.Lock()   # iterating the cache must not see it change
 
     def learn_server(self, address: str, port: int) -> None:
         if port:
-            self._servers[(address, int(port))] = True
+            with self._lock:
+                self._servers[(address, int(port))] = True
 
     def is_known_server(self, address: str, port: int) -> bool:
         return (address, int(port)) in self._servers
@@ -139,8 +142,19 @@ class PortFolder:
 
     def _known(self, texts: list[str], address: np.ndarray, port: np.ndarray) -> np.ndarray:
         pairs, inverse = np.unique(address.astype(np.int64) * 65536 + port, return_inverse=True)
-        known = np.fromiter((self.is_known_server(texts[int(p) >> 16], int(p) & 0xFFFF)
-                             for p in pairs), dtype=bool, count=len(pairs))
+        if len(pairs) > len(self._servers):
+            # fewer known servers than pairs (many clients): look the servers up in the pairs
+            indexes: dict[str, list[int]] = {}
+            for i, text in enumerate(texts):
+                indexes.setdefault(text, []).append(i)
+            with self._lock:
+                servers = list(self._servers)
+            codes = [i * 65536 + server_port for text, server_port in servers
+                     for i in indexes.get(text, ())]
+            known = np.isin(pairs, np.array(codes, dtype=np.int64))
+        else:
+            known = np.fromiter((self.is_known_server(texts[int(p) >> 16], int(p) & 0xFFFF)
+                                 for p in pairs), dtype=bool, count=len(pairs))
         return known[inverse.reshape(-1)]
 
     def _by_rule(self, port: int) -> str:
@@ -221,6 +235,11 @@ class EndpointLabels:
         # (side, address) -> values but the port (always last); see refresh()
         self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
         self._cache_key: Hashable = None
+
+    def set_policy(self, policy: NamePolicy) -> None:
+        """New allowlists (SIGHUP): values are recomputed from the next scrape on."""
+        self.policy = policy
+        self._cache_key = None
 
     def label_names(self, side: str, with_port: bool = True) -> list[str]:
         return [f"{side}_{name}" for name in self.names[side] if with_port or name != "port"]

@@ -64,6 +64,11 @@ def _mounted(path: Path) -> bool:
 
 def ensure_tracefs() -> None:
     """Mounts tracefs (and debugfs, which older tools look through) when absent."""
+    if _mounted(TRACEFS) and not os.access(TRACEFS, os.R_OK | os.X_OK,
+                                                   effective_ids=True):
+        raise EnvironmentProblem(
+            f"tracefs at {TRACEFS} is not readable by uid {os.geteuid()}: grant "
+            "CAP_DAC_READ_SEARCH or run as root (see docs/security.md)")
     if (TRACEFS / "events").is_dir():
         return
     for fstype, target in (("tracefs", TRACEFS), ("debugfs", DEBUGFS)):

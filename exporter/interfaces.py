@@ -30,7 +30,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import logs
+from . import logs, privileges
 
 log = logs.get("interfaces")
 
@@ -44,7 +44,14 @@ ARPHRD_ETHER = 1
 STACKED_ON_LINK = {"vlan", "macvlan", "ipvlan", "macvtap"}
 RESYNC_SECONDS = 10.0
 RTMGRP_LINK = 1
-STATE_DIR = Path("/run/ebpf-net-exporter")
+DEFAULT_STATE_DIR = Path("/run/ebpf-net-exporter")
+
+
+def state_dir() -> Path:
+    """Where the qdisc ownership file lives: systemd's RUNTIME_DIRECTORY when set (a non-root
+    exporter cannot write /run), else /run/ebpf-net-exporter."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) if runtime else DEFAULT_STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,10 @@ def select_links(links: Iterable[Link], names: NameFilter) -> tuple[dict[int, Li
 class QdiscOwnership:
     """Which clsact qdiscs this exporter created, kept in a file so a restart still knows."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "clsact") -> None:
         netns = os.stat("/proc/self/ns/net").st_ino
-        self.path = STATE_DIR / f"clsact-netns-{netns}.json"
+        self.directory = state_dir()
+        self.path = self.directory / f"{owner}-netns-{netns}.json"
         self._owned: dict[int, str] = {}
         try:
             self._owned = {int(k): v for k, v in json.loads(self.path.read_text()).items()}
@@ -119,19 +127,26 @@ class QdiscOwnership:
             self._save()
 
     def _save(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._owned))
         tmp.replace(self.path)
 
 
 class TcAttacher:
-    """Adds and removes our filters on the links of the current network namespace."""
+    """Adds and removes our filters on the links of the current network namespace. The live
+    view attaches its own filters beside the exporter's with another priority, handle, name and
+    ownership record, so neither ever replaces or removes the other's."""
 
-    def __init__(self, ingress_fd: int, egress_fd: int) -> None:
+    def __init__(self, ingress_fd: int, egress_fd: int, priority: int = FILTER_PRIORITY,
+                 handle: int = FILTER_HANDLE, name: str = FILTER_NAME,
+                 owner: str = "clsact") -> None:
         self._fds = {INGRESS: ingress_fd, EGRESS: egress_fd}
         self._ipr = IPRoute()
-        self.ownership = QdiscOwnership()
+        self.priority = priority
+        self.handle = handle
+        self.name = name
+        self.ownership = QdiscOwnership(owner)
 
     def attach(self, link: Link) -> None:
         try:
@@ -141,15 +156,15 @@ class TcAttacher:
             if e.code != 17:    # EEXIST: someone's (or a crashed run of ours) clsact is there
                 raise
         for parent, fd in self._fds.items():
-            self._ipr.tc("replace-filter", "bpf", link.index, handle=FILTER_HANDLE, fd=fd,
-                         name=FILTER_NAME, parent=parent, classid=1, direct_action=True,
-                         prio=FILTER_PRIORITY)
+            self._ipr.tc("replace-filter", "bpf", link.index, handle=self.handle, fd=fd,
+                         name=self.name, parent=parent, classid=1, direct_action=True,
+                         prio=self.priority)
 
     def detach(self, link: Link) -> None:
         for parent in self._fds:
             try:
-                self._ipr.tc("del-filter", "bpf", link.index, handle=FILTER_HANDLE,
-                             parent=parent, prio=FILTER_PRIORITY)
+                self._ipr.tc("del-filter", "bpf", link.index, handle=self.handle,
+                             parent=parent, prio=self.priority)
             except NetlinkError as e:
                 if e.code not in (2, 19, 22):   # already gone with the link or the qdisc
                     raise
@@ -244,6 +259,8 @@ class InterfaceMonitor:
 
     def _run(self) -> None:
         try:
+            # attaching and detaching filters is all this thread does: CAP_NET_ADMIN only
+            privileges.keep_only((privileges.CAP_NET_ADMIN,))
             events = link_event_socket()    # before the first reconcile: no event is missed
             attacher = self._make_attacher()
             self._reconcile(attacher)
@@ -310,6 +327,13 @@ class InterfaceMonitor:
         self.attached.pop(link.index, None)
         log.info("detached", extra={"interface": link.name, "ifindex": link.index})
 
+    def set_names(self, names: NameFilter) -> None:
+        """New include/exclude patterns (a configuration reload): the monitor's thread attaches
+        and detaches to match at once; programs and counts are untouched."""
+        self.names = names
+        self._warned_empty = False
+        os.write(self._wake_write, b"r")
+
     def _watch(self, events: socket.socket, attacher: TcAttacher) -> None:
         while not self._stop.is_set():
             try:
@@ -317,6 +341,8 @@ class InterfaceMonitor:
                 if self._stop.is_set():
                     break
                 changed = drain(events) if events in ready else 0
+                if self._wake_read in ready:        # set_names()
+                    changed += len(os.read(self._wake_read, 64))
                 if changed or not ready:
                     self._reconcile(attacher)
             except Exception as e:  # keep watching: a missed event is caught by the resync

@@ -125,6 +125,13 @@ class Program:
         return self._run(f"load {function}", self.bpf.load_func, function.encode(),
                          bcc.BPF.SCHED_CLS)
 
+    def attach_uretprobe(self, binary: str, symbol: str, function: str) -> None:
+        def attach() -> None:
+            self.bpf.attach_uretprobe(name=binary.encode(), sym=symbol.encode(),
+                                      fn_name=function.encode())
+
+        self._run(f"attach {function} to {binary}:{symbol}", attach)
+
     def table(self, name: str) -> Any:
         return self.bpf[name.encode()]
 

@@ -1,9 +1,11 @@
 """The HTTP endpoint: metrics at the telemetry path (prometheus_client's WSGI app, which does
-content negotiation and gzip), /healthz (alive), /readyz (programs attached) and a landing page."""
+content negotiation and gzip), /healthz (alive), /readyz (programs attached) and a landing page;
+over TLS and behind basic auth when a web config (exporter/webconfig.py) asks for it."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -12,20 +14,55 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from . import logs
+from . import logs, privileges
+from .webconfig import BasicAuth, WebConfig
 
 log = logs.get("web")
 
 StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+# a client that neither finishes its TLS handshake nor its request in this long is dropped, so
+# idle connections cannot hold threads forever
+CLIENT_TIMEOUT = 30.0
+TLS_HANDSHAKE = 0x16        # first byte of a TLS record carrying a ClientHello
+PLAIN_HTTP_TO_TLS = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                     b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT
+
     def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
         pass
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the TLS handshake (a slow client delays nobody),
+        and Go's answer to plain HTTP sent to a TLS port instead of a cryptic reset."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(CLIENT_TIMEOUT)
+        first = request.recv(1, socket.MSG_PEEK)
+        if not first:
+            return
+        if first[0] != TLS_HANDSHAKE:
+            request.sendall(PLAIN_HTTP_TO_TLS)
+            return
+        secured = self.tls.wrap_socket(request, server_side=True)
+        try:
+            super().finish_request(secured, client_address)
+        finally:
+            self.shutdown_request(secured)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client's failed handshake or dropped connection: no traceback on stderr
+        log.debug("connection failed", exc_info=True,
+                  extra={"client": client_address[0] if client_address else ""})
 
 
 class _ThreadingServer6(_ThreadingServer):
@@ -43,8 +80,7 @@ def split_listen_address(address: str) -> tuple[str, int]:
 
 
 def make_app(registry: CollectorRegistry, telemetry_path: str,
-             ready: Callable[[], bool]) -> Callable[[dict[str, Any], StartResponse],
-                                                    Iterable[bytes]]:
+             ready: Callable[[], bool], web: WebConfig | None = None) -> WsgiApp:
     metrics = make_wsgi_app(registry)
     landing = (f'<html><head><title>ebpf-net-exporter</title></head><body>'
                f'<h1>ebpf-net-exporter</h1><p><a href="{telemetry_path}">Metrics</a></p>'
@@ -69,11 +105,31 @@ def make_app(registry: CollectorRegistry, telemetry_path: str,
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 
-    return app
+    return secured(app, web) if web else app
+
+
+def secured(app: WsgiApp, web: WebConfig) -> WsgiApp:
+    """Basic auth on every path but the excluded ones, and the configured response headers."""
+    auth = BasicAuth(web.users) if web.users else None
+
+    def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        def with_headers(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+            return start_response(status, [*headers, *web.headers], *exc)
+
+        path = environ.get("PATH_INFO") or "/"
+        if auth and path not in web.excluded_paths and \
+                not auth.allows(environ.get("HTTP_AUTHORIZATION")):
+            with_headers("401 Unauthorized", [("Content-Type", "text/plain"),
+                                              ("WWW-Authenticate", "Basic")])
+            return [b"Unauthorized\n"]
+        return app(environ, with_headers)
+
+    return guarded
 
 
 class WebServer:
-    def __init__(self, listen_address: str, app: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(self, listen_address: str, app: Callable[..., Iterable[bytes]],
+                 tls: ssl.SSLContext | None = None) -> None:
         host, port = split_listen_address(listen_address)
         try:
             if host in ("", "::") and socket.has_ipv6:
@@ -89,9 +145,15 @@ class WebServer:
                                            handler_class=_QuietHandler)
         except OSError as e:
             raise OSError(f"web.listen_address {listen_address}: {e.strerror}") from e
+        self._server.tls = tls
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="web",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
+
+    def _serve(self) -> None:
+        # serving HTTP and reading maps through open descriptors need no capability; every
+        # connection's thread starts from this one's (empty) set
+        privileges.keep_only(())
+        self._server.serve_forever()
 
     def start(self) -> None:
         self._thread.start()

@@ -5,10 +5,12 @@ interfaces of the node namespace, never the host's."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -70,8 +72,16 @@ class ExporterProcess:
     def __init__(self, node: TestNode, args: Sequence[str] = (),
                  config: dict[str, Any] | None = None, interfaces: str | None = None,
                  env: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls_ca: Path | None = None,
+                 basic_auth: tuple[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
+        """tls_ca and basic_auth: how the test's own client reaches an exporter run with
+        --web.config.file (the CA that signed its certificate, a user and password).
+        prefix: a command that execs the exporter inside the namespace (e.g. setpriv)."""
         self.node = node
+        self._tls = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
+        self._headers = {"Authorization": "Basic " + base64.b64encode(
+            ":".join(basic_auth).encode()).decode()} if basic_auth else {}
         self.host = host
         self.port = port or free_port(node.node_ns)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{node.prefix}-exporter-"))
@@ -85,18 +95,20 @@ class ExporterProcess:
         self.argv = argv
         self._final_log: str | None = None
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *argv],
+        self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *prefix, *argv],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env={**os.environ, **(env or {})})
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{self.host}:{self.port}"
 
     def get(self, path: str, timeout: float = 30) -> tuple[int, str]:
+        request = urllib.request.Request(self.url + path, headers=self._headers)
         with in_netns(self.node.node_ns):
             try:
-                with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                with urllib.request.urlopen(request, timeout=timeout,
+                                            context=self._tls) as response:
                     return response.status, response.read().decode()
             except urllib.error.HTTPError as e:
                 return e.code, e.read().decode()

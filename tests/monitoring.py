@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 DASHBOARDS = REPO / "dashboards"
 ALERTS = REPO / "alerts"
 RUNBOOK = REPO / "docs" / "runbook.md"
+RULE_TESTS = ALERTS / "tests"
+RUNBOOK_URL = "https://github.com/ebpf-net-exporter/ebpf-net-exporter/blob/main/docs/runbook.md"
 
 # stable names: the deploy manifests embed these files under these names
 DASHBOARD_UIDS = {
@@ -23,8 +25,14 @@ DASHBOARD_UIDS = {
     "dns.json": "ebpf-net-dns",
     "http.json": "ebpf-net-http",
     "exporter-health.json": "ebpf-net-exporter",
+    "drops.json": "ebpf-net-drops",
 }
-RULE_FILES = ("tcp.yml", "dns.yml", "http.yml", "exporter.yml", "kubernetes.yml")
+# the dashboards with namespace and workload variables (drops.json selects nodes)
+WORKLOAD_DASHBOARDS = tuple(name for name in DASHBOARD_UIDS if name != "drops.json")
+RULE_FILES = ("tcp.yaml", "dns.yaml", "http.yaml", "exporter.yaml", "kubernetes.yaml",
+              "drops.yaml")
+# served only when their collector is switched on
+OPT_IN_METRICS = {"ebpf_net_drops_total", "ebpf_net_bash_commands_total"}
 
 # Grafana's "All" for our variables, and what $__rate_interval is replaced with when a query
 # goes to Prometheus directly (Grafana computes it from the scrape interval).
@@ -85,10 +93,11 @@ def variable_query(variable: dict[str, Any]) -> tuple[str, str]:
     return match[1] or "", match[2]
 
 
-def fill(expr: str, values: dict[str, str] | None = None, rate_interval: str = "15s") -> str:
+def fill(expr: str, values: dict[str, str] | None = None, rate_interval: str = "15s",
+         time_range: str = "1m") -> str:
     """The query Grafana would send: variables replaced (default: All)."""
     values = {"namespace": ALL, "workload": ALL, "instance": ALL, **(values or {})}
-    expr = expr.replace("$__rate_interval", rate_interval)
+    expr = expr.replace("$__rate_interval", rate_interval).replace("$__range", time_range)
     for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)
     assert "$" not in STRING.sub("", expr).replace("$1", ""), f"unfilled variable in {expr}"

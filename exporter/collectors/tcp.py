@@ -33,6 +33,13 @@ TCP_KEY = np.dtype({
     "offsets": [0, 4, 6, 8, 9, 10, 12, 16, 32],
     "itemsize": 48,
 })
+# with the process label (-DWITH_PROCESS) the endpoints end with the command name
+TCP_KEY_PROCESS = np.dtype({
+    "names": [*TCP_KEY.names, "comm"],
+    "formats": [*(TCP_KEY.fields[n][0] for n in TCP_KEY.names), ("u1", 16)],
+    "offsets": [*(TCP_KEY.fields[n][1] for n in TCP_KEY.names), 48],
+    "itemsize": 64,
+})
 COUNT = np.dtype("<u8")
 
 ROLE_UNKNOWN, ROLE_CLIENT, ROLE_SERVER = 0, 1, 2
@@ -58,10 +65,11 @@ class TcpBatch:
 
 
 class KernelTcpSource:
-    def __init__(self, program: object) -> None:
+    def __init__(self, program: object, process: bool = False) -> None:
         table = program.table  # type: ignore[attr-defined]
         self.generation = Generation(table("generation"))
-        self.events = BatchMap("tcp_events", table("tcp_events"), TCP_KEY, COUNT, per_cpu=True)
+        self.events = BatchMap("tcp_events", table("tcp_events"),
+                               TCP_KEY_PROCESS if process else TCP_KEY, COUNT, per_cpu=True)
         self.socket_capacity = int(table("tcp_sockets").max_entries)
         self.socket_count = table("tcp_socket_count")
         self.overflow = CounterArray("tcp_overflow", table("tcp_overflow"))
@@ -82,9 +90,15 @@ class TcpCollector(PairCollector):
 
     def __init__(self, source: KernelTcpSource | object, endpoints: EndpointLabels,
                  ports: PortFolder, stats: KernelStats, max_series: int,
-                 ttl_seconds: float) -> None:
+                 ttl_seconds: float, process_label: bool = False) -> None:
         super().__init__(source, endpoints, ports, stats, max_series, ttl_seconds)
-        store = self.store
+        self.process_label = process_label
+        # the opt-in process label goes last on every TCP metric
+        self._process_names = ["process"] if process_label else []
+
+        def store(metric: str, extra: list[str], width: int = 1) -> SeriesStore:
+            return self.store(metric, [*extra, *self._process_names], width)
+
         self._opened = store("ebpf_net_tcp_connections_opened_total", ["role"])
         self._closed = store("ebpf_net_tcp_connections_closed_total", ["role"])
         self._failures = store("ebpf_net_tcp_connect_failures_total", ["reason"])
@@ -115,6 +129,11 @@ class TcpCollector(PairCollector):
         return (self.endpoints.values("src", client, None)
                 + self.endpoints.values("dst", server, str(port))), role
 
+    def _process(self, key: np.void) -> tuple[str, ...]:
+        if not self.process_label:
+            return ()
+        return (key["comm"].tobytes().split(b"\0", 1)[0].decode(errors="replace"),)
+
     @staticmethod
     def _extra(metric: int, role: int, variant: int) -> tuple[str, ...]:
         if metric in (OPENED, CLOSED):
@@ -137,15 +156,18 @@ class TcpCollector(PairCollector):
             if metric == OPENED:    # the server end of an open is a server for port folding
                 self._learn_server(key)
             pair, role = self._oriented_pair(key)
-            self._count(deltas[metric], pair + self._extra(metric, role, variant),
+            self._count(deltas[metric],
+                        pair + self._extra(metric, role, variant) + self._process(key),
                         metric, variant, float(count))
 
         overflow_pair = (OVERFLOW,) * len(self.pair_names)
+        overflow_process = (OVERFLOW,) if self.process_label else ()
         for index in np.flatnonzero(batch.overflow):
             metric, rest = divmod(int(index), 3 * 64)
             role, variant = divmod(rest, 64)
             if metric in self._by_metric:
-                self._count(deltas[metric], overflow_pair + self._extra(metric, role, variant),
+                self._count(deltas[metric],
+                            overflow_pair + self._extra(metric, role, variant) + overflow_process,
                             metric, variant, float(batch.overflow[index]))
 
         for metric, series in deltas.items():
@@ -194,29 +216,30 @@ class TcpCollector(PairCollector):
 
     def _families(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
         names = self.pair_names
+        process = self._process_names
         opened = CounterMetricFamily(
             "ebpf_net_tcp_connections_opened", "TCP connections established, by the role of "
             "the local socket (client: active open, server: passive open).",
-            labels=[*names, "role"])
+            labels=[*names, "role", *process])
         closed = CounterMetricFamily(
             "ebpf_net_tcp_connections_closed", "TCP connections closed whose open the exporter "
-            "saw, by the role of the local socket.", labels=[*names, "role"])
+            "saw, by the role of the local socket.", labels=[*names, "role", *process])
         active = GaugeMetricFamily(
             "ebpf_net_tcp_active_connections", "TCP connections open now (opened minus closed "
             "since the exporter started), by the role of the local socket.",
-            labels=[*names, "role"])
+            labels=[*names, "role", *process])
         failures = CounterMetricFamily(
             "ebpf_net_tcp_connect_failures", "Connection attempts that ended before "
             "establishment: refused (reset), timeout (SYN retransmitted, no answer), aborted.",
-            labels=[*names, "reason"])
+            labels=[*names, "reason", *process])
         retransmits = CounterMetricFamily(
-            "ebpf_net_tcp_retransmits", "TCP segments retransmitted.", labels=names)
+            "ebpf_net_tcp_retransmits", "TCP segments retransmitted.", labels=[*names, *process])
         resets = CounterMetricFamily(
             "ebpf_net_tcp_resets", "TCP resets sent and received.",
-            labels=[*names, "direction"])
+            labels=[*names, "direction", *process])
         rtt = HistogramMetricFamily(
             "ebpf_net_tcp_rtt_seconds", "Smoothed RTT of TCP connections: each connection's "
-            "latest srtt once per sampling interval and once at close.", labels=names)
+            "latest srtt once per sampling interval and once at close.", labels=[*names, *process])
 
         for labels, (value,) in self._opened.items():
             opened.add_metric(labels, value)

@@ -140,3 +140,43 @@ def test_cache_size_is_reported(k8s_exporter: ExporterProcess) -> None:
     objects = {s.labels["kind"]: s.value for s in scrape.select("ebpf_net_exporter_k8s_objects")}
     assert objects == {"pods": 3, "services": 1, "nodes": 0, "replicasets": 1, "jobs": 1}
     assert scrape.value("ebpf_net_exporter_k8s_watch_errors_total") == 0
+
+
+def test_sighup_applies_new_allowlists_without_losing_counts(
+        node: TestNode, k8s_exporter: ExporterProcess, second_address: str) -> None:
+    import signal
+
+    import yaml
+
+    from tests.exporter_process import wait_until
+
+    exporter, port = k8s_exporter, 7106
+    path = exporter.workdir / "config.yaml"
+    original = path.read_text()
+
+    def reload(config_text: str, reloads: int) -> None:
+        path.write_text(config_text)
+        exporter.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: exporter.log().count("configuration reloaded") == reloads, 10,
+                   "the reload")
+
+    assert udp_send(node.a_ns, node.b_ns, node.b_ip, port, DATAGRAMS,
+                    source=second_address) == len(DATAGRAMS)
+    exporter.wait_for(lambda s: udp_flow(s, "packets", port, src_namespace="other")
+                      == len(DATAGRAMS), "the batch datagrams, folded")
+    config = yaml.safe_load(original)
+    config["labels"]["namespace_allow"] = ["shop", "batch"]
+    try:
+        reload(yaml.safe_dump(config), 1)
+        assert udp_send(node.a_ns, node.b_ns, node.b_ip, port, DATAGRAMS,
+                        source=second_address) == len(DATAGRAMS)
+        scrape = exporter.wait_for(
+            lambda s: udp_flow(s, "packets", port, src_namespace="batch") == len(DATAGRAMS),
+            "the batch datagrams under their own name")
+        # the folded series keeps what it counted before: nothing counted twice or lost
+        assert udp_flow(scrape, "packets", port, src_namespace="other") == len(DATAGRAMS)
+        assert udp_flow(scrape, "packets", port, src_workload="report",
+                        src_workload_kind="CronJob") == len(DATAGRAMS)
+        assert "after a restart" not in exporter.log()
+    finally:
+        reload(original, 2)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exporter.collectors.flows import FLOW_KEY, FLOW_VALUE, FlowBatch
-from exporter.collectors.tcp import TCP_KEY, TcpBatch
+from exporter.collectors.tcp import TCP_KEY, TCP_KEY_PROCESS, TcpBatch
 
 
 def _address(text: str) -> tuple[int, np.ndarray]:
@@ -37,9 +37,9 @@ def flow_batch(rows: list[dict], **extra) -> FlowBatch:
     return FlowBatch(keys, values, **extra)
 
 
-def tcp_batch(rows: list[dict], **extra) -> TcpBatch:
-    """rows: metric, variant, role, local, remote, lport, rport, count."""
-    keys = np.zeros(len(rows), dtype=TCP_KEY)
+def tcp_batch(rows: list[dict], process: bool = False, **extra) -> TcpBatch:
+    """rows: metric, variant, role, local, remote, lport, rport, count; comm with process."""
+    keys = np.zeros(len(rows), dtype=TCP_KEY_PROCESS if process else TCP_KEY)
     counts = np.zeros(len(rows), dtype=np.uint64)
     for i, row in enumerate(rows):
         family, local = _address(row["local"])
@@ -52,6 +52,8 @@ def tcp_batch(rows: list[dict], **extra) -> TcpBatch:
         keys[i]["rport"] = row.get("rport", 0)
         keys[i]["laddr"] = local
         keys[i]["raddr"] = remote
+        if process:
+            keys[i]["comm"] = np.frombuffer(row.get("comm", b"").ljust(16, b"\0"), np.uint8)
         counts[i] = row["count"]
     return TcpBatch(keys, counts, **extra)
 
@@ -125,3 +127,62 @@ def unanswered(client: str, server: str, methods: list[int], port: int = 80):
     family, client_raw = _address(client)
     _, server_raw = _address(server)
     return Unanswered(family, client_raw.tobytes(), server_raw.tobytes(), port, methods)
+
+
+def drop_batch(rows: list[dict], **extra):
+    """rows: reason, src, dst (absent: not IP), sport, dport, protocol (number), count."""
+    from exporter.collectors import drops as dropsmod
+
+    keys = np.zeros(len(rows), dtype=dropsmod.DROP_KEY)
+    counts = np.zeros(len(rows), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        keys[i]["reason"] = row["reason"]
+        if "src" in row:
+            family, src = _address(row["src"])
+            _, dst = _address(row["dst"])
+            keys[i]["family"] = family
+            keys[i]["saddr"] = src
+            keys[i]["daddr"] = dst
+            keys[i]["protocol"] = row.get("protocol", 17)
+            keys[i]["sport"] = row.get("sport", 0)
+            keys[i]["dport"] = row.get("dport", 0)
+        else:
+            keys[i]["protocol"] = row.get("protocol", dropsmod.PROTOCOL_NON_IP)
+        counts[i] = row["count"]
+    return dropsmod.DropBatch(keys, counts, **extra)
+
+
+def bash_record(line: bytes, uid: int = 1000, pid: int = 42,
+                time_ns: int = 5_000_000_000) -> bytes:
+    """A record of bpf/bash.c's ring buffer."""
+    from exporter.collectors.bash import BASH_COMMAND, LINE_BYTES
+
+    record = np.zeros(1, dtype=BASH_COMMAND)
+    record[0]["time_ns"] = time_ns
+    record[0]["pid"] = pid
+    record[0]["uid"] = uid
+    cut = line[:LINE_BYTES - 1]
+    record[0]["length"] = len(cut) + 1
+    record[0]["line"] = cut
+    return record.tobytes()
+
+
+@dataclass
+class BashSource:
+    """Hands prepared records to the collector when opened; reports `lost` once."""
+    records: list = field(default_factory=list)
+    lost_records: int = 0
+
+    def open(self, on_record):
+        for record in self.records:
+            on_record(record)
+
+    def poll(self, milliseconds):
+        pass
+
+    def consume(self):
+        pass
+
+    def lost(self):
+        lost, self.lost_records = self.lost_records, 0
+        return lost

@@ -237,3 +237,23 @@ def test_open_connections_keep_their_series_past_the_ttl():
     clock[0] = 3600
     families = {m.name: m for m in collector.collect()}
     assert [s.value for s in families["ebpf_net_tcp_active_connections"].samples] == [1]
+
+
+def test_flows_from_thousands_of_addresses_fold_like_a_few():
+    # past 1024 distinct addresses the label sets no longer pack into one integer directly
+    rng = np.random.default_rng(5)
+    rows = [{"src": f"10.2.{i // 250}.{i % 250 + 1}", "dst": "10.9.0.1",
+             "sport": int(rng.integers(40000, 60000)), "dport": 80 + i % 3,
+             "protocol": 6 if i % 2 else 17, "bytes": 100 + i, "packets": 1}
+            for i in range(3000)]
+    rows += rows[:50]           # the same flows again on another CPU's row
+    samples = scrape(flows_registry([flow_batch(rows)], max_series=10000))
+    expected = {}
+    for row in rows:
+        key = flow_labels(row["src"], "*", "10.9.0.1", str(row["dport"]),
+                          protocol="tcp" if row["protocol"] == 6 else "udp")
+        frozen = frozenset(key.items())
+        expected[frozen] = expected.get(frozen, 0) + row["bytes"]
+    assert len(expected) == 3000
+    for labels, total in expected.items():
+        assert samples["ebpf_net_flow_bytes_total", dict(labels)] == total

@@ -134,7 +134,8 @@ def test_cli_config_check_prints_the_effective_configuration(tmp_path):
     effective = yaml.safe_load(result.stdout)
     assert effective["series"]["ttl"] == 120.0
     assert effective["interfaces"]["include"] == ["veth.*"]
-    assert effective["collectors"] == {"flows": True, "tcp": False, "dns": True, "http": True}
+    assert effective["collectors"] == {"flows": True, "tcp": False, "dns": True, "http": True,
+                                    "drops": False, "bash": False}
 
 
 @pytest.mark.parametrize("args,message", [

@@ -27,6 +27,8 @@ GOLDEN = monitoring.REPO / "tests" / "fixtures" / "golden.prom"
 PROMETHEUS = {"up"}
 DASHBOARDS = monitoring.dashboards()
 RANGE = re.compile(r"\[([^\]]*)\]")
+# rates over Grafana's interval; increases over the dashboard's time range
+WINDOWS = {"$__rate_interval", "$__range"}
 
 
 def served() -> set[str]:
@@ -38,6 +40,10 @@ def served() -> set[str]:
     for standard in (ProcessCollector, PlatformCollector, GCCollector):
         standard(registry=registry)
     return monitoring.series_names(GOLDEN.read_text() + generate_latest(registry).decode())
+
+
+TRAFFIC = {n for n in served() if n.startswith("ebpf_net_") and "exporter" not in n} \
+    - monitoring.OPT_IN_METRICS
 
 
 def used_by_dashboards() -> set[str]:
@@ -71,10 +77,10 @@ def test_files_and_uids_are_stable():
         sorted(monitoring.DASHBOARD_UIDS)
     for name, dashboard in DASHBOARDS.items():
         assert dashboard["uid"] == monitoring.DASHBOARD_UIDS[name]
-        assert dashboard["title"].startswith("ebpf-net / ")
+        assert dashboard["title"].startswith("ebpf-net-exporter / ")
 
 
-@pytest.mark.parametrize("name", sorted(monitoring.DASHBOARD_UIDS))
+@pytest.mark.parametrize("name", sorted(monitoring.WORKLOAD_DASHBOARDS))
 def test_datasource_namespace_and_workload_variables(name):
     variables = monitoring.variables(DASHBOARDS[name])
     assert variables["datasource"]["type"] == "datasource"
@@ -100,10 +106,10 @@ def test_every_panel_uses_the_datasource_variable_and_rate_interval(name):
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             for window in RANGE.findall(target["expr"]):
-                assert window == "$__rate_interval", (panel["title"], target["expr"])
+                assert window in WINDOWS, (panel["title"], target["expr"])
             # the variables narrow every traffic query
-            if monitoring.metric_names(target["expr"]) & {
-                    n for n in served() if n.startswith("ebpf_net_") and "exporter" not in n}:
+            if name in monitoring.WORKLOAD_DASHBOARDS and \
+                    monitoring.metric_names(target["expr"]) & TRAFFIC:
                 assert '$namespace' in target["expr"] and '$workload' in target["expr"]
 
 

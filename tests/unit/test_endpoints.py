@@ -123,3 +123,24 @@ def test_unique_rows_matches_a_plain_reference():
     for i, row in enumerate(rows):
         assert rows[firsts[inverse[i]]] == row
     assert unique_rows(np.array([], dtype=np.int64))[0].size == 0
+
+
+def test_known_servers_found_the_same_way_with_many_clients_or_many_servers():
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    texts = [f"10.1.{i // 256}.{i % 256}" for i in range(600)]
+    address = rng.integers(0, 600, 4000)
+    port = rng.integers(1, 3000, 4000)
+    few = PortFolder(ephemeral_floor=32768)     # fewer servers than pairs: servers looked up
+    many = PortFolder(ephemeral_floor=32768)    # more servers than pairs: pairs looked up
+    for i in range(0, 4000, 7):
+        few.learn_server(texts[address[i]], int(port[i]))
+        many.learn_server(texts[address[i]], int(port[i]))
+    for i in range(20000):
+        many.learn_server(f"192.168.{i // 256}.{i % 256}", 80)
+    expected = np.array([few.is_known_server(texts[a], int(p))
+                         for a, p in zip(address, port, strict=True)])
+    assert expected.sum() >= 4000 // 7
+    for folder in (few, many):
+        assert (folder._known(texts, address, port) == expected).all()

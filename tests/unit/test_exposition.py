@@ -16,16 +16,29 @@ from exporter import histogram
 from exporter.collectors import dns as dnsmod
 from exporter.collectors import http as httpmod
 from exporter.collectors import tcp as tcpmod
+from exporter.collectors.bash import BashCollector, CommandLog
 from exporter.collectors.dns import DnsCollector
+from exporter.collectors.drops import DropsCollector
 from exporter.collectors.flows import FlowsCollector
 from exporter.collectors.http import HttpCollector
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.metadata import KubernetesMetadata
+from exporter.logs import LogFailuresCollector
 from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
-from .batches import QueueSource, dns_batch, flow_batch, http_batch, tcp_batch, timeout
+from .batches import (
+    BashSource,
+    QueueSource,
+    bash_record,
+    dns_batch,
+    drop_batch,
+    flow_batch,
+    http_batch,
+    tcp_batch,
+    timeout,
+)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden.prom"
 
@@ -69,6 +82,12 @@ HTTP = [
     {"client": "10.1.0.5", "server": "10.1.1.7", "port": 8080, "kind": httpmod.LATENCY,
      "method": 1, "status": 200, "variant": histogram.SUM_SLOT, "count": 3500},
 ]
+DROPS = [
+    {"reason": 12, "src": "10.1.0.5", "sport": 40522, "dst": "10.1.1.7", "dport": 8080,
+     "protocol": 6, "count": 2},
+    {"reason": 2, "count": 1},
+]
+DROP_REASONS = {2: "NOT_SPECIFIED", 12: "NETFILTER_DROP"}
 
 
 def collectors(stats: KernelStats) -> list:
@@ -86,7 +105,12 @@ def collectors(stats: KernelStats) -> list:
     http = HttpCollector(QueueSource([http_batch(HTTP, entries=3, capacity=16384, conns=1,
                                                  conn_capacity=65536)], http_batch([])),
                          endpoints, ports, stats, 100, 300)
-    return [flows, tcp, dns, http]
+    drops = DropsCollector(QueueSource([drop_batch(DROPS, entries=2, capacity=16384)],
+                                       drop_batch([])), endpoints, ports, stats, 100, 300,
+                           reasons=DROP_REASONS)
+    bash = BashCollector(BashSource([bash_record(b"ls -l", uid=0)]), CommandLog(os.devnull),
+                         stats, 100, 300)
+    return [flows, tcp, dns, http, drops, bash]
 
 
 def test_exposition_matches_the_golden_file():
@@ -110,6 +134,7 @@ def full_exposition() -> str:
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)
     stats.add_parse_errors("http", 0)
+    registry.register(LogFailuresCollector())
     return generate_latest(registry).decode()
 
 
@@ -136,7 +161,7 @@ def test_every_self_metric_of_the_spec_is_served_with_per_collector_labels():
     text = full_exposition()
     for name in SELF_METRICS:
         assert f"# TYPE {name} " in text, name
-    for collector in ("flows", "tcp", "dns", "http"):
+    for collector in ("flows", "tcp", "dns", "http", "drops", "bash"):
         assert f'ebpf_net_exporter_scrape_collector_success{{collector="{collector}"}} 1.0' \
             in text
     assert 'ebpf_net_exporter_bpf_map_capacity{map="tcp_sockets"} 131072.0' in text

@@ -1,4 +1,4 @@
-"""alerts/: promtool accepts every rule file, the promtool unit tests in tests/rules/ pass (every
+"""alerts/: promtool accepts every rule file, the promtool unit tests in alerts/tests/ pass (every
 alert silent before its `for` runs out and firing after, with labels and annotations), and every
 alert has what an on-call needs (severity, summary, templated description, a runbook section)."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,7 +15,7 @@ from tests import monitoring
 
 from ..conftest import skip_or_fail
 
-RULE_TESTS = Path(__file__).resolve().parent.parent / "rules"
+RULE_TESTS = monitoring.RULE_TESTS
 SEVERITIES = {"critical", "warning", "info"}
 
 
@@ -35,14 +34,14 @@ def test_promtool_checks_the_rule_file(name):
 
 
 def test_one_rule_file_per_area_and_nothing_else():
-    assert sorted(p.name for p in monitoring.ALERTS.glob("*.yml")) == \
+    assert sorted(p.name for p in monitoring.ALERTS.glob("*.yaml")) == \
         sorted(monitoring.RULE_FILES)
-    assert not list(monitoring.ALERTS.glob("*.yaml"))
+    assert not list(monitoring.ALERTS.glob("*.yml"))
 
 
 @pytest.mark.parametrize("name", monitoring.RULE_FILES)
 def test_promtool_unit_tests_pass(name):
-    tests = RULE_TESTS / name.replace(".yml", ".test.yml")
+    tests = RULE_TESTS / name.replace(".yaml", "_test.yaml")
     result = subprocess.run([promtool(), "test", "rules", tests.name], cwd=RULE_TESTS,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,9 +49,9 @@ def test_promtool_unit_tests_pass(name):
 
 
 def unit_test_checks() -> dict[str, list[tuple[int, list]]]:
-    """alertname -> [(eval minutes, expected alerts)] over tests/rules/*.test.yml."""
+    """alertname -> [(eval minutes, expected alerts)] over alerts/tests/*_test.yaml."""
     checks: dict[str, list[tuple[int, list]]] = {}
-    for path in RULE_TESTS.glob("*.test.yml"):
+    for path in RULE_TESTS.glob("*_test.yaml"):
         for test in yaml.safe_load(path.read_text())["tests"]:
             for check in test.get("alert_rule_test", []):
                 minutes = int(check["eval_time"].removesuffix("m"))
@@ -85,7 +84,7 @@ def test_every_alert_has_for_severity_summary_description_and_runbook(alert):
     assert "{{" not in annotations["summary"], "the summary is fixed text"
     assert "$labels." in annotations["description"], "the description names its labels"
     anchor = alert.name.lower()
-    assert annotations["runbook_url"] == f"docs/runbook.md#{anchor}"
+    assert annotations["runbook_url"] == f"{monitoring.RUNBOOK_URL}#{anchor}"
     assert f"\n## {alert.name}\n" in monitoring.RUNBOOK.read_text()
 
 

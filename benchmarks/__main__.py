@@ -1,0 +1,103 @@
+"""python -m benchmarks [--quick] [--out docs/benchmarks.md]: builds a test node, runs the five
+measurements, prints the headline table and writes the results document."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tests.testnode import TestNode
+
+from . import connections, interleaved, kernel_cost, scrape, startup, throughput
+from .document import Results, headlines, markdown
+from .machine import Machine, load_average
+from .report import HEADLINE_HEADER, headline_rows, text_table
+
+NICENESS = -10
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+KernelCosts = tuple[list[list[kernel_cost.WorkloadCost]], list[kernel_cost.ConnectionCost]]
+
+
+def _kernel_costs(node: TestNode, seconds: float, repetitions: int) -> KernelCosts:
+    started = startup.start(node)
+    floor = kernel_cost.Floor(node, [node.veth_a, node.veth_b])
+    costs: list[list[kernel_cost.WorkloadCost]] = []
+    per_connection: list[kernel_cost.ConnectionCost] = []
+    try:
+        floor.attach()
+        with kernel_cost.run_time_statistics():
+            pid = started.exporter.proc.pid
+            for _ in range(repetitions):
+                costs.append([
+                    kernel_cost.measure("udp, 64-byte frames", pid, floor,
+                                        lambda: throughput.udp_kpps(node, seconds)),
+                    kernel_cost.measure("tcp bulk", pid, floor,
+                                        lambda: throughput.tcp_gbits(node, seconds)),
+                ])
+                per_connection.append(kernel_cost.measure_connections(
+                    pid, lambda: connections.loop(node, seconds)))
+                udp, tcp = costs[-1]
+                _say(f"  over the floor: udp {udp.over_floor_per_packet:+.0f} ns per packet, tcp "
+                     f"{tcp.over_floor_per_packet:+.0f} ns per skb; tracepoints "
+                     f"{per_connection[-1].ns_per_connection:.0f} ns per TCP connection")
+    finally:
+        floor.detach()
+        floor.close()
+        started.exporter.stop()
+    return costs, per_connection
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: few rounds, short runs, small flow counts")
+    parser.add_argument("--out", type=Path, help="write the results document here")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("benchmarks: must run as root (BPF, network namespaces)", file=sys.stderr)
+        return 2
+
+    # Ahead of the other users of a shared machine, so that their load moves the figures less.
+    # Every process started from here inherits it: workloads, servers and the exporter alike.
+    os.setpriority(os.PRIO_PROCESS, 0, NICENESS)
+    if args.quick:
+        rounds, seconds, kernel_seconds, repetitions = 2, 1.0, 1.0, 1
+        sizes, scrape_rounds = [1_000, 10_000], {1_000: 3, 10_000: 3}
+    else:
+        rounds, seconds, kernel_seconds, repetitions = 12, 2.0, 3.0, 3
+        sizes = [10_000, 100_000, 1_000_000]
+        scrape_rounds = {10_000: 20, 100_000: 12, 1_000_000: 5}
+    ports_per_source = 10
+
+    began = time.monotonic()
+    load_before = load_average()
+    with TestNode() as node:
+        node.iperf3_server(node.b_ns, node.b_ip)
+        _say("1. per-packet kernel cost")
+        connections.prepare(node)
+        kernel, per_connection = _kernel_costs(node, kernel_seconds, repetitions)
+        _say("2, 4, 5. throughput, start-up and connection rate, interleaved")
+        rounds_result = interleaved.run(node, rounds, seconds, _say)
+        _say("3. scrape cost")
+        scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
+    results = Results(Machine.describe(), args.quick, load_before, load_average(), seconds,
+                      kernel, per_connection, rounds_result, scrapes, ports_per_source,
+                      time.monotonic() - began)
+    _say("")
+    _say(text_table(HEADLINE_HEADER, headline_rows(headlines(results))))
+    if args.out:
+        args.out.write_text(markdown(results))
+        _say(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""docs/benchmarks.md and the printed table, from the results of one run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .interleaved import Rounds
+from .kernel_cost import TC_PROGRAMS, ConnectionCost, WorkloadCost
+from .machine import Machine
+from .report import (
+    HEADLINE_HEADER,
+    NO_TARGET,
+    Headline,
+    against,
+    at_most,
+    headline_rows,
+    markdown_table,
+    spread_text,
+)
+from .scrape import ScrapeRun
+from .stats import Summary, paired_ratios, percentile, summarize
+
+NOTES = Path(__file__).with_name("notes.md")
+# the latest `make soak` run (issue 9), written up by hand: appended so `make bench` keeps it
+SOAK = Path(__file__).with_name("soak.md")
+
+UNITS = {"tcp": "Gbit/s (iperf3, one stream)", "udp": "kpps of 64-byte frames received",
+         "connections": "connections/s (connect, 1 byte, close)"}
+
+
+@dataclass
+class Results:
+    machine: Machine
+    quick: bool
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    seconds_per_run: float
+    kernel: list[list[WorkloadCost]]        # per repetition: [udp, tcp]
+    per_connection: list[ConnectionCost]    # per repetition
+    rounds: Rounds
+    scrapes: list[ScrapeRun]
+    ports_per_source: int
+    wall_seconds: float
+
+
+def _ratios(rounds: Rounds, name: str) -> Summary:
+    return summarize(paired_ratios(rounds.without[name], rounds.attached[name]))
+
+
+def _median_repetition(costs: list[WorkloadCost]) -> WorkloadCost:
+    ordered = sorted(costs, key=lambda c: c.over_floor_per_packet)
+    return ordered[len(ordered) // 2]
+
+
+def headlines(r: Results) -> list[Headline]:
+    out = []
+    for index, target in ((0, 100), (1, 150)):
+        costs = [repetition[index] for repetition in r.kernel]
+        over = summarize([c.over_floor_per_packet for c in costs])
+        unit = "UDP packet" if index == 0 else "TCP skb"
+        out.append(Headline(f"classifier over the floor, per {unit}",
+                            f"+{over.median:.0f} ns ({over.low:.0f}-{over.high:.0f})",
+                            f"<= +{target} ns", at_most(over.low, over.high, target)))
+    for name, label, target in (("tcp", "TCP bulk", 0.97), ("udp", "64-byte UDP", 0.93)):
+        ratio = _ratios(r.rounds, name)
+        out.append(Headline(f"throughput with exporter, {label}",
+                            f"{ratio.median:.3f} of without (IQR {ratio.p25:.2f}-{ratio.p75:.2f})",
+                            f">= {target}", against(ratio.p25, ratio.p75, target)))
+    by_size = {s.flows: s for s in r.scrapes}
+    if 100_000 in by_size:
+        s = by_size[100_000]
+        p50 = percentile(s.latencies, 50)
+        cpu = percentile(s.cpu_seconds, 50)
+        assert s.memory is not None
+        out += [Headline("scrape p50, 100k flows", f"{p50 * 1000:.0f} ms", "< 250 ms", p50 < 0.25),
+                Headline("CPU per scrape, 100k flows", f"{cpu:.3f} s", "< 0.25 s", cpu < 0.25),
+                Headline("RSS (PSS) at 100k flows", f"{s.memory.rss_mib:.1f} MiB "
+                         f"({s.memory.pss_mib:.0f})", "< 250 MiB", s.memory.rss_mib < 250)]
+    if 1_000_000 in by_size:
+        p50 = percentile(by_size[1_000_000].latencies, 50)
+        out.append(Headline("scrape p50, 1M flows", f"{p50:.2f} s", "< 2.5 s", p50 < 2.5))
+    start = summarize(r.rounds.startup_seconds)
+    rss = summarize([m.rss_mib for m in r.rounds.startup_memory])
+    out.append(Headline("start-up to /readyz; RSS then", f"{start.median:.2f} s; "
+                        f"{rss.median:.0f} MiB", NO_TARGET, None))
+    ratio = _ratios(r.rounds, "connections")
+    out.append(Headline("connect/accept/close loop slowdown",
+                        f"{(1 - ratio.median) * 100:.1f}% (IQR {(1 - ratio.p75) * 100:.0f} to "
+                        f"{(1 - ratio.p25) * 100:.0f}%)", "< 5%",
+                        against(ratio.p25, ratio.p75, 0.95)))
+    return out
+
+
+def _kernel_section(r: Results) -> str:
+    parts = []
+    for index in range(len(r.kernel[0])):
+        costs = [repetition[index] for repetition in r.kernel]
+        cost = _median_repetition(costs)
+        rows = [[p.name, f"{p.runs:,}", f"{p.ns_per_run:.0f}" if p.runs else "-",
+                 f"{p.ns_per_run - cost.floor_ns_per_run:+.0f}"
+                 if p.runs and p.name in TC_PROGRAMS else "-"]
+                for p in cost.programs]
+        rows.append(["floor (benchmarks/floor.c)", f"{cost.floor_runs:,}",
+                     f"{cost.floor_ns_per_run:.0f}", "0"])
+        table = markdown_table(("program", "runs", "ns per run", "over the floor"), rows)
+        all_runs = ", ".join(f"{c.over_floor_per_packet:+.0f}" for c in costs)
+        parts.append(
+            f"**{cost.workload}**, the median of {len(costs)} repetitions ({cost.packets:,.0f} "
+            f"packets through the node, each run once at ingress and once at egress):\n\n"
+            f"{table}\n\n"
+            f"Per packet (both hooks): classifier {cost.tc_ns_per_packet:.0f} ns, floor "
+            f"{cost.floor_ns_per_packet:.0f} ns, **over the floor "
+            f"{cost.over_floor_per_packet:+.0f} ns** (every repetition: {all_runs} ns); per run "
+            f"{cost.over_floor_per_run:+.0f} ns. At the {cost.packets / cost.seconds / 1e3:,.0f}"
+            f"k packets/s of this run, all our programs (tracepoints included) added "
+            f"**{cost.core_share * 100:.1f}% of one core** over the floor's cost.")
+    per_connection = sorted(r.per_connection, key=lambda c: c.ns_per_connection)
+    c = per_connection[len(per_connection) // 2]
+    rows = [[p.name, f"{p.runs:,}", f"{p.ns_per_run:.0f}", f"{p.runs / c.connections:.2f}"]
+            for p in c.programs if p.runs]
+    all_runs = ", ".join(f"{x.ns_per_connection:.0f}" for x in r.per_connection)
+    parts.append(
+        f"**TCP connections on loopback**, the median of {len(per_connection)} repetitions "
+        f"({c.connections:,} connect, 1 byte, close; no TC program runs on loopback, the few "
+        f"classifier runs are other traffic of the node):\n\n"
+        f"{markdown_table(('program', 'runs', 'ns per run', 'runs per connection'), rows)}\n\n"
+        f"Tracepoint programs per connection (both ends): **{c.ns_per_connection:.0f} ns** "
+        f"(every repetition: {all_runs} ns): {c.core_share * 100:.1f}% of one core at "
+        f"{c.connections / c.seconds:,.0f} connections/s.")
+    return "\n\n".join(parts)
+
+
+def _interleaved_section(r: Results) -> str:
+    rows = []
+    for name, unit in UNITS.items():
+        without = summarize(r.rounds.without[name])
+        attached = summarize(r.rounds.attached[name])
+        ratios = summarize(paired_ratios(r.rounds.without[name], r.rounds.attached[name]))
+        rows.append([unit, spread_text(without), spread_text(attached),
+                     f"{ratios.median:.3f} (IQR {ratios.p25:.3f}-{ratios.p75:.3f})",
+                     f"{attached.median / without.median:.3f}"])
+    table = markdown_table(("workload", "without exporter", "with exporter",
+                            "paired ratio with/without", "ratio of medians"), rows)
+    without = summarize(r.rounds.without["connections"])
+    attached = summarize(r.rounds.attached["connections"])
+    added_us = (1 / attached.median - 1 / without.median) * 1e6
+    return (f"{table}\n\nAdded per TCP connection (from the medians): {added_us:.1f} us.")
+
+
+def _startup_section(r: Results) -> str:
+    start = summarize(r.rounds.startup_seconds)
+    rss = summarize([m.rss_mib for m in r.rounds.startup_memory])
+    pss = summarize([m.pss_mib for m in r.rounds.startup_memory])
+    return markdown_table(("", "median (IQR, n)", "min", "max"), [
+        ["launch to /readyz 200 (s)", spread_text(start), f"{start.low:.2f}", f"{start.high:.2f}"],
+        ["RSS when ready (MiB)", spread_text(rss), f"{rss.low:.0f}", f"{rss.high:.0f}"],
+        ["PSS when ready (MiB)", spread_text(pss), f"{pss.low:.0f}", f"{pss.high:.0f}"]])
+
+
+def _scrape_section(r: Results) -> str:
+    rows = []
+    for s in r.scrapes:
+        assert s.memory is not None
+        rows.append([f"{s.flows:,}", f"{s.sources:,}", str(len(s.latencies)),
+                     f"{percentile(s.latencies, 50) * 1000:.0f}",
+                     f"{percentile(s.latencies, 99) * 1000:.0f}",
+                     f"{percentile(s.cpu_seconds, 50):.3f}", f"{s.flow_series:,}",
+                     f"{s.series:,}", f"{s.memory.rss_mib:.0f}", f"{s.memory.pss_mib:.0f}",
+                     f"{s.memory.peak_rss_mib:.0f}", str(s.missing_packets)])
+    return markdown_table(("flows", "sources", "scrapes", "p50 ms", "p99 ms", "CPU s/scrape",
+                           "flow series", "all series", "RSS MiB", "PSS MiB", "peak RSS MiB",
+                           "packets missing"), rows)
+
+
+def markdown(r: Results) -> str:
+    m = r.machine
+    mode = " (quick mode: few rounds, small flow counts)" if r.quick else ""
+    load = ", ".join(f"{x:.2f}" for x in r.load_before)
+    load_after = ", ".join(f"{x:.2f}" for x in r.load_after)
+    notes = NOTES.read_text() if NOTES.exists() else ""
+    if SOAK.exists():
+        notes = f"{notes.rstrip()}\n\n{SOAK.read_text()}"
+    return f"""# Benchmarks
+
+Written by `make bench` (`python -m benchmarks`){mode}; {r.wall_seconds / 60:.1f} minutes.
+The method, and what was tried where a target was missed, follow the results.
+
+**Machine**: Linux {m.kernel}, {m.cpu}, {m.cores} cores, {m.memory_gib} GiB; {m.date}.
+Load average (1, 5, 15 min) before: {load}; after: {load_after}. The machine is shared with
+other agents running test suites, so every figure carries their noise: read the spreads.
+
+## Headline
+
+{markdown_table(HEADLINE_HEADER, headline_rows(headlines(r)))}
+
+## 1. Per-packet kernel cost
+
+Every collector on (flows, tcp, dns, http). ns per run as the kernel accounts it
+(run_time_ns / run_cnt over the workload), the floor measured on the same packets.
+
+{_kernel_section(r)}
+
+## 2 and 5. Throughput and connection rate, with and without the exporter
+
+{len(r.rounds.startup_seconds)} interleaved rounds of {r.seconds_per_run:g} s per workload,
+without and with the exporter attached (started fresh each round; A B, then B A). Median
+(IQR p25-p75, n). A ratio whose interquartile range straddles its target is "not resolved":
+at this machine's noise the run cannot tell. Part 1's share of a core is the steadier figure.
+
+{_interleaved_section(r)}
+
+## 3. Scrape cost
+
+One packet of each of N distinct UDP flows (from N / {r.ports_per_source} source addresses,
+{r.ports_per_source} ephemeral source ports each) sprayed through the node before each scrape;
+the scrape drains them from the kernel map, folds them and serves every series. With few
+scrapes, p99 is close to the slowest one.
+
+{_scrape_section(r)}
+
+## 4. Start-up
+
+{_startup_section(r)}
+
+{notes}"""

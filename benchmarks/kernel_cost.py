@@ -1,0 +1,224 @@
+"""Part 1: what our BPF programs cost per run, from the kernel's own accounting.
+
+With run-time statistics on (BPF_ENABLE_STATS, the same switch as `sysctl
+kernel.bpf_stats_enabled=1`, but off again when its file descriptor closes), the kernel adds
+the sched_clock() time of every program run to the program's run_time_ns and counts the run in
+run_cnt. A tail call jumps into the target program inside the same run: the time of parse_dns
+and parse_http is accounted to the classifier run that tail-called them, and their own run_cnt
+stays 0. The classifier's ns per run is therefore the whole per-packet cost.
+
+The floor (floor.c, a program that returns at once) is attached behind our filter on the same
+four hooks, so it runs on exactly the same packets in the same seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pyroute2 import IPRoute
+
+from tests.testnode import TestNode, in_netns
+
+FLOOR_SOURCE = Path(__file__).with_name("floor.c")
+FLOOR_FUNCTION = "bench_floor"
+FLOOR_PRIORITY = 2          # after the exporter's filter (priority 1), which never decides
+FLOOR_HANDLE = 0xBE0C
+HOOKS = (0xFFFFFFF2, 0xFFFFFFF3)     # clsact ingress, egress
+TC_PROGRAMS = ("classify_ingress", "classify_egress")
+
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+_BPF_ENABLE_STATS = 32
+_BPF_STATS_RUN_TIME = 0
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def run_time_statistics() -> Iterator[None]:
+    """The kernel accounts run time per program while inside."""
+    attr = ctypes.c_uint32(_BPF_STATS_RUN_TIME)
+    fd = _libc.syscall(_BPF_SYSCALL[platform.machine()], _BPF_ENABLE_STATS,
+                       ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "BPF_ENABLE_STATS failed")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def prog_ids_of(pid: int) -> set[int]:
+    """The BPF programs a process holds open (bcc keeps every loaded program's fd)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("prog_id:"):
+                    ids.add(int(line.split()[1]))
+    return ids
+
+
+@dataclass(frozen=True)
+class ProgStats:
+    name: str
+    run_time_ns: int
+    run_cnt: int
+
+
+def read_stats(ids: set[int]) -> dict[int, ProgStats]:
+    """run_time_ns and run_cnt of these programs (bpftool prog show)."""
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"]: ProgStats(p.get("name", "?"), int(p.get("run_time_ns", 0)),
+                               int(p.get("run_cnt", 0)))
+            for p in json.loads(out) if p["id"] in ids}
+
+
+class Floor:
+    """floor.c loaded in this process and attached behind the exporter on the node's veths."""
+
+    def __init__(self, node: TestNode, devices: list[str]) -> None:
+        import bcc
+
+        self.node = node
+        self.devices = devices
+        self.bpf = bcc.BPF(src_file=str(FLOOR_SOURCE).encode())
+        self.function = self.bpf.load_func(FLOOR_FUNCTION.encode(), bcc.BPF.SCHED_CLS)
+        self.prog_id = self._own_prog_id()
+
+    def _own_prog_id(self) -> int:
+        with open(f"/proc/self/fdinfo/{self.function.fd}") as f:
+            for line in f:
+                if line.startswith("prog_id:"):
+                    return int(line.split()[1])
+        raise RuntimeError("floor program has no id")
+
+    def _each_hook(self, action: Callable[[IPRoute, int, int], None]) -> None:
+        with in_netns(self.node.node_ns):
+            ipr = IPRoute()
+        try:
+            for device in self.devices:
+                index = ipr.link_lookup(ifname=device)[0]
+                for parent in HOOKS:
+                    action(ipr, index, parent)
+        finally:
+            ipr.close()
+
+    def attach(self) -> None:
+        def add(ipr: IPRoute, index: int, parent: int) -> None:
+            ipr.tc("add-filter", "bpf", index, handle=FLOOR_HANDLE, fd=self.function.fd,
+                   name=FLOOR_FUNCTION, parent=parent, classid=1, direct_action=True,
+                   prio=FLOOR_PRIORITY)
+        self._each_hook(add)
+
+    def detach(self) -> None:
+        def delete(ipr: IPRoute, index: int, parent: int) -> None:
+            with contextlib.suppress(Exception):
+                ipr.tc("del-filter", "bpf", index, handle=FLOOR_HANDLE, parent=parent,
+                       prio=FLOOR_PRIORITY)
+        self._each_hook(delete)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+@dataclass(frozen=True)
+class ProgramCost:
+    name: str
+    runs: int
+    ns_per_run: float
+
+
+@dataclass(frozen=True)
+class WorkloadCost:
+    """One workload's accounting: per program, the floor's, and per packet."""
+    workload: str
+    programs: list[ProgramCost]
+    floor_runs: int
+    floor_ns_per_run: float
+    tc_ns_per_run: float            # classify_ingress and classify_egress together
+    packets: float                  # each packet passes two hooks: one ingress, one egress
+    tc_ns_per_packet: float
+    floor_ns_per_packet: float
+    seconds: float                  # how long the workload ran
+    added_ns: float                 # every program of ours (tracepoints too) minus the floor
+
+    @property
+    def core_share(self) -> float:
+        """The CPU time our programs added, as a share of one core over the workload."""
+        return self.added_ns / (self.seconds * 1e9)
+
+    @property
+    def over_floor_per_run(self) -> float:
+        return self.tc_ns_per_run - self.floor_ns_per_run
+
+    @property
+    def over_floor_per_packet(self) -> float:
+        return self.tc_ns_per_packet - self.floor_ns_per_packet
+
+
+def _deltas(ids: set[int], run: Callable[[], T]) -> tuple[dict[int, ProgStats], T, float]:
+    """What each program accounted while run() ran, run()'s result and its seconds."""
+    before = read_stats(ids)
+    began = time.monotonic()
+    outcome = run()
+    seconds = time.monotonic() - began
+    after = read_stats(ids)
+    deltas = {i: ProgStats(after[i].name, after[i].run_time_ns - before[i].run_time_ns,
+                           after[i].run_cnt - before[i].run_cnt) for i in ids if i in after}
+    return deltas, outcome, seconds
+
+
+def _costs(deltas: dict[int, ProgStats]) -> list[ProgramCost]:
+    return [ProgramCost(d.name, d.run_cnt, d.run_time_ns / d.run_cnt if d.run_cnt else 0.0)
+            for d in sorted(deltas.values(), key=lambda d: d.name)]
+
+
+def measure(workload: str, exporter_pid: int, floor: Floor, run: Callable[[], object]
+            ) -> WorkloadCost:
+    """Runs a workload through the node with statistics on; what the kernel accounted."""
+    deltas, _, seconds = _deltas(prog_ids_of(exporter_pid) | {floor.prog_id}, run)
+    floor_delta = deltas.pop(floor.prog_id)
+    tc = [d for d in deltas.values() if d.name in TC_PROGRAMS]
+    tc_time = sum(d.run_time_ns for d in tc)
+    tc_runs = sum(d.run_cnt for d in tc)
+    packets = floor_delta.run_cnt / 2
+    if not tc_runs or not floor_delta.run_cnt:
+        raise RuntimeError(f"{workload}: no program runs were accounted")
+    added = sum(d.run_time_ns for d in deltas.values()) - floor_delta.run_time_ns
+    return WorkloadCost(workload, _costs(deltas), floor_delta.run_cnt,
+                        floor_delta.run_time_ns / floor_delta.run_cnt, tc_time / tc_runs,
+                        packets, tc_time / packets, floor_delta.run_time_ns / packets, seconds,
+                        added)
+
+
+@dataclass(frozen=True)
+class ConnectionCost:
+    """The tracepoint programs' accounting over a loop of TCP connections."""
+    connections: int
+    programs: list[ProgramCost]
+    seconds: float
+
+    @property
+    def core_share(self) -> float:
+        """The CPU time of the tracepoint programs, as a share of one core over the loop."""
+        return sum(p.runs * p.ns_per_run for p in self.programs) / (self.seconds * 1e9)
+
+    @property
+    def ns_per_connection(self) -> float:
+        return sum(p.runs * p.ns_per_run for p in self.programs) / self.connections
+
+
+def measure_connections(exporter_pid: int, run: Callable[[], tuple[int, float]]
+                        ) -> ConnectionCost:
+    deltas, outcome, seconds = _deltas(prog_ids_of(exporter_pid), run)
+    return ConnectionCost(outcome[0], _costs(deltas), seconds)

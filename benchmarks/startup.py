@@ -1,0 +1,43 @@
+"""Part 4: from launching the exporter to `/readyz` answering 200 (programs compiled, loaded and
+attached to the test node's veths), and its memory once ready."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tests.exporter_process import ExporterProcess
+from tests.testnode import TestNode
+
+from .procstat import Memory, memory
+
+READY_TIMEOUT = 120.0
+POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class Started:
+    exporter: ExporterProcess
+    seconds: float          # launch to ready
+    memory: Memory          # right after ready
+
+
+def start(node: TestNode, config: dict[str, Any] | None = None) -> Started:
+    """Launches the exporter (every collector on) in the node's namespace and waits until
+    ready; the caller stops it."""
+    launched = time.monotonic()
+    exporter = ExporterProcess(node, config=config)
+    try:
+        while exporter.get("/readyz", timeout=2)[0] != 200:
+            if exporter.proc.poll() is not None:
+                raise RuntimeError(f"exporter exited with {exporter.proc.returncode}:\n"
+                                   f"{exporter.log()[-2000:]}")
+            if time.monotonic() - launched > READY_TIMEOUT:
+                raise RuntimeError(f"exporter not ready after {READY_TIMEOUT:g} s")
+            time.sleep(POLL_SECONDS)
+        seconds = time.monotonic() - launched
+        return Started(exporter, seconds, memory(exporter.proc.pid))
+    except BaseException:
+        exporter.stop()
+        raise

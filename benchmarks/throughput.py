@@ -1,0 +1,31 @@
+"""Part 2's workloads: iperf3 TCP bulk and 64-byte UDP from pod a to pod b, through the test
+node's two veths (and our programs, when attached)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.testnode import TestNode
+
+# 14 (Ethernet) + 20 (IPv4) + 8 (UDP) + 22 = a 64-byte frame on the veths
+UDP_PAYLOAD = 22
+UDP_FRAME = 64
+
+
+def _iperf3(node: TestNode, seconds: float, *extra: str) -> dict:
+    argv = ["iperf3", "-c", node.b_ip, "-t", f"{seconds:g}", "-J", *extra]
+    result = node.run(node.a_ns, argv, timeout=seconds + 30)
+    return json.loads(result.stdout)["end"]
+
+
+def tcp_gbits(node: TestNode, seconds: float) -> float:
+    """Received TCP goodput in Gbit/s of one iperf3 stream."""
+    end = _iperf3(node, seconds)
+    return float(end["sum_received"]["bits_per_second"]) / 1e9
+
+
+def udp_kpps(node: TestNode, seconds: float) -> float:
+    """64-byte UDP datagrams received per second (thousands), one unthrottled iperf3 stream."""
+    end = _iperf3(node, seconds, "-u", "-b", "0", "-l", str(UDP_PAYLOAD))
+    received = end["sum_received"]
+    return float(received["bytes"]) / UDP_PAYLOAD / float(received["seconds"]) / 1e3

@@ -1,0 +1,171 @@
+"""Runs the live view: its own copies of the classifier and the TCP program, compiled with
+-DWITH_EVENTS so they send a ring-buffer record per completed DNS or HTTP exchange and per
+closed TCP socket, and attached with their own TC filters.
+
+Beside a running exporter: the exporter's programs and maps are untouched (these are other
+programs with other maps), and the view's TC filters never replace the exporter's (see
+attach.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import classifier, environment, logs
+from ..app import (
+    IFACE_ETHERNET,
+    PROCESS_TRACEPOINTS,
+    TCP_TRACEPOINTS,
+    _missing_tracepoints,
+    tcp_program_flags,
+)
+from ..cgroups import CgroupNames
+from ..collectors.dns import KernelDnsSource
+from ..collectors.flows import KernelFlowSource
+from ..collectors.http import KernelHttpSource
+from ..collectors.tcp import KernelTcpSource
+from ..config import Config
+from ..endpoints import PortFolder, address_text, read_ephemeral_floor
+from ..interfaces import InterfaceMonitor, Link, NameFilter
+from ..loader import Program
+from .attach import LiveAttacher
+from .events import End, Exchange, TcpClose, decode
+from .filters import LineFilter
+from .flowtable import FlowTable
+from .output import Formatter
+
+log = logs.get("live")
+
+TICK_SECONDS = 0.25         # flows are drained this often
+POLL_MILLISECONDS = 50
+
+
+def classifier_flags(config: Config) -> list[str]:
+    return [*classifier.cflags(config), "-DWITH_EVENTS"]
+
+
+class LiveView:
+    def __init__(self, config: Config, line_filter: LineFilter, formatter: Formatter,
+                 write: Callable[[str], None], idle_seconds: float,
+                 interval_seconds: float) -> None:
+        self.config = config
+        self.filter = line_filter
+        self.formatter = formatter
+        self.write = write
+        self.programs: list[Program] = []
+        self.monitor: InterfaceMonitor | None = None
+        floor = config.ports.ephemeral_floor or read_ephemeral_floor()
+        self.table = FlowTable(PortFolder(floor, config.ports.server), idle_seconds,
+                               interval_seconds)
+        self._sources: list[Any] = []
+        self._output_closed = False     # the reader went away (| head)
+        self._flows: KernelFlowSource | None = None
+        self._dns: KernelDnsSource | None = None
+
+    def start(self) -> None:
+        environment.prepare()
+        config = self.config
+        packets = Program("live-classifier", "classifier.c", classifier_flags(config))
+        self.programs.append(packets)
+        ingress, egress = classifier.load(packets, config)
+        self._flows = KernelFlowSource(packets)
+        self._dns = KernelDnsSource(packets, config.dns.timeout, query_names=True)
+        self._sources = [KernelHttpSource(packets, config.http.idle_timeout, paths=True)]
+        packets.bpf[b"live_events"].open_ring_buffer(self._on_record)
+        if not _missing_tracepoints(TCP_TRACEPOINTS):
+            # the process of each connection where the kernel gives it
+            process = not _missing_tracepoints(PROCESS_TRACEPOINTS)
+            flags = [f for f in tcp_program_flags(config) if f != "-DWITH_PROCESS"]
+            flags += ["-DWITH_EVENTS", *(["-DWITH_PROCESS"] if process else [])]
+            tcp = Program("live-tcp", "tcp.c", flags)
+            self.programs.append(tcp)
+            self._sources.append(KernelTcpSource(tcp, process=process))
+            if process:
+                self.formatter.cgroups = CgroupNames()
+            tcp.bpf[b"live_events"].open_ring_buffer(self._on_record)
+        else:
+            log.warning("no TCP tracepoints: flows show no RTT and end only when idle")
+        self.monitor = self._monitor(packets, ingress.fd, egress.fd)
+        self.monitor.start()
+        log.info("ready", extra={"interfaces": len(self.monitor.attached)})
+
+    def _monitor(self, program: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
+        interfaces = program.table("monitored_ifaces")
+
+        def on_attach(link: Link) -> None:
+            interfaces[interfaces.Key(link.index)] = interfaces.Leaf(
+                IFACE_ETHERNET if link.ethernet else 0)
+
+        def on_detach(link: Link) -> None:
+            try:
+                del interfaces[interfaces.Key(link.index)]
+            except KeyError:
+                pass
+
+        names = NameFilter(self.config.interfaces.include, self.config.interfaces.exclude)
+        return InterfaceMonitor(names, lambda: LiveAttacher(ingress_fd, egress_fd), on_attach,
+                                on_detach)
+
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
+        # called from C: an exception here would be printed and dropped, so it is noted
+        try:
+            self._record(ctypes.string_at(data, size))
+        except BrokenPipeError:
+            self._output_closed = True
+
+    def _record(self, raw: bytes) -> None:
+        record = decode(raw)
+        if isinstance(record, TcpClose):
+            self.table.add_close(record, time.monotonic())
+        elif isinstance(record, Exchange):
+            self._exchange(record)
+
+    def _exchange(self, exchange: Exchange) -> None:
+        if self.filter.wants(exchange.kind, (exchange.client, exchange.server)):
+            self.write(self.formatter.exchange(exchange, time.time()))
+
+    def run(self, stop: threading.Event) -> None:
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            for program in self.programs:
+                program.bpf.ring_buffer_poll(POLL_MILLISECONDS)
+            if self._output_closed:
+                raise BrokenPipeError("the output was closed")
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_SECONDS
+                self._tick(now)
+        self._tick(time.monotonic())
+        for line in self.table.flush(time.monotonic()):
+            self._print_flow(line)
+
+    def _tick(self, now: float) -> None:
+        assert self._flows is not None and self._dns is not None
+        batch = self._flows.drain()
+        self.table.add_counts(batch.keys, batch.values, now)
+        for timeout in self._dns.drain().timeouts:
+            family = timeout.family
+            self._exchange(Exchange(
+                "dns", family, End(address_text(family, timeout.client), 0),
+                End(address_text(family, timeout.server), timeout.server_port), 0, 0,
+                timeout.qtype, timeout.name, timeout.transport, timed_out=True))
+        for source in self._sources:
+            source.drain()      # keeps the counter maps this view does not use empty
+        for line in self.table.due(now):
+            self._print_flow(line)
+
+    def _print_flow(self, line: Any) -> None:
+        kind = self.filter.flow_kind(line.flow.protocol)
+        if self.filter.wants(kind, (line.src, line.dst)):
+            self.write(self.formatter.flow(line, time.time()))
+
+    def stop(self) -> None:
+        if self.monitor:
+            self.monitor.stop()
+        for program in self.programs:
+            program.close()
+        if self.formatter.cgroups is not None:
+            self.formatter.cgroups.close()

@@ -1,0 +1,61 @@
+"""The pure parts of benchmarks/: summaries, tables and the sprayer's frames."""
+
+import ipaddress
+
+import numpy as np
+import pytest
+
+from benchmarks.report import Headline, against, at_most, markdown_table, text_table, verdict
+from benchmarks.sprayer import FRAME, SOURCE_PORT_BASE, frames
+from benchmarks.stats import paired_ratios, percentile, summarize
+
+
+def test_summary_median_quartiles_and_spread():
+    s = summarize([10, 1, 4, 3, 2])
+    assert (s.median, s.p25, s.p75, s.low, s.high, s.count) == (3, 2, 4, 1, 10, 5)
+    assert s.spread == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_percentile_interpolates_and_p99_of_few_samples_is_near_the_slowest():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([0.1] * 9 + [1.0], 99) == pytest.approx(0.919)
+
+
+def test_paired_ratios_compare_round_by_round():
+    assert paired_ratios([10, 20, 0], [9, 22, 5]) == [0.9, 1.1]
+    with pytest.raises(ValueError):
+        paired_ratios([1, 2], [1])
+
+
+def test_tables():
+    assert markdown_table(("a", "b"), [["1", "22"]]) == "| a | b |\n| --- | --- |\n| 1 | 22 |"
+    assert text_table(("a", "bb"), [["333", "4"]]).splitlines() == [
+        "a    bb", "---  --", "333  4 "]
+    verdicts = [verdict(Headline("f", "1", target, met))
+                for target, met in (("< 2", True), ("< 2", False), ("< 2", None), ("-", None))]
+    assert verdicts == ["met", "MISSED", "not resolved", "-"]
+
+
+def test_a_spread_that_straddles_the_target_does_not_decide():
+    assert [against(0.98, 1.2, 0.97), against(0.90, 0.96, 0.97), against(0.9, 1.1, 0.97)] == [
+        True, False, None]
+    assert [at_most(80, 95, 100), at_most(120, 140, 100), at_most(90, 110, 100)] == [
+        True, False, None]
+
+
+def test_sprayed_frames_are_distinct_valid_udp_flows():
+    out = frames(2500, 10, b"\x02" * 6, b"\x04" * 6, "10.1.1.1")
+    assert out.shape == (2500, FRAME)
+    ip = out[:, 14:34]
+    words = np.ascontiguousarray(ip).view(">u2").astype(np.uint32).sum(axis=1)
+    while (words >> 16).any():
+        words = (words & 0xFFFF) + (words >> 16)
+    assert (words == 0xFFFF).all()          # every IPv4 header checksum verifies
+    sources = [str(ipaddress.IPv4Address(bytes(row[26:30]))) for row in out]
+    ports = out[:, 34:36].copy().view(">u2").reshape(-1)
+    assert len(set(zip(sources, ports.tolist(), strict=True))) == 2500
+    assert len(set(sources)) == 250 and sources[0] == "172.16.0.0"
+    assert ports.min() == SOURCE_PORT_BASE and ports.max() == SOURCE_PORT_BASE + 9
+    assert bytes(out[0, 30:34]) == bytes([10, 1, 1, 1])
