@@ -26,7 +26,7 @@ from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
-from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
+from .interfaces import InterfaceMonitor, NameFilter, TcAttacher
 from .loader import LoadError, Program
 from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
@@ -38,7 +38,6 @@ if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes 
 
 log = logs.get("main")
 
-IFACE_ETHERNET = 1          # bpf/packet.h
 TRACEFS_EVENTS = environment.TRACEFS / "events"
 ADDRESS_LABELS = ("ip", "ip_type", "port")
 KUBERNETES_DEFAULT_LABELS = ("namespace", "workload", "workload_kind", "service", "node",
@@ -234,7 +233,8 @@ class Exporter:
                     path_label=PathLabel(paths, config.http.path_max_length) if paths else None)
                 collectors.append(http)
                 self.sweeping.append(http)
-            self.monitor = self._monitor(program, ingress.fd, egress.fd)
+            self.monitor = classifier.interface_monitor(
+                program, config, lambda: TcAttacher(ingress.fd, egress.fd))
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
@@ -340,23 +340,6 @@ class Exporter:
         return BashCollector(KernelBashSource(program), CommandLog(self.config.bash.log_file),
                              *series)
 
-    def _monitor(self, classifier: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
-        interfaces = classifier.table("monitored_ifaces")
-
-        def on_attach(link: Link) -> None:
-            interfaces[interfaces.Key(link.index)] = interfaces.Leaf(
-                IFACE_ETHERNET if link.ethernet else 0)
-
-        def on_detach(link: Link) -> None:
-            try:
-                del interfaces[interfaces.Key(link.index)]
-            except KeyError:
-                pass
-
-        names = NameFilter(self.config.interfaces.include, self.config.interfaces.exclude)
-        return InterfaceMonitor(names, lambda: TcAttacher(ingress_fd, egress_fd), on_attach,
-                                on_detach)
-
     def attached_interfaces(self) -> int:
         return len(self.monitor.attached) if self.monitor else 0
 
@@ -372,6 +355,9 @@ class Exporter:
 
     def stop(self) -> None:
         self._ready.clear()
+        # no scrape may see the collectors half torn down (it would read as failing)
+        if self.web:
+            self.web.stop()
         if self.kubernetes:
             self.kubernetes.stop()
         for collector in self.sweeping:
@@ -381,8 +367,6 @@ class Exporter:
             log.info("detached from every interface")
         for program in self.programs:
             program.close()
-        if self.web:
-            self.web.stop()
         if self._claim:
             self._claim.close()
 

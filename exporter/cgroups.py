@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import logs
+from .environment import pid_alive
 
 log = logs.get("cgroups")
 
@@ -50,22 +51,12 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_mount_points() -> None:
     """Mount points of processes killed before they could remove theirs (the mount went with
     their mount namespace; the empty directory stays)."""
     for directory in MOUNT_DIR.glob("cgroup2-*"):
         pid = directory.name.removeprefix("cgroup2-")
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             try:
                 directory.rmdir()
             except OSError:

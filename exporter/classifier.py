@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .config import Config
+from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
 from .loader import Program
 from .maps import CounterArray
 from .selfmetrics import KernelStats
@@ -74,3 +76,26 @@ class ClassifierCounters:
             stats.add_failures(name, float(failures[index]))
         for index, protocol in enumerate(PARSE_ERROR_PROTOCOLS):
             stats.add_parse_errors(protocol, float(parse_errors[index]))
+
+
+IFACE_ETHERNET = 1          # bpf/packet.h
+
+
+def interface_monitor(program: Program, config: Config,
+                      make_attacher: Callable[[], TcAttacher]) -> InterfaceMonitor:
+    """A monitor of the configured interfaces that tells `program` (its monitored_ifaces map)
+    about each interface before attaching it, and forgets it after detaching."""
+    interfaces = program.table("monitored_ifaces")
+
+    def on_attach(link: Link) -> None:
+        interfaces[interfaces.Key(link.index)] = interfaces.Leaf(
+            IFACE_ETHERNET if link.ethernet else 0)
+
+    def on_detach(link: Link) -> None:
+        try:
+            del interfaces[interfaces.Key(link.index)]
+        except KeyError:
+            pass
+
+    names = NameFilter(config.interfaces.include, config.interfaces.exclude)
+    return InterfaceMonitor(names, make_attacher, on_attach, on_detach)

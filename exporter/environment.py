@@ -149,3 +149,14 @@ def prepare() -> None:
     check_privileges()
     ensure_tracefs()
     ensure_headers()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one we may not signal exists too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

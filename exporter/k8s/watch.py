@@ -82,6 +82,8 @@ class Reflector:
                 self.backoff.reset()
                 continue
             except ApiException as e:
+                if self._stop.is_set():     # stop() cut the call: not a failure
+                    return
                 if e.status == 410:     # too old a version (the client raises ERROR events)
                     log.debug("resource version expired, listing again",
                               extra={"kind": self.kind})
@@ -89,6 +91,8 @@ class Reflector:
                     continue
                 self.health.failed(self.kind, verb, _api_error(e), status=e.status)
             except Exception as e:   # connection refused, reset, timeout, bad JSON: retry
+                if self._stop.is_set():
+                    return
                 self.health.failed(self.kind, verb, f"{type(e).__name__}: {e}")
             self._stop.wait(self.backoff.next())
 

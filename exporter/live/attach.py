@@ -14,6 +14,7 @@ import re
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import logs
+from ..environment import pid_alive
 from ..interfaces import Link, TcAttacher
 
 log = logs.get("live")
@@ -22,16 +23,6 @@ LIVE_PRIORITY = 2
 LIVE_HANDLE_BASE = 0xEB000000      # | the view's PID (pid_max <= 2^22)
 LIVE_NAME = re.compile(r"^ebpf_net_live_(\d+)$")
 LIVE_OWNER = "live-clsact"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LiveAttacher(TcAttacher):
@@ -53,7 +44,7 @@ class LiveAttacher(TcAttacher):
             for f in filters:
                 options = f.get_attr("TCA_OPTIONS")
                 match = LIVE_NAME.match((options and options.get_attr("TCA_BPF_NAME")) or "")
-                if not match or _alive(int(match.group(1))):
+                if not match or pid_alive(int(match.group(1))):
                     continue
                 try:
                     self._ipr.tc("del-filter", "bpf", link.index, handle=f["handle"],

@@ -16,7 +16,6 @@ from typing import Any
 
 from .. import classifier, environment, logs
 from ..app import (
-    IFACE_ETHERNET,
     PROCESS_TRACEPOINTS,
     TCP_TRACEPOINTS,
     _missing_tracepoints,
@@ -29,7 +28,7 @@ from ..collectors.http import KernelHttpSource
 from ..collectors.tcp import KernelTcpSource
 from ..config import Config
 from ..endpoints import PortFolder, address_text, read_ephemeral_floor
-from ..interfaces import InterfaceMonitor, Link, NameFilter
+from ..interfaces import InterfaceMonitor
 from ..loader import Program
 from .attach import LiveAttacher
 from .events import End, Exchange, TcpClose, decode
@@ -88,26 +87,10 @@ class LiveView:
             tcp.bpf[b"live_events"].open_ring_buffer(self._on_record)
         else:
             log.warning("no TCP tracepoints: flows show no RTT and end only when idle")
-        self.monitor = self._monitor(packets, ingress.fd, egress.fd)
+        self.monitor = classifier.interface_monitor(
+            packets, self.config, lambda: LiveAttacher(ingress.fd, egress.fd))
         self.monitor.start()
         log.info("ready", extra={"interfaces": len(self.monitor.attached)})
-
-    def _monitor(self, program: Program, ingress_fd: int, egress_fd: int) -> InterfaceMonitor:
-        interfaces = program.table("monitored_ifaces")
-
-        def on_attach(link: Link) -> None:
-            interfaces[interfaces.Key(link.index)] = interfaces.Leaf(
-                IFACE_ETHERNET if link.ethernet else 0)
-
-        def on_detach(link: Link) -> None:
-            try:
-                del interfaces[interfaces.Key(link.index)]
-            except KeyError:
-                pass
-
-        names = NameFilter(self.config.interfaces.include, self.config.interfaces.exclude)
-        return InterfaceMonitor(names, lambda: LiveAttacher(ingress_fd, egress_fd), on_attach,
-                                on_detach)
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
         # called from C: an exception here would be printed and dropped, so it is noted
