@@ -270,7 +270,8 @@ def parse_per_metric(value: Any) -> dict[str, dict[str, tuple[str, ...] | None]]
     parsed: dict[str, dict[str, tuple[str, ...] | None]] = {}
     for family, sides in value.items():
         if family not in families:
-            raise ConfigError(f"{family}: unknown metric family (known: {', '.join(families)})")
+            shown = family if isinstance(family, str) and family.isprintable() else repr(family)
+            raise ConfigError(f"{shown}: unknown metric family (known: {', '.join(families)})")
         if not isinstance(sides, Mapping) or not set(sides) <= set(SIDES):
             raise ConfigError(f"{family}: expected a mapping with src and/or dst, got {sides!r}")
         parsed[family] = {}

@@ -35,7 +35,10 @@ def thread_capabilities(pid: int) -> dict[int, int]:
     """CapEff of each thread of `pid`."""
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except FileNotFoundError:   # a thread that ended meanwhile (a served request's)
+            continue
         found[int(tid)] = int(status.split("CapEff:")[1].split()[0], 16)
     return found
 
