@@ -265,8 +265,9 @@ class Exporter:
 
     def reload(self, new: Config) -> list[str]:
         """Applies a re-read configuration without touching the programs or the counts:
-        interfaces to monitor, the DNS and HTTP label allowlists (when on before and after)
-        and the log level. Returns the changed settings that need a restart."""
+        interfaces to monitor, the DNS and HTTP label allowlists (when on before and after),
+        the Kubernetes name allowlists and the log level. Returns the changed settings that
+        need a restart."""
         old, applied = self.config, {"interfaces.include", "interfaces.exclude", "log.level"}
         if self.monitor and new.interfaces != old.interfaces:
             self.monitor.set_names(NameFilter(new.interfaces.include, new.interfaces.exclude))
