@@ -49,10 +49,44 @@ static __always_inline void count_parse_error(u32 idx)
 struct iface_info {
     u32 flags;              /* IFACE_* */
 };
-/* Interfaces this exporter monitors, by ifindex, written by user space on attach/detach.
- * 16384 covers the densest nodes (one veth per pod); an interface past it is not attached and
- * the exporter logs it. */
+/* Interfaces this exporter monitors, written by user space on attach/detach
+ * (exporter/iface_slots.py). Looked up on every packet (twice for a forwarded one on egress),
+ * so first in a direct-mapped array indexed by the ifindex's low bits, a hit only when the
+ * slot holds that very ifindex: an array lookup is an index, a hash lookup hashes and compares
+ * the key. Two monitored interfaces with the same low bits: the second goes to the hash
+ * monitored_ifaces, and the slot's `collided` says the hash is worth a look. 16384 covers the
+ * densest nodes (one veth per pod); an interface past it is not attached and the exporter logs
+ * it. IFACE_SLOTS must be a power of two; user space reads it as the array's size. */
+#ifndef IFACE_SLOTS
+#define IFACE_SLOTS 4096
+#endif
+struct iface_slot {
+    u32 ifindex;            /* 0: empty (no interface has ifindex 0) */
+    u16 flags;              /* IFACE_* */
+    u16 collided;           /* another ifindex with these low bits is in monitored_ifaces */
+};
+BPF_ARRAY(iface_slots, struct iface_slot, IFACE_SLOTS);
 BPF_HASH(monitored_ifaces, u32, struct iface_info, 16384);
+
+/* 1 and the interface's flags when `ifindex` is monitored, else 0. */
+static __always_inline int monitored(u32 ifindex, u32 *flags)
+{
+    u32 slot = ifindex & (IFACE_SLOTS - 1);
+    struct iface_slot *entry = iface_slots.lookup(&slot);
+    if (!entry)
+        return 0;
+    if (entry->ifindex == ifindex) {
+        *flags = entry->flags;
+        return 1;
+    }
+    if (!entry->collided)
+        return 0;
+    struct iface_info *info = monitored_ifaces.lookup(&ifindex);
+    if (!info)
+        return 0;
+    *flags = info->flags;
+    return 1;
+}
 
 #include "packet.h"
 /* the live view's records (-DWITH_EVENTS); never in the exporter's programs */
@@ -79,18 +113,14 @@ BPF_PERCPU_ARRAY(packet_scratch, struct packet, 1);
 static __always_inline int classify(struct __sk_buff *skb, int egress)
 {
     /* a forwarded packet first: one lookup instead of two on the node's busiest path */
-    if (egress && skb->ingress_ifindex) {
-        u32 in = skb->ingress_ifindex;
-        if (monitored_ifaces.lookup(&in))
-            return TC_ACT_UNSPEC;   /* counted when it came in */
-    }
-    u32 ifindex = skb->ifindex;
-    struct iface_info *iface = monitored_ifaces.lookup(&ifindex);
-    if (!iface)
+    u32 flags = 0;
+    if (egress && skb->ingress_ifindex && monitored(skb->ingress_ifindex, &flags))
+        return TC_ACT_UNSPEC;   /* counted when it came in */
+    if (!monitored(skb->ifindex, &flags))
         return TC_ACT_UNSPEC;   /* a filter left behind on an interface no longer monitored */
 
     struct packet pkt = {};
-    int res = parse_packet(skb, iface->flags, &pkt);
+    int res = parse_packet(skb, flags, &pkt);
     if (res == PARSE_NOT_IP)
         return TC_ACT_UNSPEC;
     if (res == PARSE_MALFORMED) {

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import Config
+from .iface_slots import InterfaceSlots
 from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
 from .loader import Program
 from .maps import CounterArray
@@ -81,21 +82,42 @@ class ClassifierCounters:
 IFACE_ETHERNET = 1          # bpf/packet.h
 
 
-def interface_monitor(program: Program, config: Config,
-                      make_attacher: Callable[[], TcAttacher]) -> InterfaceMonitor:
-    """A monitor of the configured interfaces that tells `program` (its monitored_ifaces map)
-    about each interface before attaching it, and forgets it after detaching."""
-    interfaces = program.table("monitored_ifaces")
+class _KernelInterfaceMaps:
+    """The classifier's iface_slots array and monitored_ifaces hash, written by InterfaceSlots."""
 
-    def on_attach(link: Link) -> None:
-        interfaces[interfaces.Key(link.index)] = interfaces.Leaf(
-            IFACE_ETHERNET if link.ethernet else 0)
+    def __init__(self, program: Program) -> None:
+        self.slots = program.table("iface_slots")
+        self.overflow = program.table("monitored_ifaces")
 
-    def on_detach(link: Link) -> None:
+    def write_slot(self, slot: int, ifindex: int, flags: int, collided: bool) -> None:
+        self.slots[self.slots.Key(slot)] = self.slots.Leaf(ifindex, flags, int(collided))
+
+    def put_overflow(self, ifindex: int, flags: int) -> None:
+        self.overflow[self.overflow.Key(ifindex)] = self.overflow.Leaf(flags)
+
+    def delete_overflow(self, ifindex: int) -> None:
         try:
-            del interfaces[interfaces.Key(link.index)]
+            del self.overflow[self.overflow.Key(ifindex)]
         except KeyError:
             pass
+
+
+def interface_monitor(program: Program, config: Config,
+                      make_attacher: Callable[[], TcAttacher]) -> InterfaceMonitor:
+    """A monitor of the configured interfaces that tells `program` (its iface_slots and
+    monitored_ifaces maps) about each interface before attaching it, and forgets it after
+    detaching."""
+    maps = _KernelInterfaceMaps(program)
+    placement = InterfaceSlots(maps.slots.max_entries, maps)
+    lock = threading.Lock()
+
+    def on_attach(link: Link) -> None:
+        with lock:
+            placement.add(link.index, IFACE_ETHERNET if link.ethernet else 0)
+
+    def on_detach(link: Link) -> None:
+        with lock:
+            placement.remove(link.index)
 
     names = NameFilter(config.interfaces.include, config.interfaces.exclude)
     return InterfaceMonitor(names, make_attacher, on_attach, on_detach)
