@@ -137,15 +137,6 @@ class EndpointLabelSets:
         return labels
 
 
-def local_addresses() -> list[str]:
-    """This host's own addresses (its network namespace's), but loopback."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        addresses = [msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr()]
-    return [a for a in addresses if a and not a.startswith(("127.", "::1"))]
-
-
 class Exporter:
     def __init__(self, config: Config, web_config: WebConfig | None = None) -> None:
         self.config = config
@@ -289,27 +280,16 @@ class Exporter:
     def _kubernetes(self) -> KubernetesMetadata | None:
         """Watches of the API server when there is one to reach; None (with a log line saying
         why) when Kubernetes labels are off."""
-        from .k8s.connection import KubernetesConfigError, connect
+        from .k8s.connection import KubernetesConfigError, open_metadata
 
         settings = self.config.kubernetes
-        if settings.enabled == "false":
-            log.info("kubernetes labels off (kubernetes.enabled=false); ip labels on")
-            return None
         try:
-            api, source = connect(settings.kubeconfig)
+            metadata, source = open_metadata(settings)
         except KubernetesConfigError as e:
             raise StartupError(str(e)) from e
-        if api is None:
-            if settings.enabled == "true":
-                raise StartupError(f"kubernetes.enabled is true but there is {source}: "
-                                   "give --kubeconfig or run in a pod")
+        if metadata is None:
             log.info(f"kubernetes labels off: {source}; ip labels on")
             return None
-        from .k8s.metadata import KubernetesMetadata  # imports the kubernetes client
-
-        metadata = KubernetesMetadata(api, settings.deleted_pod_grace)
-        if settings.node_name:
-            metadata.state.set_local_node(settings.node_name, local_addresses())
         log.info("kubernetes labels on", extra={"from": source,
                                                 "node": settings.node_name or "unset"})
         return metadata

@@ -12,6 +12,9 @@ import yaml
 if TYPE_CHECKING:
     from kubernetes import client
 
+    from ..config import KubernetesConfig
+    from .metadata import KubernetesMetadata
+
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
@@ -51,3 +54,32 @@ def connect(kubeconfig: str) -> tuple[client.ApiClient | None, str]:
     configuration.retries = False
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     return client.ApiClient(configuration), source
+
+
+def open_metadata(settings: KubernetesConfig) -> tuple[KubernetesMetadata | None, str]:
+    """The cluster cache (not started yet) that `settings` ask for, and where its configuration
+    came from; or None and why Kubernetes is off. KubernetesConfigError when it cannot be had
+    although asked for. The exporter and the live view both start from here."""
+    if settings.enabled == "false":
+        return None, "kubernetes.enabled=false"
+    api, source = connect(settings.kubeconfig)
+    if api is None:
+        if settings.enabled == "true":
+            raise KubernetesConfigError(f"kubernetes.enabled is true but there is {source}: "
+                                        "give --kubeconfig or run in a pod")
+        return None, source
+    from .metadata import KubernetesMetadata  # imports the kubernetes client's API classes
+
+    metadata = KubernetesMetadata(api, settings.deleted_pod_grace)
+    if settings.node_name:
+        metadata.state.set_local_node(settings.node_name, local_addresses())
+    return metadata, source
+
+
+def local_addresses() -> list[str]:
+    """This host's own addresses (its network namespace's), but loopback."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        addresses = [msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr()]
+    return [a for a in addresses if a and not a.startswith(("127.", "::1"))]

@@ -57,25 +57,14 @@ class KubernetesIdentity:
 
 def make_identity(config: Config) -> Identity:
     """Kubernetes names where the configuration reaches an API server, else addresses only."""
-    settings = config.kubernetes
-    if settings.enabled == "false":
-        return AddressIdentity()
-    from ..app import local_addresses
-    from ..k8s.connection import KubernetesConfigError, connect
-    from ..k8s.metadata import KubernetesMetadata
+    from ..k8s.connection import KubernetesConfigError, open_metadata
 
     try:
-        api, source = connect(settings.kubeconfig)
+        metadata, source = open_metadata(config.kubernetes)
     except KubernetesConfigError as e:
         raise IdentityError(str(e)) from e
-    if api is None:
-        if settings.enabled == "true":
-            raise IdentityError(f"kubernetes.enabled is true but there is {source}: give "
-                                "--kubeconfig or run in a pod")
+    if metadata is None:
         return AddressIdentity()
-    metadata = KubernetesMetadata(api, settings.deleted_pod_grace)
-    if settings.node_name:
-        metadata.state.set_local_node(settings.node_name, local_addresses())
     metadata.start()
     log.info("kubernetes names on", extra={"from": source})
     return KubernetesIdentity(metadata)
