@@ -119,6 +119,17 @@ class BatchMap:
 
     def read(self) -> MapSnapshot:
         """Every entry of the map, copied out of the kernel with BPF_MAP_LOOKUP_BATCH."""
+        return self._walk(self._lib.bpf_lookup_batch, "BPF_MAP_LOOKUP_BATCH")
+
+    def take(self) -> MapSnapshot:
+        """Every entry of the map, copied out and deleted in one pass with
+        BPF_MAP_LOOKUP_AND_DELETE_BATCH. Only for a map no program writes any more (a
+        generation's map after Generation.flip): a program could otherwise add to an entry after
+        it was copied and before it was deleted, and that count would be lost."""
+        return self._walk(self._lib.bpf_lookup_and_delete_batch,
+                          "BPF_MAP_LOOKUP_AND_DELETE_BATCH")
+
+    def _walk(self, batch_call: Any, call_name: str) -> MapSnapshot:
         key_type = f"V{self.key_dtype.itemsize}"
         keys: list[np.ndarray] = []
         values: list[np.ndarray] = []
@@ -129,7 +140,7 @@ class BatchMap:
             first, total = True, 0
             while total < self.capacity:
                 count.value = self._chunk
-                rc = self._lib.bpf_lookup_batch(
+                rc = batch_call(
                     self.fd, None if first else ctypes.byref(token), ctypes.byref(next_token),
                     self._keys, self._values, ctypes.byref(count))
                 err = ctypes.get_errno()
@@ -142,8 +153,7 @@ class BatchMap:
                 if rc != 0:
                     if err == errno.ENOENT:
                         break       # walked the whole map
-                    raise MapReadError(f"{self.name}: BPF_MAP_LOOKUP_BATCH failed: "
-                                       f"{os.strerror(err)}")
+                    raise MapReadError(f"{self.name}: {call_name} failed: {os.strerror(err)}")
                 first = False
                 token.value = next_token.value
         raw = _joined(keys, key_type)

@@ -17,27 +17,31 @@ from ..endpoints import (
     PortFolder,
     distinct_addresses,
     family_name,
+    grouped,
     port_text,
     protocol_name,
+    ranks,
 )
 from ..exposition import StoreFamily
 from ..maps import BatchMap, CounterArray, Generation
 from ..selfmetrics import KernelStats
 
 FLOW_KEY = np.dtype({
-    "names": ["generation", "family", "protocol", "sport", "dport", "saddr", "daddr"],
-    "formats": ["<u4", "u1", "u1", "<u2", "<u2", ("u1", 16), ("u1", 16)],
-    "offsets": [0, 4, 5, 6, 8, 12, 28],
-    "itemsize": 44,
+    "names": ["family", "protocol", "sport", "dport", "saddr", "daddr"],
+    "formats": ["u1", "u1", "<u2", "<u2", ("u1", 16), ("u1", 16)],
+    "offsets": [0, 1, 2, 4, 8, 24],
+    "itemsize": 40,
 })
-FLOW_VALUE = np.dtype({
-    "names": ["bytes", "packets", "handshake"],
-    "formats": ["<u8", "<u8", "<u8"],
-    "offsets": [0, 8, 16],
-    "itemsize": 24,
-})
+# struct flow_value: packets in the low 62 bits, the FLOW_SAW_* bits above them
+KERNEL_FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets_handshake", "<u8")])
+HANDSHAKE_SHIFT = 62
+PACKETS_MASK = np.uint64((1 << HANDSHAKE_SHIFT) - 1)
+# a drain's flows, summed over CPUs
+FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets", "<u8"), ("handshake", "<u8")])
 FLOW_SAW_SYN = 1        # the sender is the client
 FLOW_SAW_SYNACK = 2     # the sender is the server
+PORT_CODES = 65536 + 2  # port label codes shifted by 2: NO_PORT_CODE, FOLDED_CODE, the ports
+PACKED_BITS = 62        # a label set packed into one int64, kept positive
 
 # flow_overflow index = family_index * 4 + protocol_index
 OVERFLOW_INDEX = [(family, protocol) for family in ("ipv4", "ipv6")
@@ -46,40 +50,50 @@ OVERFLOW_INDEX = [(family, protocol) for family in ("ipv4", "ipv6")
 
 @dataclass
 class FlowBatch:
-    """What one drain of the kernel gave: the old generation's flows (summed over CPUs) and
-    what flow_overflow gained since the previous drain."""
+    """What one drain of the kernel gave: the old generation's flows and what flow_overflow
+    gained since the previous drain."""
     keys: np.ndarray
     values: np.ndarray
-    overflow: np.ndarray = field(default_factory=lambda: np.zeros((8, 3), dtype=np.uint64))
+    overflow: np.ndarray = field(default_factory=lambda: np.zeros((8, 2), dtype=np.uint64))
     entries: int = 0
     capacity: int = 0
 
 
 class KernelFlowSource:
-    """Drains the classifier's maps (see maps.py for the generation protocol)."""
+    """Drains the classifier's maps: one `flows_<generation>` map per generation (bpf/flows.h),
+    so the one no program writes after the flip is read and emptied in a single pass."""
 
     def __init__(self, program: object) -> None:
         table = program.table  # type: ignore[attr-defined]
         self.generation = Generation(table("flow_generation"))
-        self.flows = BatchMap("flows", table("flows"), FLOW_KEY, FLOW_VALUE, per_cpu=True)
-        # rows of (bytes, packets, handshake) by family and protocol
-        self.overflow = CounterArray("flow_overflow", table("flow_overflow"), width=3)
+        self.flows = [BatchMap("flows", table(f"flows_{generation}"), FLOW_KEY,
+                               KERNEL_FLOW_VALUE, per_cpu=True) for generation in (0, 1)]
+        # rows of (bytes, packets and handshake bits) by family and protocol
+        self.overflow = CounterArray("flow_overflow", table("flow_overflow"), width=2)
 
     def drain(self) -> FlowBatch:
-        drained, entries = self.flows.drain(self.generation.flip())
+        old = self.flows[self.generation.flip()]
+        drained = old.take()
         per_cpu = drained.values
         values = np.zeros(len(per_cpu), dtype=FLOW_VALUE)
         values["bytes"] = per_cpu["bytes"].sum(axis=1)
-        values["packets"] = per_cpu["packets"].sum(axis=1)
-        values["handshake"] = np.bitwise_or.reduce(per_cpu["handshake"], axis=1)
-
-        return FlowBatch(drained.keys, values, self.overflow.read_deltas(), entries,
-                         self.flows.capacity)
+        counts = per_cpu["packets_handshake"]
+        values["packets"] = (counts & PACKETS_MASK).sum(axis=1)
+        values["handshake"] = np.bitwise_or.reduce(counts >> np.uint64(HANDSHAKE_SHIFT), axis=1)
+        overflow = self.overflow.read_deltas()
+        overflow[:, 1] &= PACKETS_MASK
+        return FlowBatch(drained.keys, values, overflow,
+                         len(drained.raw_keys), old.capacity)
 
 
 def _numbered(values: np.ndarray) -> np.ndarray:
     """For each value, the rank of its distinct value (0, 1, ...)."""
     return np.unique(values, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _bits(count: int) -> int:
+    """Bits that hold the numbers 0 .. count - 1."""
+    return max(count - 1, 1).bit_length()
 
 
 class FlowsCollector:
@@ -151,25 +165,25 @@ class FlowsCollector:
         s_code, d_code = self.ports.fold_codes(texts, src, sport, dst, dport)
 
         # one group per label set: (src, its port, dst, its port, protocol); the family follows
-        # from the addresses. Packed into one integer when the ranges fit (a fast sort).
+        # from the addresses. Ports and protocols are replaced by their ranks among the few
+        # distinct ones, so that the label set packs into one integer (one integer sort).
         protocol = keys["protocol"].astype(np.int64)
-        columns = (src.astype(np.int64), s_code + 2, dst.astype(np.int64), d_code + 2, protocol)
-        address_bits = max(len(texts) - 1, 1).bit_length()
-        if 2 * address_bits + 2 * 17 + 8 <= 62:
-            packed = columns[0]
-            for column, bits in zip(columns[1:], (17, address_bits, 17, 8), strict=True):
-                packed = (packed << bits) | column
-            _, firsts, inverse = np.unique(packed, return_index=True, return_inverse=True)
-            inverse = inverse.reshape(-1)
-        else:
-            # many addresses: number each end (address, port code) first, so the label set
-            # still packs into one integer (three integer sorts beat one lexsort of 5 columns)
-            src_end = _numbered(columns[0] << 17 | columns[1])
-            dst_end = _numbered(columns[2] << 17 | columns[3])
-            end_bits = max(len(protocol), 1).bit_length()    # ranks are below the rows
-            packed = (src_end << end_bits | dst_end) << 8 | protocol
-            _, firsts, inverse = np.unique(packed, return_index=True, return_inverse=True)
-            inverse = inverse.reshape(-1)
+        s_rank, s_count = ranks(s_code + 2, PORT_CODES)
+        d_rank, d_count = ranks(d_code + 2, PORT_CODES)
+        p_rank, p_count = ranks(protocol, 256)
+        address_bits = _bits(len(texts))
+        columns = ((src, address_bits), (s_rank, _bits(s_count)), (dst, address_bits),
+                   (d_rank, _bits(d_count)), (p_rank, _bits(p_count)))
+        if sum(bits for _, bits in columns) > PACKED_BITS:
+            # many distinct ports and addresses: number each end (address, port) first
+            src_end = _numbered(src.astype(np.int64) << 17 | (s_code + 2))
+            dst_end = _numbered(dst.astype(np.int64) << 17 | (d_code + 2))
+            end_bits = _bits(len(protocol))     # ranks are below the rows
+            columns = ((src_end, end_bits), (dst_end, end_bits), (p_rank, 8))
+        packed = np.zeros(len(protocol), dtype=np.int64)
+        for column, bits in columns:
+            packed = (packed << bits) | column
+        firsts, inverse = grouped(packed)
         byte_sums = np.bincount(inverse, weights=values["bytes"].astype(np.float64))
         packet_sums = np.bincount(inverse, weights=values["packets"].astype(np.float64))
         family = keys["family"]

@@ -71,6 +71,28 @@ def test_tcp_transfer_counts_payload_plus_headers_and_every_wire_segment(
     assert packets < payload / mss * 1.2 + 10 + resent * (65536 / mss + 1)
 
 
+def test_a_server_on_a_port_that_looks_ephemeral_is_known_by_its_handshake(
+        node: TestNode, exporter: ExporterProcess):
+    # 45123 is past the ephemeral floor, so only the kernel's handshake bits (the SYN's sender
+    # is the client) keep it from folding to "*"; they share a word with the packet count
+    port, payload = 45123, 200_000
+    tcp_transfer(node.a_ns, node.b_ns, node.b_ip, port, payload)
+
+    def settled(s: Scrape) -> bool:
+        return (flow(s, "bytes", node.a_ip, node.b_ip, str(port), "tcp", src_port="*") >= payload
+                and flow(s, "packets", node.b_ip, node.a_ip, "*", "tcp", src_port=str(port)) > 0)
+
+    scrape = exporter.wait_for(settled, "the transfer to a high server port")
+    to_server = flow(scrape, "packets", node.a_ip, node.b_ip, str(port), "tcp", src_port="*")
+    to_client = flow(scrape, "packets", node.b_ip, node.a_ip, "*", "tcp", src_port=str(port))
+    mss = 1500 - IPV4_HEADER - 32
+    # wire segments, and nothing of the handshake bits (2^62) in the counts
+    assert payload / mss <= to_server < payload / mss * 1.2 + 10
+    assert 1 <= to_client <= to_server + 10
+    assert not scrape.select("ebpf_net_flow_packets_total", src_ip=node.a_ip, dst_ip=node.b_ip,
+                             dst_port="*", protocol="tcp")
+
+
 def test_traffic_the_node_itself_sends_is_counted_on_egress(node: TestNode,
                                                             exporter: ExporterProcess):
     sizes = [200] * 40

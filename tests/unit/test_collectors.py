@@ -3,6 +3,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter import histogram
+from exporter.collectors import flows
 from exporter.collectors import tcp as tcpmod
 from exporter.collectors.flows import FlowsCollector
 from exporter.collectors.tcp import TcpBatch, TcpCollector
@@ -239,8 +240,10 @@ def test_open_connections_keep_their_series_past_the_ttl():
     assert [s.value for s in families["ebpf_net_tcp_active_connections"].samples] == [1]
 
 
-def test_flows_from_thousands_of_addresses_fold_like_a_few():
-    # past 1024 distinct addresses the label sets no longer pack into one integer directly
+@pytest.mark.parametrize("packed_bits", [62, 20], ids=["packed", "ends-numbered-first"])
+def test_flows_from_thousands_of_addresses_fold_like_a_few(monkeypatch, packed_bits):
+    # with too many distinct addresses and ports for one integer, each end is numbered first
+    monkeypatch.setattr(flows, "PACKED_BITS", packed_bits)
     rng = np.random.default_rng(5)
     rows = [{"src": f"10.2.{i // 250}.{i % 250 + 1}", "dst": "10.9.0.1",
              "sport": int(rng.integers(40000, 60000)), "dport": 80 + i % 3,

@@ -125,6 +125,24 @@ def test_unique_rows_matches_a_plain_reference():
     assert unique_rows(np.array([], dtype=np.int64))[0].size == 0
 
 
+def test_grouped_and_ranks_match_a_plain_reference():
+    import numpy as np
+
+    from exporter.endpoints import grouped, ranks
+
+    rng = np.random.default_rng(4)
+    values = rng.integers(0, 50, 3000)
+    rows, inverse = grouped(values)
+    distinct = sorted(set(values.tolist()))
+    assert [values[r] for r in rows] == distinct          # one row of each, in sorted order
+    assert [distinct[i] for i in inverse] == values.tolist()
+    assert grouped(np.array([], dtype=np.int64))[0].size == 0
+
+    ranked, count = ranks(values, 64)
+    assert count == len(distinct)
+    assert ranked.tolist() == [distinct.index(v) for v in values.tolist()]
+
+
 def test_known_servers_found_the_same_way_with_many_clients_or_many_servers():
     import numpy as np
 
