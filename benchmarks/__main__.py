@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rounds, seconds, kernel_seconds, repetitions = 12, 2.0, 3.0, 3
         sizes = [10_000, 100_000, 1_000_000]
-        scrape_rounds = {10_000: 20, 100_000: 12, 1_000_000: 5}
+        scrape_rounds = {10_000: 20, 100_000: 12, 1_000_000: 8}
     ports_per_source = 10
 
     began = time.monotonic()

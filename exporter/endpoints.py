@@ -152,7 +152,7 @@ class PortFolder:
                 indexes.setdefault(text, []).append(i)
             codes = [i * 65536 + server_port for text, server_port in servers
                      for i in indexes.get(text, ())]
-            # few codes: numpy compares the rows with each, no sort
+            # against a few codes numpy compares the rows with each code instead of sorting
             return np.isin(pairs, np.array(codes, dtype=np.int64))
         return np.fromiter((self.is_known_server(texts[int(p) >> 16], int(p) & 0xFFFF)
                             for p in pairs), dtype=bool, count=len(pairs))
@@ -214,7 +214,7 @@ def ranks(values: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     present = np.zeros(size, dtype=bool)
     present[values] = True
     rank = np.cumsum(present) - 1
-    return rank[values], int(rank[-1]) + 1 if size else 0
+    return rank[values], (int(rank[-1]) + 1) if size else 0
 
 
 def unique_rows(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

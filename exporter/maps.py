@@ -9,7 +9,10 @@ racing the programs that write them:
    RCU read-side sections;
 3. read the whole map with BPF_MAP_LOOKUP_BATCH and keep the old generation's entries;
 4. delete exactly those keys with BPF_MAP_DELETE_BATCH. Nobody writes them any more, so
-   nothing counted between the read and the delete can be lost."""
+   nothing counted between the read and the delete can be lost.
+
+A program may instead keep one map per generation (the flows map: bpf/flows.h); then steps 3
+and 4 are one pass of BPF_MAP_LOOKUP_AND_DELETE_BATCH over the map nobody writes (take())."""
 
 from __future__ import annotations
 
