@@ -28,8 +28,9 @@ struct flow_value {
 #define TCPHDR_SYN 0x02
 #define TCPHDR_ACK 0x10
 #define FLOW_HANDSHAKE_SHIFT 62
-#define FLOW_SAW_SYN (1ULL << FLOW_HANDSHAKE_SHIFT)     /* a SYN without ACK: the sender is the client */
-#define FLOW_SAW_SYNACK (2ULL << FLOW_HANDSHAKE_SHIFT)  /* a SYN+ACK: the sender is the server */
+/* a SYN without ACK: the sender is the client; a SYN+ACK: the sender is the server */
+#define FLOW_SAW_SYN (1ULL << FLOW_HANDSHAKE_SHIFT)
+#define FLOW_SAW_SYNACK (2ULL << FLOW_HANDSHAKE_SHIFT)
 
 static __always_inline u64 handshake_bits(u8 tcp_flags)
 {
