@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import connections, interleaved, kernel_cost, scrape, startup, throughput
+from . import connections, interleaved, part1, scrape
 from .document import Results, headlines, markdown
 from .machine import Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
@@ -21,38 +21,6 @@ NICENESS = -10
 
 def _say(text: str) -> None:
     print(text, flush=True)
-
-
-KernelCosts = tuple[list[list[kernel_cost.WorkloadCost]], list[kernel_cost.ConnectionCost]]
-
-
-def _kernel_costs(node: TestNode, seconds: float, repetitions: int) -> KernelCosts:
-    started = startup.start(node)
-    floor = kernel_cost.Floor(node, [node.veth_a, node.veth_b])
-    costs: list[list[kernel_cost.WorkloadCost]] = []
-    per_connection: list[kernel_cost.ConnectionCost] = []
-    try:
-        floor.attach()
-        with kernel_cost.run_time_statistics():
-            pid = started.exporter.proc.pid
-            for _ in range(repetitions):
-                costs.append([
-                    kernel_cost.measure("udp, 64-byte frames", pid, floor,
-                                        lambda: throughput.udp_kpps(node, seconds)),
-                    kernel_cost.measure("tcp bulk", pid, floor,
-                                        lambda: throughput.tcp_gbits(node, seconds)),
-                ])
-                per_connection.append(kernel_cost.measure_connections(
-                    pid, lambda: connections.loop(node, seconds)))
-                udp, tcp = costs[-1]
-                _say(f"  over the floor: udp {udp.over_floor_per_packet:+.0f} ns per packet, tcp "
-                     f"{tcp.over_floor_per_packet:+.0f} ns per skb; tracepoints "
-                     f"{per_connection[-1].ns_per_connection:.0f} ns per TCP connection")
-    finally:
-        floor.detach()
-        floor.close()
-        started.exporter.stop()
-    return costs, per_connection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         node.iperf3_server(node.b_ns, node.b_ip)
         _say("1. per-packet kernel cost")
         connections.prepare(node)
-        kernel, per_connection = _kernel_costs(node, kernel_seconds, repetitions)
+        kernel, per_connection = part1.run(node, kernel_seconds, repetitions, say=_say)
         _say("2, 4, 5. throughput, start-up and connection rate, interleaved")
         rounds_result = interleaved.run(node, rounds, seconds, _say)
         _say("3. scrape cost")

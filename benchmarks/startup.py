@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from tests.exporter_process import ExporterProcess
+from tests.exporter_process import REPO, ExporterProcess
 from tests.testnode import TestNode
 
 from .procstat import Memory, memory
@@ -23,11 +24,12 @@ class Started:
     memory: Memory          # right after ready
 
 
-def start(node: TestNode, config: dict[str, Any] | None = None) -> Started:
-    """Launches the exporter (every collector on) in the node's namespace and waits until
-    ready; the caller stops it."""
+def start(node: TestNode, config: dict[str, Any] | None = None,
+          source: Path = REPO) -> Started:
+    """Launches the exporter (every collector on) of the `source` tree in the node's namespace
+    and waits until ready; the caller stops it."""
     launched = time.monotonic()
-    exporter = ExporterProcess(node, config=config)
+    exporter = ExporterProcess(node, config=config, source=source)
     try:
         while exporter.get("/readyz", timeout=2)[0] != 200:
             if exporter.proc.poll() is not None:

@@ -74,10 +74,11 @@ class ExporterProcess:
                  env: dict[str, str] | None = None, host: str = "127.0.0.1",
                  port: int | None = None, tls_ca: Path | None = None,
                  basic_auth: tuple[str, str] | None = None,
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), source: Path = REPO) -> None:
         """tls_ca and basic_auth: how the test's own client reaches an exporter run with
         --web.config.file (the CA that signed its certificate, a user and password).
-        prefix: a command that execs the exporter inside the namespace (e.g. setpriv)."""
+        prefix: a command that execs the exporter inside the namespace (e.g. setpriv).
+        source: the source tree whose exporter runs (benchmarks compare revisions)."""
         self.node = node
         self._tls = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
         self._headers = {"Authorization": "Basic " + base64.b64encode(
@@ -96,7 +97,7 @@ class ExporterProcess:
         self._final_log: str | None = None
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *prefix, *argv],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=source,
                                      env={**os.environ, **(env or {})})
 
     @property

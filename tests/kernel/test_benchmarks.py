@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import kernel_cost
+from benchmarks import compare, connections, kernel_cost
 from benchmarks.sprayer import DISCARD_PORT, Sprayer
-from tests.exporter_process import ExporterProcess
+from tests.exporter_process import REPO, ExporterProcess
 from tests.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
@@ -50,3 +50,24 @@ def test_sprayed_flows_are_accounted_per_program_and_counted(node: TestNode,
     assert sprayed(scrape) == FLOWS
     assert len(scrape.select("ebpf_net_flow_packets_total", dst_ip=node.node_ip_a,
                              dst_port=str(DISCARD_PORT))) == FLOWS // 10
+
+
+def test_compare_alternates_trees_and_reports_each():
+    # a node of its own: part 1 changes pod a's port range and TIME_WAIT limit, and needs the
+    # iperf3 port that the shared node's tests may hold
+    said: list[str] = []
+    with TestNode() as node:
+        node.iperf3_server(node.b_ns, node.b_ip)
+        connections.prepare(node)
+        # iperf3 takes whole seconds
+        results = compare.compare(node, [REPO, REPO], 1, 1.0, say=said.append)
+    started = [line for line in said if line.startswith("repetition")]
+    assert len(started) == 2
+    for tree_runs in results:
+        assert len(tree_runs) == 1
+        for udp, tcp, per_connection in tree_runs:
+            # our programs do more than the do-nothing floor on every packet and connection
+            assert udp > 0 and tcp > 0 and per_connection > 0
+    rendered = compare.table([REPO, REPO], results)
+    assert rendered.count(str(REPO)) == 2 and "TCP ns per skb" in rendered
+
