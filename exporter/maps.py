@@ -128,11 +128,15 @@ class BatchMap:
         """Every entry of the map, copied out and deleted in one pass with
         BPF_MAP_LOOKUP_AND_DELETE_BATCH. Only for a map no program writes any more (a
         generation's map after Generation.flip): a program could otherwise add to an entry after
-        it was copied and before it was deleted, and that count would be lost."""
-        return self._walk(self._lib.bpf_lookup_and_delete_batch,
-                          "BPF_MAP_LOOKUP_AND_DELETE_BATCH")
+        it was copied and before it was deleted, and that count would be lost.
 
-    def _walk(self, batch_call: Any, call_name: str) -> MapSnapshot:
+        The chunks already taken are deleted from the map: if a later one fails, they are
+        returned (and the failure logged) rather than dropped with an exception. The entries
+        not reached stay in the map, to be taken at its next drain."""
+        return self._walk(self._lib.bpf_lookup_and_delete_batch,
+                          "BPF_MAP_LOOKUP_AND_DELETE_BATCH", keep_partial=True)
+
+    def _walk(self, batch_call: Any, call_name: str, keep_partial: bool = False) -> MapSnapshot:
         key_type = f"V{self.key_dtype.itemsize}"
         keys: list[np.ndarray] = []
         values: list[np.ndarray] = []
@@ -156,6 +160,12 @@ class BatchMap:
                 if rc != 0:
                     if err == errno.ENOENT:
                         break       # walked the whole map
+                    if keep_partial and total:
+                        log.warning("batch walk of a map stopped early; the rest waits for the "
+                                    "next drain", extra={"map": self.name, "call": call_name,
+                                                         "entries": total,
+                                                         "error": os.strerror(err)})
+                        break
                     raise MapReadError(f"{self.name}: {call_name} failed: {os.strerror(err)}")
                 first = False
                 token.value = next_token.value

@@ -56,6 +56,78 @@ def test_a_read_larger_than_one_chunk_returns_every_entry_once(program):
     assert np.array_equal(totals, expected.astype(np.uint64))
 
 
+def test_take_returns_every_entry_once_and_empties_the_map(program):
+    table = program[b"counts"]
+    table.clear()
+    entries = 20000
+    fill(table, entries, generation=0)
+    reader = maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
+    taken = reader.take()
+    assert sorted(taken.keys["id"].tolist()) == list(range(entries))
+    assert np.array_equal(taken.values.sum(axis=1),
+                          (taken.keys["id"] + 1).astype(np.uint64))
+    assert len(reader.read().keys) == 0
+
+
+def test_a_take_that_fails_midway_returns_what_it_took_and_leaves_the_rest(program):
+    import errno
+
+    table = program[b"counts"]
+    table.clear()
+    entries = 20000
+    fill(table, entries, generation=0)
+    reader = maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
+    real = reader._lib
+
+    class FailingSecondCall:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def bpf_lookup_and_delete_batch(self, *args):
+            FailingSecondCall.calls += 1
+            if FailingSecondCall.calls == 2:
+                args[5]._obj.value = 0          # as the kernel: the count of entries done
+                ctypes.set_errno(errno.EIO)
+                return -1
+            return real.bpf_lookup_and_delete_batch(*args)
+
+    reader._lib = FailingSecondCall()
+    taken = reader.take()
+    reader._lib = real
+    assert len(taken.keys) == maps.READ_CHUNK_ENTRIES        # the first chunk, not an exception
+    left = reader.read().keys
+    # nothing lost: what was not taken is still in the map, and nothing is in both
+    assert len(left) == entries - maps.READ_CHUNK_ENTRIES
+    assert not set(left["id"].tolist()) & set(taken.keys["id"].tolist())
+
+
+def test_a_failing_first_take_raises_and_takes_nothing(program):
+    import errno
+
+    table = program[b"counts"]
+    table.clear()
+    fill(table, 100, generation=0)
+    reader = maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
+    real = reader._lib
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def bpf_lookup_and_delete_batch(self, *args):
+            args[5]._obj.value = 0
+            ctypes.set_errno(errno.EIO)
+            return -1
+
+    reader._lib = Failing()
+    with pytest.raises(maps.MapReadError, match="BPF_MAP_LOOKUP_AND_DELETE_BATCH failed"):
+        reader.take()
+    reader._lib = real
+    assert len(reader.read().keys) == 100
+
+
 def test_delete_removes_exactly_the_selected_keys(program):
     table = program[b"counts"]
     table.clear()
