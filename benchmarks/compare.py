@@ -4,7 +4,9 @@ node in one session: A B, then B A, and so on.
 
 Single runs of part 1 move by +/-15 ns per packet on a shared machine; a change worth a few ns
 shows only as a shift of the medians over several alternated repetitions. Make the other tree a
-git worktree of the revision to compare with (`git worktree add /tmp/base main`)."""
+git worktree of the revision to compare with (`git worktree add /tmp/base main`). Each tree's
+exporter runs from that tree (its `exporter/` and `bpf/`) with this Python environment; the
+node, the floor and the workloads are this tree's."""
 
 from __future__ import annotations
 
