@@ -96,11 +96,12 @@ def test_a_take_that_fails_midway_returns_what_it_took_and_leaves_the_rest(progr
     reader._lib = FailingSecondCall()
     taken = reader.take()
     reader._lib = real
-    assert len(taken.keys) == maps.READ_CHUNK_ENTRIES        # the first chunk, not an exception
+    # the first chunk, not an exception (the kernel ends a chunk on a bucket's boundary, so it
+    # may hold a few entries fewer than asked for)
+    assert 0 < len(taken.keys) <= maps.READ_CHUNK_ENTRIES
     left = reader.read().keys
     # nothing lost: what was not taken is still in the map, and nothing is in both
-    assert len(left) == entries - maps.READ_CHUNK_ENTRIES
-    assert not set(left["id"].tolist()) & set(taken.keys["id"].tolist())
+    assert sorted(left["id"].tolist() + taken.keys["id"].tolist()) == list(range(entries))
 
 
 def test_a_failing_first_take_raises_and_takes_nothing(program):
