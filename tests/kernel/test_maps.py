@@ -4,6 +4,7 @@ with padding), per-CPU value layout and the generation flip."""
 from __future__ import annotations
 
 import ctypes
+import errno
 
 import numpy as np
 import pytest
@@ -56,12 +57,34 @@ def test_a_read_larger_than_one_chunk_returns_every_entry_once(program):
     assert np.array_equal(totals, expected.astype(np.uint64))
 
 
-def test_take_returns_every_entry_once_and_empties_the_map(program):
+def filled_reader(program, entries: int) -> maps.BatchMap:
     table = program[b"counts"]
     table.clear()
-    entries = 20000
     fill(table, entries, generation=0)
-    reader = maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
+    return maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
+
+
+class FailingTake:
+    """libbcc with BPF_MAP_LOOKUP_AND_DELETE_BATCH failing (EIO) from its `fail_from`-th call."""
+
+    def __init__(self, real, fail_from: int) -> None:
+        self.real, self.fail_from, self.calls = real, fail_from, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def bpf_lookup_and_delete_batch(self, *args):
+        self.calls += 1
+        if self.calls < self.fail_from:
+            return self.real.bpf_lookup_and_delete_batch(*args)
+        args[5]._obj.value = 0          # as the kernel: the count of entries done
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+
+def test_take_returns_every_entry_once_and_empties_the_map(program):
+    entries = 20000
+    reader = filled_reader(program, entries)
     taken = reader.take()
     assert sorted(taken.keys["id"].tolist()) == list(range(entries))
     assert np.array_equal(taken.values.sum(axis=1),
@@ -70,30 +93,9 @@ def test_take_returns_every_entry_once_and_empties_the_map(program):
 
 
 def test_a_take_that_fails_midway_returns_what_it_took_and_leaves_the_rest(program):
-    import errno
-
-    table = program[b"counts"]
-    table.clear()
     entries = 20000
-    fill(table, entries, generation=0)
-    reader = maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
-    real = reader._lib
-
-    class FailingSecondCall:
-        calls = 0
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def bpf_lookup_and_delete_batch(self, *args):
-            FailingSecondCall.calls += 1
-            if FailingSecondCall.calls == 2:
-                args[5]._obj.value = 0          # as the kernel: the count of entries done
-                ctypes.set_errno(errno.EIO)
-                return -1
-            return real.bpf_lookup_and_delete_batch(*args)
-
-    reader._lib = FailingSecondCall()
+    reader = filled_reader(program, entries)
+    real, reader._lib = reader._lib, FailingTake(reader._lib, fail_from=2)
     taken = reader.take()
     reader._lib = real
     # the first chunk, not an exception (the kernel ends a chunk on a bucket's boundary, so it
@@ -105,24 +107,8 @@ def test_a_take_that_fails_midway_returns_what_it_took_and_leaves_the_rest(progr
 
 
 def test_a_failing_first_take_raises_and_takes_nothing(program):
-    import errno
-
-    table = program[b"counts"]
-    table.clear()
-    fill(table, 100, generation=0)
-    reader = maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
-    real = reader._lib
-
-    class Failing:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def bpf_lookup_and_delete_batch(self, *args):
-            args[5]._obj.value = 0
-            ctypes.set_errno(errno.EIO)
-            return -1
-
-    reader._lib = Failing()
+    reader = filled_reader(program, 100)
+    real, reader._lib = reader._lib, FailingTake(reader._lib, fail_from=1)
     with pytest.raises(maps.MapReadError, match="BPF_MAP_LOOKUP_AND_DELETE_BATCH failed"):
         reader.take()
     reader._lib = real
