@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from exporter.environment import pid_alive
+
 __all__ = [
     "HTTP_DATA_SIZE",
     "HTTP_INDEX_BODY",
@@ -160,17 +162,6 @@ def _ip(*args: str, check: bool = True, stdin: str | None = None) -> None:
         _run(["ip", *args], check=check, input=stdin)
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if a process with this PID exists (or we cannot tell)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _terminate(proc: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM ``proc`` by PID, wait ``timeout`` s, then SIGKILL."""
     if proc.poll() is not None:
@@ -269,13 +260,13 @@ def cleanup_stale() -> list[str]:
     if os.path.isdir(SYS_NET_DIR):
         for name in sorted(os.listdir(SYS_NET_DIR)):
             m = _STALE_LINK_RE.match(name)
-            if m and not _pid_alive(int(m[1])):
+            if m and not pid_alive(int(m[1])):
                 _ip("link", "del", name, check=False)
                 removed.append(name)
     if os.path.isdir(NETNS_DIR):
         for name in sorted(os.listdir(NETNS_DIR)):
             m = _STALE_NS_RE.match(name)
-            if not m or _pid_alive(int(m[1])):
+            if not m or pid_alive(int(m[1])):
                 continue
             pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
             for pid in pids:
@@ -287,7 +278,7 @@ def cleanup_stale() -> list[str]:
     for name in sorted(os.listdir(tmp)):
         m = _STALE_TMP_RE.match(name)
         path = os.path.join(tmp, name)
-        if m and os.path.isdir(path) and not _pid_alive(int(m[1])):
+        if m and os.path.isdir(path) and not pid_alive(int(m[1])):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

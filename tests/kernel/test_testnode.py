@@ -190,7 +190,7 @@ def test_partial_build_is_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cleanup_stale() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
-    assert not testnode._pid_alive(dead.pid)
+    assert not testnode.pid_alive(dead.pid)
     stale_ns = f"ent{dead.pid}x0-a"
     mine = f"ent{os.getpid()}xzz-a"
     subprocess.run(["ip", "netns", "add", stale_ns], check=True)
