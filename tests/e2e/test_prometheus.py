@@ -251,30 +251,22 @@ table inet ebpf_net_e2e {{
     stack.wait_quiet()
 
 
-def test_servfail_fires_the_dns_error_alert_only(stack):
-    stack.traffic.faults.add("dns")
-    try:
-        active = stack.wait_only("EbpfNetDNSErrorRatioHigh")
-    finally:
-        stack.traffic.faults.discard("dns")
-    assert set(active) == {"EbpfNetDNSErrorRatioHigh"}
+@pytest.mark.parametrize("fault, alert, labels, errors", [
     # the ServFail server listens on the node's address: the node is its workload
-    assert stack.firing_labels("EbpfNetDNSErrorRatioHigh") == [{"dst_workload": NODE_NAME}]
-    servfail = stack.prometheus.query('sum(ebpf_net_dns_responses_total{rcode="ServFail"})')
-    assert float(servfail[0]["value"][1]) > 0
-    stack.wait_quiet()
-
-
-def test_http_500_fires_the_http_error_alert_only(stack):
-    stack.traffic.faults.add("http")
+    ("dns", "EbpfNetDNSErrorRatioHigh", {"dst_workload": NODE_NAME},
+     'sum(ebpf_net_dns_responses_total{rcode="ServFail"})'),
+    ("http", "EbpfNetHTTPErrorRatioHigh", SERVER_LABELS,
+     'sum(ebpf_net_http_requests_total{status_code="500"})'),
+], ids=["dns-servfail", "http-500"])
+def test_error_responses_fire_their_error_alert_only(stack, fault, alert, labels, errors):
+    stack.traffic.faults.add(fault)
     try:
-        active = stack.wait_only("EbpfNetHTTPErrorRatioHigh")
+        active = stack.wait_only(alert)
     finally:
-        stack.traffic.faults.discard("http")
-    assert set(active) == {"EbpfNetHTTPErrorRatioHigh"}
-    assert stack.firing_labels("EbpfNetHTTPErrorRatioHigh") == [SERVER_LABELS]
-    errors = stack.prometheus.query('sum(ebpf_net_http_requests_total{status_code="500"})')
-    assert float(errors[0]["value"][1]) > 0
+        stack.traffic.faults.discard(fault)
+    assert set(active) == {alert}
+    assert stack.firing_labels(alert) == [labels]
+    assert float(stack.prometheus.query(errors)[0]["value"][1]) > 0
     stack.wait_quiet()
 
 
