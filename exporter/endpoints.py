@@ -124,12 +124,12 @@ class PortFolder:
     def fold_codes(self, texts: list[str], src: np.ndarray, sport: np.ndarray,
                    dst: np.ndarray, dport: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """fold() for many packets at once: src and dst index `texts`; returns port label codes
-        (the port, FOLDED_CODE or NO_PORT_CODE). Known servers are looked up once per distinct
-        (address, port)."""
+        (the port, FOLDED_CODE or NO_PORT_CODE)."""
         sport = sport.astype(np.int64)
         dport = dport.astype(np.int64)
-        dst_known = self._known(texts, dst, dport)
-        src_known = self._known(texts, src, sport)
+        codes = self._server_codes(texts, len(src))
+        dst_known = self._known(texts, dst, dport, codes)
+        src_known = self._known(texts, src, sport, codes)
         servers = np.fromiter(self.server_ports, dtype=np.int64, count=len(self.server_ports))
 
         def by_rule(port: np.ndarray) -> np.ndarray:
@@ -141,19 +141,27 @@ class PortFolder:
         no_ports = (sport == 0) & (dport == 0)
         return np.where(no_ports, NO_PORT_CODE, s_code), np.where(no_ports, NO_PORT_CODE, d_code)
 
-    def _known(self, texts: list[str], address: np.ndarray, port: np.ndarray) -> np.ndarray:
-        pairs = address.astype(np.int64) * 65536 + port
+    def _server_codes(self, texts: list[str], rows: int) -> np.ndarray | None:
+        """Every known server among `texts` as address index * 65536 + port, for batches of
+        more rows than there are known servers (many clients); None for the others, whose rows
+        are looked up one by one."""
         with self._lock:
             servers = list(self._servers)
-        if len(pairs) > len(servers):
-            # more rows than known servers (many clients): look the servers up in the rows
-            indexes: dict[str, list[int]] = {}
-            for i, text in enumerate(texts):
-                indexes.setdefault(text, []).append(i)
-            codes = [i * 65536 + server_port for text, server_port in servers
-                     for i in indexes.get(text, ())]
+        if rows <= len(servers):
+            return None
+        indexes: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            indexes.setdefault(text, []).append(i)
+        return np.array([i * 65536 + server_port for text, server_port in servers
+                         for i in indexes.get(text, ())], dtype=np.int64)
+
+    def _known(self, texts: list[str], address: np.ndarray, port: np.ndarray,
+               codes: np.ndarray | None) -> np.ndarray:
+        """Whether each row's (address, port) is a known server; `codes` from _server_codes."""
+        pairs = address.astype(np.int64) * 65536 + port
+        if codes is not None:
             # against a few codes numpy compares the rows with each code instead of sorting
-            return np.isin(pairs, np.array(codes, dtype=np.int64))
+            return np.isin(pairs, codes)
         return np.fromiter((self.is_known_server(texts[int(p) >> 16], int(p) & 0xFFFF)
                             for p in pairs), dtype=bool, count=len(pairs))
 

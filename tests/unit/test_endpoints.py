@@ -161,4 +161,6 @@ def test_known_servers_found_the_same_way_with_many_clients_or_many_servers():
                          for a, p in zip(address, port, strict=True)])
     assert expected.sum() >= 4000 // 7
     for folder in (few, many):
-        assert (folder._known(texts, address, port) == expected).all()
+        codes = folder._server_codes(texts, len(address))
+        assert (codes is None) == (folder is many)
+        assert (folder._known(texts, address, port, codes) == expected).all()
