@@ -10,10 +10,16 @@
  * - connect failures: SYN_SENT -> CLOSE; refused when a reset answered the SYN, timeout when
  *   the SYN was retransmitted without an answer, aborted otherwise (the application gave up
  *   or an ICMP error ended the attempt)
- * - RTT: the smoothed RTT (srtt) that tcp:tcp_probe reports on every segment a socket receives
- *   is remembered per socket; each socket contributes its latest value once per
- *   RTT_SAMPLE_INTERVAL_NS it lives, and once more when it closes if it measured anything since
- *   its last sample. A short connection so counts once, with its final srtt.
+ * - RTT (-DWITH_RTT, with the socket field offsets of exporter/sockfields.py): a socket's
+ *   smoothed RTT (tcp_sock.srtt_us, read from the socket) is sampled once at close, and in
+ *   flight at most once per window of RTT_SAMPLE_JIFFIES it receives segments in, from its
+ *   second window of life on. A short connection so counts once, with its final srtt.
+ *   tcp:tcp_probe runs on every segment an established socket receives, so it is a raw
+ *   tracepoint (no copy of its arguments) and looks at no map for a segment whose socket
+ *   already received one in the same window: the socket's own receive timestamps (jiffies of
+ *   its last ACK and its last data) say so. The first segment of a window looks the socket up,
+ *   and the entry's window guards against a second sample in the window, so a kernel that
+ *   left those timestamps alone would only cost more, never count twice.
  * - process (opt-in, -DWITH_PROCESS): the command name of the socket's process, taken where the
  *   kernel runs in that process's context: connect() (SYN_SENT) for a client; for a server's
  *   accepted socket, whose handshake completes in softirq, its first send or receive
@@ -49,7 +55,6 @@ enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
 #define SOCK_OPEN_SEEN 1
 #define SOCK_SYN_RETRANSMITTED 2
 #define SOCK_RESET_RECEIVED 4
-#define SOCK_RTT_UNSAMPLED 8    /* last_srtt_us holds a value the histogram has not seen */
 
 #define CONNECT_REFUSED 0
 #define CONNECT_TIMEOUT 1
@@ -72,9 +77,6 @@ enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
 #define FAILURE_SOCKETS 1
 #define FAILURE_COUNT 2
 
-#ifndef RTT_SAMPLE_INTERVAL_NS
-#define RTT_SAMPLE_INTERVAL_NS 1000000000ULL
-#endif
 /* Open sockets tracked at once. Entries are allocated on demand (no prealloc); 131072 covers
  * busy nodes. A socket that does not fit is counted in map_update_failures: its open is still
  * counted but its close cannot be, so active connections over-read by that count. */
@@ -104,8 +106,9 @@ struct tcp_endpoints {
 struct sock_info {
     struct tcp_endpoints ep;
     u32 flags;
-    u32 last_srtt_us;       /* the latest srtt tcp_probe reported, not yet sampled if flagged */
-    u64 next_rtt_sample_ns;
+    u32 opened_jiffies;     /* when the open (or the socket) was seen: no RTT sample before */
+    u32 rtt_window;         /* the window (jiffies / RTT_SAMPLE_JIFFIES) of the last sample */
+    u32 spare;              /* keeps what follows 8-byte aligned */
 #ifdef WITH_EVENTS
     u16 client_port;        /* the live view shows connections, so it keeps the folded port */
     u16 pad[3];
@@ -229,6 +232,45 @@ static __always_inline void endpoints_from_sockaddrs(struct tcp_endpoints *ep, c
     ep->rport = bpf_ntohs(*(const u16 *)(remote + 2));
 }
 
+#ifdef WITH_RTT
+static __always_inline u32 sock_u32(const u8 *sk, u32 offset)
+{
+    u32 value = 0;
+    bpf_probe_read_kernel(&value, sizeof(value), sk + offset);
+    return value;
+}
+
+/* the smoothed RTT in microseconds, 0 while none is measured */
+static __always_inline u32 sock_srtt_us(const u8 *sk)
+{
+    return sock_u32(sk, TCP_SRTT_US) >> 3;
+}
+
+static __always_inline void endpoints_from_sock(struct tcp_endpoints *ep, const u8 *sk)
+{
+    u16 family = 0, local_port = 0, remote_port = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), sk + SK_FAMILY);
+    if (family == AF_INET6_) {
+        ep->family = 6;
+        bpf_probe_read_kernel(ep->laddr, 16, sk + SK_LOCAL_ADDR6);
+        bpf_probe_read_kernel(ep->raddr, 16, sk + SK_REMOTE_ADDR6);
+    } else {
+        ep->family = 4;
+        bpf_probe_read_kernel(ep->laddr, 4, sk + SK_LOCAL_ADDR);
+        bpf_probe_read_kernel(ep->raddr, 4, sk + SK_REMOTE_ADDR);
+    }
+    bpf_probe_read_kernel(&local_port, sizeof(local_port), sk + SK_LOCAL_PORT);
+    bpf_probe_read_kernel(&remote_port, sizeof(remote_port), sk + SK_REMOTE_PORT);
+    ep->lport = local_port;
+    ep->rport = bpf_ntohs(remote_port);
+}
+#endif
+
+static __always_inline u32 now_jiffies(void)
+{
+    return (u32)bpf_jiffies64();
+}
+
 #ifdef WITH_EVENTS
 static __always_inline void keep_client_port(struct sock_info *info)
 {
@@ -236,7 +278,7 @@ static __always_inline void keep_client_port(struct sock_info *info)
 }
 
 /* For the live view: one record per socket that closes (bpf/events.h). */
-static __always_inline void emit_close(const struct sock_info *info, u32 outcome)
+static __always_inline void emit_close(const struct sock_info *info, u32 outcome, u32 srtt_us)
 {
     struct live_event *ev = live_events.ringbuf_reserve(sizeof(struct live_event));
     if (!ev)
@@ -257,7 +299,7 @@ static __always_inline void emit_close(const struct sock_info *info, u32 outcome
         ev->client_port = info->ep.role == ROLE_CLIENT ? info->client_port : info->ep.lport;
         ev->server_port = info->ep.rport;
     }
-    ev->latency_us = info->last_srtt_us;
+    ev->latency_us = srtt_us;
     ev->code = outcome;
 #ifdef WITH_PROCESS
     __builtin_memcpy(ev->comm, info->ep.comm, sizeof(ev->comm));
@@ -319,7 +361,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
         fold_client_port(&info.ep);
         info.flags = SOCK_OPEN_SEEN;
-        info.next_rtt_sample_ns = bpf_ktime_get_ns() + RTT_SAMPLE_INTERVAL_NS;
+        info.opened_jiffies = now_jiffies();
 #ifdef WITH_PROCESS
         /* softirq here: a client keeps what connect() saw; a server waits for its process */
         struct sock_info *known = tcp_sockets.lookup(&sk);
@@ -342,6 +384,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct sock_info *info = tcp_sockets.lookup(&sk);
         if (!info)
             return 0;
+        u32 srtt_us = 0;
+#ifdef WITH_RTT
+        srtt_us = sock_srtt_us((const u8 *)args->skaddr);   /* 0 for a failed connect */
+#endif
         if (oldstate == TCPS_SYN_SENT) {
             u16 reason = CONNECT_ABORTED;
             if (info->flags & SOCK_RESET_RECEIVED)
@@ -350,7 +396,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
                 reason = CONNECT_TIMEOUT;
             count_event(METRIC_CONNECT_FAILURES, &info->ep, reason, 1);
 #ifdef WITH_EVENTS
-            emit_close(info, LIVE_TCP_REFUSED + reason);    /* same order as CONNECT_* */
+            emit_close(info, LIVE_TCP_REFUSED + reason, srtt_us);   /* order of CONNECT_* */
 #endif
         } else if (info->flags & SOCK_OPEN_SEEN) {
 #ifdef WITH_PROCESS
@@ -359,11 +405,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
             count_event(METRIC_CLOSED, &info->ep, 0, 1);
 #ifdef WITH_EVENTS
-            emit_close(info, LIVE_TCP_CLOSED);
+            emit_close(info, LIVE_TCP_CLOSED, srtt_us);
 #endif
         }
-        if (info->flags & SOCK_RTT_UNSAMPLED)
-            observe_rtt(&info->ep, info->last_srtt_us);
+        if (srtt_us)
+            observe_rtt(&info->ep, srtt_us);
         if (tcp_sockets.delete(&sk) == 0)
             count_sockets(-1);
     }
@@ -420,34 +466,40 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_probe)
+#ifdef WITH_RTT
+/* Every segment an established socket receives, before the kernel processes it. */
+RAW_TRACEPOINT_PROBE(tcp_probe)
 {
-    u32 srtt_us = args->srtt;           /* the tracepoint reports srtt_us >> 3: microseconds */
-    if (srtt_us == 0)
-        return 0;                       /* no RTT measured yet */
-    u64 sk = (u64)args->skaddr;
-    u64 now = bpf_ktime_get_ns();
+    const u8 *skp = (const u8 *)ctx->args[0];
+    u32 now = now_jiffies();
+    u32 window = now / RTT_SAMPLE_JIFFIES;
+    /* the socket's previous receive: its last ACK or its last data, whichever is later */
+    u32 ack = sock_u32(skp, TCP_RCV_TSTAMP);
+    u32 data = sock_u32(skp, TCP_DATA_RCV_TSTAMP);
+    u32 last = (s32)(data - ack) > 0 ? data : ack;
+    if (last / RTT_SAMPLE_JIFFIES == window)
+        return 0;                       /* not the window's first segment */
+
+    u64 sk = (u64)skp;
     struct sock_info *info = tcp_sockets.lookup(&sk);
     if (!info) {
         /* a connection that predates the exporter: remember it to sample it like the others */
         struct sock_info fresh = {};
-        endpoints_from_sockaddrs(&fresh.ep, args->saddr, args->daddr);
-        fresh.last_srtt_us = srtt_us;
-        fresh.flags = SOCK_RTT_UNSAMPLED;
-        fresh.next_rtt_sample_ns = now + RTT_SAMPLE_INTERVAL_NS;
+        endpoints_from_sock(&fresh.ep, skp);
+        fresh.opened_jiffies = now;
+        fresh.rtt_window = window;
         remember_socket(sk, &fresh);
         return 0;
     }
-    info->last_srtt_us = srtt_us;
-    if (now < info->next_rtt_sample_ns) {
-        info->flags |= SOCK_RTT_UNSAMPLED;
+    if (now - info->opened_jiffies < RTT_SAMPLE_JIFFIES || info->rtt_window == window)
         return 0;
-    }
-    info->next_rtt_sample_ns = now + RTT_SAMPLE_INTERVAL_NS;
-    info->flags &= ~SOCK_RTT_UNSAMPLED;
-    observe_rtt(&info->ep, srtt_us);
+    info->rtt_window = window;
+    u32 srtt_us = sock_srtt_us(skp);
+    if (srtt_us)
+        observe_rtt(&info->ep, srtt_us);
     return 0;
 }
+#endif
 
 #ifdef WITH_PROCESS
 /* A server socket's first send or receive, in its process's context: its open is counted now,

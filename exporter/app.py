@@ -14,7 +14,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import __version__, classifier, environment, logs, privileges, singleton
+from . import __version__, classifier, environment, logs, privileges, singleton, sockfields
 from .collectors import drops
 from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
@@ -65,8 +65,13 @@ def _missing_tracepoints(names: tuple[str, ...]) -> list[str]:
 
 def tcp_program_flags(config: Config) -> list[str]:
     flags = [f"-DEVENT_CAPACITY={config.maps.tcp_event_capacity}",
-             f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}",
-             f"-DRTT_SAMPLE_INTERVAL_NS={int(config.tcp.rtt_sample_interval * 1e9)}ULL"]
+             f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}"]
+    try:
+        flags += sockfields.rtt_flags(config.tcp.rtt_sample_interval)
+    except sockfields.SockFieldsError as e:
+        log.warning("cannot locate the socket fields RTT is read from: no "
+                    "ebpf_net_tcp_rtt_seconds (the other TCP metrics are unaffected)",
+                    extra={"error": str(e)})
     # kernels >= 6.10 give tcp_send_reset's addresses as sockaddrs of 28 bytes
     reset_format = TRACEFS_EVENTS / "tcp/tcp_send_reset/format"
     if "saddr[28]" in reset_format.read_text():

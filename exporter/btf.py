@@ -17,7 +17,12 @@ VMLINUX = Path("/sys/kernel/btf/vmlinux")
 BTF_MAGIC = 0xEB9F
 
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
+KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG = 8, 9, 10, 11, 18
 KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_ENUM64 = 13, 14, 15, 17, 19
+# kinds that only qualify or rename the type they refer to (their size field is that type's id)
+_ALIASES = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
+_SIZED = (KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64)
+POINTER_BYTES = 8
 # bytes that follow the 12-byte common header: fixed, and per item of vlen
 _EXTRA_FIXED = {KIND_INT: 4, KIND_ARRAY: 12, KIND_VAR: 4, KIND_DECL_TAG: 4}
 _EXTRA_PER_ITEM = {KIND_STRUCT: 12, KIND_UNION: 12, KIND_ENUM: 8, KIND_FUNC_PROTO: 8,
@@ -40,7 +45,9 @@ class BtfType:
     kind: int
     name: str
     vlen: int
+    size_or_type: int = 0       # bytes (int, struct, union, enum) or the referred type's id
     members: tuple[Member, ...] = ()
+    array: tuple[int, int] = (0, 0)     # an array's element type id and element count
     enumerators: tuple[tuple[str, int], ...] = ()
 
 
@@ -64,13 +71,17 @@ class Btf:
     def _parse(self, section: bytes) -> None:
         pos = 0
         while pos < len(section):
-            name_off, info, _size = struct.unpack_from("<III", section, pos)
+            name_off, info, size_or_type = struct.unpack_from("<III", section, pos)
             pos += 12
             kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
             name = self._name(name_off)
             members: list[Member] = []
             enumerators: list[tuple[str, int]] = []
-            if kind in (KIND_STRUCT, KIND_UNION):
+            array = (0, 0)
+            if kind == KIND_ARRAY:
+                element, _index, count = struct.unpack_from("<III", section, pos)
+                array = (element, count)
+            elif kind in (KIND_STRUCT, KIND_UNION):
                 for i in range(vlen):
                     m_name, m_type, m_offset = struct.unpack_from("<III", section, pos + 12 * i)
                     bits = m_offset & 0xFFFFFF if kind_flag else m_offset
@@ -86,7 +97,8 @@ class Btf:
             pos += _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_ITEM.get(kind, 0) * vlen
             if name:
                 self._by_name.setdefault((kind, name), len(self.types))
-            self.types.append(BtfType(kind, name, vlen, tuple(members), tuple(enumerators)))
+            self.types.append(BtfType(kind, name, vlen, size_or_type, tuple(members),
+                                      array, tuple(enumerators)))
 
     def find(self, kind: int, name: str) -> BtfType:
         type_id = self._by_name.get((kind, name))
@@ -97,24 +109,63 @@ class Btf:
         return found
 
     def member_offset(self, struct_name: str, member: str) -> int:
-        """Byte offset of a member of `struct struct_name`, looking through anonymous members."""
-        offset = self._search(self.find(KIND_STRUCT, struct_name), member)
-        if offset is None:
-            raise BtfError(f"struct {struct_name} has no member {member}")
-        if offset % 8:
-            raise BtfError(f"struct {struct_name}.{member} is a bitfield")
-        return offset // 8
+        """Byte offset of a member of `struct struct_name`, looking through anonymous members;
+        `a.b` names member b of the struct or union that member a is."""
+        return self.member(struct_name, member)[0]
 
-    def _search(self, composite: BtfType, member: str) -> int | None:
+    def member(self, struct_name: str, path: str) -> tuple[int, int]:
+        """Byte offset and size of a member of `struct struct_name` (see member_offset)."""
+        composite = self.find(KIND_STRUCT, struct_name)
+        bits, type_id, walked = 0, 0, struct_name
+        for part in path.split("."):
+            found = self._search(composite, part)
+            if found is None:
+                raise BtfError(f"struct {walked} has no member {part}")
+            bits += found[0]
+            type_id = found[1]
+            walked += "." + part
+            inner = self._resolve(type_id)
+            if inner.kind in (KIND_STRUCT, KIND_UNION):
+                composite = inner
+            elif part != path.split(".")[-1]:
+                raise BtfError(f"{walked} is not a struct or union")
+        if bits % 8:
+            raise BtfError(f"struct {struct_name}.{path} is a bitfield")
+        return bits // 8, self.size(type_id)
+
+    def _search(self, composite: BtfType, member: str) -> tuple[int, int] | None:
+        """(bit offset, type id) of a member, looking through anonymous members."""
         for m in composite.members:
             if m.name == member:
-                return m.bit_offset
+                return m.bit_offset, m.type_id
             inner = self.types[m.type_id]
             if not m.name and inner is not None and inner.kind in (KIND_STRUCT, KIND_UNION):
                 found = self._search(inner, member)
                 if found is not None:
-                    return m.bit_offset + found
+                    return m.bit_offset + found[0], found[1]
         return None
+
+    def _resolve(self, type_id: int) -> BtfType:
+        """The type behind typedefs and qualifiers."""
+        for _ in range(32):
+            found = self.types[type_id] if 0 < type_id < len(self.types) else None
+            if found is None:
+                raise BtfError(f"BTF type {type_id} is void or out of range")
+            if found.kind not in _ALIASES:
+                return found
+            type_id = found.size_or_type
+        raise BtfError(f"BTF type {type_id}: qualifiers nest too deep")
+
+    def size(self, type_id: int) -> int:
+        """Bytes of a type: what a read of a member of that type has to take."""
+        found = self._resolve(type_id)
+        if found.kind in _SIZED:
+            return found.size_or_type
+        if found.kind == KIND_PTR:
+            return POINTER_BYTES
+        if found.kind == KIND_ARRAY:
+            return self.size(found.array[0]) * found.array[1]
+        raise BtfError(f"BTF type {found.name or type_id} has no size")
 
     def enum(self, name: str) -> dict[str, int]:
         try:

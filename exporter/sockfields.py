@@ -1,0 +1,50 @@
+"""What bpf/tcp.c reads of a TCP socket beyond its tracepoints' arguments, located in the
+running kernel: member offsets from its BTF (the headers bcc compiles with may be another
+kernel's) and its tick rate. Given to the program as -D flags, as CO-RE relocations would be.
+
+With them the program samples RTT from the socket itself (see bpf/tcp.c, WITH_RTT); without
+BTF there is no RTT histogram, and the other TCP metrics are unchanged."""
+
+from __future__ import annotations
+
+from . import btf, jiffies
+
+# flag: (struct, member path, bytes the program reads)
+FIELDS = {
+    "SK_FAMILY": ("sock", "__sk_common.skc_family", 2),
+    "SK_LOCAL_PORT": ("sock", "__sk_common.skc_num", 2),         # host order
+    "SK_REMOTE_PORT": ("sock", "__sk_common.skc_dport", 2),      # network order
+    "SK_LOCAL_ADDR": ("sock", "__sk_common.skc_rcv_saddr", 4),
+    "SK_REMOTE_ADDR": ("sock", "__sk_common.skc_daddr", 4),
+    "SK_LOCAL_ADDR6": ("sock", "__sk_common.skc_v6_rcv_saddr", 16),
+    "SK_REMOTE_ADDR6": ("sock", "__sk_common.skc_v6_daddr", 16),
+    "TCP_SRTT_US": ("tcp_sock", "srtt_us", 4),                   # srtt << 3, microseconds
+    "TCP_RCV_TSTAMP": ("tcp_sock", "rcv_tstamp", 4),             # jiffies of the last ACK in
+    "TCP_DATA_RCV_TSTAMP": ("tcp_sock", "inet_conn.icsk_ack.lrcvtime", 4),  # of the last data
+}
+
+
+class SockFieldsError(Exception):
+    pass
+
+
+def offsets(table: btf.Btf) -> dict[str, int]:
+    found = {}
+    for flag, (struct_name, path, size) in FIELDS.items():
+        offset, actual = table.member(struct_name, path)
+        if actual != size:
+            raise btf.BtfError(f"struct {struct_name}.{path} is {actual} bytes, not {size}")
+        found[flag] = offset
+    return found
+
+
+def rtt_flags(interval_seconds: float) -> list[str]:
+    """-D flags that switch on RTT sampling; SockFieldsError says why it cannot be."""
+    try:
+        located = offsets(btf.kernel_btf())
+        hz = jiffies.kernel_hz()
+    except (btf.BtfError, jiffies.JiffiesError) as e:
+        raise SockFieldsError(str(e)) from e
+    interval = max(1, round(interval_seconds * hz))
+    return ["-DWITH_RTT", f"-DRTT_SAMPLE_JIFFIES={interval}",
+            *(f"-D{flag}={offset}" for flag, offset in located.items())]

@@ -1,0 +1,135 @@
+"""The socket fields bpf/tcp.c reads for RTT: BTF member paths and sizes, and the tick rate."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import pytest
+
+from exporter import app, btf, config, jiffies, sockfields
+
+
+def _btf_bytes() -> bytes:
+    """struct inet_connection_sock { u32 pad; struct { u32 pad; u32 lrcvtime; } icsk_ack; };
+    struct tcp_sock { struct inet_connection_sock inet_conn; const __u16 port;
+    u32 srtt_us; u32 flag:1; }; with __u16 a typedef of u16."""
+    strings = b"\0u16\0u32\0__u16\0inet_connection_sock\0icsk_ack\0lrcvtime\0pad\0tcp_sock\0" \
+        b"inet_conn\0port\0srtt_us\0flag\0"
+
+    def at(name: bytes) -> int:
+        return strings.index(b"\0" + name + b"\0") + 1
+
+    def info(kind: int, vlen: int, kind_flag: int = 0) -> int:
+        return (kind_flag << 31) | (kind << 24) | vlen
+
+    def member(name: bytes, type_id: int, bits: int) -> bytes:
+        return struct.pack("<III", at(name), type_id, bits)
+
+    types = b""
+    types += struct.pack("<III", at(b"u16"), info(btf.KIND_INT, 0), 2) + struct.pack("<I", 16)
+    types += struct.pack("<III", at(b"u32"), info(btf.KIND_INT, 0), 4) + struct.pack("<I", 32)
+    types += struct.pack("<III", at(b"__u16"), info(btf.KIND_TYPEDEF, 0), 1)           # 3
+    types += struct.pack("<III", 0, info(btf.KIND_CONST, 0), 3)                        # 4
+    types += struct.pack("<III", 0, info(btf.KIND_STRUCT, 2), 8)                       # 5
+    types += member(b"pad", 2, 0) + member(b"lrcvtime", 2, 32)
+    types += struct.pack("<III", at(b"inet_connection_sock"), info(btf.KIND_STRUCT, 2), 12)
+    types += member(b"pad", 2, 0) + member(b"icsk_ack", 5, 32)                         # 6
+    types += struct.pack("<III", at(b"tcp_sock"), info(btf.KIND_STRUCT, 4, 1), 24)     # 7
+    types += member(b"inet_conn", 6, 0) + member(b"port", 4, 96)
+    types += member(b"srtt_us", 2, 128) + member(b"flag", 2, (1 << 24) | 161)
+    header = struct.pack("<HBBIIIII", btf.BTF_MAGIC, 1, 0, 24, 0, len(types), len(types),
+                         len(strings))
+    return header + types + strings
+
+
+def test_member_paths_give_offsets_and_sizes_through_nested_and_qualified_types():
+    table = btf.Btf(_btf_bytes())
+    assert table.member("tcp_sock", "inet_conn.icsk_ack.lrcvtime") == (8, 4)
+    assert table.member("tcp_sock", "srtt_us") == (16, 4)
+    assert table.member("tcp_sock", "port") == (12, 2)          # const typedef of u16
+    assert table.member("tcp_sock", "inet_conn") == (0, 12)
+    with pytest.raises(btf.BtfError, match="has no member nope"):
+        table.member("tcp_sock", "inet_conn.icsk_ack.nope")
+    with pytest.raises(btf.BtfError, match="not a struct or union"):
+        table.member("tcp_sock", "srtt_us.low")
+    with pytest.raises(btf.BtfError, match="bitfield"):
+        table.member("tcp_sock", "flag")
+
+
+def test_the_running_kernels_socket_fields_have_the_sizes_the_program_reads():
+    if not btf.VMLINUX.exists():
+        pytest.skip("no kernel BTF on this machine")
+    located = sockfields.offsets(btf.kernel_btf())
+    assert set(located) == set(sockfields.FIELDS)
+    assert located["SK_REMOTE_ADDR"] + 4 == located["SK_LOCAL_ADDR"]    # skc_addrpair
+
+
+def test_a_field_of_another_size_is_refused(monkeypatch: pytest.MonkeyPatch):
+    table = btf.Btf(_btf_bytes())
+    monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 8)})
+    with pytest.raises(btf.BtfError, match="is 4 bytes, not 8"):
+        sockfields.offsets(table)
+
+
+def _timer_list(tmp_path: Path, now_ns: int, ticks: int) -> Path:
+    path = tmp_path / "timer_list"
+    path.write_text(f"Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\n"
+                    f"now at {now_ns} nsecs\n\ncpu: 0\n  .idle_jiffies   : {ticks - 9}\n"
+                    f"jiffies: {ticks}\n\ncpu: 1\njiffies: {ticks + 1}\n")
+    return path
+
+
+def test_a_timer_list_sample_is_the_clock_and_the_first_jiffies_line(tmp_path: Path):
+    assert jiffies.sample(_timer_list(tmp_path, 26_000_000_000, 4_301_000_000)) == \
+        (26_000_000_000, 4_301_000_000)
+
+
+@pytest.mark.parametrize(("ticks", "hz"), [(25, 250), (26, 250), (30, 300), (100, 1000),
+                                           (10, 100), (24, 250), (48, 480)])
+def test_ticks_over_a_tenth_of_a_second_snap_to_a_configurable_rate(ticks: int, hz: int):
+    assert jiffies.rate((0, 1000), (100_000_000, 1000 + ticks)) == hz
+
+
+def test_a_timer_list_without_the_lines_or_progress_is_an_error(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.write_text("Timer List Version: v0.10\n")
+    with pytest.raises(jiffies.JiffiesError, match="no 'now at'"):
+        jiffies.sample(empty)
+    with pytest.raises(jiffies.JiffiesError, match="did not advance"):
+        jiffies.rate((5, 7), (5, 7))
+    with pytest.raises(jiffies.JiffiesError, match="No such file"):
+        jiffies.sample(tmp_path / "absent")
+
+
+def _tcp_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval: str) -> list[str]:
+    reset = tmp_path / "tcp" / "tcp_send_reset"
+    reset.mkdir(parents=True)
+    (reset / "format").write_text("\tfield:__u8 saddr[28];\n")
+    monkeypatch.setattr(app, "TRACEFS_EVENTS", tmp_path)
+    return app.tcp_program_flags(config.load(None, {}, {"tcp.rtt_sample_interval": interval}))
+
+
+def test_the_sampling_interval_is_compiled_in_jiffies(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path):
+    monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
+    monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
+    monkeypatch.setattr(jiffies, "kernel_hz", lambda: 250)
+    flags = _tcp_flags(monkeypatch, tmp_path, "2s")
+    assert flags[2:5] == ["-DWITH_RTT", "-DRTT_SAMPLE_JIFFIES=500", "-DTCP_SRTT_US=16"]
+    assert "-DTCP_SEND_RESET_SOCKADDR" in flags
+
+
+def test_without_btf_the_tcp_program_has_no_rtt_and_the_log_says_why(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    def no_btf() -> btf.Btf:
+        raise btf.BtfError("/sys/kernel/btf/vmlinux: No such file or directory")
+
+    monkeypatch.setattr(btf, "kernel_btf", no_btf)
+    caplog.set_level(logging.WARNING, logger="ebpf_net_exporter.main")
+    flags = _tcp_flags(monkeypatch, tmp_path, "1s")
+    assert not [f for f in flags if "RTT" in f]
+    assert flags[:2] == ["-DEVENT_CAPACITY=65536", "-DSOCKET_CAPACITY=131072"]
+    [record] = [r for r in caplog.records if "ebpf_net_tcp_rtt_seconds" in r.getMessage()]
+    assert "vmlinux: No such file" in record.__dict__["error"]
