@@ -2,8 +2,9 @@
 running kernel: member offsets from its BTF (the headers bcc compiles with may be another
 kernel's) and its tick rate. Given to the program as -D flags, as CO-RE relocations would be.
 
-With them the program samples RTT from the socket itself (see bpf/tcp.c, WITH_RTT); without
-BTF there is no RTT histogram, and the other TCP metrics are unchanged."""
+With them the program samples RTT from the socket itself and tells why a connect failed at its
+close (see bpf/tcp.c, WITH_SOCK_FIELDS); without BTF there is no RTT histogram, and the other TCP
+metrics are unchanged."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ FIELDS = {
     "SK_REMOTE_ADDR": ("sock", "__sk_common.skc_daddr", 4),
     "SK_LOCAL_ADDR6": ("sock", "__sk_common.skc_v6_rcv_saddr", 16),
     "SK_REMOTE_ADDR6": ("sock", "__sk_common.skc_v6_daddr", 16),
+    "SK_ERR": ("sock", "sk_err", 4),                             # set before the close
+    "TCP_TOTAL_RETRANS": ("tcp_sock", "total_retrans", 4),       # SYNs too
     "TCP_SRTT_US": ("tcp_sock", "srtt_us", 4),                   # srtt << 3, microseconds
     "TCP_RCV_TSTAMP": ("tcp_sock", "rcv_tstamp", 4),             # jiffies of the last ACK in
     "TCP_DATA_RCV_TSTAMP": ("tcp_sock", "inet_conn.icsk_ack.lrcvtime", 4),  # of the last data
@@ -46,5 +49,5 @@ def rtt_flags(interval_seconds: float) -> list[str]:
     except (btf.BtfError, jiffies.JiffiesError) as e:
         raise SockFieldsError(str(e)) from e
     interval = max(1, round(interval_seconds * hz))
-    return ["-DWITH_RTT", f"-DRTT_SAMPLE_JIFFIES={interval}",
+    return ["-DWITH_SOCK_FIELDS", f"-DRTT_SAMPLE_JIFFIES={interval}",
             *(f"-D{flag}={offset}" for flag, offset in located.items())]

@@ -117,7 +117,7 @@ def test_the_sampling_interval_is_compiled_in_jiffies(monkeypatch: pytest.Monkey
     monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
     monkeypatch.setattr(jiffies, "kernel_hz", lambda: 250)
     flags = _tcp_flags(monkeypatch, tmp_path, "2s")
-    assert flags[2:5] == ["-DWITH_RTT", "-DRTT_SAMPLE_JIFFIES=500", "-DTCP_SRTT_US=16"]
+    assert flags[2:5] == ["-DWITH_SOCK_FIELDS", "-DRTT_SAMPLE_JIFFIES=500", "-DTCP_SRTT_US=16"]
     assert "-DTCP_SEND_RESET_SOCKADDR" in flags
 
 
