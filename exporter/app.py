@@ -67,7 +67,7 @@ def tcp_program_flags(config: Config) -> list[str]:
     flags = [f"-DEVENT_CAPACITY={config.maps.tcp_event_capacity}",
              f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}"]
     try:
-        flags += sockfields.rtt_flags(config.tcp.rtt_sample_interval)
+        flags += sockfields.program_flags(config.tcp.rtt_sample_interval)
     except sockfields.SockFieldsError as e:
         log.warning("cannot locate the socket fields RTT is read from: no "
                     "ebpf_net_tcp_rtt_seconds (the other TCP metrics are unaffected)",

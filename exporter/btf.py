@@ -9,8 +9,8 @@ The format: Documentation/bpf/btf.rst (a header, then the type and string sectio
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
@@ -38,6 +38,7 @@ class Member:
     name: str
     type_id: int
     bit_offset: int
+    bitfield_size: int = 0      # 0: not a bitfield
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,15 @@ class BtfType:
     enumerators: tuple[tuple[str, int], ...] = ()
 
 
+_RECORD = struct.Struct("<III")
+_NAMED_KINDS = (KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64)
+
+
 class Btf:
+    """A kernel's BTF holds some 130k types: they are indexed (where each record starts, and the
+    named structs, unions and enums) and decoded one by one when asked for. Decoding all of
+    them into Python objects took 60 MiB that an exporter would have kept for good."""
+
     def __init__(self, data: bytes) -> None:
         if len(data) < 24:
             raise BtfError("BTF data too short")
@@ -60,53 +69,69 @@ class Btf:
             raise BtfError(f"not BTF (magic {magic:#x})")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         self._strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self.types: list[BtfType | None] = [None]      # type id 0 is void
-        self._by_name: dict[tuple[int, str], int] = {}
-        self._parse(data[hdr_len + type_off:hdr_len + type_off + type_len])
+        self._section = data[hdr_len + type_off:hdr_len + type_off + type_len]
+        self._starts = array("I", [0])          # type id 0 is void
+        self._named: dict[tuple[int, int], int] = {}    # (kind, name offset) -> type id
+        self._index()
+
+    def _index(self) -> None:
+        section, starts, named = self._section, self._starts, self._named
+        fixed, per_item = _EXTRA_FIXED, _EXTRA_PER_ITEM
+        pos, end = 0, len(section)
+        while pos < end:
+            name_off, info, _ = _RECORD.unpack_from(section, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            starts.append(pos)
+            if name_off and kind in _NAMED_KINDS:
+                named.setdefault((kind, name_off), len(starts) - 1)
+            pos += 12 + fixed.get(kind, 0) + per_item.get(kind, 0) * vlen
 
     def _name(self, offset: int) -> str:
         end = self._strings.index(b"\0", offset)
         return self._strings[offset:end].decode()
 
-    def _parse(self, section: bytes) -> None:
-        pos = 0
-        while pos < len(section):
-            name_off, info, size_or_type = struct.unpack_from("<III", section, pos)
-            pos += 12
-            kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
-            name = self._name(name_off)
-            members: list[Member] = []
-            enumerators: list[tuple[str, int]] = []
-            array = (0, 0)
-            if kind == KIND_ARRAY:
-                element, _index, count = struct.unpack_from("<III", section, pos)
-                array = (element, count)
-            elif kind in (KIND_STRUCT, KIND_UNION):
-                for i in range(vlen):
-                    m_name, m_type, m_offset = struct.unpack_from("<III", section, pos + 12 * i)
-                    bits = m_offset & 0xFFFFFF if kind_flag else m_offset
-                    members.append(Member(self._name(m_name), m_type, bits))
-            elif kind == KIND_ENUM:
-                for i in range(vlen):
-                    e_name, value = struct.unpack_from("<Ii", section, pos + 8 * i)
-                    enumerators.append((self._name(e_name), value))
-            elif kind == KIND_ENUM64:
-                for i in range(vlen):
-                    e_name, lo, hi = struct.unpack_from("<III", section, pos + 12 * i)
-                    enumerators.append((self._name(e_name), (hi << 32) | lo))
-            pos += _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_ITEM.get(kind, 0) * vlen
-            if name:
-                self._by_name.setdefault((kind, name), len(self.types))
-            self.types.append(BtfType(kind, name, vlen, size_or_type, tuple(members),
-                                      array, tuple(enumerators)))
+    def type(self, type_id: int) -> BtfType | None:
+        """The type of this id, decoded; None for void and ids out of range."""
+        if not 0 < type_id < len(self._starts):
+            return None
+        section, pos = self._section, self._starts[type_id]
+        name_off, info, size_or_type = _RECORD.unpack_from(section, pos)
+        pos += 12
+        kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+        members: list[Member] = []
+        enumerators: list[tuple[str, int]] = []
+        dimension = (0, 0)
+        if kind == KIND_ARRAY:
+            element, _index, count = _RECORD.unpack_from(section, pos)
+            dimension = (element, count)
+        elif kind in (KIND_STRUCT, KIND_UNION):
+            for i in range(vlen):
+                m_name, m_type, m_offset = _RECORD.unpack_from(section, pos + 12 * i)
+                bits, size = (m_offset & 0xFFFFFF, m_offset >> 24) if kind_flag else (m_offset, 0)
+                members.append(Member(self._name(m_name), m_type, bits, size))
+        elif kind == KIND_ENUM:
+            for i in range(vlen):
+                e_name, value = struct.unpack_from("<Ii", section, pos + 8 * i)
+                enumerators.append((self._name(e_name), value))
+        elif kind == KIND_ENUM64:
+            for i in range(vlen):
+                e_name, lo, hi = _RECORD.unpack_from(section, pos + 12 * i)
+                enumerators.append((self._name(e_name), (hi << 32) | lo))
+        return BtfType(kind, self._name(name_off), vlen, size_or_type, tuple(members),
+                       dimension, tuple(enumerators))
 
     def find(self, kind: int, name: str) -> BtfType:
-        type_id = self._by_name.get((kind, name))
-        if type_id is None:
-            raise BtfError(f"BTF has no {name}")
-        found = self.types[type_id]
-        assert found is not None
-        return found
+        """The first type of this kind and name (structs, unions and enums)."""
+        wanted = b"\0" + name.encode() + b"\0"
+        at = self._strings.find(wanted)
+        while at >= 0:
+            type_id = self._named.get((kind, at + 1))
+            if type_id is not None:
+                found = self.type(type_id)
+                assert found is not None
+                return found
+            at = self._strings.find(wanted, at + 1)
+        raise BtfError(f"BTF has no {name}")
 
     def member_offset(self, struct_name: str, member: str) -> int:
         """Byte offset of a member of `struct struct_name`, looking through anonymous members;
@@ -121,6 +146,8 @@ class Btf:
             found = self._search(composite, part)
             if found is None:
                 raise BtfError(f"struct {walked} has no member {part}")
+            if found[2]:
+                raise BtfError(f"struct {struct_name}.{path} is a bitfield")
             bits += found[0]
             type_id = found[1]
             walked += "." + part
@@ -133,22 +160,24 @@ class Btf:
             raise BtfError(f"struct {struct_name}.{path} is a bitfield")
         return bits // 8, self.size(type_id)
 
-    def _search(self, composite: BtfType, member: str) -> tuple[int, int] | None:
-        """(bit offset, type id) of a member, looking through anonymous members."""
+    def _search(self, composite: BtfType, member: str) -> tuple[int, int, int] | None:
+        """(bit offset, type id, bitfield size) of a member, looking through anonymous ones."""
         for m in composite.members:
             if m.name == member:
-                return m.bit_offset, m.type_id
-            inner = self.types[m.type_id]
-            if not m.name and inner is not None and inner.kind in (KIND_STRUCT, KIND_UNION):
+                return m.bit_offset, m.type_id, m.bitfield_size
+            if m.name:
+                continue
+            inner = self.type(m.type_id)
+            if inner is not None and inner.kind in (KIND_STRUCT, KIND_UNION):
                 found = self._search(inner, member)
                 if found is not None:
-                    return m.bit_offset + found[0], found[1]
+                    return m.bit_offset + found[0], found[1], found[2]
         return None
 
     def _resolve(self, type_id: int) -> BtfType:
         """The type behind typedefs and qualifiers."""
         for _ in range(32):
-            found = self.types[type_id] if 0 < type_id < len(self.types) else None
+            found = self.type(type_id)
             if found is None:
                 raise BtfError(f"BTF type {type_id} is void or out of range")
             if found.kind not in _ALIASES:
@@ -175,8 +204,9 @@ class Btf:
         return dict(found.enumerators)
 
 
-@cache
 def kernel_btf(path: Path = VMLINUX) -> Btf:
+    """Read afresh by each caller (about 0.07 s), so its 6 MB are not kept for the exporter's
+    life: the offsets are all that is wanted from it, once, at start-up."""
     try:
         return Btf(path.read_bytes())
     except OSError as e:

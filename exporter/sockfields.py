@@ -41,13 +41,15 @@ def offsets(table: btf.Btf) -> dict[str, int]:
     return found
 
 
-def rtt_flags(interval_seconds: float) -> list[str]:
-    """-D flags that switch on RTT sampling; SockFieldsError says why it cannot be."""
+def program_flags(interval_seconds: float) -> list[str]:
+    """-D flags that let bpf/tcp.c read the socket (RTT, connect failures); SockFieldsError
+    says why they cannot be had."""
     try:
         located = offsets(btf.kernel_btf())
         hz = jiffies.kernel_hz()
     except (btf.BtfError, jiffies.JiffiesError) as e:
         raise SockFieldsError(str(e)) from e
-    interval = max(1, round(interval_seconds * hz))
+    # at least a tick; at most 2^31 ticks, so that windows of the 32-bit jiffies still turn
+    interval = min(max(1, round(interval_seconds * hz)), 1 << 31)
     return ["-DWITH_SOCK_FIELDS", f"-DRTT_SAMPLE_JIFFIES={interval}",
             *(f"-D{flag}={offset}" for flag, offset in located.items())]

@@ -14,7 +14,8 @@ from exporter import app, btf, config, jiffies, sockfields
 def _btf_bytes() -> bytes:
     """struct inet_connection_sock { u32 pad; struct { u32 pad; u32 lrcvtime; } icsk_ack; };
     struct tcp_sock { struct inet_connection_sock inet_conn; const __u16 port;
-    u32 srtt_us; u32 flag:1; }; with __u16 a typedef of u16."""
+    u32 srtt_us; u32 flag:1; }; with __u16 a typedef of u16 (the bitfield starts on a byte, so
+    only its size in BTF tells it is one)."""
     strings = b"\0u16\0u32\0__u16\0inet_connection_sock\0icsk_ack\0lrcvtime\0pad\0tcp_sock\0" \
         b"inet_conn\0port\0srtt_us\0flag\0"
 
@@ -38,7 +39,7 @@ def _btf_bytes() -> bytes:
     types += member(b"pad", 2, 0) + member(b"icsk_ack", 5, 32)                         # 6
     types += struct.pack("<III", at(b"tcp_sock"), info(btf.KIND_STRUCT, 4, 1), 24)     # 7
     types += member(b"inet_conn", 6, 0) + member(b"port", 4, 96)
-    types += member(b"srtt_us", 2, 128) + member(b"flag", 2, (1 << 24) | 161)
+    types += member(b"srtt_us", 2, 128) + member(b"flag", 2, (1 << 24) | 160)
     header = struct.pack("<HBBIIIII", btf.BTF_MAGIC, 1, 0, 24, 0, len(types), len(types),
                          len(strings))
     return header + types + strings
