@@ -264,23 +264,24 @@ static __always_inline u16 connect_failure(const u8 *sk)
     return sock_u32(sk, TCP_TOTAL_RETRANS) ? CONNECT_TIMEOUT : CONNECT_ABORTED;
 }
 
+/* The IPv4 endpoints and the family lie in the first bytes of struct sock_common (user space
+ * checks that they do, SK_HEAD_BYTES): one read for all of them. */
 static __always_inline void endpoints_from_sock(struct tcp_endpoints *ep, const u8 *sk)
 {
-    u16 family = 0, local_port = 0, remote_port = 0;
-    bpf_probe_read_kernel(&family, sizeof(family), sk + SK_FAMILY);
-    if (family == AF_INET6_) {
+    u64 words[(SK_HEAD_BYTES + 7) / 8];
+    const u8 *head = (const u8 *)words;
+    bpf_probe_read_kernel(words, SK_HEAD_BYTES, sk);
+    if (*(const u16 *)(head + SK_FAMILY) == AF_INET6_) {
         ep->family = 6;
         bpf_probe_read_kernel(ep->laddr, 16, sk + SK_LOCAL_ADDR6);
         bpf_probe_read_kernel(ep->raddr, 16, sk + SK_REMOTE_ADDR6);
     } else {
         ep->family = 4;
-        bpf_probe_read_kernel(ep->laddr, 4, sk + SK_LOCAL_ADDR);
-        bpf_probe_read_kernel(ep->raddr, 4, sk + SK_REMOTE_ADDR);
+        __builtin_memcpy(ep->laddr, head + SK_LOCAL_ADDR, 4);
+        __builtin_memcpy(ep->raddr, head + SK_REMOTE_ADDR, 4);
     }
-    bpf_probe_read_kernel(&local_port, sizeof(local_port), sk + SK_LOCAL_PORT);
-    bpf_probe_read_kernel(&remote_port, sizeof(remote_port), sk + SK_REMOTE_PORT);
-    ep->lport = local_port;
-    ep->rport = bpf_ntohs(remote_port);
+    ep->lport = *(const u16 *)(head + SK_LOCAL_PORT);
+    ep->rport = bpf_ntohs(*(const u16 *)(head + SK_REMOTE_PORT));
 }
 #endif
 
@@ -346,6 +347,29 @@ static __always_inline void remember_socket(u64 sk, struct sock_info *info)
         count_failure(FAILURE_SOCKETS);
 }
 
+/* With the socket fields, a raw tracepoint: a classic one copies every argument into a buffer
+ * first, for each of a connection's ten state changes, half of which matter here. The
+ * endpoints are then read from the socket, and only where they are needed. */
+#ifdef WITH_SOCK_FIELDS
+#define STATE_ENDPOINTS(ep) endpoints_from_sock(ep, (const u8 *)sk)
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    u64 sk = ctx->args[0];
+    int oldstate = ctx->args[1];
+    int newstate = ctx->args[2];
+#ifdef REMEMBER_CONNECTING
+    if (newstate != TCPS_SYN_SENT && newstate != TCPS_ESTABLISHED && newstate != TCPS_CLOSE)
+        return 0;
+#else
+    if (newstate != TCPS_ESTABLISHED && newstate != TCPS_CLOSE)
+        return 0;
+#endif
+    u16 protocol = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), (const u8 *)sk + SK_PROTOCOL);
+    if (protocol != PROTO_TCP)
+        return 0;
+#else
+#define STATE_ENDPOINTS(ep) ENDPOINTS_FROM_FIELDS(ep, args)
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != PROTO_TCP)
@@ -353,11 +377,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     u64 sk = (u64)args->skaddr;
     int oldstate = args->oldstate;
     int newstate = args->newstate;
+#endif
 
     if (newstate == TCPS_SYN_SENT) {
 #ifdef REMEMBER_CONNECTING
         struct sock_info info = {};
-        ENDPOINTS_FROM_FIELDS(&info.ep, args);
+        STATE_ENDPOINTS(&info.ep);
         info.ep.role = ROLE_CLIENT;
 #ifdef WITH_EVENTS
         keep_client_port(&info);
@@ -374,7 +399,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (newstate == TCPS_ESTABLISHED &&
         (oldstate == TCPS_SYN_SENT || oldstate == TCPS_SYN_RECV)) {
         struct sock_info info = {};
-        ENDPOINTS_FROM_FIELDS(&info.ep, args);
+        STATE_ENDPOINTS(&info.ep);
         info.ep.role = oldstate == TCPS_SYN_SENT ? ROLE_CLIENT : ROLE_SERVER;
 #ifdef WITH_EVENTS
         keep_client_port(&info);
@@ -405,7 +430,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #ifndef REMEMBER_CONNECTING
         if (!info && oldstate == TCPS_SYN_SENT) {
             struct tcp_endpoints ep = {};
-            ENDPOINTS_FROM_FIELDS(&ep, args);
+            STATE_ENDPOINTS(&ep);
             ep.role = ROLE_CLIENT;
             fold_client_port(&ep);
             count_event(METRIC_CONNECT_FAILURES, &ep, connect_failure((const u8 *)sk), 1);
@@ -416,7 +441,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             return 0;
         u32 srtt_us = 0;
 #ifdef WITH_SOCK_FIELDS
-        srtt_us = sock_srtt_us((const u8 *)args->skaddr);   /* 0 for a failed connect */
+        srtt_us = sock_srtt_us((const u8 *)sk);   /* 0 for a failed connect */
 #endif
         if (oldstate == TCPS_SYN_SENT) {
             u16 reason = CONNECT_ABORTED;

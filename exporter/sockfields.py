@@ -12,6 +12,7 @@ from . import btf, jiffies
 
 # flag: (struct, member path, bytes the program reads)
 FIELDS = {
+    "SK_PROTOCOL": ("sock", "sk_protocol", 2),                   # a bitfield before 5.6
     "SK_FAMILY": ("sock", "__sk_common.skc_family", 2),
     "SK_LOCAL_PORT": ("sock", "__sk_common.skc_num", 2),         # host order
     "SK_REMOTE_PORT": ("sock", "__sk_common.skc_dport", 2),      # network order
@@ -41,15 +42,29 @@ def offsets(table: btf.Btf) -> dict[str, int]:
     return found
 
 
+# read together in one bpf_probe_read_kernel from the start of the socket (bpf/tcp.c)
+HEAD_FIELDS = ("SK_FAMILY", "SK_LOCAL_PORT", "SK_REMOTE_PORT", "SK_LOCAL_ADDR", "SK_REMOTE_ADDR")
+HEAD_LIMIT = 64
+
+
+def head_bytes(located: dict[str, int]) -> int:
+    """Bytes from the start of the socket that hold HEAD_FIELDS."""
+    end = max(located[flag] + FIELDS[flag][2] for flag in HEAD_FIELDS)
+    if end > HEAD_LIMIT:
+        raise btf.BtfError(f"the socket's endpoints span {end} bytes, more than {HEAD_LIMIT}")
+    return end
+
+
 def program_flags(interval_seconds: float) -> list[str]:
     """-D flags that let bpf/tcp.c read the socket (RTT, connect failures); SockFieldsError
     says why they cannot be had."""
     try:
         located = offsets(btf.kernel_btf())
+        head = head_bytes(located)
         hz = jiffies.kernel_hz()
     except (btf.BtfError, jiffies.JiffiesError) as e:
         raise SockFieldsError(str(e)) from e
     # at least a tick; at most 2^31 ticks, so that windows of the 32-bit jiffies still turn
     interval = min(max(1, round(interval_seconds * hz)), 1 << 31)
-    return ["-DWITH_SOCK_FIELDS", f"-DRTT_SAMPLE_JIFFIES={interval}",
+    return ["-DWITH_SOCK_FIELDS", f"-DRTT_SAMPLE_JIFFIES={interval}", f"-DSK_HEAD_BYTES={head}",
             *(f"-D{flag}={offset}" for flag, offset in located.items())]

@@ -174,3 +174,19 @@ def test_rtt_follows_real_queueing_delay(node: TestNode, exporter: ExporterProce
         scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels)
     assert 2e-3 < mean < 1.0
 
+
+
+def test_ipv6_connections_are_counted_with_their_addresses_and_rtt(node: TestNode,
+                                                                   exporter: ExporterProcess):
+    """The endpoints of an IPv6 socket are read from its own fields (SK_*_ADDR6)."""
+    k, port = 4, 7103
+    tcp_connections(node.a_ns, node.b_ns, node.b_ip6, port, k)
+    labels = {"src_ip": node.a_ip6, "dst_ip": node.b_ip6, "dst_port": str(port)}
+    scrape = exporter.wait_for(
+        lambda s: s.value("ebpf_net_tcp_connections_closed_total", **labels) >= 2 * k
+        and s.value("ebpf_net_tcp_rtt_seconds_count", **labels) >= 2 * k,
+        f"{k} IPv6 connections closed on both sides")
+    for role in ("client", "server"):
+        assert scrape.value("ebpf_net_tcp_connections_opened_total", role=role, **labels) == k
+        assert scrape.value("ebpf_net_tcp_connections_closed_total", role=role, **labels) == k
+    assert scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels) == 2 * k

@@ -116,10 +116,20 @@ def test_the_sampling_interval_is_compiled_in_jiffies(monkeypatch: pytest.Monkey
                                                       tmp_path: Path):
     monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
     monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
+    monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
     monkeypatch.setattr(jiffies, "kernel_hz", lambda: 250)
     flags = _tcp_flags(monkeypatch, tmp_path, "2s")
-    assert flags[2:5] == ["-DWITH_SOCK_FIELDS", "-DRTT_SAMPLE_JIFFIES=500", "-DTCP_SRTT_US=16"]
+    assert flags[2:6] == ["-DWITH_SOCK_FIELDS", "-DRTT_SAMPLE_JIFFIES=500", "-DSK_HEAD_BYTES=18",
+                          "-DTCP_SRTT_US=16"]
     assert "-DTCP_SEND_RESET_SOCKADDR" in flags
+
+
+def test_the_endpoints_read_in_one_go_must_lie_near_the_start_of_the_socket():
+    located = {"SK_FAMILY": 16, "SK_LOCAL_PORT": 14, "SK_REMOTE_PORT": 12, "SK_LOCAL_ADDR": 4,
+               "SK_REMOTE_ADDR": 0}
+    assert sockfields.head_bytes(located) == 18
+    with pytest.raises(btf.BtfError, match="span 74 bytes"):
+        sockfields.head_bytes({**located, "SK_FAMILY": 72})
 
 
 def test_without_btf_the_tcp_program_has_no_rtt_and_the_log_says_why(
