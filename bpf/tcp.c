@@ -1,4 +1,9 @@
-/* TCP connection metrics from tracepoints (no kprobes: tracepoint arguments are stable ABI).
+/* TCP connection metrics from tracepoints (no kprobes: tracepoints are stable ABI).
+ *
+ * With the socket fields located (-DWITH_SOCK_FIELDS: offsets from the running kernel's BTF,
+ * exporter/sockfields.py) sock:inet_sock_set_state and tcp:tcp_probe are raw tracepoints that
+ * read what they need from the socket; without them, classic tracepoints whose arguments say
+ * it, and no RTT.
  *
  * Every socket the program sees open is remembered in tcp_sockets (keyed by the socket's
  * address, which the kernel does not reuse while the socket lives) with its role and
