@@ -19,7 +19,7 @@
  *   a successful connect costs one insert, not an insert and a replace.
  * - RTT (-DWITH_SOCK_FIELDS, with the socket field offsets of exporter/sockfields.py): a socket's
  *   smoothed RTT (tcp_sock.srtt_us, read from the socket) is sampled once at close, and in
- *   flight at most once per window of RTT_SAMPLE_JIFFIES it receives segments in, from its
+ *   flight at most once per window of rtt_window_jiffies it receives segments in, from its
  *   second window of life on. A short connection so counts once, with its final srtt.
  *   tcp:tcp_probe runs on every segment an established socket receives, so it is a raw
  *   tracepoint (no copy of its arguments) and looks at no map for a segment whose socket
@@ -122,7 +122,7 @@ struct sock_info {
     struct tcp_endpoints ep;
     u32 flags;
     u32 opened_jiffies;     /* when the open (or the socket) was seen: no RTT sample before */
-    u32 rtt_window;         /* the window (jiffies / RTT_SAMPLE_JIFFIES) of the last sample */
+    u32 rtt_window;         /* the window (jiffies / rtt_window_jiffies) of the last sample */
     u32 spare;              /* keeps what follows 8-byte aligned */
 #ifdef WITH_EVENTS
     u16 client_port;        /* the live view shows connections, so it keeps the folded port */
@@ -294,6 +294,29 @@ static __always_inline u32 now_jiffies(void)
 {
     return (u32)bpf_jiffies64();
 }
+
+#ifdef WITH_SOCK_FIELDS
+/* The RTT sampling window in jiffies: tcp.rtt_sample_interval at the kernel's tick rate, which
+ * user space measures with sample_clock once this program is loaded (exporter/jiffies.py) and
+ * then writes here. 0 until then: no sample in flight. */
+BPF_ARRAY(rtt_window_jiffies, u32, 1);
+
+/* The kernel's two clocks read together, for user space to tell the tick rate: a TC program
+ * that user space runs with BPF_PROG_TEST_RUN (it is never attached). */
+BPF_ARRAY(clock_sample, u64, 2);
+
+int sample_clock(struct __sk_buff *skb)
+{
+    u32 jiffies_index = 0, nanoseconds_index = 1;
+    u64 *jiffies = clock_sample.lookup(&jiffies_index);
+    u64 *nanoseconds = clock_sample.lookup(&nanoseconds_index);
+    if (jiffies && nanoseconds) {
+        *jiffies = bpf_jiffies64();
+        *nanoseconds = bpf_ktime_get_ns();
+    }
+    return 0;
+}
+#endif
 
 #ifdef WITH_EVENTS
 static __always_inline void keep_client_port(struct sock_info *info)
@@ -531,13 +554,18 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 RAW_TRACEPOINT_PROBE(tcp_probe)
 {
     const u8 *skp = (const u8 *)ctx->args[0];
+    u32 zero = 0;
+    u32 *configured = rtt_window_jiffies.lookup(&zero);
+    u32 length = configured ? *configured : 0;
+    if (!length)
+        return 0;                       /* the tick rate is not known yet */
     u32 now = now_jiffies();
-    u32 window = now / RTT_SAMPLE_JIFFIES;
+    u32 window = now / length;
     /* Not the window's first segment if the socket's previous receive, its last ACK or its
      * last data, is in this window. Each read costs some 30 ns: the second only when needed. */
-    if (sock_u32(skp, TCP_RCV_TSTAMP) / RTT_SAMPLE_JIFFIES == window)
+    if (sock_u32(skp, TCP_RCV_TSTAMP) / length == window)
         return 0;
-    if (sock_u32(skp, TCP_DATA_RCV_TSTAMP) / RTT_SAMPLE_JIFFIES == window)
+    if (sock_u32(skp, TCP_DATA_RCV_TSTAMP) / length == window)
         return 0;
 
     u64 sk = (u64)skp;
@@ -551,7 +579,7 @@ RAW_TRACEPOINT_PROBE(tcp_probe)
         remember_socket(sk, &fresh);
         return 0;
     }
-    if (now - info->opened_jiffies < RTT_SAMPLE_JIFFIES || info->rtt_window == window)
+    if (now - info->opened_jiffies < length || info->rtt_window == window)
         return 0;
     info->rtt_window = window;
     u32 srtt_us = sock_srtt_us(skp);

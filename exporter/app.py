@@ -14,7 +14,16 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import __version__, classifier, environment, logs, privileges, singleton, sockfields
+from . import (
+    __version__,
+    classifier,
+    environment,
+    jiffies,
+    logs,
+    privileges,
+    singleton,
+    sockfields,
+)
 from .collectors import drops
 from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
@@ -67,7 +76,7 @@ def tcp_program_flags(config: Config) -> list[str]:
     flags = [f"-DEVENT_CAPACITY={config.maps.tcp_event_capacity}",
              f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}"]
     try:
-        flags += sockfields.program_flags(config.tcp.rtt_sample_interval)
+        flags += sockfields.program_flags()
     except sockfields.SockFieldsError as e:
         log.warning("cannot locate the socket fields RTT is read from: no "
                     "ebpf_net_tcp_rtt_seconds (the other TCP metrics are unaffected)",
@@ -195,7 +204,14 @@ class Exporter:
             if missing:
                 raise StartupError(f"tcp.process_label needs tracepoints {', '.join(missing)} "
                                    "(Linux >= 6.3): turn it off")
-            tcp = self._program("tcp", "tcp.c", tcp_program_flags(config))
+            flags = tcp_program_flags(config)
+            tcp = self._program("tcp", "tcp.c", flags)
+            if "-DWITH_SOCK_FIELDS" in flags:
+                try:
+                    sockfields.start_rtt_sampling(tcp, config.tcp.rtt_sample_interval)
+                except jiffies.JiffiesError as e:
+                    log.warning("cannot measure the kernel's tick rate: RTT is sampled at "
+                                "close only", extra={"error": str(e)})
             collectors.append(TcpCollector(KernelTcpSource(tcp, process=process),
                                            labels.of("tcp"), ports, *series,
                                            process_label=process))

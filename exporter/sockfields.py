@@ -1,6 +1,7 @@
 """What bpf/tcp.c reads of a TCP socket beyond its tracepoints' arguments, located in the
 running kernel: member offsets from its BTF (the headers bcc compiles with may be another
-kernel's) and its tick rate. Given to the program as -D flags, as CO-RE relocations would be.
+kernel's), given to the program as -D flags as CO-RE relocations would be; and its tick rate,
+written to the loaded program's rtt_window_jiffies.
 
 With them the program samples RTT from the socket itself and tells why a connect failed at its
 close (see bpf/tcp.c, WITH_SOCK_FIELDS); without BTF there is no RTT histogram, and the other TCP
@@ -8,7 +9,11 @@ metrics are unchanged."""
 
 from __future__ import annotations
 
-from . import btf, jiffies
+from typing import Any
+
+from . import btf, jiffies, logs
+
+log = logs.get("tcp")
 
 # flag: (struct, member path, bytes the program reads)
 FIELDS = {
@@ -55,16 +60,30 @@ def head_bytes(located: dict[str, int]) -> int:
     return end
 
 
-def program_flags(interval_seconds: float) -> list[str]:
-    """-D flags that let bpf/tcp.c read the socket (RTT, connect failures); SockFieldsError
-    says why they cannot be had."""
+def program_flags() -> list[str]:
+    """-D flags that let bpf/tcp.c read the socket (RTT, connect failures) through raw
+    tracepoints; SockFieldsError says why they cannot be had."""
     try:
         located = offsets(btf.kernel_btf())
         head = head_bytes(located)
-        hz = jiffies.kernel_hz()
-    except (btf.BtfError, jiffies.JiffiesError) as e:
+    except btf.BtfError as e:
         raise SockFieldsError(str(e)) from e
-    # at least a tick; at most 2^31 ticks, so that windows of the 32-bit jiffies still turn
-    interval = min(max(1, round(interval_seconds * hz)), 1 << 31)
-    return ["-DWITH_SOCK_FIELDS", f"-DRTT_SAMPLE_JIFFIES={interval}", f"-DSK_HEAD_BYTES={head}",
+    return ["-DWITH_SOCK_FIELDS", f"-DSK_HEAD_BYTES={head}",
             *(f"-D{flag}={offset}" for flag, offset in located.items())]
+
+
+def window_jiffies(interval_seconds: float, hz: int) -> int:
+    """At least a tick; at most 2^31 ticks, so that windows of the 32-bit jiffies still turn."""
+    return min(max(1, round(interval_seconds * hz)), 1 << 31)
+
+
+def start_rtt_sampling(program: Any, interval_seconds: float) -> int:
+    """Measures the tick rate with the loaded program and gives it its sampling window, which
+    turns on in-flight RTT samples; the window in jiffies. JiffiesError when the rate cannot
+    be measured (then RTT is sampled at close only)."""
+    hz = jiffies.kernel_hz(program)
+    window = window_jiffies(interval_seconds, hz)
+    table = program.table("rtt_window_jiffies")
+    table[table.Key(0)] = table.Leaf(window)
+    log.info("RTT sampling window", extra={"hz": hz, "jiffies": window})
+    return window

@@ -5,11 +5,16 @@ way of the first, and has BTF)."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
+from exporter import config, jiffies
+from exporter.app import tcp_program_flags
+from exporter.loader import Program
 from tests.exporter_process import ExporterProcess
 from tests.kernel.test_tcp import pair
 from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections
@@ -95,3 +100,16 @@ def test_without_btf_the_tcp_counters_stay_exact_and_there_is_no_rtt(node: TestN
         assert "no ebpf_net_tcp_rtt_seconds" in log and "/sys/kernel/btf/vmlinux" in log
     finally:
         exporter.stop()
+
+
+def test_the_tick_rate_measured_by_the_program_is_the_kernels(kernel_ready: None):
+    """sample_clock run with BPF_PROG_TEST_RUN gives CONFIG_HZ, where the kernel tells it."""
+    program = Program("tcp", "tcp.c", tcp_program_flags(config.load(None, {}, {})))
+    try:
+        hz = jiffies.kernel_hz(program)
+    finally:
+        program.close()
+    assert hz in jiffies.CONFIGURABLE
+    built = Path("/proc/config.gz")
+    if built.exists():
+        assert f"\nCONFIG_HZ={hz}\n" in gzip.decompress(built.read_bytes()).decode()

@@ -74,34 +74,22 @@ def test_a_field_of_another_size_is_refused(monkeypatch: pytest.MonkeyPatch):
         sockfields.offsets(table)
 
 
-def _timer_list(tmp_path: Path, now_ns: int, ticks: int) -> Path:
-    path = tmp_path / "timer_list"
-    path.write_text(f"Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\n"
-                    f"now at {now_ns} nsecs\n\ncpu: 0\n  .idle_jiffies   : {ticks - 9}\n"
-                    f"jiffies: {ticks}\n\ncpu: 1\njiffies: {ticks + 1}\n")
-    return path
-
-
-def test_a_timer_list_sample_is_the_clock_and_the_first_jiffies_line(tmp_path: Path):
-    assert jiffies.sample(_timer_list(tmp_path, 26_000_000_000, 4_301_000_000)) == \
-        (26_000_000_000, 4_301_000_000)
-
-
 @pytest.mark.parametrize(("ticks", "hz"), [(25, 250), (26, 250), (30, 300), (100, 1000),
                                            (10, 100), (24, 250), (48, 480)])
 def test_ticks_over_a_tenth_of_a_second_snap_to_a_configurable_rate(ticks: int, hz: int):
     assert jiffies.rate((0, 1000), (100_000_000, 1000 + ticks)) == hz
 
 
-def test_a_timer_list_without_the_lines_or_progress_is_an_error(tmp_path: Path):
-    empty = tmp_path / "empty"
-    empty.write_text("Timer List Version: v0.10\n")
-    with pytest.raises(jiffies.JiffiesError, match="no 'now at'"):
-        jiffies.sample(empty)
+def test_clocks_that_did_not_advance_are_an_error():
     with pytest.raises(jiffies.JiffiesError, match="did not advance"):
         jiffies.rate((5, 7), (5, 7))
-    with pytest.raises(jiffies.JiffiesError, match="No such file"):
-        jiffies.sample(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(("seconds", "hz", "window"), [(1.0, 250, 250), (2.0, 1000, 2000),
+                                                       (0.001, 250, 1), (1e9, 1000, 1 << 31)])
+def test_the_sampling_window_is_a_whole_number_of_ticks_within_bounds(seconds: float, hz: int,
+                                                                       window: int):
+    assert sockfields.window_jiffies(seconds, hz) == window
 
 
 def _tcp_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval: str) -> list[str]:
@@ -112,15 +100,12 @@ def _tcp_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval: str) -
     return app.tcp_program_flags(config.load(None, {}, {"tcp.rtt_sample_interval": interval}))
 
 
-def test_the_sampling_interval_is_compiled_in_jiffies(monkeypatch: pytest.MonkeyPatch,
-                                                      tmp_path: Path):
+def test_the_located_fields_are_compiled_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
     monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
     monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
-    monkeypatch.setattr(jiffies, "kernel_hz", lambda: 250)
     flags = _tcp_flags(monkeypatch, tmp_path, "2s")
-    assert flags[2:6] == ["-DWITH_SOCK_FIELDS", "-DRTT_SAMPLE_JIFFIES=500", "-DSK_HEAD_BYTES=18",
-                          "-DTCP_SRTT_US=16"]
+    assert flags[2:5] == ["-DWITH_SOCK_FIELDS", "-DSK_HEAD_BYTES=18", "-DTCP_SRTT_US=16"]
     assert "-DTCP_SEND_RESET_SOCKADDR" in flags
 
 
