@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute
 
+from exporter import bpfsys
 from tests.testnode import TestNode, in_netns
 
 FLOOR_SOURCE = Path(__file__).with_name("floor.c")
@@ -35,21 +35,14 @@ FLOOR_HANDLE = 0xBE0C
 HOOKS = (0xFFFFFFF2, 0xFFFFFFF3)     # clsact ingress, egress
 TC_PROGRAMS = ("classify_ingress", "classify_egress")
 
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
-_BPF_ENABLE_STATS = 32
 _BPF_STATS_RUN_TIME = 0
-_libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
 
 @contextlib.contextmanager
 def run_time_statistics() -> Iterator[None]:
     """The kernel accounts run time per program while inside."""
-    attr = ctypes.c_uint32(_BPF_STATS_RUN_TIME)
-    fd = _libc.syscall(_BPF_SYSCALL[platform.machine()], _BPF_ENABLE_STATS,
-                       ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "BPF_ENABLE_STATS failed")
+    fd = bpfsys.bpf(bpfsys.ENABLE_STATS, ctypes.c_uint32(_BPF_STATS_RUN_TIME), "BPF_ENABLE_STATS")
     try:
         yield
     finally:
