@@ -76,7 +76,9 @@ def test_an_unprivileged_user_with_the_minimal_capabilities_counts_real_traffic(
         def counted(s) -> bool:
             return (s.value("ebpf_net_flow_packets_total", dst_port="7301", **labels)
                     >= len(sizes) and s.value("ebpf_net_tcp_connections_closed_total",
-                                              role="client", dst_port="7302", **labels) >= 5)
+                                              role="client", dst_port="7302", **labels) >= 5
+                    and s.value("ebpf_net_tcp_rtt_seconds_count", dst_port="7302",
+                                **labels) >= 10)
 
         scrape = process.wait_for(counted, "UDP flows and TCP connections")
         assert scrape.value("ebpf_net_flow_packets_total", dst_port="7301", **labels) == 100
@@ -84,6 +86,10 @@ def test_an_unprivileged_user_with_the_minimal_capabilities_counts_real_traffic(
             sum(sizes) + len(sizes) * 28
         assert scrape.value("ebpf_net_tcp_connections_opened_total", role="client",
                             dst_port="7302", **labels) == 5
+        # the socket fields and the tick rate without root: BTF is world-readable, and the
+        # rate comes from a test run of the program loaded with CAP_BPF
+        assert scrape.value("ebpf_net_tcp_rtt_seconds_count", dst_port="7302", **labels) == 10
+        assert "RTT sampling window" in process.log()
         assert_dropped_after_start(process)
         # CAP_NET_ADMIN kept where it is needed: an interface appearing now is attached
         new = f"{node.prefix}vc"
