@@ -1,7 +1,7 @@
 """What the TCP program reads from the socket itself (exporter/sockfields.py): the RTT of a
-connection the exporter did not see open, and the TCP metrics of a kernel whose BTF is out of
-sight. Each test starts its own exporter (the module-wide one of test_tcp.py would be in the
-way of the first, and has BTF)."""
+connection the exporter did not see open, the TCP metrics of a kernel whose BTF is out of
+sight, and the tick rate its RTT window is counted in. Each exporter test starts its own
+exporter (the module-wide one of test_tcp.py would be in the way of the first, and has BTF)."""
 
 from __future__ import annotations
 
