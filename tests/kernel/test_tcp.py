@@ -175,7 +175,6 @@ def test_rtt_follows_real_queueing_delay(node: TestNode, exporter: ExporterProce
     assert 2e-3 < mean < 1.0
 
 
-
 def test_ipv6_connections_are_counted_with_their_addresses_and_rtt(node: TestNode,
                                                                    exporter: ExporterProcess):
     """The endpoints of an IPv6 socket are read from its own fields (SK_*_ADDR6)."""

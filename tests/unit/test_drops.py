@@ -13,6 +13,7 @@ from exporter.collectors import drops as dropsmod
 from exporter.collectors.drops import DropsCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.selfmetrics import KernelStats
+from tests.btftools import BtfWriter
 
 from .batches import QueueSource, drop_batch
 
@@ -100,36 +101,21 @@ def test_reason_names_come_from_the_tracepoint_format():
 def _btf_bytes() -> bytes:
     """A tiny BTF: struct sk_buff { void *head; union { struct { u16 transport_header;
     u16 network_header; }; }; } and enum skb_drop_reason."""
-    strings = b"\0u16\0sk_buff\0head\0transport_header\0network_header\0skb_drop_reason\0" \
-        b"SKB_NOT_DROPPED_YET\0SKB_CONSUMED\0SKB_DROP_REASON_NOT_SPECIFIED\0" \
-        b"SKB_DROP_REASON_SKB_CSUM\0SKB_DROP_REASON_SUBSYS_MASK\0"
-
-    def at(name: bytes) -> int:
-        return strings.index(b"\0" + name + b"\0") + 1
-
-    def info(kind: int, vlen: int) -> int:
-        return (kind << 24) | vlen
-
-    types = b""
-    types += struct.pack("<III", at(b"u16"), info(btf.KIND_INT, 0), 2) + struct.pack("<I", 16)
-    types += struct.pack("<III", 0, info(btf.KIND_PTR, 0), 0)                          # 2
-    types += struct.pack("<III", 0, info(btf.KIND_STRUCT, 2), 4)                       # 3
-    types += struct.pack("<III", at(b"transport_header"), 1, 0)
-    types += struct.pack("<III", at(b"network_header"), 1, 16)
-    types += struct.pack("<III", 0, info(btf.KIND_UNION, 1), 4)                        # 4
-    types += struct.pack("<III", 0, 3, 0)
-    types += struct.pack("<III", at(b"sk_buff"), info(btf.KIND_STRUCT, 2), 16)         # 5
-    types += struct.pack("<III", at(b"head"), 2, 0)
-    types += struct.pack("<III", 0, 4, 64)
-    types += struct.pack("<III", at(b"skb_drop_reason"), info(btf.KIND_ENUM, 5), 4)    # 6
-    for name, value in ((b"SKB_NOT_DROPPED_YET", 0), (b"SKB_CONSUMED", 1),
-                        (b"SKB_DROP_REASON_NOT_SPECIFIED", 2),
-                        (b"SKB_DROP_REASON_SKB_CSUM", 75),
-                        (b"SKB_DROP_REASON_SUBSYS_MASK", -65536)):
-        types += struct.pack("<Ii", at(name), value)
-    header = struct.pack("<HBBIIIII", btf.BTF_MAGIC, 1, 0, 24, 0, len(types), len(types),
-                         len(strings))
-    return header + types + strings
+    reasons = ((b"SKB_NOT_DROPPED_YET", 0), (b"SKB_CONSUMED", 1),
+               (b"SKB_DROP_REASON_NOT_SPECIFIED", 2), (b"SKB_DROP_REASON_SKB_CSUM", 75),
+               (b"SKB_DROP_REASON_SUBSYS_MASK", -65536))
+    w = BtfWriter([b"u16", b"sk_buff", b"head", b"transport_header", b"network_header",
+                   b"skb_drop_reason", *(name for name, _ in reasons)])
+    w.add(btf.KIND_INT, 0, 2, b"u16", struct.pack("<I", 16))                          # 1
+    w.add(btf.KIND_PTR, 0, 0)                                                         # 2
+    w.add(btf.KIND_STRUCT, 2, 4,                                                      # 3
+          items=w.member(b"transport_header", 1, 0) + w.member(b"network_header", 1, 16))
+    w.add(btf.KIND_UNION, 1, 4, items=w.member(b"", 3, 0))                            # 4
+    w.add(btf.KIND_STRUCT, 2, 16, b"sk_buff",                                         # 5
+          w.member(b"head", 2, 0) + w.member(b"", 4, 64))
+    w.add(btf.KIND_ENUM, len(reasons), 4, b"skb_drop_reason",                         # 6
+          b"".join(w.enumerator(name, value) for name, value in reasons))
+    return w.blob()
 
 
 def test_btf_gives_offsets_through_anonymous_members_and_the_reason_enum():

@@ -1,4 +1,5 @@
-"""The socket fields bpf/tcp.c reads for RTT: BTF member paths and sizes, and the tick rate."""
+"""The socket fields bpf/tcp.c reads (BTF member paths and sizes), the flags they become, and
+the tick rate."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter import app, btf, config, jiffies, sockfields
+from tests.btftools import BtfWriter
 
 
 def _btf_bytes() -> bytes:
@@ -16,33 +18,19 @@ def _btf_bytes() -> bytes:
     struct tcp_sock { struct inet_connection_sock inet_conn; const __u16 port;
     u32 srtt_us; u32 flag:1; }; with __u16 a typedef of u16 (the bitfield starts on a byte, so
     only its size in BTF tells it is one)."""
-    strings = b"\0u16\0u32\0__u16\0inet_connection_sock\0icsk_ack\0lrcvtime\0pad\0tcp_sock\0" \
-        b"inet_conn\0port\0srtt_us\0flag\0"
-
-    def at(name: bytes) -> int:
-        return strings.index(b"\0" + name + b"\0") + 1
-
-    def info(kind: int, vlen: int, kind_flag: int = 0) -> int:
-        return (kind_flag << 31) | (kind << 24) | vlen
-
-    def member(name: bytes, type_id: int, bits: int) -> bytes:
-        return struct.pack("<III", at(name), type_id, bits)
-
-    types = b""
-    types += struct.pack("<III", at(b"u16"), info(btf.KIND_INT, 0), 2) + struct.pack("<I", 16)
-    types += struct.pack("<III", at(b"u32"), info(btf.KIND_INT, 0), 4) + struct.pack("<I", 32)
-    types += struct.pack("<III", at(b"__u16"), info(btf.KIND_TYPEDEF, 0), 1)           # 3
-    types += struct.pack("<III", 0, info(btf.KIND_CONST, 0), 3)                        # 4
-    types += struct.pack("<III", 0, info(btf.KIND_STRUCT, 2), 8)                       # 5
-    types += member(b"pad", 2, 0) + member(b"lrcvtime", 2, 32)
-    types += struct.pack("<III", at(b"inet_connection_sock"), info(btf.KIND_STRUCT, 2), 12)
-    types += member(b"pad", 2, 0) + member(b"icsk_ack", 5, 32)                         # 6
-    types += struct.pack("<III", at(b"tcp_sock"), info(btf.KIND_STRUCT, 4, 1), 24)     # 7
-    types += member(b"inet_conn", 6, 0) + member(b"port", 4, 96)
-    types += member(b"srtt_us", 2, 128) + member(b"flag", 2, (1 << 24) | 160)
-    header = struct.pack("<HBBIIIII", btf.BTF_MAGIC, 1, 0, 24, 0, len(types), len(types),
-                         len(strings))
-    return header + types + strings
+    w = BtfWriter([b"u16", b"u32", b"__u16", b"inet_connection_sock", b"icsk_ack", b"lrcvtime",
+                   b"pad", b"tcp_sock", b"inet_conn", b"port", b"srtt_us", b"flag"])
+    w.add(btf.KIND_INT, 0, 2, b"u16", struct.pack("<I", 16))                          # 1
+    w.add(btf.KIND_INT, 0, 4, b"u32", struct.pack("<I", 32))                          # 2
+    w.add(btf.KIND_TYPEDEF, 0, 1, b"__u16")                                           # 3
+    w.add(btf.KIND_CONST, 0, 3)                                                       # 4
+    w.add(btf.KIND_STRUCT, 2, 8, items=w.member(b"pad", 2, 0) + w.member(b"lrcvtime", 2, 32))
+    w.add(btf.KIND_STRUCT, 2, 12, b"inet_connection_sock",                            # 6
+          w.member(b"pad", 2, 0) + w.member(b"icsk_ack", 5, 32))
+    w.add(btf.KIND_STRUCT, 4, 24, b"tcp_sock",                                        # 7
+          w.member(b"inet_conn", 6, 0) + w.member(b"port", 4, 96)
+          + w.member(b"srtt_us", 2, 128) + w.member(b"flag", 2, (1 << 24) | 160), kind_flag=1)
+    return w.blob()
 
 
 def test_member_paths_give_offsets_and_sizes_through_nested_and_qualified_types():
