@@ -219,10 +219,15 @@ def older_than(timestamps_ns: np.ndarray, now_ns: int, limit_ns: int) -> np.ndar
 
 
 class Generation:
-    """The `generation` array of one program: flip it to drain that program's counter maps."""
+    """The `generation` array of one program: flip it to drain that program's counter maps.
 
-    def __init__(self, table: Any) -> None:
+    It alternates 0 and 1, or with `counting` goes up by one at each flip (wrapping at 2**32),
+    for a program that stamps what it keeps with the generation and must tell the current one
+    from the one two flips ago (the flows' recent_flows, bpf/flows.h)."""
+
+    def __init__(self, table: Any, counting: bool = False) -> None:
         self._table = table
+        self._counting = counting
         self._lock = threading.Lock()
 
     def current(self) -> int:
@@ -233,7 +238,8 @@ class Generation:
         writes any more when this returns."""
         with self._lock:
             old = self.current()
-            self._table[ctypes.c_int(0)] = ctypes.c_uint32(old ^ 1)
+            following = (old + 1) & 0xFFFFFFFF if self._counting else old ^ 1
+            self._table[ctypes.c_int(0)] = ctypes.c_uint32(following)
             wait_for_rcu_grace_period()
             return old
 

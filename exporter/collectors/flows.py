@@ -36,6 +36,9 @@ FLOW_KEY = np.dtype({
 KERNEL_FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets_handshake", "<u8")])
 HANDSHAKE_SHIFT = 62
 PACKETS_MASK = np.uint64((1 << HANDSHAKE_SHIFT) - 1)
+# struct recent_flow: the flow one CPU counted last, stamped with its generation
+RECENT_FLOW = np.dtype([("key", FLOW_KEY), ("bytes", "<u8"), ("packets_handshake", "<u8"),
+                        ("generation", "<u4"), ("pad", "<u4")])
 # a drain's flows, summed over CPUs
 FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets", "<u8"), ("handshake", "<u8")])
 FLOW_SAW_SYN = 1        # the sender is the client
@@ -51,7 +54,8 @@ OVERFLOW_INDEX = [(family, protocol) for family in ("ipv4", "ipv6")
 @dataclass
 class FlowBatch:
     """What one drain of the kernel gave: the old generation's flows and what flow_overflow
-    gained since the previous drain."""
+    gained since the previous drain. A flow can have two rows (its counts in the flows map
+    and those still in a CPU's recent_flows slot): whoever reads a batch sums by key."""
     keys: np.ndarray
     values: np.ndarray
     overflow: np.ndarray = field(default_factory=lambda: np.zeros((8, 2), dtype=np.uint64))
@@ -60,30 +64,48 @@ class FlowBatch:
 
 
 class KernelFlowSource:
-    """Drains the classifier's maps: one `flows_<generation>` map per generation (bpf/flows.h),
-    so the one no program writes after the flip is read and emptied in a single pass."""
+    """Drains the classifier's maps: one `flows_<parity>` map per generation parity
+    (bpf/flows.h), so the one no program writes after the flip is read and emptied in a single
+    pass, and each CPU's recent_flows slot of that generation, which holds the counts of the
+    flow the CPU counted last."""
 
     def __init__(self, program: object) -> None:
         table = program.table  # type: ignore[attr-defined]
-        self.generation = Generation(table("flow_generation"))
-        self.flows = [BatchMap("flows", table(f"flows_{generation}"), FLOW_KEY,
-                               KERNEL_FLOW_VALUE, per_cpu=True) for generation in (0, 1)]
+        self.generation = Generation(table("flow_generation"), counting=True)
+        self.flows = [BatchMap("flows", table(f"flows_{parity}"), FLOW_KEY,
+                               KERNEL_FLOW_VALUE, per_cpu=True) for parity in (0, 1)]
+        self.recent = BatchMap("recent_flows", table("recent_flows"), np.dtype("<u4"),
+                               RECENT_FLOW, per_cpu=True)
         # rows of (bytes, packets and handshake bits) by family and protocol
         self.overflow = CounterArray("flow_overflow", table("flow_overflow"), width=2)
 
     def drain(self) -> FlowBatch:
-        old = self.flows[self.generation.flip()]
+        generation = self.generation.flip()
+        old = self.flows[generation & 1]
         drained = old.take()
+        recent = self._recent(generation)
         per_cpu = drained.values
-        values = np.zeros(len(per_cpu), dtype=FLOW_VALUE)
-        values["bytes"] = per_cpu["bytes"].sum(axis=1)
+        values = np.zeros(len(per_cpu) + len(recent), dtype=FLOW_VALUE)
+        values["bytes"][:len(per_cpu)] = per_cpu["bytes"].sum(axis=1)
+        values["bytes"][len(per_cpu):] = recent["bytes"]
         counts = per_cpu["packets_handshake"]
-        values["packets"] = (counts & PACKETS_MASK).sum(axis=1)
-        values["handshake"] = np.bitwise_or.reduce(counts >> np.uint64(HANDSHAKE_SHIFT), axis=1)
+        values["packets"][:len(per_cpu)] = (counts & PACKETS_MASK).sum(axis=1)
+        values["handshake"][:len(per_cpu)] = np.bitwise_or.reduce(
+            counts >> np.uint64(HANDSHAKE_SHIFT), axis=1)
+        values["packets"][len(per_cpu):] = recent["packets_handshake"] & PACKETS_MASK
+        values["handshake"][len(per_cpu):] = recent["packets_handshake"] >> np.uint64(
+            HANDSHAKE_SHIFT)
+        keys = np.concatenate([drained.keys, recent["key"]]) if len(recent) else drained.keys
         overflow = self.overflow.read_deltas()
         overflow[:, 1] &= PACKETS_MASK
-        return FlowBatch(drained.keys, values, overflow,
-                         len(drained.raw_keys), old.capacity)
+        return FlowBatch(keys, values, overflow, len(drained.raw_keys), old.capacity)
+
+    def _recent(self, generation: int) -> np.ndarray:
+        """The CPUs' recent_flows slots that counted in `generation`: no program writes them
+        after its flip, and the programs of the generation after next start them afresh."""
+        snapshot = self.recent.read()
+        slots = snapshot.values[snapshot.keys == (generation & 1)].reshape(-1)
+        return slots[(slots["generation"] == generation) & (slots["packets_handshake"] != 0)]
 
 
 def _numbered(values: np.ndarray) -> np.ndarray:

@@ -3,10 +3,13 @@ through a test node (pod a -> veth a -> node routing -> veth b -> pod b), both v
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 
 from tests.exporter_process import ExporterProcess, Scrape
-from tests.testnode import TestNode, tcp_transfer, udp_send
+from tests.testnode import TestNode, in_netns, tcp_transfer, udp_send
 
 pytestmark = pytest.mark.kernel
 
@@ -118,6 +121,39 @@ def test_counters_never_decrease_between_scrapes(node: TestNode, exporter: Expor
             assert sample.value >= before.get(key, 0), key
         previous = current
     assert flow(previous, "packets", node.a_ip, node.b_ip, "7031", "udp") == 100
+
+
+def test_flows_alternating_on_one_cpu_are_counted_exactly_across_scrapes(
+        node: TestNode, exporter: ExporterProcess):
+    """Each CPU keeps the flow it counted last in a slot of its own (bpf/flows.h): packets of
+    two flows alternating on one CPU move each other's counts into the flows map, packet by
+    packet, and scrapes in between take the slot's counts and the map's."""
+    ports, rounds, per_round = (7051, 7052), 4, 25
+    sizes = {7051: 40, 7052: 300}
+    with in_netns(node.b_ns):
+        sinks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in ports]
+    with in_netns(node.a_ns):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    affinity = os.sched_getaffinity(0)
+    try:
+        for sink, port in zip(sinks, ports, strict=True):
+            sink.bind((node.b_ip, port))
+        os.sched_setaffinity(0, {min(affinity)})    # this thread: the classifier's CPU too
+        for _ in range(rounds):
+            for _ in range(per_round):
+                for port in ports:
+                    sender.sendto(bytes(sizes[port]), (node.b_ip, port))
+            exporter.scrape()
+    finally:
+        os.sched_setaffinity(0, affinity)
+        sender.close()
+        for sink in sinks:
+            sink.close()
+    final = exporter.scrape()
+    for port in ports:
+        assert flow(final, "packets", node.a_ip, node.b_ip, str(port), "udp") == rounds * per_round
+        assert flow(final, "bytes", node.a_ip, node.b_ip, str(port), "udp") == \
+            rounds * per_round * (sizes[port] + UDP_HEADER + IPV4_HEADER)
 
 
 def test_concurrent_scrapes_neither_double_count_nor_lose_counts(node: TestNode,

@@ -138,6 +138,16 @@ def test_generation_flip_returns_the_old_one_and_switches(program):
     assert generation.current() == 0
 
 
+def test_a_counting_generation_goes_up_by_one_and_wraps(program):
+    generation = maps.Generation(program[b"generation"], counting=True)
+    program[b"generation"][ctypes.c_int(0)] = ctypes.c_uint32(6)
+    assert generation.flip() == 6
+    assert generation.current() == 7
+    program[b"generation"][ctypes.c_int(0)] = ctypes.c_uint32(0xFFFFFFFF)
+    assert generation.flip() == 0xFFFFFFFF
+    assert generation.current() == 0
+
+
 def test_counter_arrays_report_growth_since_the_last_read(kernel_ready):
     import bcc
 
