@@ -65,8 +65,9 @@ def headlines(r: Results) -> list[Headline]:
     for name, label, target in (("tcp", "TCP bulk", 0.97), ("udp", "64-byte UDP", 0.93)):
         ratio = _ratios(r.rounds, name)
         out.append(Headline(f"throughput with exporter, {label}",
-                            f"{ratio.median:.3f} of without (IQR {ratio.p25:.2f}-{ratio.p75:.2f})",
-                            f">= {target}", against(ratio.p25, ratio.p75, target)))
+                            f"{ratio.median:.3f} of without (95% CI {ratio.median_low:.2f}-"
+                            f"{ratio.median_high:.2f})",
+                            f">= {target}", against(ratio.median_low, ratio.median_high, target)))
     by_size = {s.flows: s for s in r.scrapes}
     if 100_000 in by_size:
         s = by_size[100_000]
@@ -86,9 +87,10 @@ def headlines(r: Results) -> list[Headline]:
                         f"{rss.median:.0f} MiB", NO_TARGET, None))
     ratio = _ratios(r.rounds, "connections")
     out.append(Headline("connect/accept/close loop slowdown",
-                        f"{(1 - ratio.median) * 100:.1f}% (IQR {(1 - ratio.p75) * 100:.0f} to "
-                        f"{(1 - ratio.p25) * 100:.0f}%)", "< 5%",
-                        against(ratio.p25, ratio.p75, 0.95)))
+                        f"{(1 - ratio.median) * 100:.1f}% (95% CI "
+                        f"{(1 - ratio.median_high) * 100:.0f} to "
+                        f"{(1 - ratio.median_low) * 100:.0f}%)", "< 5%",
+                        against(ratio.median_low, ratio.median_high, 0.95)))
     return out
 
 
@@ -138,7 +140,8 @@ def _interleaved_section(r: Results) -> str:
         attached = summarize(r.rounds.attached[name])
         ratios = summarize(paired_ratios(r.rounds.without[name], r.rounds.attached[name]))
         rows.append([unit, spread_text(without), spread_text(attached),
-                     f"{ratios.median:.3f} (IQR {ratios.p25:.3f}-{ratios.p75:.3f})",
+                     f"{ratios.median:.3f} (95% CI {ratios.median_low:.3f}-"
+                     f"{ratios.median_high:.3f}; IQR {ratios.p25:.3f}-{ratios.p75:.3f})",
                      f"{attached.median / without.median:.3f}"])
     table = markdown_table(("workload", "without exporter", "with exporter",
                             "paired ratio with/without", "ratio of medians"), rows)
@@ -205,8 +208,10 @@ Every collector on (flows, tcp, dns, http). ns per run as the kernel accounts it
 
 {len(r.rounds.startup_seconds)} interleaved rounds of {r.seconds_per_run:g} s per workload,
 without and with the exporter attached (started fresh each round; A B, then B A). Median
-(IQR p25-p75, n). A ratio whose interquartile range straddles its target is "not resolved":
-at this machine's noise the run cannot tell. Part 1's share of a core is the steadier figure.
+(IQR p25-p75, n). The verdict on a ratio is the 95% confidence interval of the median of the
+per-round ratios (order statistics, no assumption about the noise's shape): an interval that
+straddles its target is "not resolved", the run cannot tell at this machine's noise. Part 1's
+share of a core is the steadier figure.
 
 {_interleaved_section(r)}
 

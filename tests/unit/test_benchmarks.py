@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.report import Headline, against, at_most, markdown_table, text_table, verdict
 from benchmarks.sprayer import FRAME, SOURCE_PORT_BASE, frames
-from benchmarks.stats import paired_ratios, percentile, summarize
+from benchmarks.stats import median_interval, paired_ratios, percentile, summarize
 
 
 def test_summary_median_quartiles_and_spread():
@@ -16,6 +16,20 @@ def test_summary_median_quartiles_and_spread():
     assert s.spread == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_the_median_interval_narrows_with_more_samples_and_never_assumes_too_much():
+    # with 8 samples or fewer, only min..max covers the median with 95% confidence
+    assert median_interval([5, 1, 3]) == (1, 5)
+    assert median_interval(range(1, 9)) == (1, 8)
+    # the binomial tail: P(at most 1 of 10 below the median) = 11/1024 <= 2.5% < 56/1024
+    assert median_interval(range(1, 11)) == (2, 9)
+    assert median_interval(range(1, 21)) == (6, 15)
+    assert median_interval(range(1, 41)) == (14, 27)
+    s = summarize(list(range(20, 0, -1)))
+    assert (s.median_low, s.median_high) == (6, 15)
+    with pytest.raises(ValueError):
+        median_interval([])
 
 
 def test_percentile_interpolates_and_p99_of_few_samples_is_near_the_slowest():
