@@ -78,6 +78,9 @@ class Traffic:
                 response = conn.getresponse()
                 response.read()
                 return response.status
+            except TimeoutError as e:   # say which exchange, should it ever happen again
+                raise TimeoutError(f"GET {path} from {self.node.b_ip}:{port}: no answer in 5 s "
+                                   f"(iteration {self.iterations})") from e
             finally:
                 conn.close()
 
@@ -87,7 +90,11 @@ class Traffic:
         with sock:
             sock.settimeout(2)
             sock.sendto(dnstools.message(qid, name), (server, 53))
-            sock.recv(512)
+            try:
+                sock.recv(512)
+            except TimeoutError as e:
+                raise TimeoutError(f"DNS query {qid} for {name} to {server}: no answer in 2 s "
+                                   f"(iteration {self.iterations})") from e
 
     def _requests(self) -> None:
         node = self.node
@@ -110,7 +117,11 @@ class Traffic:
 
     def _bulk(self) -> None:
         while not self.stop.is_set():
-            tcp_transfer(self.node.a_ns, self.node.b_ns, self.node.b_ip, BULK_PORT, BULK_BYTES)
+            try:
+                tcp_transfer(self.node.a_ns, self.node.b_ns, self.node.b_ip, BULK_PORT,
+                             BULK_BYTES)
+            except TimeoutError as e:
+                raise TimeoutError(f"bulk transfer to {self.node.b_ip}:{BULK_PORT}: {e}") from e
 
     def check(self) -> None:
         assert not self.errors, f"traffic failed: {self.errors[0]!r}"
