@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import os
 import signal
 import sys
@@ -222,6 +223,9 @@ def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    # `kill -USR1 <pid>`: every thread's stack on stderr, and the exporter carries on; for an
+    # exporter that seems stuck (a stop that does not finish, a scrape that does not answer)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     exporter = Exporter(cfg, web)
     try:

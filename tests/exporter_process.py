@@ -6,6 +6,7 @@ interfaces of the node namespace, never the host's."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import signal
@@ -158,6 +159,10 @@ class ExporterProcess:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                # where it is stuck, into the log the failed run keeps (exporter/cli.py)
+                self.proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2)
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()

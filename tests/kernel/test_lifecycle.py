@@ -41,6 +41,18 @@ def test_stopping_removes_every_qdisc_and_filter_it_added(node: TestNode, stop_s
     assert not any(has_clsact(node, d) for d in devices)
 
 
+def test_sigusr1_prints_every_threads_stack_and_the_exporter_carries_on(node: TestNode):
+    process = ExporterProcess(node).wait_ready()
+    process.proc.send_signal(signal.SIGUSR1)
+    # the interface monitor's thread waits for link events in _watch; the main thread in run
+    wait_until(lambda: "in _watch" in process.log() and "in run" in process.log(), 10,
+               "the stacks in the log")
+    assert re.search(r"^Thread 0x[0-9a-f]+", process.log(), re.MULTILINE)
+    assert process.get("/readyz")[0] == 200
+    assert process.scrape().value("ebpf_net_exporter_attached_interfaces") == 2
+    assert process.stop() == 0
+
+
 def test_restart_after_kill_9_replaces_the_left_filters_and_cleans_up_after(node: TestNode):
     devices = [node.veth_a, node.veth_b]
     first = ExporterProcess(node).wait_ready()
