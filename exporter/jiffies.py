@@ -37,18 +37,22 @@ def rate(first: tuple[int, int], second: tuple[int, int]) -> int:
     return round(measured)
 
 
-def sample(program: Any) -> tuple[int, int]:
-    """(monotonic ns, jiffies) read together by the program's sample_clock."""
+def sample(function_fd: int, clocks: Any) -> tuple[int, int]:
+    """(monotonic ns, jiffies) read together by one run of sample_clock into `clocks`."""
     try:
-        function = program.load_tc("sample_clock")
-        bpfsys.test_run(function.fd)
-    except (OSError, LoadError) as e:
+        bpfsys.test_run(function_fd)
+    except OSError as e:
         raise JiffiesError(str(e)) from e
-    clocks = program.table("clock_sample")
     return int(clocks[NANOSECONDS].value), int(clocks[JIFFIES].value)
 
 
 def kernel_hz(program: Any) -> int:
-    first = sample(program)
+    """The tick rate, from two runs of the loaded tcp program's sample_clock."""
+    try:
+        function = program.load_tc("sample_clock")
+    except LoadError as e:
+        raise JiffiesError(str(e)) from e
+    clocks = program.table("clock_sample")
+    first = sample(function.fd, clocks)
     time.sleep(GAP_SECONDS)
-    return rate(first, sample(program))
+    return rate(first, sample(function.fd, clocks))
