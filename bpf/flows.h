@@ -57,22 +57,25 @@ BPF_PERCPU_HASH(flows_1, struct flow_key, struct flow_value, FLOW_CAPACITY);
 /* index = family_index * 4 + protocol_index (tcp, udp, icmp, other); handshake bits ignored */
 BPF_PERCPU_ARRAY(flow_overflow, struct flow_value, 8);
 
-/* The flow a CPU counted last, with what it counted since: consecutive packets of a CPU are
- * mostly one flow's (a GSO train, a bulk transfer, a burst of datagrams), and adding to this
- * one cache line costs a key compare where the flows map costs a hash of the 40-byte key and
- * a bucket walk (about half of the classifier's time, profiled under TCP bulk). A packet of
- * another flow moves what is here into the flows map first.
- * One slot per generation parity, stamped with the full generation (which counts up): a drain
- * takes the flows map and the slot of the generation it flipped away from, which no program
- * writes once the flip's grace period is over, and a program that finds a slot stamped with
- * an older generation starts it afresh, since that drain took its counts. */
+/* The two flows a CPU counted last, with what it counted since: consecutive packets of a CPU
+ * are mostly one flow's (a GSO train, a bulk transfer, a burst of datagrams) or alternate
+ * between a flow's two directions (data and its ACKs, a request and its response, which the
+ * forwarding of one softirq handles on one CPU). Adding to one of these cache lines costs a
+ * key compare where the flows map costs a hash of the 40-byte key and a bucket walk (about
+ * half of the classifier's time, profiled under TCP bulk). A packet of a third flow moves the
+ * counts of the one used less recently into the flows map first.
+ * Two slots ("ways") per generation parity, at index parity * 2 + way, each stamped with the
+ * full generation (which counts up): a drain takes the flows map and the slots of the
+ * generation it flipped away from, which no program writes once the flip's grace period is
+ * over, and a program that finds a slot stamped with an older generation takes it as empty,
+ * since that drain took its counts. */
 struct recent_flow {
     struct flow_key key;
     struct flow_value value;
     u32 generation;
-    u32 pad;
+    u32 used_last;          /* 1 in the way of the pair that counted the CPU's last packet */
 };
-BPF_PERCPU_ARRAY(recent_flows, struct recent_flow, 2);
+BPF_PERCPU_ARRAY(recent_flows, struct recent_flow, 4);
 
 static __always_inline u32 flow_overflow_index(const struct flow_key *key)
 {
@@ -158,23 +161,36 @@ static __always_inline void account_flow(struct __sk_buff *skb, const struct pac
     __builtin_memcpy(key.daddr, pkt->daddr, 16);
     struct flow_value counts = {bytes, segs | handshake};
 
-    u32 parity = generation & 1;
-    struct recent_flow *recent = recent_flows.lookup(&parity);
-    if (!recent) {
+    u32 first = (generation & 1) * 2, second = first + 1;
+    struct recent_flow *a = recent_flows.lookup(&first);
+    struct recent_flow *b = recent_flows.lookup(&second);
+    if (!a || !b) {
         store_flow(&key, &counts, generation);
         return;
     }
-    if (recent->generation == generation && recent->value.packets_handshake) {
-        if (same_flow(&recent->key, &key)) {
-            recent->value.bytes += bytes;
-            recent->value.packets_handshake = (recent->value.packets_handshake + segs) | handshake;
-            return;
-        }
-        store_flow(&recent->key, &recent->value, generation);
+    int a_live = a->generation == generation && a->value.packets_handshake;
+    int b_live = b->generation == generation && b->value.packets_handshake;
+    int way = -1;
+    if (a_live && same_flow(&a->key, &key))
+        way = 0;
+    else if (b_live && same_flow(&b->key, &key))
+        way = 1;
+    if (way >= 0) {
+        struct recent_flow *slot = way ? b : a;
+        slot->value.bytes += bytes;
+        slot->value.packets_handshake = (slot->value.packets_handshake + segs) | handshake;
+    } else {
+        /* an empty way first, else the one used less recently */
+        way = !a_live ? 0 : !b_live ? 1 : a->used_last ? 1 : 0;
+        struct recent_flow *slot = way ? b : a;
+        if (way ? b_live : a_live)
+            store_flow(&slot->key, &slot->value, generation);
+        slot->key = key;
+        slot->value = counts;
+        slot->generation = generation;
     }
-    recent->key = key;
-    recent->value = counts;
-    recent->generation = generation;
+    a->used_last = way == 0;
+    b->used_last = way == 1;
 }
 
 #endif

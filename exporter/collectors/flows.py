@@ -36,9 +36,10 @@ FLOW_KEY = np.dtype({
 KERNEL_FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets_handshake", "<u8")])
 HANDSHAKE_SHIFT = 62
 PACKETS_MASK = np.uint64((1 << HANDSHAKE_SHIFT) - 1)
-# struct recent_flow: the flow one CPU counted last, stamped with its generation
+# struct recent_flow: one of the two flows a CPU counted last, stamped with its generation
 RECENT_FLOW = np.dtype([("key", FLOW_KEY), ("bytes", "<u8"), ("packets_handshake", "<u8"),
-                        ("generation", "<u4"), ("pad", "<u4")])
+                        ("generation", "<u4"), ("used_last", "<u4")])
+RECENT_WAYS = 2         # recent_flows slots per generation parity: index parity * 2 + way
 # a drain's flows, summed over CPUs
 FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets", "<u8"), ("handshake", "<u8")])
 FLOW_SAW_SYN = 1        # the sender is the client
@@ -54,8 +55,8 @@ OVERFLOW_INDEX = [(family, protocol) for family in ("ipv4", "ipv6")
 @dataclass
 class FlowBatch:
     """What one drain of the kernel gave: the old generation's flows and what flow_overflow
-    gained since the previous drain. A flow can have two rows (its counts in the flows map
-    and those still in a CPU's recent_flows slot): whoever reads a batch sums by key."""
+    gained since the previous drain. A flow can have several rows (its counts in the flows map
+    and those still in CPUs' recent_flows slots): whoever reads a batch sums by key."""
     keys: np.ndarray
     values: np.ndarray
     overflow: np.ndarray = field(default_factory=lambda: np.zeros((8, 2), dtype=np.uint64))
@@ -66,8 +67,8 @@ class FlowBatch:
 class KernelFlowSource:
     """Drains the classifier's maps: one `flows_<parity>` map per generation parity
     (bpf/flows.h), so the one no program writes after the flip is read and emptied in a single
-    pass, and each CPU's recent_flows slot of that generation, which holds the counts of the
-    flow the CPU counted last."""
+    pass, and each CPU's recent_flows slots of that generation, which hold the counts of the
+    two flows the CPU counted last."""
 
     def __init__(self, program: object) -> None:
         table = program.table  # type: ignore[attr-defined]
@@ -104,7 +105,8 @@ class KernelFlowSource:
         """The CPUs' recent_flows slots that counted in `generation`: no program writes them
         after its flip, and the programs of the generation after next start them afresh."""
         snapshot = self.recent.read()
-        slots = snapshot.values[snapshot.keys == (generation & 1)].reshape(-1)
+        parity = snapshot.keys // RECENT_WAYS == (generation & 1)
+        slots = snapshot.values[parity].reshape(-1)
         return slots[(slots["generation"] == generation) & (slots["packets_handshake"] != 0)]
 
 
