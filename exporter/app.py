@@ -364,8 +364,7 @@ class Exporter:
             self.kubernetes.stop()
         for collector in self.sweeping:
             collector.stop()
-        if self.monitor:
-            self.monitor.stop()
+        if self.monitor and self.monitor.stop():
             log.info("detached from every interface")
         for program in self.programs:
             program.close()

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import errno
+import faulthandler
 import json
 import os
 import re
@@ -44,6 +45,10 @@ ARPHRD_ETHER = 1
 STACKED_ON_LINK = {"vlan", "macvlan", "ipvlan", "macvtap"}
 RESYNC_SECONDS = 10.0
 RTMGRP_LINK = 1
+# Detaching takes well under a second for hundreds of interfaces. Past this, something hangs,
+# and the process must still end within the orchestrator's grace period (30 s by default in
+# Kubernetes; the shipped DaemonSet gives 60) rather than be killed in the middle of its stop.
+STOP_SECONDS = 20.0
 DEFAULT_STATE_DIR = Path("/run/ebpf-net-exporter")
 
 
@@ -349,11 +354,22 @@ class InterfaceMonitor:
                 log.warning("interface watch error", extra={"error": str(e)})
                 self._stop.wait(1.0)
 
-    def stop(self) -> None:
-        """Detaches from every interface (in the monitor's thread) and returns when done."""
+    def stop(self, timeout: float = STOP_SECONDS) -> bool:
+        """Detaches from every interface (in the monitor's thread); True when done. After
+        `timeout` seconds it gives up waiting: it logs the interfaces that may keep a filter
+        and every thread's stack (where it hangs), and returns False."""
         self._stop.set()
         os.write(self._wake_write, b"x")
         if self._thread:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                # the thread may still use the wake pipe: it stays open, the process is ending
+                names = sorted(link.name for link in list(self.attached.values()))
+                log.error("interfaces not all detached in time: their filters stay until the "
+                          "exporter starts again and replaces them; thread stacks follow",
+                          extra={"seconds": timeout, "interfaces": ",".join(names)})
+                faulthandler.dump_traceback(all_threads=True)
+                return False
         os.close(self._wake_read)
         os.close(self._wake_write)
+        return True
