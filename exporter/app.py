@@ -206,7 +206,7 @@ class Exporter:
                                    "(Linux >= 6.3): turn it off")
             flags = tcp_program_flags(config)
             tcp = self._program("tcp", "tcp.c", flags)
-            if "-DWITH_SOCK_FIELDS" in flags:
+            if sockfields.ENABLED_FLAG in flags:
                 try:
                     sockfields.start_rtt_sampling(tcp, config.tcp.rtt_sample_interval)
                 except jiffies.JiffiesError as e:

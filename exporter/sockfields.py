@@ -15,6 +15,8 @@ from . import btf, jiffies, logs
 
 log = logs.get("tcp")
 
+# the -D flag that turns on the programs' socket reads (bpf/tcp.c)
+ENABLED_FLAG = "-DWITH_SOCK_FIELDS"
 # flag: (struct, member path, bytes the program reads)
 FIELDS = {
     "SK_PROTOCOL": ("sock", "sk_protocol", 2),                   # a bitfield before 5.6
@@ -68,7 +70,7 @@ def program_flags() -> list[str]:
         head = head_bytes(located)
     except btf.BtfError as e:
         raise SockFieldsError(str(e)) from e
-    return ["-DWITH_SOCK_FIELDS", f"-DSK_HEAD_BYTES={head}",
+    return [ENABLED_FLAG, f"-DSK_HEAD_BYTES={head}",
             *(f"-D{flag}={offset}" for flag, offset in located.items())]
 
 
