@@ -60,8 +60,10 @@ def headlines(r: Results) -> list[Headline]:
         over = summarize([c.over_floor_per_packet for c in costs])
         unit = "UDP packet" if index == 0 else "TCP skb"
         out.append(Headline(f"classifier over the floor, per {unit}",
-                            f"+{over.median:.0f} ns ({over.low:.0f}-{over.high:.0f})",
-                            f"<= +{target} ns", at_most(over.low, over.high, target)))
+                            f"+{over.median:.0f} ns (95% CI {over.median_low:.0f}-"
+                            f"{over.median_high:.0f})",
+                            f"<= +{target} ns", at_most(over.median_low, over.median_high,
+                                                        target)))
     for name, label, target in (("tcp", "TCP bulk", 0.97), ("udp", "64-byte UDP", 0.93)):
         ratio = _ratios(r.rounds, name)
         out.append(Headline(f"throughput with exporter, {label}",
@@ -200,7 +202,10 @@ other agents running test suites, so every figure carries their noise: read the 
 ## 1. Per-packet kernel cost
 
 Every collector on (flows, tcp, dns, http). ns per run as the kernel accounts it
-(run_time_ns / run_cnt over the workload), the floor measured on the same packets.
+(run_time_ns / run_cnt over the workload), the floor measured on the same packets. The
+verdict on the figure over the floor is the 95% confidence interval of its median over the
+repetitions (as for part 2's ratios), so one repetition caught in a noisy spell does not
+decide it.
 
 {_kernel_section(r)}
 
