@@ -154,6 +154,34 @@ BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 /* Entries in tcp_sockets (the sum over CPUs): inserts add one, deletes take one away. */
 BPF_PERCPU_ARRAY(tcp_socket_count, s64, 1);
 
+/* With the socket fields and BPF's atomics (Linux 5.12, -DWITH_SOCKET_MARKS; and neither the
+ * process label nor the live view, which keep what connect() saw in an entry), a socket whose
+ * open was seen is remembered by a mark instead of
+ * a tcp_sockets entry: its address with its role in the low bits (a socket is 8-byte aligned
+ * at least), in one of the MARK_WAYS words of the group its address hashes to, claimed with a
+ * compare-and-swap and cleared at close. Its close reads the endpoints from the socket again.
+ * A hash insert and delete cost some 200 ns each here, because a connection's two ends run on
+ * two CPUs and the bucket's lock, the bucket and the entry move between their caches; a mark is
+ * one word of one cache line and no lock. A socket whose group is full gets an entry as
+ * before; so does a marked socket sampled in flight (MARK_HAS_ENTRY), for its window.
+ * MARK_GROUPS (a power of two) is set by user space from tcp_sockets' capacity. */
+#if defined(WITH_SOCK_FIELDS) && defined(WITH_SOCKET_MARKS) && !defined(REMEMBER_CONNECTING)
+#define SOCKET_MARKS
+#define MARK_WAYS 4
+#define MARK_ROLE 3                 /* ROLE_CLIENT or ROLE_SERVER */
+#define MARK_HAS_ENTRY 4
+#define MARK_BITS 7
+#ifndef MARK_GROUPS
+#define MARK_GROUPS 65536
+#endif
+struct mark_group {
+    u64 way[MARK_WAYS];             /* 0: free */
+};
+BPF_ARRAY(socket_marks, struct mark_group, MARK_GROUPS);
+/* Marks in socket_marks (the sum over CPUs). */
+BPF_PERCPU_ARRAY(socket_mark_count, s64, 1);
+#endif
+
 static __always_inline void count_sockets(s64 change)
 {
     u32 zero = 0;
@@ -252,6 +280,13 @@ static __always_inline void endpoints_from_sockaddrs(struct tcp_endpoints *ep, c
 static __always_inline u32 sock_u32(const u8 *sk, u32 offset)
 {
     u32 value = 0;
+    bpf_probe_read_kernel(&value, sizeof(value), sk + offset);
+    return value;
+}
+
+static __always_inline u16 sock_u16(const u8 *sk, u32 offset)
+{
+    u16 value = 0;
     bpf_probe_read_kernel(&value, sizeof(value), sk + offset);
     return value;
 }
@@ -365,15 +400,90 @@ static __always_inline void take_process(struct sock_info *info)
 }
 #endif
 
-static __always_inline void remember_socket(u64 sk, struct sock_info *info)
+/* 0 when remembered */
+static __always_inline int remember_socket(u64 sk, struct sock_info *info)
 {
     if (tcp_sockets.insert(&sk, info) == 0) {
         count_sockets(1);
-        return;
+        return 0;
     }
     /* EEXIST: known since SYN_SENT or an RTT sample; else the map is full */
-    if (tcp_sockets.update(&sk, info) != 0)
-        count_failure(FAILURE_SOCKETS);
+    if (tcp_sockets.update(&sk, info) == 0)
+        return 0;
+    count_failure(FAILURE_SOCKETS);
+    return -1;
+}
+
+#ifdef SOCKET_MARKS
+static __always_inline struct mark_group *mark_group_of(u64 sk)
+{
+    u32 group = (u32)((sk * 0x9E3779B97F4A7C15ULL) >> 32) & (MARK_GROUPS - 1);
+    return socket_marks.lookup(&group);
+}
+
+static __always_inline void count_marks(s64 change)
+{
+    u32 zero = 0;
+    s64 *count = socket_mark_count.lookup(&zero);
+    if (count)
+        *count += change;
+}
+
+/* 1 when the socket is marked with its role; 0 when its group is full */
+static __always_inline int mark_open(u64 sk, u8 role)
+{
+    struct mark_group *group = mark_group_of(sk);
+    if (!group)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < MARK_WAYS; i++) {
+        if (group->way[i] == 0 && __sync_val_compare_and_swap(&group->way[i], 0, sk | role) == 0) {
+            count_marks(1);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The word that holds the socket's mark, or 0. Only the socket's own events (serialized by its
+ * lock) change its mark once set, so a mark found stays the socket's until it clears it. */
+static __always_inline u64 *find_mark(u64 sk)
+{
+    struct mark_group *group = mark_group_of(sk);
+    if (!group)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < MARK_WAYS; i++) {
+        if ((group->way[i] & ~(u64)MARK_BITS) == sk)
+            return &group->way[i];
+    }
+    return 0;
+}
+
+/* The endpoints of a marked socket at its close, as its counters key them: read from the
+ * socket and folded. The close has given the local port back by then (skc_num is 0), so a
+ * server's port is read from inet_sport, which the kernel leaves. */
+static __always_inline void marked_endpoints(struct tcp_endpoints *ep, u64 sk, u64 mark)
+{
+    endpoints_from_sock(ep, (const u8 *)sk);
+    ep->role = mark & MARK_ROLE;
+    if (ep->role == ROLE_SERVER)
+        ep->lport = bpf_ntohs(sock_u16((const u8 *)sk, INET_SOURCE_PORT));
+    fold_client_port(ep);
+}
+#endif
+
+/* For the events that give the endpoints themselves: a socket with no entry may have a mark,
+ * which gives its role, so that its client port is folded as in its other counters. */
+static __always_inline void role_from_mark(struct tcp_endpoints *ep, u64 sk)
+{
+#ifdef SOCKET_MARKS
+    u64 *marked = sk ? find_mark(sk) : 0;
+    if (marked) {
+        ep->role = *marked & MARK_ROLE;
+        fold_client_port(ep);
+    }
+#endif
 }
 
 /* With the socket fields, a raw tracepoint: a classic one copies every argument into a buffer
@@ -449,12 +559,34 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             return 0;
         }
 #endif
+#ifdef SOCKET_MARKS
+        if (!mark_open(sk, info.ep.role))
+            remember_socket(sk, &info);
+#else
         remember_socket(sk, &info);
+#endif
         count_event(METRIC_OPENED, &info.ep, 0, 1);
         return 0;
     }
 
     if (newstate == TCPS_CLOSE) {
+#ifdef SOCKET_MARKS
+        u64 *marked = find_mark(sk);
+        if (marked) {
+            u64 mark = *marked;
+            *marked = 0;
+            count_marks(-1);
+            struct tcp_endpoints ep = {};
+            marked_endpoints(&ep, sk, mark);
+            count_event(METRIC_CLOSED, &ep, 0, 1);
+            u32 srtt_us = sock_srtt_us((const u8 *)sk);
+            if (srtt_us)
+                observe_rtt(&ep, srtt_us);
+            if ((mark & MARK_HAS_ENTRY) && tcp_sockets.delete(&sk) == 0)
+                count_sockets(-1);
+            return 0;
+        }
+#endif
         struct sock_info *info = tcp_sockets.lookup(&sk);
 #ifndef REMEMBER_CONNECTING
         if (!info && oldstate == TCPS_SYN_SENT) {
@@ -512,6 +644,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     }
     struct tcp_endpoints ep = {};
     ENDPOINTS_FROM_FIELDS(&ep, args);
+    role_from_mark(&ep, sk);
     count_event(METRIC_RETRANSMITS, &ep, 0, 1);
     return 0;
 }
@@ -527,6 +660,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     }
     struct tcp_endpoints ep = {};
     ENDPOINTS_FROM_FIELDS(&ep, args);
+    role_from_mark(&ep, sk);
     count_event(METRIC_RESETS, &ep, RESET_RECEIVED, 1);
     return 0;
 }
@@ -546,6 +680,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 #else
     ENDPOINTS_FROM_FIELDS(&ep, args);
 #endif
+    role_from_mark(&ep, sk);
     count_event(METRIC_RESETS, &ep, RESET_SENT, 1);
     return 0;
 }
@@ -595,11 +730,24 @@ RAW_TRACEPOINT_PROBE(tcp_probe)
     u64 sk = (u64)skp;
     struct sock_info *info = tcp_sockets.lookup(&sk);
     if (!info) {
-        /* a connection that predates the exporter: remember it to sample it like the others */
+        /* a connection that predates the exporter, or a marked one: remember it to sample it
+         * from its next window on */
         struct sock_info fresh = {};
         endpoints_from_sock(&fresh.ep, skp);
         fresh.opened_jiffies = now;
         fresh.rtt_window = window;
+#ifdef SOCKET_MARKS
+        u64 *marked = find_mark(sk);
+        if (marked) {
+            fresh.ep.role = *marked & MARK_ROLE;
+            fold_client_port(&fresh.ep);
+            fresh.flags = SOCK_OPEN_SEEN;
+            /* its close looks for the entry; a lost entry is one sample fewer, nothing else */
+            if (remember_socket(sk, &fresh) == 0)
+                __sync_fetch_and_or(marked, MARK_HAS_ENTRY);
+            return 0;
+        }
+#endif
         remember_socket(sk, &fresh);
         return 0;
     }

@@ -16,6 +16,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from . import (
     __version__,
+    bpfsys,
     classifier,
     environment,
     jiffies,
@@ -72,6 +73,15 @@ def _missing_tracepoints(names: tuple[str, ...]) -> list[str]:
     return [name for name in names if not (TRACEFS_EVENTS / name / "format").is_file()]
 
 
+MAX_MARK_GROUPS = 1 << 18      # 8 MiB of marks, preallocated: past 1M sockets the hash takes over
+
+
+def mark_groups(socket_capacity: int) -> int:
+    """Groups of bpf/tcp.c's socket_marks (4 marks each, a power of two): twice as many marks as
+    tcp_sockets holds entries, rounded up, so that few groups fill before the map would."""
+    return min(max(1, 1 << max(socket_capacity - 1, 0).bit_length() >> 1), MAX_MARK_GROUPS)
+
+
 def tcp_program_flags(config: Config) -> list[str]:
     flags = [f"-DEVENT_CAPACITY={config.maps.tcp_event_capacity}",
              f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}"]
@@ -81,6 +91,13 @@ def tcp_program_flags(config: Config) -> list[str]:
         log.warning("cannot locate the socket fields RTT is read from: no "
                     "ebpf_net_tcp_rtt_seconds (the other TCP metrics are unaffected)",
                     extra={"error": str(e)})
+    else:
+        if bpfsys.has_atomics():
+            flags += ["-DWITH_SOCKET_MARKS",
+                      f"-DMARK_GROUPS={mark_groups(config.maps.tcp_socket_capacity)}"]
+        else:
+            log.info("the kernel's BPF has no compare-and-swap (Linux < 5.12): every TCP socket "
+                     "is kept in the socket map, which costs more per connection")
     # kernels >= 6.10 give tcp_send_reset's addresses as sockaddrs of 28 bytes
     reset_format = TRACEFS_EVENTS / "tcp/tcp_send_reset/format"
     if "saddr[28]" in reset_format.read_text():

@@ -1,5 +1,5 @@
 """The bpf(2) system call for the few commands bcc's Python bindings do not wrap
-(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS)."""
+(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS), and a probe of the kernel's BPF atomics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 import platform
 
 SYSCALL_NUMBER = {"x86_64": 321, "aarch64": 280}
+PROG_LOAD = 5
 PROG_TEST_RUN = 10
 ENABLE_STATS = 32
+PROG_TYPE_SOCKET_FILTER = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -46,3 +48,48 @@ def test_run(prog_fd: int, frame_bytes: int = 64) -> int:
                        data_in=ctypes.addressof(frame), data_out=ctypes.addressof(out), repeat=1)
     bpf(PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return int(attr.retval)
+
+
+class Insn(ctypes.Structure):
+    """struct bpf_insn."""
+    _fields_ = [("code", ctypes.c_uint8), ("regs", ctypes.c_uint8), ("off", ctypes.c_int16),
+                ("imm", ctypes.c_int32)]
+
+
+class ProgLoadAttr(ctypes.Structure):
+    """The head of union bpf_attr as BPF_PROG_LOAD reads it; the kernel takes the rest as 0."""
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32),
+                ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
+                ("prog_flags", ctypes.c_uint32)]
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> Insn:
+    return Insn(code, dst | src << 4, off, imm)
+
+
+# *(u64 *)(r10 - 8) = 0; r0 = 0; r1 = 1; r0 = cmpxchg((u64 *)(r10 - 8), r0, r1); r0 = 0; exit
+CMPXCHG_PROGRAM = (
+    _insn(0x7A, dst=10, off=-8),                    # BPF_ST | BPF_MEM | BPF_DW
+    _insn(0xB7, dst=0),                             # BPF_ALU64 | BPF_MOV | BPF_K
+    _insn(0xB7, dst=1, imm=1),
+    _insn(0xDB, dst=10, src=1, off=-8, imm=0xF1),   # BPF_STX | BPF_ATOMIC | BPF_DW, BPF_CMPXCHG
+    _insn(0xB7, dst=0),
+    _insn(0x95),                                    # BPF_JMP | BPF_EXIT
+)
+
+
+def has_atomics() -> bool:
+    """Whether the kernel's verifier takes BPF_CMPXCHG and the other atomics of Linux 5.12
+    (bpf/tcp.c's socket marks need them): a six-instruction program is loaded and closed."""
+    insns = (Insn * len(CMPXCHG_PROGRAM))(*CMPXCHG_PROGRAM)
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = ProgLoadAttr(prog_type=PROG_TYPE_SOCKET_FILTER, insn_cnt=len(CMPXCHG_PROGRAM),
+                        insns=ctypes.addressof(insns), license=ctypes.addressof(license))
+    try:
+        fd = bpf(PROG_LOAD, attr, "BPF_PROG_LOAD")
+    except OSError:
+        return False
+    os.close(fd)
+    return True

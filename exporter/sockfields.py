@@ -28,6 +28,8 @@ FIELDS = {
     "SK_LOCAL_ADDR6": ("sock", "__sk_common.skc_v6_rcv_saddr", 16),
     "SK_REMOTE_ADDR6": ("sock", "__sk_common.skc_v6_daddr", 16),
     "SK_ERR": ("sock", "sk_err", 4),                             # set before the close
+    # network order; unlike skc_num, still the local port when the close is traced
+    "INET_SOURCE_PORT": ("inet_sock", "inet_sport", 2),
     "TCP_TOTAL_RETRANS": ("tcp_sock", "total_retrans", 4),       # SYNs too
     "TCP_SRTT_US": ("tcp_sock", "srtt_us", 4),                   # srtt << 3, microseconds
     "TCP_RCV_TSTAMP": ("tcp_sock", "rcv_tstamp", 4),             # jiffies of the last ACK in

@@ -45,6 +45,7 @@ METRIC_COUNT = 6
 CONNECT_FAILURE_REASONS = ["refused", "timeout", "aborted"]
 RESET_DIRECTIONS = ["sent", "received"]
 FAILURE_MAPS = ["tcp_events", "tcp_sockets"]
+MARK_WAYS = 4           # marks per group of socket_marks (bpf/tcp.c)
 
 
 @dataclass
@@ -58,6 +59,8 @@ class TcpBatch:
     capacity: int = 0
     sockets: int = 0
     socket_capacity: int = 0
+    marks: int = 0
+    mark_capacity: int = 0          # 0: a build without socket marks (bpf/tcp.c)
 
 
 class KernelTcpSource:
@@ -68,6 +71,11 @@ class KernelTcpSource:
                                TCP_KEY_PROCESS if process else TCP_KEY, COUNT, per_cpu=True)
         self.socket_capacity = int(table("tcp_sockets").max_entries)
         self.socket_count = table("tcp_socket_count")
+        try:
+            self.mark_count = table("socket_mark_count")
+            self.mark_capacity = int(table("socket_marks").max_entries) * MARK_WAYS
+        except KeyError:            # with the process label or without the socket fields
+            self.mark_count, self.mark_capacity = None, 0
         self.overflow = CounterArray("tcp_overflow", table("tcp_overflow"))
         self.failures = CounterArray("map_update_failures", table("map_update_failures"))
 
@@ -76,9 +84,10 @@ class KernelTcpSource:
         keys = drained.keys
         counts = drained.values.sum(axis=1, dtype=np.uint64)
         sockets = int(self.socket_count.sum(ctypes.c_int(0)).value)
+        marks = int(self.mark_count.sum(ctypes.c_int(0)).value) if self.mark_count else 0
         return TcpBatch(keys, counts, self.overflow.read_deltas(), self.failures.read_deltas(),
                         entries, self.events.capacity,
-                        max(sockets, 0), self.socket_capacity)
+                        max(sockets, 0), self.socket_capacity, max(marks, 0), self.mark_capacity)
 
 
 class TcpCollector(PairCollector):
@@ -173,6 +182,8 @@ class TcpCollector(PairCollector):
 
         self.stats.record_map("tcp_events", batch.entries, batch.capacity)
         self.stats.record_map("tcp_sockets", batch.sockets, batch.socket_capacity)
+        if batch.mark_capacity:
+            self.stats.record_map("socket_marks", batch.marks, batch.mark_capacity)
         for index, name in enumerate(FAILURE_MAPS):
             self.stats.add_failures(name, float(batch.failures[index]))
 

@@ -5,14 +5,19 @@ exporter (the module-wide one of test_tcp.py would be in the way of the first, a
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
+import os
 import socket
+import struct
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from exporter import config, jiffies
+from exporter import bpfsys, config, jiffies
 from exporter.app import tcp_program_flags
 from exporter.loader import Program
 from tests.exporter_process import ExporterProcess
@@ -70,6 +75,118 @@ def test_a_connection_older_than_the_exporter_is_sampled_in_flight_and_at_close(
         server.close()
 
 
+def _map_values(pid: int, name: str) -> list[bytes]:
+    """The values of the process's BPF map `name`, raw (bpftool)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            ids |= {int(line.split()[1]) for line in f if line.startswith("map_id:")}
+    shown = json.loads(subprocess.run(["bpftool", "map", "show", "--json"], check=True,
+                                      capture_output=True, text=True).stdout)
+    (map_id,) = [m["id"] for m in shown if m["id"] in ids and m.get("name") == name]
+    dumped = json.loads(subprocess.run(["bpftool", "map", "dump", "id", str(map_id), "--json"],
+                                       check=True, capture_output=True, text=True).stdout)
+    return [bytes(int(b, 16) for b in entry["value"]) for entry in dumped]
+
+
+def _socket_entries_with_port(pid: int, port: int) -> int:
+    """tcp_sockets entries whose endpoints (struct tcp_endpoints at the start of the value:
+    family, role, local port, remote port) hold `port` at either end."""
+    ports = [struct.unpack_from("<HH", value, 2) for value in _map_values(pid, "tcp_sockets")]
+    return sum(port in pair for pair in ports)
+
+
+def _held_connections(node: TestNode, port: int, count: int):
+    """`count` connections from pod a to pod b, open: (listener, clients, accepted)."""
+    with in_netns(node.b_ns):
+        server = socket.create_server((node.b_ip, port))
+    with in_netns(node.a_ns):
+        clients = [socket.create_connection((node.b_ip, port), timeout=5) for _ in range(count)]
+    return server, clients, [server.accept()[0] for _ in clients]
+
+
+def test_a_connection_sampled_in_flight_is_opened_and_closed_once_on_each_side(node: TestNode):
+    """A socket whose open was seen carries a mark (bpf/tcp.c, socket_marks), and a tcp_sockets
+    entry too once it is sampled in flight: its close, which finds both, counts once and takes
+    both away."""
+    port = 7404
+    exporter = ExporterProcess(node, config={"tcp": {"rtt_sample_interval": "50ms"}})
+    server, clients, accepted = None, [], []
+    try:
+        exporter.wait_ready()
+        server, clients, accepted = _held_connections(node, port, 1)
+        labels = pair(node, port)
+        for _ in range(50):                 # about 0.5 s: several windows of 50 ms
+            clients[0].sendall(b"p")
+            assert accepted[0].recv(1) == b"p"
+            accepted[0].sendall(b"q")
+            assert clients[0].recv(1) == b"q"
+            time.sleep(0.01)
+        in_flight = exporter.wait_for(
+            lambda s: s.value("ebpf_net_tcp_rtt_seconds_count", **labels) >= 2,
+            "in-flight RTT samples").value("ebpf_net_tcp_rtt_seconds_count", **labels)
+        # sampled in flight: an entry each, beside the marks (the client's port is folded)
+        assert _socket_entries_with_port(exporter.proc.pid, port) == 2
+        for sock in clients + accepted:
+            sock.close()
+        scrape = exporter.wait_for(
+            lambda s: s.value("ebpf_net_tcp_connections_closed_total", **labels) >= 2
+            and s.value("ebpf_net_tcp_rtt_seconds_count", **labels) >= in_flight + 2,
+            "both closes and their samples")
+        for role in ("client", "server"):
+            assert scrape.value("ebpf_net_tcp_connections_opened_total", role=role,
+                                **labels) == 1
+            assert scrape.value("ebpf_net_tcp_connections_closed_total", role=role,
+                                **labels) == 1
+            assert scrape.value("ebpf_net_tcp_active_connections", role=role, **labels) == 0
+        # the closes' samples, and up to one more in flight per socket if its FIN came in a
+        # new window
+        assert in_flight + 2 <= scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels) \
+            <= in_flight + 4
+        assert _socket_entries_with_port(exporter.proc.pid, port) == 0
+    finally:
+        exporter.stop()
+        for sock in clients + accepted:
+            sock.close()
+        if server:
+            server.close()
+
+
+def test_sockets_past_the_marks_go_to_the_socket_map_and_past_it_are_failures(node: TestNode):
+    """maps.tcp_socket_capacity 4 gives 8 marks (2 groups of 4) and 4 entries: of 12 sockets
+    held open, those whose group is full take an entry, and past those the socket map's update
+    failures count what cannot be closed. Every socket is either closed with its own labels
+    or counted as a failure, closes come through both ways, and a second round finds the marks
+    and entries of the first given back."""
+    count = 6
+    exporter = ExporterProcess(node, config={"maps": {"tcp_socket_capacity": 4},
+                                             "tcp": {"rtt_sample_interval": "1h"}})
+    try:
+        scrape = exporter.wait_ready().scrape()
+        assert scrape.value("ebpf_net_exporter_bpf_map_capacity", map="socket_marks") == 8
+        for port in (7405, 7406):
+            failures_before = scrape.value("ebpf_net_exporter_bpf_map_update_failures_total",
+                                           map="tcp_sockets")
+            server, clients, accepted = _held_connections(node, port, count)
+            for sock in clients + accepted:
+                sock.close()
+            server.close()
+            labels = pair(node, port)
+            scrape = exporter.wait_for(
+                lambda s, labels=labels, before=failures_before:
+                s.value("ebpf_net_tcp_connections_opened_total", **labels) >= 2 * count
+                and s.value("ebpf_net_tcp_connections_closed_total", **labels)
+                + s.value("ebpf_net_exporter_bpf_map_update_failures_total", map="tcp_sockets")
+                - before >= 2 * count, "every socket closed or counted as a failure")
+            for role in ("client", "server"):
+                assert scrape.value("ebpf_net_tcp_connections_opened_total", role=role,
+                                    **labels) == count
+            closed = scrape.value("ebpf_net_tcp_connections_closed_total", **labels)
+            assert 8 < closed <= 2 * count, port    # past the marks: the socket map closed some
+    finally:
+        exporter.stop()
+
+
 # runs the exporter in a mount namespace of its own where /sys/kernel/btf is an empty tmpfs
 WITHOUT_BTF = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                'mount -t tmpfs none /sys/kernel/btf && exec "$@"', "sh"]
@@ -100,6 +217,18 @@ def test_without_btf_the_tcp_counters_stay_exact_and_there_is_no_rtt(node: TestN
         assert "no ebpf_net_tcp_rtt_seconds" in log and "/sys/kernel/btf/vmlinux" in log
     finally:
         exporter.stop()
+
+
+def test_this_kernel_takes_the_atomics_the_socket_marks_need(kernel_ready: None):
+    """Linux 6.18's verifier takes BPF_CMPXCHG (exporter/bpfsys.py's probe), so the exporter
+    builds bpf/tcp.c with its socket marks here; an invalid atomic operation is refused."""
+    assert bpfsys.has_atomics()
+    invalid = bpfsys._insn(0xDB, dst=10, src=1, off=-8, imm=0xF3)    # no such operation
+    program = list(bpfsys.CMPXCHG_PROGRAM)
+    program[3] = invalid
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bpfsys, "CMPXCHG_PROGRAM", tuple(program))
+        assert not bpfsys.has_atomics()
 
 
 def test_the_tick_rate_measured_by_the_program_is_the_kernels(kernel_ready: None):

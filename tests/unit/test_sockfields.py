@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import app, btf, config, jiffies, sockfields
+from exporter import app, bpfsys, btf, config, jiffies, sockfields
 from tests.btftools import BtfWriter
 
 
@@ -92,9 +92,30 @@ def test_the_located_fields_are_compiled_in(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
     monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
     monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
+    monkeypatch.setattr(bpfsys, "has_atomics", lambda: True)
     flags = _tcp_flags(monkeypatch, tmp_path, "2s")
-    assert flags[2:5] == ["-DWITH_SOCK_FIELDS", "-DSK_HEAD_BYTES=18", "-DTCP_SRTT_US=16"]
+    start = flags.index(sockfields.ENABLED_FLAG)
+    assert flags[start:start + 3] == [
+        "-DWITH_SOCK_FIELDS", "-DSK_HEAD_BYTES=18", "-DTCP_SRTT_US=16"]
     assert "-DTCP_SEND_RESET_SOCKADDR" in flags
+    assert "-DMARK_GROUPS=65536" in flags       # tcp_sockets' default 131072, two marks each
+
+
+def test_a_kernel_without_bpf_atomics_keeps_every_socket_in_the_map(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
+    monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
+    monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
+    monkeypatch.setattr(bpfsys, "has_atomics", lambda: False)
+    flags = _tcp_flags(monkeypatch, tmp_path, "2s")
+    assert sockfields.ENABLED_FLAG in flags
+    assert not [f for f in flags if "MARK" in f]
+
+
+def test_socket_marks_are_twice_the_sockets_in_groups_of_four_within_a_bound():
+    assert [app.mark_groups(c) for c in (1, 2, 3, 8, 9, 131072, 131073)] == [
+        1, 1, 2, 4, 8, 65536, 131072]
+    assert app.mark_groups(16777216) == app.MAX_MARK_GROUPS == 1 << 18
 
 
 def test_the_endpoints_read_in_one_go_must_lie_near_the_start_of_the_socket():
