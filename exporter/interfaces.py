@@ -366,7 +366,7 @@ class InterfaceMonitor:
                 # the thread may still use the wake pipe: it stays open, the process is ending
                 names = sorted(link.name for link in list(self.attached.values()))
                 log.error("interfaces not all detached in time: their filters stay until the "
-                          "exporter starts again and replaces them; thread stacks follow",
+                          "next start replaces them; thread stacks follow",
                           extra={"seconds": timeout, "interfaces": ",".join(names)})
                 faulthandler.dump_traceback(all_threads=True)
                 return False

@@ -65,8 +65,8 @@ def test_a_hanging_detach_ends_the_stop_in_time_with_the_stacks_and_the_interfac
     assert detached == []
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.getMessage() for r in errors] == [
-        "interfaces not all detached in time: their filters stay until the exporter starts "
-        "again and replaces them; thread stacks follow"]
+        "interfaces not all detached in time: their filters stay until the next start "
+        "replaces them; thread stacks follow"]
     assert errors[0].interfaces == "vethpod1"
     # faulthandler writes to the process's stderr: the stuck thread's frames are there
     assert "hanging_in_detach" in capfd.readouterr().err
