@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
+from types import FrameType
 
 import pytest
 
 KERNEL_TOOLS = ("ip", "tc", "nft", "curl", "dig", "dnsmasq", "iperf3")
+
+
+def _interrupted(number: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(number).name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (a CI timeout, a kill) would end pytest without tearing down the test nodes:
+    # their namespaces, servers and exporters would outlive the run. Pytest runs the fixtures'
+    # teardown on KeyboardInterrupt, so SIGTERM becomes one.
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 def skip_or_fail(reason: str) -> None:

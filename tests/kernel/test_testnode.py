@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -173,6 +177,34 @@ def test_close_removes_everything() -> None:
     assert tn.prefix not in _ns_names()
     assert tn.prefix not in _root_links()
     tn.close()  # idempotent
+
+
+def test_a_terminated_test_run_still_tears_its_node_down(tmp_path) -> None:
+    """SIGTERM to pytest (a CI timeout, a kill) runs the fixtures' teardown (tests/conftest.py),
+    so a node's namespaces and processes do not outlive the run."""
+    ready = tmp_path / "ready"
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/kernel/sigterm_target.py"], cwd=repo, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env={**os.environ, "SIGTERM_TARGET_READY": str(ready)})
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert run.poll() is None, run.communicate()[0]
+            assert time.monotonic() < deadline, "the target's node did not come up"
+            time.sleep(0.1)
+        prefix = ready.read_text()
+        assert prefix in _ns_names()
+        run.send_signal(signal.SIGTERM)
+        output = run.communicate(timeout=60)[0].decode()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert "KeyboardInterrupt: signal SIGTERM" in output
+    assert prefix not in _ns_names()
+    assert prefix not in _root_links()
 
 
 def test_partial_build_is_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
