@@ -22,7 +22,7 @@ from exporter.app import tcp_program_flags
 from exporter.loader import Program
 from tests.exporter_process import ExporterProcess
 from tests.kernel.test_tcp import pair
-from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections
+from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections, tcp_transfer
 
 pytestmark = pytest.mark.kernel
 
@@ -75,8 +75,9 @@ def test_a_connection_older_than_the_exporter_is_sampled_in_flight_and_at_close(
         server.close()
 
 
-def _map_values(pid: int, name: str) -> list[bytes]:
-    """The values of the process's BPF map `name`, raw (bpftool)."""
+def _map_entries(pid: int, name: str) -> list[tuple[bytes, bytes]]:
+    """The (key, value) pairs of the process's BPF map `name`, raw (bpftool); for a per-CPU
+    map, the first CPU's value."""
     ids = set()
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
@@ -86,7 +87,17 @@ def _map_values(pid: int, name: str) -> list[bytes]:
     (map_id,) = [m["id"] for m in shown if m["id"] in ids and m.get("name") == name]
     dumped = json.loads(subprocess.run(["bpftool", "map", "dump", "id", str(map_id), "--json"],
                                        check=True, capture_output=True, text=True).stdout)
-    return [bytes(int(b, 16) for b in entry["value"]) for entry in dumped]
+    def raw(hexes: list[str]) -> bytes:
+        return bytes(int(b, 16) for b in hexes)
+
+    return [(raw(entry["key"]),
+             raw(entry["value"] if "value" in entry else entry["values"][0]["value"]))
+            for entry in dumped]
+
+
+def _map_values(pid: int, name: str) -> list[bytes]:
+    """The values of the process's BPF map `name`, raw (bpftool)."""
+    return [value for _, value in _map_entries(pid, name)]
 
 
 def _socket_entries_with_port(pid: int, port: int) -> int:
@@ -183,6 +194,41 @@ def test_sockets_past_the_marks_go_to_the_socket_map_and_past_it_are_failures(no
                                     **labels) == count
             closed = scrape.value("ebpf_net_tcp_connections_closed_total", **labels)
             assert 8 < closed <= 2 * count, port    # past the marks: the socket map closed some
+    finally:
+        exporter.stop()
+
+
+def _map_keys(pid: int, name: str) -> list[bytes]:
+    """The keys of the process's BPF map `name`, raw (bpftool)."""
+    return [key for key, _ in _map_entries(pid, name)]
+
+
+def test_retransmits_of_a_marked_socket_are_keyed_with_its_role_and_folded_port(node: TestNode):
+    """A marked socket has no tcp_sockets entry to take its role from: its retransmits take it
+    from the mark (role_from_mark), so the kernel keys them with the client's port folded to 0,
+    one entry per pair as for its other counters, not one per connection."""
+    port = 7407
+    exporter = ExporterProcess(node, config={"tcp": {"rtt_sample_interval": "1h"}})
+    try:
+        exporter.wait_ready()
+        # every tenth packet to the server from the sixth on (not the SYN) is dropped, so the
+        # client retransmits (see test_tcp.py's retransmit test)
+        node.nft(node.b_ns, f"""
+            table inet ebpf_net_test_loss {{
+                chain input {{ type filter hook input priority 0;
+                               tcp dport {port} numgen inc mod 10 == 5 drop; }}
+            }}""")
+        try:
+            tcp_transfer(node.a_ns, node.b_ns, node.b_ip, port, 2_000_000)
+        finally:
+            node.run(node.b_ns, ["nft", "delete", "table", "inet", "ebpf_net_test_loss"])
+        # struct tcp_key: generation u32, metric u8 at 4, then struct tcp_endpoints at 8:
+        # family, role, local port, remote port
+        retransmits = [struct.unpack_from("<BBHH", key, 8)
+                       for key in _map_keys(exporter.proc.pid, "tcp_events")
+                       if key[4] == 3 and port in struct.unpack_from("<HH", key, 10)]
+        assert retransmits, "no retransmit of the transfer in tcp_events"
+        assert set(retransmits) == {(4, 1, 0, port)}     # IPv4, client, port folded
     finally:
         exporter.stop()
 
