@@ -110,22 +110,27 @@ def test_unanswered_syns_are_timeout_failures(node: TestNode, exporter: Exporter
         node.run(node.b_ns, ["nft", "delete", "table", "inet", "ebpf_net_test_timeout"])
 
 
+def lossy_transfer(node: TestNode, port: int, nbytes: int) -> None:
+    """A TCP transfer from pod a to pod b whose client retransmits: pod b drops every tenth
+    packet to `port` from the sixth (not the SYN), not a random tenth: the transfer crosses the
+    veths as some 30 GSO aggregates, and a random 10% spared all of them about one run in 25
+    (then no retransmit to count)."""
+    node.nft(node.b_ns, f"""
+        table inet ebpf_net_test_loss {{
+            chain input {{ type filter hook input priority 0;
+                           tcp dport {port} numgen inc mod 10 == 5 drop; }}
+        }}""")
+    try:
+        tcp_transfer(node.a_ns, node.b_ns, node.b_ip, port, nbytes)
+    finally:
+        node.run(node.b_ns, ["nft", "delete", "table", "inet", "ebpf_net_test_loss"])
+
+
 def test_retransmits_are_zero_on_a_clean_path_and_counted_under_loss(
         node: TestNode, exporter: ExporterProcess):
     clean, lossy = 7301, 7302
     tcp_transfer(node.a_ns, node.b_ns, node.b_ip, clean, 2_000_000)
-    # every tenth packet from the sixth (not the SYN), not a random tenth: the transfer crosses
-    # the veths as some 30 GSO aggregates, and a random 10% spared all of them about one run in
-    # 25 (then no retransmit to count)
-    node.nft(node.b_ns, f"""
-        table inet ebpf_net_test_loss {{
-            chain input {{ type filter hook input priority 0;
-                           tcp dport {lossy} numgen inc mod 10 == 5 drop; }}
-        }}""")
-    try:
-        tcp_transfer(node.a_ns, node.b_ns, node.b_ip, lossy, 2_000_000)
-    finally:
-        node.run(node.b_ns, ["nft", "delete", "table", "inet", "ebpf_net_test_loss"])
+    lossy_transfer(node, lossy, 2_000_000)
     scrape = exporter.wait_for(
         lambda s: s.value("ebpf_net_tcp_connections_closed_total", role="client",
                           **pair(node, lossy)) >= 1, "the lossy transfer to finish")

@@ -21,8 +21,8 @@ from exporter import bpfsys, config, jiffies
 from exporter.app import tcp_program_flags
 from exporter.loader import Program
 from tests.exporter_process import ExporterProcess
-from tests.kernel.test_tcp import pair
-from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections, tcp_transfer
+from tests.kernel.test_tcp import lossy_transfer, pair
+from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections
 
 pytestmark = pytest.mark.kernel
 
@@ -211,17 +211,7 @@ def test_retransmits_of_a_marked_socket_are_keyed_with_its_role_and_folded_port(
     exporter = ExporterProcess(node, config={"tcp": {"rtt_sample_interval": "1h"}})
     try:
         exporter.wait_ready()
-        # every tenth packet to the server from the sixth on (not the SYN) is dropped, so the
-        # client retransmits (see test_tcp.py's retransmit test)
-        node.nft(node.b_ns, f"""
-            table inet ebpf_net_test_loss {{
-                chain input {{ type filter hook input priority 0;
-                               tcp dport {port} numgen inc mod 10 == 5 drop; }}
-            }}""")
-        try:
-            tcp_transfer(node.a_ns, node.b_ns, node.b_ip, port, 2_000_000)
-        finally:
-            node.run(node.b_ns, ["nft", "delete", "table", "inet", "ebpf_net_test_loss"])
+        lossy_transfer(node, port, 2_000_000)
         # struct tcp_key: generation u32, metric u8 at 4, then struct tcp_endpoints at 8:
         # family, role, local port, remote port
         retransmits = [struct.unpack_from("<BBHH", key, 8)
