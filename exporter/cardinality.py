@@ -71,6 +71,20 @@ class SeriesStore:
             current[i] += value
         self._last_change[labels] = now
 
+    def add_many(self, labels: Iterable[LabelValues], deltas: Iterable[Sequence[float]]) -> None:
+        """add() for many series at once (a drain's label sets): one clock read, and the series
+        that exist already (most, from the second scrape on) updated in place."""
+        now = self._clock()
+        values, last_change = self._values, self._last_change
+        for series, delta in zip(labels, deltas, strict=True):
+            current = values.get(series)
+            if current is None:
+                self.add(series, delta)
+                continue
+            for i, value in enumerate(delta):
+                current[i] += value
+            last_change[series] = now
+
     def get(self, labels: LabelValues) -> list[float] | None:
         return self._values.get(labels)
 

@@ -206,9 +206,27 @@ def distinct_addresses(family: np.ndarray, *columns: np.ndarray) -> tuple[list[s
 
 def grouped(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For integer values: a row holding each distinct value (in the values' sorted order), and
-    for every row the number of its distinct value. Any row of a group stands for it: the rows
-    are scattered from the inverse, since np.unique's return_index takes a stable sort, about
-    three times the time of the sort return_inverse needs alone."""
+    for every row the number of its distinct value. Any row of a group stands for it.
+
+    Where a value and its row number fit in 63 bits together (addresses, packed label sets),
+    the row number goes into the low bits and the pairs are sorted as plain integers: numpy's
+    vectorised sort of int64 takes a third of the argsort np.unique's inverse needs (2M
+    addresses of a 1M-flow drain: 136 against 352 ms)."""
+    rows = len(values)
+    index_bits = max(rows - 1, 1).bit_length()
+    if rows and int(values.min()) >= 0 and int(values.max()).bit_length() + index_bits <= 63:
+        pairs = values.astype(np.int64) << index_bits | np.arange(rows, dtype=np.int64)
+        pairs.sort()
+        order = pairs & ((1 << index_bits) - 1)
+        ordered = pairs >> index_bits
+        starts = np.empty(rows, dtype=bool)
+        starts[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+        inverse = np.empty(rows, dtype=np.int64)
+        inverse[order] = np.cumsum(starts) - 1
+        return order[starts], inverse
+    # the rows are scattered from the inverse, since np.unique's return_index takes a stable
+    # sort, about three times the time of the sort return_inverse needs alone
     distinct, inverse = np.unique(values, return_inverse=True)
     inverse = inverse.reshape(-1)
     rows = np.empty(len(distinct), dtype=np.int64)

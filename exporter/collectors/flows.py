@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -112,12 +113,24 @@ class KernelFlowSource:
 
 def _numbered(values: np.ndarray) -> np.ndarray:
     """For each value, the rank of its distinct value (0, 1, ...)."""
-    return np.unique(values, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    return grouped(values)[1]
 
 
 def _bits(count: int) -> int:
     """Bits that hold the numbers 0 .. count - 1."""
     return max(count - 1, 1).bit_length()
+
+
+class _TextCache(dict):
+    """Label text of small integer codes (ports, protocol and family), each made once."""
+
+    def __init__(self, make: Callable[[int], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, code: int) -> Any:
+        text = self[code] = self._make(code)
+        return text
 
 
 class FlowsCollector:
@@ -168,9 +181,9 @@ class FlowsCollector:
                 delta[0] += float(byte_count)
                 delta[1] += float(packet_count)
 
-        for labels, (byte_count, packet_count) in deltas.items():
-            self._bytes.add(labels, (byte_count,))
-            self._packets.add(labels, (packet_count,))
+        self._bytes.add_many(deltas.keys(), ((byte_count,) for byte_count, _ in deltas.values()))
+        self._packets.add_many(deltas.keys(),
+                               ((packet_count,) for _, packet_count in deltas.values()))
 
         self.stats.record_map("flows", batch.entries, batch.capacity)
 
@@ -210,14 +223,21 @@ class FlowsCollector:
         firsts, inverse = grouped(packed)
         byte_sums = np.bincount(inverse, weights=values["bytes"].astype(np.float64))
         packet_sums = np.bincount(inverse, weights=values["packets"].astype(np.float64))
-        family = keys["family"]
-        for row, byte_count, packet_count in zip(firsts, byte_sums, packet_sums, strict=True):
-            labels = (self.endpoints.values("src", texts[src[row]], port_text(s_code[row]))
-                      + self.endpoints.values("dst", texts[dst[row]], port_text(d_code[row]))
-                      + (protocol_name(protocol[row]), family_name(family[row])))
+        # one Python iteration per label set: over lists, since indexing numpy arrays row by
+        # row makes a numpy scalar of every field
+        endpoint = self.endpoints.values
+        ports = _TextCache(port_text)
+        kinds = _TextCache(lambda code: (protocol_name(code >> 8), family_name(code & 0xFF)))
+        kind = (protocol[firsts] << 8 | keys["family"][firsts]).tolist()
+        for s, sp, d, dp, k, byte_count, packet_count in zip(
+                src[firsts].tolist(), s_code[firsts].tolist(), dst[firsts].tolist(),
+                d_code[firsts].tolist(), kind, byte_sums.tolist(), packet_sums.tolist(),
+                strict=True):
+            labels = (endpoint("src", texts[s], ports[sp]) + endpoint("dst", texts[d], ports[dp])
+                      + kinds[k])
             delta = deltas[labels]
-            delta[0] += float(byte_count)
-            delta[1] += float(packet_count)
+            delta[0] += byte_count
+            delta[1] += packet_count
 
     def _families(self) -> list[StoreFamily]:
         return [

@@ -125,19 +125,31 @@ def test_unique_rows_matches_a_plain_reference():
     assert unique_rows(np.array([], dtype=np.int64))[0].size == 0
 
 
-def test_grouped_and_ranks_match_a_plain_reference():
+# small values take the sort of (value, row) pairs packed in one integer; values too wide
+# for that, or negative, np.unique
+@pytest.mark.parametrize("low, high", [(0, 50), (1 << 50, (1 << 50) + 40), (-20, 30)])
+def test_grouped_matches_a_plain_reference(low: int, high: int):
     import numpy as np
 
-    from exporter.endpoints import grouped, ranks
+    from exporter.endpoints import grouped
 
     rng = np.random.default_rng(4)
-    values = rng.integers(0, 50, 3000)
+    values = rng.integers(low, high, 3000)
     rows, inverse = grouped(values)
     distinct = sorted(set(values.tolist()))
     assert [values[r] for r in rows] == distinct          # one row of each, in sorted order
     assert [distinct[i] for i in inverse] == values.tolist()
     assert grouped(np.array([], dtype=np.int64))[0].size == 0
+    assert grouped(np.array([7], dtype=np.int64))[1].tolist() == [0]
 
+
+def test_ranks_match_a_plain_reference():
+    import numpy as np
+
+    from exporter.endpoints import ranks
+
+    values = np.random.default_rng(4).integers(0, 50, 3000)
+    distinct = sorted(set(values.tolist()))
     ranked, count = ranks(values, 64)
     assert count == len(distinct)
     assert ranked.tolist() == [distinct.index(v) for v in values.tolist()]
