@@ -71,18 +71,20 @@ class SeriesStore:
             current[i] += value
         self._last_change[labels] = now
 
-    def add_many(self, labels: Iterable[LabelValues], deltas: Iterable[Sequence[float]]) -> None:
-        """add() for many series at once (a drain's label sets): one clock read, and the series
-        that exist already (most, from the second scrape on) updated in place."""
+    def add_counts(self, labels: Iterable[LabelValues], counts: Iterable[float]) -> None:
+        """add() for many series of a store of width 1 at once (a drain's label sets), one count
+        each: one clock read, and the series that exist already (most, from the second scrape
+        on) updated in place."""
+        if self.width != 1:
+            raise ValueError(f"{self.metric}: add_counts needs a store of width 1")
         now = self._clock()
         values, last_change = self._values, self._last_change
-        for series, delta in zip(labels, deltas, strict=True):
+        for series, count in zip(labels, counts, strict=True):
             current = values.get(series)
             if current is None:
-                self.add(series, delta)
+                self.add(series, (count,))
                 continue
-            for i, value in enumerate(delta):
-                current[i] += value
+            current[0] += count
             last_change[series] = now
 
     def get(self, labels: LabelValues) -> list[float] | None:

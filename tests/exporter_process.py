@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -192,3 +193,23 @@ def filters_on(node: TestNode, devices: Iterable[str]) -> dict[str, int]:
 def has_clsact(node: TestNode, device: str) -> bool:
     out = node.run(node.node_ns, ["tc", "qdisc", "show", "dev", device], check=False).stdout
     return "clsact" in out
+
+
+def bpf_map_dump(pid: int, name: str) -> list[tuple[bytes, list[bytes]]]:
+    """The entries of the process's BPF map `name` as bpftool dumps them: each key with its
+    value, or for a per-CPU map its value on every CPU, raw bytes."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            ids |= {int(line.split()[1]) for line in f if line.startswith("map_id:")}
+    shown = json.loads(subprocess.run(["bpftool", "map", "show", "--json"], check=True,
+                                      capture_output=True, text=True).stdout)
+    (map_id,) = [m["id"] for m in shown if m["id"] in ids and m.get("name") == name]
+    dumped = json.loads(subprocess.run(["bpftool", "map", "dump", "id", str(map_id), "--json"],
+                                       check=True, capture_output=True, text=True).stdout)
+
+    def raw(hexes: list[str]) -> bytes:
+        return bytes(int(b, 16) for b in hexes)
+
+    return [(raw(entry["key"]), [raw(entry["value"])] if "value" in entry
+             else [raw(cpu["value"]) for cpu in entry["values"]]) for entry in dumped]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.exporter_process import ExporterProcess, Scrape, wait_until
+from tests.exporter_process import ExporterProcess, Scrape, bpf_map_dump, wait_until
 from tests.httptools import RawServer, SlowServer
 from tests.testnode import TestNode, in_netns
 
@@ -287,3 +287,50 @@ def test_allowlisted_paths_become_the_path_label_with_ids_templated(node: TestNo
                         dst_ip=node.b_ip) >= 1
     paths = {s.labels["path"] for s in scrape.select("ebpf_net_http_requests_total")}
     assert all(p == "other" or p.startswith(("/api/", "/ok")) for p in paths), paths
+
+
+# struct recent_flow (bpf/flows.h): the flow key (family u8, protocol u8, sport u16, dport u16,
+# ...; 40 bytes), bytes, packets, generation, used_last, then http at 64 (RECENT_HTTP_* of
+# classifier.c) and http_first_seq
+RECENT_HTTP_NOT, RECENT_HTTP_MAYBE = 2, 3
+TLS_CLIENT_HELLO_START = bytes.fromhex("160301020001000200fc0303")
+
+
+def _recent_http_states(pid: int, sport: int, dport: int) -> set[int]:
+    """The http field of every CPU's recent_flows ways that hold the TCP flow sport -> dport."""
+    states = set()
+    for _, per_cpu in bpf_map_dump(pid, "recent_flows"):
+        for value in per_cpu:
+            _, protocol, source, destination = struct.unpack_from("<BBHH", value)
+            if protocol == socket.IPPROTO_TCP and (source, destination) == (sport, dport):
+                states.add(struct.unpack_from("<I", value, 64)[0])
+    return states
+
+
+@pytest.mark.parametrize("first, state", [
+    (TLS_CLIENT_HELLO_START, RECENT_HTTP_NOT),
+    (b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n", RECENT_HTTP_MAYBE),
+], ids=["not-http", "request"])
+def test_a_connections_first_payload_decides_whether_its_segments_are_looked_at(
+        node: TestNode, web: ExporterProcess, first: bytes, state: int):
+    """The classifier notes at the SYN where a direction's first payload starts; when that
+    payload cannot start an HTTP message, the direction's later segments skip the look at their
+    payload while its flow keeps its recent_flows way. This thread is pinned to one CPU, where
+    the kernel then forwards its SYN and its data too, so both meet in that CPU's ways."""
+    port = 8085
+    server = RawServer(node.b_ns, node.b_ip, port, None)
+    affinity = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(affinity)})
+        with in_netns(node.a_ns):
+            client = socket.create_connection((node.b_ip, port), timeout=5)
+        with client:
+            client.sendall(first)
+            sport = client.getsockname()[1]
+            wait_until(lambda: state in _recent_http_states(web.proc.pid, sport, port), 5,
+                       f"the way of {sport} -> {port} to read {state}")
+            # a CPU that forwarded none of its handshake may hold the flow too, knowing nothing
+            assert _recent_http_states(web.proc.pid, sport, port) <= {state, 0}
+    finally:
+        os.sched_setaffinity(0, affinity)
+        server.close()

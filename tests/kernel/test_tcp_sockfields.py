@@ -5,13 +5,9 @@ exporter (the module-wide one of test_tcp.py would be in the way of the first, a
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import json
-import os
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +16,7 @@ import pytest
 from exporter import bpfsys, config, jiffies
 from exporter.app import tcp_program_flags
 from exporter.loader import Program
-from tests.exporter_process import ExporterProcess
+from tests.exporter_process import ExporterProcess, bpf_map_dump
 from tests.kernel.test_tcp import lossy_transfer, pair
 from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections
 
@@ -76,23 +72,9 @@ def test_a_connection_older_than_the_exporter_is_sampled_in_flight_and_at_close(
 
 
 def _map_entries(pid: int, name: str) -> list[tuple[bytes, bytes]]:
-    """The (key, value) pairs of the process's BPF map `name`, raw (bpftool); for a per-CPU
-    map, the first CPU's value."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            ids |= {int(line.split()[1]) for line in f if line.startswith("map_id:")}
-    shown = json.loads(subprocess.run(["bpftool", "map", "show", "--json"], check=True,
-                                      capture_output=True, text=True).stdout)
-    (map_id,) = [m["id"] for m in shown if m["id"] in ids and m.get("name") == name]
-    dumped = json.loads(subprocess.run(["bpftool", "map", "dump", "id", str(map_id), "--json"],
-                                       check=True, capture_output=True, text=True).stdout)
-    def raw(hexes: list[str]) -> bytes:
-        return bytes(int(b, 16) for b in hexes)
-
-    return [(raw(entry["key"]),
-             raw(entry["value"] if "value" in entry else entry["values"][0]["value"]))
-            for entry in dumped]
+    """The (key, value) pairs of the process's BPF map `name`; for a per-CPU map, the first
+    CPU's value."""
+    return [(key, values[0]) for key, values in bpf_map_dump(pid, name)]
 
 
 def _map_values(pid: int, name: str) -> list[bytes]:

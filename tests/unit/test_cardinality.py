@@ -35,6 +35,28 @@ def test_series_past_the_cap_fold_into_overflow_and_totals_stay_exact():
     assert sum(v[0] for _, v in s.items()) == 1 + 2 + 4 + 8 + 16
 
 
+def test_add_counts_is_add_for_many_series_with_the_cap_and_the_clock():
+    clock = Clock()
+    s = store(max_series=2, ttl=300, clock=clock)
+    s.add(("a", "b", "tcp"), (1,))
+    clock.now += 200
+    s.add_counts([("a", "b", "tcp"), ("a", "c", "tcp"), ("a", "d", "tcp")], [2.0, 4.0, 8.0])
+    assert s.get(("a", "b", "tcp")) == [3.0]
+    assert s.get(("a", "c", "tcp")) == [4.0]
+    assert s.get(("overflow", "overflow", "tcp")) == [8.0]     # past the cap
+    assert s.overflowed_series_total == 1
+    clock.now += 200        # 400 s after the first add, 200 s after add_counts
+    assert s.expire() == 0  # add_counts stamped the existing series too
+
+
+def test_add_counts_refuses_a_histogram_store():
+    import pytest
+
+    wide = SeriesStore("h", ["a"], [], 10, 300, width=3)
+    with pytest.raises(ValueError, match="width 1"):
+        wide.add_counts([("x",)], [1.0])
+
+
 def test_idle_series_expire_after_the_ttl_and_busy_ones_stay():
     clock = Clock()
     s = store(ttl=300, clock=clock)
