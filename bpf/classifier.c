@@ -104,38 +104,6 @@ static __always_inline int monitored(u32 ifindex, u32 *flags)
 #include "http.h"
 #endif
 
-#if defined(WITH_FLOWS) && defined(WITH_HTTP)
-/* What a connection is to HTTP, kept in the recent_flows way of each direction (flows.h), so a
- * connection known not to be HTTP skips http_look's read of every segment's payload (a TCP
- * bulk skb's lies in page fragments). An HTTP/1.x connection's first payload in each direction
- * is a request or a status line: a SYN or SYN+ACK notes where its sender's first payload
- * starts, and that payload, when it cannot start a message, marks the direction as not HTTP
- * for as long as its flow keeps the way. A connection whose handshake was not seen there, or
- * whose first payload came out of order, is looked at segment by segment as before. */
-#define RECENT_HTTP_UNKNOWN 0
-#define RECENT_HTTP_FIRST_AT 1      /* the first payload starts at http_first_seq */
-#define RECENT_HTTP_NOT 2
-#define RECENT_HTTP_MAYBE 3         /* the first payload could start a message */
-
-static __always_inline int http_wanted_in(struct __sk_buff *skb, const struct packet *pkt,
-                                          struct recent_flow *way)
-{
-    if (!way)
-        return http_wanted(skb, pkt);
-    if (pkt->tcp_flags & TCPHDR_SYN) {
-        way->http = RECENT_HTTP_FIRST_AT;
-        way->http_first_seq = pkt->tcp_seq + 1;
-    } else if (way->http == RECENT_HTTP_NOT) {
-        return http_ends(pkt);
-    }
-    int look = http_look(skb, pkt);
-    if (way->http == RECENT_HTTP_FIRST_AT && look != HTTP_LOOK_NONE &&
-        pkt->tcp_seq == way->http_first_seq)
-        way->http = look == HTTP_LOOK_MESSAGE ? RECENT_HTTP_MAYBE : RECENT_HTTP_NOT;
-    return http_ends(pkt) || look == HTTP_LOOK_MESSAGE;
-}
-#endif
-
 /* indexes of parsers, filled by user space with the parse_* programs */
 #define PARSER_DNS 0
 #define PARSER_HTTP 1
@@ -163,7 +131,7 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
     u32 zero = 0;
 #ifdef WITH_FLOWS
     u32 *gen = flow_generation.lookup(&zero);
-    struct recent_flow *way = account_flow(skb, &pkt, gen ? *gen : 0);
+    account_flow(skb, &pkt, gen ? *gen : 0);
 #endif
     if (!pkt.has_ports)
         return TC_ACT_UNSPEC;
@@ -177,11 +145,7 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 #endif
 #ifdef WITH_HTTP
     /* only a segment that can matter to HTTP: most TCP segments are not copied and tail-called */
-#ifdef WITH_FLOWS
-    if (parser < 0 && pkt.protocol == IPPROTO_TCP && http_wanted_in(skb, &pkt, way))
-#else
     if (parser < 0 && pkt.protocol == IPPROTO_TCP && http_wanted(skb, &pkt))
-#endif
         parser = PARSER_HTTP;
 #endif
     if (parser < 0)

@@ -74,10 +74,6 @@ struct recent_flow {
     struct flow_value value;
     u32 generation;
     u32 used_last;          /* 1 in the way of the pair that counted the CPU's last packet */
-    /* What this flow's connection is to HTTP (RECENT_HTTP_*, classifier.c), kept while the
-     * flow holds the way, across generations too; 0 for a flow new to the way. */
-    u32 http;
-    u32 http_first_seq;     /* RECENT_HTTP_FIRST_AT: the sequence number of the first payload */
 };
 BPF_PERCPU_ARRAY(recent_flows, struct recent_flow, 4);
 
@@ -149,9 +145,8 @@ static __always_inline int same_flow(const struct flow_key *a, const struct flow
     return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
 }
 
-/* Counts the packet; returns the recent_flows way now holding its flow (NULL without one). */
-static __always_inline struct recent_flow *account_flow(struct __sk_buff *skb,
-                                                        const struct packet *pkt, u32 generation)
+static __always_inline void account_flow(struct __sk_buff *skb, const struct packet *pkt,
+                                         u32 generation)
 {
     u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
     u64 bytes = wire_ip_bytes(skb, pkt, segs);
@@ -171,7 +166,7 @@ static __always_inline struct recent_flow *account_flow(struct __sk_buff *skb,
     struct recent_flow *b = recent_flows.lookup(&second);
     if (!a || !b) {
         store_flow(&key, &counts, generation);
-        return 0;
+        return;
     }
     int a_live = a->generation == generation && a->value.packets_handshake;
     int b_live = b->generation == generation && b->value.packets_handshake;
@@ -180,27 +175,22 @@ static __always_inline struct recent_flow *account_flow(struct __sk_buff *skb,
         way = 0;
     else if (b_live && same_flow(&b->key, &key))
         way = 1;
-    struct recent_flow *slot;
     if (way >= 0) {
-        slot = way ? b : a;
+        struct recent_flow *slot = way ? b : a;
         slot->value.bytes += bytes;
         slot->value.packets_handshake = (slot->value.packets_handshake + segs) | handshake;
     } else {
         /* an empty way first, else the one used less recently */
         way = !a_live ? 0 : !b_live ? 1 : a->used_last ? 1 : 0;
-        slot = way ? b : a;
+        struct recent_flow *slot = way ? b : a;
         if (way ? b_live : a_live)
             store_flow(&slot->key, &slot->value, generation);
-        if (!same_flow(&slot->key, &key)) {     /* else the flow of the generation before */
-            slot->key = key;
-            slot->http = 0;
-        }
+        slot->key = key;
         slot->value = counts;
         slot->generation = generation;
     }
     a->used_last = way == 0;
     b->used_last = way == 1;
-    return slot;
 }
 
 #endif

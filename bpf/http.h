@@ -54,6 +54,7 @@
 
 #define HTTP_TCP_FIN 0x01
 #define HTTP_TCP_RST 0x04
+#define HTTP_TCP_SYN 0x02
 
 /* HTTP_PORT(p): whether p is one of http.ports (every port when the list is empty) */
 #ifndef HTTP_PORT
@@ -478,14 +479,15 @@ static __always_inline int http_upper(u8 c)
  * connection (FIN, RST), or one of 8 bytes or more starting with three upper-case letters: a
  * method token (3 to 12 letters) or "HTTP/". Every other state (retransmission sequence
  * numbers, the pipelining queue, last_seen_ns for the idle sweep) changes only for those. */
-#define HTTP_LOOK_NONE 0        /* not an HTTP port, or under 8 bytes of payload */
+#define HTTP_LOOK_NONE 0        /* not an HTTP port, under 8 bytes of payload, or a header that
+                                 * may come before the first message (PROXY protocol v2) */
 #define HTTP_LOOK_OTHER 1       /* 8 bytes or more that cannot start a request or response */
 #define HTTP_LOOK_MESSAGE 2     /* may start one */
 
 /* What the start of the segment's payload is to HTTP. For a TCP skb from a local socket the
  * payload lies in page fragments, so this is a bpf_skb_load_bytes into them: about 90 ns per
- * TCP bulk skb on a slower host (2026-12-02), which recent_flow.http spares for connections
- * known not to be HTTP (classifier.c). */
+ * TCP bulk skb on a slower host (2026-12-02), which http_starts spares for the directions of
+ * connections known not to be HTTP. */
 static __always_inline int http_look(struct __sk_buff *skb, const struct packet *pkt)
 {
     if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
@@ -495,8 +497,12 @@ static __always_inline int http_look(struct __sk_buff *skb, const struct packet 
     u8 start[4];
     if (load_header(skb, pkt->payload_off, start, 4) < 0)
         return HTTP_LOOK_NONE;
-    return http_upper(start[0]) && http_upper(start[1]) && http_upper(start[2])
-        ? HTTP_LOOK_MESSAGE : HTTP_LOOK_OTHER;
+    if (http_upper(start[0]) && http_upper(start[1]) && http_upper(start[2]))
+        return HTTP_LOOK_MESSAGE;
+    /* the signature of a PROXY v2 header, which a load balancer puts before the requests */
+    if (start[0] == '\r' && start[1] == '\n' && start[2] == '\r' && start[3] == '\n')
+        return HTTP_LOOK_NONE;
+    return HTTP_LOOK_OTHER;
 }
 
 static __always_inline int http_ends(const struct packet *pkt)
@@ -505,9 +511,57 @@ static __always_inline int http_ends(const struct packet *pkt)
         (pkt->tcp_flags & (HTTP_TCP_FIN | HTTP_TCP_RST));
 }
 
+/* How each direction of a TCP connection started, so that one known not to be HTTP skips
+ * http_look. An HTTP/1.x connection's first payload in each direction is a request or a status
+ * line: a SYN or SYN+ACK notes where its sender's first payload will start (pending), and that
+ * payload, when it cannot start a message, marks the direction as not HTTP for good. A
+ * connection whose handshake was not seen (opened before the exporter) is looked at segment
+ * by segment. Entries are indexed by a hash of the direction's endpoints and hold other bits
+ * of it as a tag: [63..33] tag (never 0), [32] not HTTP, [31..0] the pending first payload's
+ * sequence number. Direct-mapped and shared by the CPUs (the SYN and the data of a connection
+ * may be forwarded by different ones): a direction whose entry another connection took is
+ * looked at segment by segment again, which costs time, never a count. 16384 entries (128 KiB)
+ * keep the long-lived connections of a busy node; a pending entry lives from a SYN to the first
+ * payload, a round trip. */
+#define HTTP_START_SLOTS 16384
+#define HTTP_START_NOT (1ULL << 32)
+#define HTTP_START_TAG_MASK (~0ULL << 33)
+BPF_ARRAY(http_starts, u64, HTTP_START_SLOTS);
+
+/* A hash of a direction's endpoints: the slot in its low bits, the tag in its high ones. */
+static __always_inline u64 http_direction_hash(const struct packet *pkt)
+{
+    const u64 *src = (const u64 *)pkt->saddr;
+    const u64 *dst = (const u64 *)pkt->daddr;
+    u64 h = ((u64)pkt->sport | (u64)pkt->dport << 16 | (u64)pkt->family << 32) *
+        0x9E3779B97F4A7C15ULL;
+    h ^= src[0] * 0xC2B2AE3D27D4EB4FULL;
+    h ^= src[1] * 0x165667B19E3779F9ULL;
+    h ^= dst[0] * 0xD6E8FEB86659FD93ULL;
+    h ^= dst[1] * 0xFF51AFD7ED558CCDULL;
+    return h ^ (h >> 29);
+}
+
 static __always_inline int http_wanted(struct __sk_buff *skb, const struct packet *pkt)
 {
-    return http_ends(pkt) || http_look(skb, pkt) == HTTP_LOOK_MESSAGE;
+    u64 h = http_direction_hash(pkt);
+    u32 index = h & (HTTP_START_SLOTS - 1);
+    u64 tag = (h & HTTP_START_TAG_MASK) | (1ULL << 33);
+    u64 *start = http_starts.lookup(&index);
+    if (!start)
+        return http_ends(pkt) || http_look(skb, pkt) == HTTP_LOOK_MESSAGE;
+    if (pkt->tcp_flags & HTTP_TCP_SYN) {
+        *start = tag | (u32)(pkt->tcp_seq + 1);     /* a new connection: its first payload */
+        return http_ends(pkt) || http_look(skb, pkt) == HTTP_LOOK_MESSAGE;
+    }
+    u64 known = *start;
+    if (known == (tag | HTTP_START_NOT))
+        return http_ends(pkt);
+    int look = http_look(skb, pkt);
+    if (look != HTTP_LOOK_NONE && known == (tag | pkt->tcp_seq))
+        /* the direction's first payload: decided for good */
+        *start = look == HTTP_LOOK_MESSAGE ? 0 : tag | HTTP_START_NOT;
+    return http_ends(pkt) || look == HTTP_LOOK_MESSAGE;
 }
 
 static __always_inline void account_http(struct __sk_buff *skb, const struct packet *pkt)

@@ -289,48 +289,91 @@ def test_allowlisted_paths_become_the_path_label_with_ids_templated(node: TestNo
     assert all(p == "other" or p.startswith(("/api/", "/ok")) for p in paths), paths
 
 
-# struct recent_flow (bpf/flows.h): the flow key (family u8, protocol u8, sport u16, dport u16,
-# ...; 40 bytes), bytes, packets, generation, used_last, then http at 64 (RECENT_HTTP_* of
-# classifier.c) and http_first_seq
-RECENT_HTTP_NOT, RECENT_HTTP_MAYBE = 2, 3
+# http_starts (bpf/http.h): a direction's entry at the slot its endpoints hash to holds the
+# hash's high bits as a tag, a not-HTTP bit and, while pending, its first payload's sequence
+HTTP_START_SLOTS = 16384
+HTTP_START_NOT = 1 << 32
 TLS_CLIENT_HELLO_START = bytes.fromhex("160301020001000200fc0303")
+_U64 = (1 << 64) - 1
 
 
-def _recent_http_states(pid: int, sport: int, dport: int) -> set[int]:
-    """The http field of every CPU's recent_flows ways that hold the TCP flow sport -> dport."""
-    states = set()
-    for _, per_cpu in bpf_map_dump(pid, "recent_flows"):
-        for value in per_cpu:
-            _, protocol, source, destination = struct.unpack_from("<BBHH", value)
-            if protocol == socket.IPPROTO_TCP and (source, destination) == (sport, dport):
-                states.add(struct.unpack_from("<I", value, 64)[0])
-    return states
+def _direction_hash(src: str, sport: int, dst: str, dport: int) -> int:
+    """http_direction_hash() of bpf/http.h for an IPv4 direction."""
+    def words(address: str) -> tuple[int, int]:
+        raw = socket.inet_aton(address).ljust(16, b"\0")
+        return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+    (s0, s1), (d0, d1) = words(src), words(dst)
+    h = ((sport | dport << 16 | 4 << 32) * 0x9E3779B97F4A7C15) & _U64
+    for word, factor in ((s0, 0xC2B2AE3D27D4EB4F), (s1, 0x165667B19E3779F9),
+                         (d0, 0xD6E8FEB86659FD93), (d1, 0xFF51AFD7ED558CCD)):
+        h ^= (word * factor) & _U64
+    return h ^ (h >> 29)
 
 
-@pytest.mark.parametrize("first, state", [
-    (TLS_CLIENT_HELLO_START, RECENT_HTTP_NOT),
-    (b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n", RECENT_HTTP_MAYBE),
+def _http_start(pid: int, src: str, sport: int, dst: str, dport: int) -> tuple[int, int]:
+    """The direction's tag and what its slot of http_starts holds."""
+    h = _direction_hash(src, sport, dst, dport)
+    index = h & (HTTP_START_SLOTS - 1)
+    tag = (h & (_U64 << 33) & _U64) | 1 << 33
+    for key, (value, *_) in bpf_map_dump(pid, "http_starts"):
+        if int.from_bytes(key, "little") == index:
+            return tag, int.from_bytes(value, "little")
+    raise AssertionError(f"no slot {index} in http_starts")
+
+
+@pytest.mark.parametrize("first, decided", [
+    (TLS_CLIENT_HELLO_START, "not http"),
+    (b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n", "cleared"),
 ], ids=["not-http", "request"])
 def test_a_connections_first_payload_decides_whether_its_segments_are_looked_at(
-        node: TestNode, web: ExporterProcess, first: bytes, state: int):
-    """The classifier notes at the SYN where a direction's first payload starts; when that
-    payload cannot start an HTTP message, the direction's later segments skip the look at their
-    payload while its flow keeps its recent_flows way. This thread is pinned to one CPU, where
-    the kernel then forwards its SYN and its data too, so both meet in that CPU's ways."""
+        node: TestNode, web: ExporterProcess, first: bytes, decided: str):
+    """The SYN leaves where the client's first payload starts in the direction's http_starts
+    entry; that payload, when it cannot start an HTTP message, marks the direction as not HTTP
+    (its later segments skip the look at their payload), and when it can, clears the entry."""
     port = 8085
     server = RawServer(node.b_ns, node.b_ip, port, None)
-    affinity = os.sched_getaffinity(0)
     try:
-        os.sched_setaffinity(0, {min(affinity)})
         with in_netns(node.a_ns):
             client = socket.create_connection((node.b_ip, port), timeout=5)
         with client:
-            client.sendall(first)
             sport = client.getsockname()[1]
-            wait_until(lambda: state in _recent_http_states(web.proc.pid, sport, port), 5,
-                       f"the way of {sport} -> {port} to read {state}")
-            # a CPU that forwarded none of its handshake may hold the flow too, knowing nothing
-            assert _recent_http_states(web.proc.pid, sport, port) <= {state, 0}
+
+            def start() -> tuple[int, int]:
+                return _http_start(web.proc.pid, node.a_ip, sport, node.b_ip, port)
+
+            tag, pending = start()
+            assert pending & ~0xFFFFFFFF == tag     # the SYN's: the tag, no verdict yet
+            client.sendall(first)
+            expected = tag | HTTP_START_NOT if decided == "not http" else 0
+            wait_until(lambda: start()[1] == expected, 5, f"the entry to be {decided}")
     finally:
-        os.sched_setaffinity(0, affinity)
+        server.close()
+
+
+# the 12-byte signature, PROXY + TCP over IPv4, 12 bytes of addresses and ports
+PROXY_V2_HEADER = (bytes.fromhex("0d0a0d0a000d0a515549540a") + bytes([0x21, 0x11, 0, 12])
+                   + bytes([10, 0, 0, 1, 10, 0, 0, 2, 0x1F, 0x90, 0x00, 0x50]))
+
+
+def test_requests_after_a_proxy_v2_header_are_counted(node: TestNode, web: ExporterProcess):
+    """A load balancer's binary PROXY v2 header comes before the first request: it must not
+    mark the connection as not HTTP, or the requests that follow would go uncounted."""
+    port = 8086
+    server = RawServer(node.b_ns, node.b_ip, port, None)
+    try:
+        with in_netns(node.a_ns):
+            client = socket.create_connection((node.b_ip, port), timeout=5)
+        with client:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.sendall(PROXY_V2_HEADER)
+            time.sleep(0.05)        # a segment of its own, as a balancer sends it
+            client.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            client.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        # never answered: both count as none once the connection ends
+        scrape = web.wait_for(lambda s: s.value("ebpf_net_http_requests_total",
+                                                dst_port=str(port)) >= 2, "the two requests")
+        assert scrape.value("ebpf_net_http_requests_total", dst_port=str(port), method="GET",
+                            status_code="none") == 2
+    finally:
         server.close()
