@@ -473,12 +473,6 @@ static __always_inline int http_upper(u8 c)
     return c >= 'A' && c <= 'Z';
 }
 
-/* Whether account_http() can do anything with this TCP segment; the classifier asks before it
- * copies the packet to packet_scratch and tail-calls parse_http, which most segments (ACKs,
- * bodies, other protocols) then need not. Something happens only for a segment that ends the
- * connection (FIN, RST), or one of 8 bytes or more starting with three upper-case letters: a
- * method token (3 to 12 letters) or "HTTP/". Every other state (retransmission sequence
- * numbers, the pipelining queue, last_seen_ns for the idle sweep) changes only for those. */
 #define HTTP_LOOK_NONE 0        /* not an HTTP port, under 8 bytes of payload, or a header that
                                  * may come before the first message (PROXY protocol v2) */
 #define HTTP_LOOK_OTHER 1       /* 8 bytes or more that cannot start a request or response */
@@ -542,6 +536,12 @@ static __always_inline u64 http_direction_hash(const struct packet *pkt)
     return h ^ (h >> 29);
 }
 
+/* Whether account_http() can do anything with this TCP segment; the classifier asks before it
+ * copies the packet to packet_scratch and tail-calls parse_http, which most segments (ACKs,
+ * bodies, other protocols) then need not. Something happens only for a segment that ends the
+ * connection (FIN, RST), or one of 8 bytes or more starting with three upper-case letters: a
+ * method token (3 to 12 letters) or "HTTP/". Every other state (retransmission sequence
+ * numbers, the pipelining queue, last_seen_ns for the idle sweep) changes only for those. */
 static __always_inline int http_wanted(struct __sk_buff *skb, const struct packet *pkt)
 {
     u64 h = http_direction_hash(pkt);

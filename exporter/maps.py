@@ -128,9 +128,9 @@ class BatchMap:
     def _walk(self, batch_call: Any, call_name: str, keep_partial: bool = False) -> MapSnapshot:
         # The kernel writes each chunk straight into arrays of the map's capacity, which are
         # then only sliced: no copy of a chunk, no concatenation (a 1M-flow drain copied 72 MB
-        # twice). np.empty only reserves them: memory follows the entries present, not the
-        # capacity (a 65536-entry per-CPU map on a 64-CPU node has 67 MB of values), since a
-        # page is only backed once the kernel writes to it.
+        # twice). Arrays that large are fresh mappings from malloc, whose pages are backed only
+        # once the kernel writes to them: memory follows the entries present, not the capacity
+        # (a 65536-entry per-CPU map on a 64-CPU node has 67 MB of values).
         key_size = self.key_dtype.itemsize
         keys = np.empty(self.capacity, dtype=f"V{key_size}")
         values = np.empty(self.capacity * self.cpus, dtype=self.value_dtype)
