@@ -548,17 +548,13 @@ static __always_inline int http_wanted(struct __sk_buff *skb, const struct packe
     u32 index = h & (HTTP_START_SLOTS - 1);
     u64 tag = (h & HTTP_START_TAG_MASK) | (1ULL << 33);
     u64 *start = http_starts.lookup(&index);
-    if (!start)
-        return http_ends(pkt) || http_look(skb, pkt) == HTTP_LOOK_MESSAGE;
-    if (pkt->tcp_flags & HTTP_TCP_SYN) {
-        *start = tag | (u32)(pkt->tcp_seq + 1);     /* a new connection: its first payload */
-        return http_ends(pkt) || http_look(skb, pkt) == HTTP_LOOK_MESSAGE;
-    }
-    u64 known = *start;
-    if (known == (tag | HTTP_START_NOT))
+    u64 known = start ? *start : 0;
+    if (start && (pkt->tcp_flags & HTTP_TCP_SYN))
+        known = *start = tag | (u32)(pkt->tcp_seq + 1);  /* a new connection's first payload */
+    else if (known == (tag | HTTP_START_NOT))
         return http_ends(pkt);
     int look = http_look(skb, pkt);
-    if (look != HTTP_LOOK_NONE && known == (tag | pkt->tcp_seq))
+    if (start && look != HTTP_LOOK_NONE && known == (tag | pkt->tcp_seq))
         /* the direction's first payload: decided for good */
         *start = look == HTTP_LOOK_MESSAGE ? 0 : tag | HTTP_START_NOT;
     return http_ends(pkt) || look == HTTP_LOOK_MESSAGE;

@@ -3,6 +3,7 @@ sockets) through a test node."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -26,6 +27,24 @@ LOCATIONS = {"/ok": 200, "/created": 201, "/empty": 204, "/moved": 301, "/error"
              "/unavailable": 503}
 SLOW_PORT, PIPELINE_PORT, BAD_STATUS_PORT, SINK_PORT = 8081, 8082, 8083, 8084
 SLOW_SECONDS = 0.3
+
+
+def _connect(node: TestNode, port: int) -> socket.socket:
+    """A TCP connection from pod a to pod b's `port`."""
+    with in_netns(node.a_ns):
+        return socket.create_connection((node.b_ip, port), timeout=5)
+
+
+@contextlib.contextmanager
+def _to_a_reader(node: TestNode, port: int) -> Iterator[socket.socket]:
+    """A connection from pod a to a server of pod b on `port` that only reads (RawServer):
+    the server goes once the block ends."""
+    server = RawServer(node.b_ns, node.b_ip, port, None)
+    try:
+        with _connect(node, port) as client:
+            yield client
+    finally:
+        server.close()
 
 
 def nginx_config(node: TestNode, root: Path) -> str:
@@ -231,8 +250,7 @@ def test_junk_and_malformed_lines_are_parse_errors_and_nothing_else(node: TestNo
                           if s.labels["status_code"] != "none")
 
     def send(port: int, payload: bytes) -> None:
-        with in_netns(node.a_ns):
-            sock = socket.create_connection((node.b_ip, port), timeout=5)
+        sock = _connect(node, port)
         sock.sendall(payload)
         time.sleep(0.05)
         sock.close()
@@ -332,23 +350,17 @@ def test_a_connections_first_payload_decides_whether_its_segments_are_looked_at(
     entry; that payload, when it cannot start an HTTP message, marks the direction as not HTTP
     (its later segments skip the look at their payload), and when it can, clears the entry."""
     port = 8085
-    server = RawServer(node.b_ns, node.b_ip, port, None)
-    try:
-        with in_netns(node.a_ns):
-            client = socket.create_connection((node.b_ip, port), timeout=5)
-        with client:
-            sport = client.getsockname()[1]
+    with _to_a_reader(node, port) as client:
+        sport = client.getsockname()[1]
 
-            def start() -> tuple[int, int]:
-                return _http_start(web.proc.pid, node.a_ip, sport, node.b_ip, port)
+        def start() -> tuple[int, int]:
+            return _http_start(web.proc.pid, node.a_ip, sport, node.b_ip, port)
 
-            tag, pending = start()
-            assert pending & ~0xFFFFFFFF == tag     # the SYN's: the tag, no verdict yet
-            client.sendall(first)
-            expected = tag | HTTP_START_NOT if decided == "not http" else 0
-            wait_until(lambda: start()[1] == expected, 5, f"the entry to be {decided}")
-    finally:
-        server.close()
+        tag, pending = start()
+        assert pending & ~0xFFFFFFFF == tag     # the SYN's: the tag, no verdict yet
+        client.sendall(first)
+        expected = tag | HTTP_START_NOT if decided == "not http" else 0
+        wait_until(lambda: start()[1] == expected, 5, f"the entry to be {decided}")
 
 
 # the 12-byte signature, PROXY + TCP over IPv4, 12 bytes of addresses and ports
@@ -360,20 +372,15 @@ def test_requests_after_a_proxy_v2_header_are_counted(node: TestNode, web: Expor
     """A load balancer's binary PROXY v2 header comes before the first request: it must not
     mark the connection as not HTTP, or the requests that follow would go uncounted."""
     port = 8086
-    server = RawServer(node.b_ns, node.b_ip, port, None)
-    try:
-        with in_netns(node.a_ns):
-            client = socket.create_connection((node.b_ip, port), timeout=5)
-        with client:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.sendall(PROXY_V2_HEADER)
-            time.sleep(0.05)        # a segment of its own, as a balancer sends it
-            client.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
-            client.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    with _to_a_reader(node, port) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.sendall(PROXY_V2_HEADER)
+        time.sleep(0.05)        # a segment of its own, as a balancer sends it
+        client.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.close()
         # never answered: both count as none once the connection ends
         scrape = web.wait_for(lambda s: s.value("ebpf_net_http_requests_total",
                                                 dst_port=str(port)) >= 2, "the two requests")
         assert scrape.value("ebpf_net_http_requests_total", dst_port=str(port), method="GET",
                             status_code="none") == 2
-    finally:
-        server.close()
