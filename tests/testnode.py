@@ -355,15 +355,27 @@ def _accept(srv: socket.socket) -> socket.socket:
     return conn
 
 
-def _count_until_eof(srv: socket.socket) -> int:
+class _TransferProgress:
+    """How far a :func:`tcp_transfer` got, for the message when it times out."""
+
+    def __init__(self) -> None:
+        self.client = "connecting"
+        self.server = "accepting"
+        self.sent = 0
+        self.received = 0
+
+
+def _count_until_eof(srv: socket.socket, progress: _TransferProgress | None = None) -> int:
     """Accept one connection, read until EOF, close; return bytes read."""
+    progress = progress or _TransferProgress()
     conn = _accept(srv)
+    progress.server = "reading"
     buf = bytearray(1 << 16)
-    total = 0
     with conn:
         while n := conn.recv_into(buf):
-            total += n
-    return total
+            progress.received += n
+    progress.server = "closed"
+    return progress.received
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -387,6 +399,25 @@ def _echo_server(srv: socket.socket, count: int, size: int) -> int:
     return count
 
 
+def _stall_report(client_ns: str, server_ns: str, port: int,
+                  progress: _TransferProgress) -> str:
+    """Where a timed-out transfer was, with `ss` of its sockets in both namespaces (state,
+    queues, rto, retransmits, windows; not the earlier transfers' TIME_WAIT) and the CPUs'
+    backlog drops (softnet_stat's second column), so a stall says whether the sender, the
+    receiver or the path held it up."""
+    parts = [f"client {progress.client} ({progress.sent} bytes sent), server "
+             f"{progress.server} ({progress.received} bytes read)"]
+    for role, ns in (("client", client_ns), ("server", server_ns)):
+        ss = _run(["ip", "netns", "exec", ns, "ss", "-tinmo", "exclude", "time-wait",
+                   f"( sport = :{port} or dport = :{port} )"], check=False, timeout=5)
+        parts.append(f"ss in {role} namespace: {' '.join((ss.stdout + ss.stderr).split())}")
+    with contextlib.suppress(OSError):
+        with open("/proc/net/softnet_stat") as f:
+            drops = [int(line.split()[1], 16) for line in f]
+        parts.append(f"backlog drops per CPU: {drops}")
+    return "; ".join(parts)
+
+
 def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, port: int, nbytes: int) -> None:
     """Send exactly ``nbytes`` over one TCP connection client_ns -> server_ns.
 
@@ -394,22 +425,29 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, port: int, nb
     EOF and closes, then the client closes. Raises AssertionError if the
     server did not receive exactly ``nbytes``.
     """
+    progress = _TransferProgress()
     srv = _listener(server_ns, server_addr, port)
     try:
         cli = _socket(client_ns, server_addr, socket.SOCK_STREAM)
-        worker = _Worker(_count_until_eof, srv)
+        worker = _Worker(_count_until_eof, srv, progress)
         worker.start()
         with cli:
-            cli.connect((server_addr, port))
-            chunk = memoryview(bytes(min(nbytes, 1 << 16)))
-            left = nbytes
-            while left:
-                step = min(left, len(chunk))
-                cli.sendall(chunk[:step])
-                left -= step
-            cli.shutdown(socket.SHUT_WR)
-            if cli.recv(1) != b"":
-                raise AssertionError("server sent data in tcp_transfer")
+            try:
+                cli.connect((server_addr, port))
+                progress.client = "sending"
+                chunk = memoryview(bytes(min(nbytes, 1 << 16)))
+                while progress.sent < nbytes:
+                    step = min(nbytes - progress.sent, len(chunk))
+                    cli.sendall(chunk[:step])
+                    progress.sent += step
+                cli.shutdown(socket.SHUT_WR)
+                progress.client = "waiting for the server's close"
+                if cli.recv(1) != b"":
+                    raise AssertionError("server sent data in tcp_transfer")
+            except TimeoutError as exc:
+                # where each end was, and the sockets as the kernel has them (before the close)
+                raise TimeoutError(f"{exc}; {_stall_report(client_ns, server_ns, port, progress)}"
+                                   ) from exc
         got = worker.finish()
     finally:
         _close_listener(srv)

@@ -94,6 +94,27 @@ def test_tcp_transfer(node: TestNode) -> None:
     tcp_transfer(node.a_ns, node.node_ns, node.node_ip_a, 7004, 0)
 
 
+def test_stalled_tcp_transfer_says_where(node: TestNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transfer whose data the path drops (its handshake passes) times out with where each
+    end was and what `ss` showed, not a bare "timed out"."""
+    monkeypatch.setattr(testnode, "SOCKET_TIMEOUT", 1.0)
+    node.nft(node.node_ns, "table inet entstall {\n"
+             "  chain forward_data { type filter hook forward priority 0; policy accept;\n"
+             "    tcp dport 7006 ip length > 100 drop; }\n"
+             "}\n")
+    try:
+        with pytest.raises(TimeoutError) as raised:
+            tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7006, 64 << 20)
+    finally:
+        node.run(node.node_ns, ["nft", "delete", "table", "inet", "entstall"])
+    message = str(raised.value)
+    assert "client sending" in message
+    assert "server reading (0 bytes read)" in message
+    # the client's socket, still open and retransmitting, as ss saw it
+    client_ss = message.split("ss in client namespace:")[1].split(";")[0]
+    assert f"{node.b_ip}:7006" in client_ss and "bytes_retrans" in client_ss
+
+
 def test_udp_send(node: TestNode) -> None:
     sizes = [0, 1, 100, 1400, 3000]
     assert udp_send(node.a_ns, node.b_ns, node.b_ip, 7005, sizes) == len(sizes)
