@@ -32,6 +32,7 @@ FLOOR_SOURCE = Path(__file__).with_name("floor.c")
 FLOOR_FUNCTION = "bench_floor"
 FLOOR_PRIORITY = 2          # after the exporter's filter (priority 1), which never decides
 FLOOR_HANDLE = 0xBE0C
+BESIDE_FLOOR_PRIORITY = 3   # after the two exporters of compare --side-by-side (beside.py)
 HOOKS = (0xFFFFFFF2, 0xFFFFFFF3)     # clsact ingress, egress
 TC_PROGRAMS = ("classify_ingress", "classify_egress")
 
@@ -79,11 +80,13 @@ def read_stats(ids: set[int]) -> dict[int, ProgStats]:
 class Floor:
     """floor.c loaded in this process and attached behind the exporter on the node's veths."""
 
-    def __init__(self, node: TestNode, devices: list[str]) -> None:
+    def __init__(self, node: TestNode, devices: list[str], priority: int = FLOOR_PRIORITY
+                 ) -> None:
         import bcc
 
         self.node = node
         self.devices = devices
+        self.priority = priority
         self.bpf = bcc.BPF(src_file=str(FLOOR_SOURCE).encode())
         self.function = self.bpf.load_func(FLOOR_FUNCTION.encode(), bcc.BPF.SCHED_CLS)
         self.prog_id = self._own_prog_id()
@@ -110,14 +113,14 @@ class Floor:
         def add(ipr: IPRoute, index: int, parent: int) -> None:
             ipr.tc("add-filter", "bpf", index, handle=FLOOR_HANDLE, fd=self.function.fd,
                    name=FLOOR_FUNCTION, parent=parent, classid=1, direct_action=True,
-                   prio=FLOOR_PRIORITY)
+                   prio=self.priority)
         self._each_hook(add)
 
     def detach(self) -> None:
         def delete(ipr: IPRoute, index: int, parent: int) -> None:
             with contextlib.suppress(Exception):
                 ipr.tc("del-filter", "bpf", index, handle=FLOOR_HANDLE, parent=parent,
-                       prio=FLOOR_PRIORITY)
+                       prio=self.priority)
         self._each_hook(delete)
 
     def close(self) -> None:
@@ -192,6 +195,21 @@ def measure(workload: str, exporter_pid: int, floor: Floor, run: Callable[[], ob
                         floor_delta.run_time_ns / floor_delta.run_cnt, tc_time / tc_runs,
                         packets, tc_time / packets, floor_delta.run_time_ns / packets, seconds,
                         added)
+
+
+def measure_beside(exporter_pids: list[int], floor: Floor, run: Callable[[], object]
+                   ) -> list[float]:
+    """For exporters attached side by side (compare --side-by-side): each one's TC programs,
+    ns per packet over the floor, all measured on the same packets in the same seconds."""
+    owned = {pid: prog_ids_of(pid) for pid in exporter_pids}
+    deltas, _, _ = _deltas(set().union(*owned.values()) | {floor.prog_id}, run)
+    floor_delta = deltas.pop(floor.prog_id)
+    if not floor_delta.run_cnt:
+        raise RuntimeError("no packets reached the floor")
+    packets = floor_delta.run_cnt / 2
+    return [(sum(deltas[i].run_time_ns for i in owned[pid]
+                 if i in deltas and deltas[i].name in TC_PROGRAMS)
+             - floor_delta.run_time_ns) / packets for pid in exporter_pids]
 
 
 @dataclass(frozen=True)

@@ -71,3 +71,20 @@ def test_compare_alternates_trees_and_reports_each():
     rendered = compare.table([REPO, REPO], results)
     assert rendered.count(str(REPO)) == 2 and "TCP ns per skb" in rendered
 
+
+
+def test_side_by_side_attaches_both_trees_on_the_same_packets():
+    said: list[str] = []
+    with TestNode() as node:
+        node.iperf3_server(node.b_ns, node.b_ip)
+        results = compare.side_by_side(node, [REPO, REPO], 2, 1.0, say=said.append)
+        # each exporter removed its own filters: only the qdisc's owner's are gone with it
+        filters = node.run(node.node_ns, ["tc", "filter", "show", "dev", node.veth_a,
+                                          "ingress"]).stdout
+    assert len(said) == 2 and "first: " in said[0]
+    for repetition in results:
+        # both classifiers ran on the workloads' packets: each costs more than the floor
+        assert [udp > 0 and tcp > 0 for udp, tcp in repetition] == [True, True]
+    assert "beside" not in filters
+    rendered = compare.side_by_side_table([REPO, REPO], results)
+    assert "1 pairs" in rendered
