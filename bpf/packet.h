@@ -210,9 +210,91 @@ static __always_inline void copy_bytes_128(struct __sk_buff *skb, u32 off, u32 l
     }
 }
 
+/* The usual frames in one straight read: Ethernet, then IPv4 without options and not a fragment
+ * or IPv6 without extension headers, then TCP or UDP, all of it in the linear area. Constant
+ * offsets from skb->data: no bounds to follow per header and few branches, where the general
+ * parser below reloads the packet's bounds for each header and carries every path's state.
+ * Under TCP bulk the classifier runs with its lines out of the cache, and this saved some 30 ns
+ * per skb (benchmarks.compare --side-by-side). 1 when pkt is filled, 0 when the frame is
+ * anything else: the general parser reads it then, and decides on malformed ones. */
+#define FAST_IPV4_L4 (sizeof(struct ethhdr) + sizeof(struct iphdr))
+#define FAST_IPV6_L4 (sizeof(struct ethhdr) + sizeof(struct ipv6hdr))
+
+/* The ports (and for TCP the flags and sequence number) of the header at l4; 0 when it is
+ * neither TCP nor UDP, or a TCP header says it is shorter than it is. */
+static __always_inline int parse_fast_l4(void *l4, u8 protocol, struct packet *pkt, u32 l3_len)
+{
+    if (protocol == IPPROTO_TCP) {
+        struct tcphdr *tcp = l4;
+        u32 doff = tcp->doff * 4;
+        if (doff < sizeof(*tcp))
+            return 0;
+        pkt->sport = bpf_ntohs(tcp->source);
+        pkt->dport = bpf_ntohs(tcp->dest);
+        pkt->tcp_flags = ((u8 *)tcp)[13];
+        pkt->tcp_seq = bpf_ntohl(tcp->seq);
+        pkt->hdr_len = l3_len + doff;
+    } else if (protocol == IPPROTO_UDP) {
+        struct udphdr *udp = l4;
+        pkt->sport = bpf_ntohs(udp->source);
+        pkt->dport = bpf_ntohs(udp->dest);
+        pkt->hdr_len = l3_len + sizeof(*udp);
+    } else {
+        return 0;
+    }
+    pkt->protocol = protocol;
+    pkt->has_ports = 1;
+    pkt->l3_off = sizeof(struct ethhdr);
+    pkt->l4_off = sizeof(struct ethhdr) + l3_len;
+    pkt->payload_off = sizeof(struct ethhdr) + pkt->hdr_len;
+    return 1;
+}
+
+static __always_inline int parse_fast(struct __sk_buff *skb, struct packet *pkt)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    /* room for a TCP header without options: enough for UDP too */
+    if (data + FAST_IPV4_L4 + sizeof(struct tcphdr) > data_end)
+        return 0;
+    struct ethhdr *eth = data;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = data + sizeof(*eth);
+        if (*(u8 *)ip != 0x45 || (ip->frag_off & bpf_htons(0x3fff)))
+            return 0;               /* options, or a fragment */
+        u32 tot_len = bpf_ntohs(ip->tot_len);
+        if (tot_len < sizeof(*ip))
+            return 0;
+        if (!parse_fast_l4(data + FAST_IPV4_L4, ip->protocol, pkt, sizeof(*ip)))
+            return 0;
+        pkt->family = FAMILY_IPV4;
+        pkt->ip_len = tot_len;
+        __builtin_memcpy(pkt->saddr, &ip->saddr, 4);
+        __builtin_memcpy(pkt->daddr, &ip->daddr, 4);
+        return 1;
+    }
+    if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        if (data + FAST_IPV6_L4 + sizeof(struct tcphdr) > data_end)
+            return 0;
+        struct ipv6hdr *ip6 = data + sizeof(*eth);
+        if (ip6->version != 6)
+            return 0;
+        if (!parse_fast_l4(data + FAST_IPV6_L4, ip6->nexthdr, pkt, sizeof(*ip6)))
+            return 0;               /* an extension header, or another protocol */
+        pkt->family = FAMILY_IPV6;
+        pkt->ip_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+        __builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
+        __builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
+        return 1;
+    }
+    return 0;
+}
+
 /* Fills pkt from the packet in skb. `iface_flags` says whether frames carry Ethernet headers. */
 static __always_inline int parse_packet(struct __sk_buff *skb, u32 iface_flags, struct packet *pkt)
 {
+    if ((iface_flags & IFACE_ETHERNET) && parse_fast(skb, pkt))
+        return PARSE_OK;
     __be16 proto = skb->protocol;
     u32 off = 0;
     if (iface_flags & IFACE_ETHERNET) {
