@@ -107,7 +107,9 @@ def side_by_side_table(trees: list[Path], results: list[list[tuple[float, float]
                                                  strict=False)]  # an odd last one left out
         if pairs:
             s = summarize(pairs)
-            rows[1].append(f"{s.median:+.0f} ({s.low:+.0f} to {s.high:+.0f}), {len(pairs)} pairs")
+            plural = "s" if len(pairs) > 1 else ""
+            rows[1].append(f"{s.median:+.0f} ({s.low:+.0f} to {s.high:+.0f}), "
+                           f"{len(pairs)} pair{plural}")
         else:
             rows[1].append("needs 2 repetitions")
     rows[0].extend(["", ""])

@@ -72,7 +72,6 @@ def test_compare_alternates_trees_and_reports_each():
     assert rendered.count(str(REPO)) == 2 and "TCP ns per skb" in rendered
 
 
-
 def test_side_by_side_attaches_both_trees_on_the_same_packets():
     said: list[str] = []
     with TestNode() as node:
@@ -87,4 +86,4 @@ def test_side_by_side_attaches_both_trees_on_the_same_packets():
         assert [udp > 0 and tcp > 0 for udp, tcp in repetition] == [True, True]
     assert "beside" not in filters
     rendered = compare.side_by_side_table([REPO, REPO], results)
-    assert "1 pairs" in rendered
+    assert "1 pair" in rendered and "1 pairs" not in rendered

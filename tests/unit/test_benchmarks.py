@@ -87,4 +87,4 @@ def test_side_by_side_difference_cancels_the_order_in_each_pair():
                [(50.0, 200.0), (45.0, 130.0)]]     # an odd one: left out of the pairs
     rendered = side_by_side_table([a, b], results)
     row = next(line for line in rendered.splitlines() if line.startswith("/b"))
-    assert "-5 (-5 to -5), 1 pairs" in row and "-10 (-10 to -10), 1 pairs" in row
+    assert "-5 (-5 to -5), 1 pair" in row and "-10 (-10 to -10), 1 pair" in row
