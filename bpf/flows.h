@@ -62,8 +62,13 @@ BPF_PERCPU_ARRAY(flow_overflow, struct flow_value, 8);
  * between a flow's two directions (data and its ACKs, a request and its response, which the
  * forwarding of one softirq handles on one CPU). Adding to one of these cache lines costs a
  * key compare where the flows map costs a hash of the 40-byte key and a bucket walk (about
- * half of the classifier's time, profiled under TCP bulk). A packet of a third flow moves the
- * counts of the one used less recently into the flows map first.
+ * half of the classifier's time, profiled under TCP bulk). A flow is looked for first in the
+ * way its ends prefer (preferred_way), where a connection's two directions prefer different
+ * ones, so each packet of such a pair reads one line; then in the other. A flow in neither
+ * takes its preferred way, or the other one when that is free; a packet of a third flow
+ * moves the counts of the flow in its preferred way into the flows map first. Measured side by
+ * side against a least-recently-used pair that read and wrote both lines for every packet:
+ * TCP -13 ns per skb, UDP -3 ns per packet (4 pairs).
  * Two slots ("ways") per generation parity, at index parity * 2 + way, each stamped with the
  * full generation (which counts up): a drain takes the flows map and the slots of the
  * generation it flipped away from, which no program writes once the flip's grace period is
@@ -73,7 +78,7 @@ struct recent_flow {
     struct flow_key key;
     struct flow_value value;
     u32 generation;
-    u32 used_last;          /* 1 in the way of the pair that counted the CPU's last packet */
+    u32 pad;
 };
 BPF_PERCPU_ARRAY(recent_flows, struct recent_flow, 4);
 
@@ -145,6 +150,18 @@ static __always_inline int same_flow(const struct flow_key *a, const struct flow
     return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
 }
 
+/* Which way of its pair a flow is looked for in first: a function of its two ends that swaps
+ * with them, so a connection's two directions (data and its ACKs, a request and its response,
+ * which alternate on one CPU) prefer different ways and each packet finds its flow in the
+ * first line it looks at. */
+static __always_inline u32 preferred_way(const struct flow_key *key)
+{
+    const u64 *w = (const u64 *)key;
+    u64 src = w[1] ^ w[2] ^ key->sport;
+    u64 dst = w[3] ^ w[4] ^ key->dport;
+    return src < dst ? 0 : 1;
+}
+
 static __always_inline void account_flow(struct __sk_buff *skb, const struct packet *pkt,
                                          u32 generation)
 {
@@ -161,36 +178,45 @@ static __always_inline void account_flow(struct __sk_buff *skb, const struct pac
     __builtin_memcpy(key.daddr, pkt->daddr, 16);
     struct flow_value counts = {bytes, segs | handshake};
 
-    u32 first = (generation & 1) * 2, second = first + 1;
+    /* what goes to the flows map, if anything: this packet's counts when no slot is found (an
+     * array lookup does not fail, but the verifier wants the path), or a slot's evicted flow */
+    const struct flow_key *moved_key = &key;
+    const struct flow_value *moved = &counts;
+    struct recent_flow evicted;
+    u32 base = (generation & 1) * 2, way = preferred_way(&key);
+    u32 first = base + way, second = base + (way ^ 1);
     struct recent_flow *a = recent_flows.lookup(&first);
-    struct recent_flow *b = recent_flows.lookup(&second);
-    if (!a || !b) {
-        store_flow(&key, &counts, generation);
+    if (!a)
+        goto move;
+    int a_live = a->generation == generation && a->value.packets_handshake;
+    if (a_live && same_flow(&a->key, &key)) {
+        a->value.bytes += bytes;
+        a->value.packets_handshake = (a->value.packets_handshake + segs) | handshake;
         return;
     }
-    int a_live = a->generation == generation && a->value.packets_handshake;
+    struct recent_flow *b = recent_flows.lookup(&second);
+    if (!b)
+        goto move;
     int b_live = b->generation == generation && b->value.packets_handshake;
-    int way = -1;
-    if (a_live && same_flow(&a->key, &key))
-        way = 0;
-    else if (b_live && same_flow(&b->key, &key))
-        way = 1;
-    if (way >= 0) {
-        struct recent_flow *slot = way ? b : a;
-        slot->value.bytes += bytes;
-        slot->value.packets_handshake = (slot->value.packets_handshake + segs) | handshake;
-    } else {
-        /* an empty way first, else the one used less recently */
-        way = !a_live ? 0 : !b_live ? 1 : a->used_last ? 1 : 0;
-        struct recent_flow *slot = way ? b : a;
-        if (way ? b_live : a_live)
-            store_flow(&slot->key, &slot->value, generation);
-        slot->key = key;
-        slot->value = counts;
-        slot->generation = generation;
+    if (b_live && same_flow(&b->key, &key)) {
+        b->value.bytes += bytes;
+        b->value.packets_handshake = (b->value.packets_handshake + segs) | handshake;
+        return;
     }
-    a->used_last = way == 0;
-    b->used_last = way == 1;
+    /* a flow in neither: the preferred way, unless it holds a flow and the other is free */
+    struct recent_flow *slot = a_live && !b_live ? b : a;
+    int evicting = a_live && b_live;
+    if (evicting)
+        __builtin_memcpy(&evicted, slot, sizeof(evicted));
+    slot->key = key;
+    slot->value = counts;
+    slot->generation = generation;
+    if (!evicting)
+        return;
+    moved_key = &evicted.key;
+    moved = &evicted.value;
+move:
+    store_flow(moved_key, moved, generation);
 }
 
 #endif

@@ -39,7 +39,7 @@ HANDSHAKE_SHIFT = 62
 PACKETS_MASK = np.uint64((1 << HANDSHAKE_SHIFT) - 1)
 # struct recent_flow: one of the two flows a CPU counted last, stamped with its generation
 RECENT_FLOW = np.dtype([("key", FLOW_KEY), ("bytes", "<u8"), ("packets_handshake", "<u8"),
-                        ("generation", "<u4"), ("used_last", "<u4")])
+                        ("generation", "<u4"), ("pad", "<u4")])
 RECENT_WAYS = 2         # recent_flows slots per generation parity: index parity * 2 + way
 # a drain's flows, summed over CPUs
 FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets", "<u8"), ("handshake", "<u8")])
