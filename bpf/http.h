@@ -544,6 +544,13 @@ static __always_inline u64 http_direction_hash(const struct packet *pkt)
  * numbers, the pipelining queue, last_seen_ns for the idle sweep) changes only for those. */
 static __always_inline int http_wanted(struct __sk_buff *skb, const struct packet *pkt)
 {
+    if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
+        return 0;
+    /* an ACK, or a payload too short for a message line, and no SYN, FIN or RST: nothing to
+     * note or look at (half of a bulk transfer's skbs), so no hash and no http_starts line */
+    if (!(pkt->tcp_flags & (HTTP_TCP_SYN | HTTP_TCP_FIN | HTTP_TCP_RST)) &&
+        http_payload_bytes(skb, pkt) < 8)
+        return 0;
     u64 h = http_direction_hash(pkt);
     u32 index = h & (HTTP_START_SLOTS - 1);
     u64 tag = (h & HTTP_START_TAG_MASK) | (1ULL << 33);
