@@ -3,7 +3,7 @@ exporter (A) and with it attached (B: started, measured, stopped), in the order 
 rounds and B A in even ones, so that neither side always runs second (after a start-up, or
 later in a drift of the machine's load). Every start is a part 4 sample.
 
-B is measured SETTLE_SECONDS after the exporter is ready: measured right after its start-up
+B is measured startup.SETTLE_SECONDS after the exporter is ready: measured right after its start-up
 (3.5 CPU-seconds of compiling), TCP bulk ran at 0.92 of A in 10 rounds (9 below 1) on these VMs,
 5 s later at 1.03, while the machine inside sat idle in between (0-1% busy, the exporter 0.00
 CPU-seconds per 0.5 s): the host's doing after the burst, not the exporter's cost once running."""
@@ -18,8 +18,6 @@ from tests.testnode import TestNode
 
 from . import connections, startup, throughput
 from .procstat import Memory
-
-SETTLE_SECONDS = 3.0     # after ready, before B: 10 rounds gave TCP 1.05, loop 1.01 of A
 
 WORKLOADS: dict[str, Callable[[TestNode, float], float]] = {
     "tcp": throughput.tcp_gbits,
@@ -44,7 +42,7 @@ def _measure_all(node: TestNode, seconds: float, into: dict[str, list[float]]) -
 
 
 def run(node: TestNode, rounds: int, seconds: float,
-        progress: Callable[[str], None] = print, settle: float = SETTLE_SECONDS) -> Rounds:
+        progress: Callable[[str], None] = print, settle: float = startup.SETTLE_SECONDS) -> Rounds:
     """The caller has started an iperf3 server on pod b."""
     connections.prepare(node)
     result = Rounds()

@@ -3,6 +3,7 @@ UDP, TCP bulk and a TCP connection loop, with the do-nothing floor on the same p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,10 +16,12 @@ KernelCosts = tuple[list[list[kernel_cost.WorkloadCost]], list[kernel_cost.Conne
 
 
 def run(node: TestNode, seconds: float, repetitions: int, source: Path = REPO,
-        say: Callable[[str], None] = print) -> KernelCosts:
+        say: Callable[[str], None] = print, settle: float = startup.SETTLE_SECONDS
+        ) -> KernelCosts:
     """Per repetition: [udp, tcp] workload costs and the connection loop's cost, measured on one
     exporter of the `source` tree. The node needs its iperf3 server and connections.prepare()."""
     started = startup.start(node, source=source)
+    time.sleep(settle)
     floor = kernel_cost.Floor(node, [node.veth_a, node.veth_b])
     costs: list[list[kernel_cost.WorkloadCost]] = []
     per_connection: list[kernel_cost.ConnectionCost] = []
