@@ -28,13 +28,12 @@ from pathlib import Path
 from tests.exporter_process import ExporterProcess
 from tests.testnode import TestNode
 
-from . import connections, kernel_cost, part1, throughput
+from . import connections, kernel_cost, part1, startup, throughput
 from .report import text_table
 from .stats import summarize
 
 NICENESS = -10
 BESIDE = Path(__file__).with_name("beside.py")
-READY_TIMEOUT = 120.0
 FIGURES = ("UDP ns per packet over the floor", "TCP ns per skb over the floor",
            "tracepoint ns per TCP connection")
 
@@ -70,7 +69,7 @@ def side_by_side(node: TestNode, trees: list[Path], repetitions: int, seconds: f
                                   priority=kernel_cost.BESIDE_FLOOR_PRIORITY)
         try:
             for exporter in exporters:
-                exporter.wait_ready(timeout=READY_TIMEOUT)
+                exporter.wait_ready(timeout=startup.READY_TIMEOUT)
             floor.attach()
             pids = [e.proc.pid for e in exporters]
             with kernel_cost.run_time_statistics():

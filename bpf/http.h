@@ -473,20 +473,19 @@ static __always_inline int http_upper(u8 c)
     return c >= 'A' && c <= 'Z';
 }
 
-#define HTTP_LOOK_NONE 0        /* not an HTTP port, under 8 bytes of payload, or a header that
-                                 * may come before the first message (PROXY protocol v2) */
+#define HTTP_LOOK_NONE 0        /* under 8 bytes of payload, or a header that may come before
+                                 * the first message (PROXY protocol v2) */
 #define HTTP_LOOK_OTHER 1       /* 8 bytes or more that cannot start a request or response */
 #define HTTP_LOOK_MESSAGE 2     /* may start one */
 
 /* What the start of the segment's payload is to HTTP. For a TCP skb from a local socket the
  * payload lies in page fragments, so this is a bpf_skb_load_bytes into them: about 90 ns per
  * TCP bulk skb on a slower host (2026-12-02), which http_starts spares for the directions of
- * connections known not to be HTTP. */
-static __always_inline int http_look(struct __sk_buff *skb, const struct packet *pkt)
+ * connections known not to be HTTP. `payload`: http_payload_bytes(). */
+static __always_inline int http_look(struct __sk_buff *skb, const struct packet *pkt,
+                                     u32 payload)
 {
-    if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
-        return HTTP_LOOK_NONE;
-    if (http_payload_bytes(skb, pkt) < 8)
+    if (payload < 8)
         return HTTP_LOOK_NONE;
     u8 start[4];
     if (load_header(skb, pkt->payload_off, start, 4) < 0)
@@ -501,8 +500,7 @@ static __always_inline int http_look(struct __sk_buff *skb, const struct packet 
 
 static __always_inline int http_ends(const struct packet *pkt)
 {
-    return (HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)) &&
-        (pkt->tcp_flags & (HTTP_TCP_FIN | HTTP_TCP_RST));
+    return pkt->tcp_flags & (HTTP_TCP_FIN | HTTP_TCP_RST);
 }
 
 /* How each direction of a TCP connection started, so that one known not to be HTTP skips
@@ -545,11 +543,11 @@ static __always_inline u64 http_direction_hash(const struct packet *pkt)
 static __always_inline int http_wanted(struct __sk_buff *skb, const struct packet *pkt)
 {
     if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
-        return 0;
+        return 0;               /* the port check for http_look and http_ends too */
     /* an ACK, or a payload too short for a message line, and no SYN, FIN or RST: nothing to
      * note or look at (half of a bulk transfer's skbs), so no hash and no http_starts line */
-    if (!(pkt->tcp_flags & (HTTP_TCP_SYN | HTTP_TCP_FIN | HTTP_TCP_RST)) &&
-        http_payload_bytes(skb, pkt) < 8)
+    u32 payload = http_payload_bytes(skb, pkt);
+    if (!(pkt->tcp_flags & (HTTP_TCP_SYN | HTTP_TCP_FIN | HTTP_TCP_RST)) && payload < 8)
         return 0;
     u64 h = http_direction_hash(pkt);
     u32 index = h & (HTTP_START_SLOTS - 1);
@@ -560,7 +558,7 @@ static __always_inline int http_wanted(struct __sk_buff *skb, const struct packe
         known = *start = tag | (u32)(pkt->tcp_seq + 1);  /* a new connection's first payload */
     else if (known == (tag | HTTP_START_NOT))
         return http_ends(pkt);
-    int look = http_look(skb, pkt);
+    int look = http_look(skb, pkt, payload);
     if (start && look != HTTP_LOOK_NONE && known == (tag | pkt->tcp_seq))
         /* the direction's first payload: decided for good */
         *start = look == HTTP_LOOK_MESSAGE ? 0 : tag | HTTP_START_NOT;

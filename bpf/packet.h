@@ -92,6 +92,24 @@ static __always_inline int load_header(struct __sk_buff *skb, u32 off, void *dst
     return 0;
 }
 
+/* A TCP header's ports, flags and sequence number into pkt; its length in bytes (the caller
+ * rejects one under sizeof(struct tcphdr)). From a copy or from the packet itself. */
+static __always_inline u32 take_tcp(const struct tcphdr *tcp, struct packet *pkt)
+{
+    pkt->sport = bpf_ntohs(tcp->source);
+    pkt->dport = bpf_ntohs(tcp->dest);
+    /* byte 13 of the TCP header holds the flags */
+    pkt->tcp_flags = ((const u8 *)tcp)[13];
+    pkt->tcp_seq = bpf_ntohl(tcp->seq);
+    return tcp->doff * 4;
+}
+
+static __always_inline void take_udp(const struct udphdr *udp, struct packet *pkt)
+{
+    pkt->sport = bpf_ntohs(udp->source);
+    pkt->dport = bpf_ntohs(udp->dest);
+}
+
 static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 {
     pkt->hdr_len = pkt->l4_off - pkt->l3_off;
@@ -102,22 +120,16 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
         struct tcphdr tcp;
         if (load_header(skb, pkt->l4_off, &tcp, sizeof(tcp)) < 0)
             return PARSE_MALFORMED;
-        u32 doff = tcp.doff * 4;
+        u32 doff = take_tcp(&tcp, pkt);
         if (doff < sizeof(tcp))
             return PARSE_MALFORMED;
-        pkt->sport = bpf_ntohs(tcp.source);
-        pkt->dport = bpf_ntohs(tcp.dest);
-        /* byte 13 of the TCP header holds the flags */
-        pkt->tcp_flags = ((u8 *)&tcp)[13];
-        pkt->tcp_seq = bpf_ntohl(tcp.seq);
         pkt->hdr_len += doff;
         pkt->payload_off += doff;
     } else if (pkt->protocol == IPPROTO_UDP) {
         struct udphdr udp;
         if (load_header(skb, pkt->l4_off, &udp, sizeof(udp)) < 0)
             return PARSE_MALFORMED;
-        pkt->sport = bpf_ntohs(udp.source);
-        pkt->dport = bpf_ntohs(udp.dest);
+        take_udp(&udp, pkt);
         pkt->hdr_len += sizeof(udp);
         pkt->payload_off += sizeof(udp);
     } else {
@@ -226,19 +238,12 @@ static __always_inline int parse_fast_l4(void *l4, u8 protocol, struct packet *p
 {
     if (protocol == IPPROTO_TCP) {
         struct tcphdr *tcp = l4;
-        u32 doff = tcp->doff * 4;
-        if (doff < sizeof(*tcp))
-            return 0;
-        pkt->sport = bpf_ntohs(tcp->source);
-        pkt->dport = bpf_ntohs(tcp->dest);
-        pkt->tcp_flags = ((u8 *)tcp)[13];
-        pkt->tcp_seq = bpf_ntohl(tcp->seq);
-        pkt->hdr_len = l3_len + doff;
+        if (tcp->doff * 4 < sizeof(*tcp))
+            return 0;           /* pkt untouched; the general parser calls it malformed */
+        pkt->hdr_len = l3_len + take_tcp(tcp, pkt);
     } else if (protocol == IPPROTO_UDP) {
-        struct udphdr *udp = l4;
-        pkt->sport = bpf_ntohs(udp->source);
-        pkt->dport = bpf_ntohs(udp->dest);
-        pkt->hdr_len = l3_len + sizeof(*udp);
+        take_udp(l4, pkt);
+        pkt->hdr_len = l3_len + sizeof(struct udphdr);
     } else {
         return 0;
     }
