@@ -384,3 +384,33 @@ def test_requests_after_a_proxy_v2_header_are_counted(node: TestNode, web: Expor
                                                 dst_port=str(port)) >= 2, "the two requests")
         assert scrape.value("ebpf_net_http_requests_total", dst_port=str(port), method="GET",
                             status_code="none") == 2
+
+
+def test_http_ports_limit_detection_to_the_listed_ports():
+    """With http.ports set, an exchange on a listed port is counted and the same exchange on
+    another port is not (the classifier's port check, compiled from the list)."""
+    listed, other = 8091, 8092
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    with TestNode() as own:
+        servers = [RawServer(own.b_ns, own.b_ip, port, reply) for port in (listed, other)]
+        exporter = ExporterProcess(own, config={"http": {"ports": [listed]}})
+        try:
+            exporter.wait_ready()
+            for port in (listed, other):
+                with _connect(own, port) as client:
+                    client.sendall(b"GET /x HTTP/1.1\r\nHost: b\r\n\r\n")
+                    assert client.recv(4096).startswith(b"HTTP/1.1 200")
+
+            def counted(s: Scrape) -> bool:
+                return s.value("ebpf_net_http_requests_total", dst_port=str(listed),
+                               method="GET", status_code="200") >= 1
+
+            scrape = exporter.wait_for(counted, "the request on the listed port")
+            assert scrape.value("ebpf_net_http_requests_total", dst_port=str(listed),
+                                method="GET", status_code="200") == 1
+            assert scrape.select("ebpf_net_http_requests_total", dst_port=str(other)) == []
+        finally:
+            code = exporter.stop()
+            for server in servers:
+                server.close()
+        assert code == 0, exporter.log()
