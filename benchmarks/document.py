@@ -211,12 +211,12 @@ decide it.
 
 ## 2 and 5. Throughput and connection rate, with and without the exporter
 
-{len(r.rounds.startup_seconds)} interleaved rounds of {r.seconds_per_run:g} s per workload,
-without and with the exporter attached (started fresh each round; A B, then B A). Median
-(IQR p25-p75, n). The verdict on a ratio is the 95% confidence interval of the median of the
-per-round ratios (order statistics, no assumption about the noise's shape): an interval that
-straddles its target is "not resolved", the run cannot tell at this machine's noise. Part 1's
-share of a core is the steadier figure.
+{r.rounds.pairs} pairs of {r.seconds_per_run:g}-second runs per workload on one running
+exporter, its programs switched off (A, without) and on (B, with) between the runs of a pair
+(A B, then B A). Median (IQR p25-p75, n). The verdict on a ratio is the 95% confidence
+interval of the median of the per-pair ratios (order statistics, no assumption about the
+noise's shape): an interval that straddles its target is "not resolved", the run cannot tell
+at this machine's noise. Part 1's share of a core is the steadier figure.
 
 {_interleaved_section(r)}
 

@@ -4,6 +4,7 @@ attached to the test node's veths), and its memory once ready."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,11 @@ class Started:
 
 
 def start(node: TestNode, config: dict[str, Any] | None = None,
-          source: Path = REPO) -> Started:
+          source: Path = REPO, prefix: Sequence[str] = ()) -> Started:
     """Launches the exporter (every collector on) of the `source` tree in the node's namespace
-    and waits until ready; the caller stops it."""
+    (through `prefix`, a command that runs it) and waits until ready; the caller stops it."""
     launched = time.monotonic()
-    exporter = ExporterProcess(node, config=config, source=source)
+    exporter = ExporterProcess(node, config=config, source=source, prefix=prefix)
     try:
         while exporter.get("/readyz", timeout=2)[0] != 200:
             if exporter.proc.poll() is not None:

@@ -4,11 +4,16 @@ and sprayed flows reach the exporter's counters. It checks the harness, not perf
 
 from __future__ import annotations
 
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 
-from benchmarks import compare, connections, kernel_cost
+from benchmarks import compare, connections, interleaved, kernel_cost, startup
 from benchmarks.sprayer import DISCARD_PORT, Sprayer
-from tests.exporter_process import REPO, ExporterProcess
+from benchmarks.switchable import Switch
+from tests.exporter_process import REPO, ExporterProcess, Scrape, filters_on
 from tests.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
@@ -87,3 +92,41 @@ def test_side_by_side_attaches_both_trees_on_the_same_packets():
     assert "beside" not in filters
     rendered = compare.side_by_side_table([REPO, REPO], results)
     assert "1 pair" in rendered and "1 pairs" not in rendered
+
+
+def test_switched_off_the_programs_see_nothing_and_switched_on_all_again():
+    def seen(scrape: Scrape, port: int) -> tuple[float, float]:
+        labels = {"dst_ip": node.b_ip, "dst_port": str(port)}
+        return (scrape.value("ebpf_net_flow_bytes_total", **labels),
+                scrape.value("ebpf_net_tcp_connections_opened_total", role="server", **labels))
+
+    with TestNode() as node, tempfile.TemporaryDirectory(prefix="switch-") as directory:
+        node.iperf3_server(node.b_ns, node.b_ip)
+        path = Path(directory) / "socket"
+        veths = [node.veth_a, node.veth_b]
+        with ExporterProcess(node, prefix=[sys.executable, str(interleaved.SWITCHABLE),
+                                           str(path)]) as exporter:
+            exporter.wait_ready(timeout=startup.READY_TIMEOUT)
+            switch = Switch(path)
+            try:
+                off = switch.set(False)
+                assert set(filters_on(node, veths).values()) == {0}
+                node.tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7401, 1 << 16)
+                on = switch.set(True)
+                assert set(filters_on(node, veths).values()) == {1}
+                node.tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7402, 1 << 16)
+                # four filters and at least inet_sock_set_state, tcp_probe and the resets
+                assert on == off >= 4 + 4
+                assert switch.set(True) == 0
+                scrape = exporter.wait_for(lambda s: seen(s, 7402)[1] == 1,
+                                           "the connection made with the programs on")
+                assert seen(scrape, 7401) == (0, 0)
+                assert seen(scrape, 7402)[0] > 1 << 16
+                rounds = interleaved.Rounds()
+                said: list[str] = []
+                interleaved.measure_pairs(node, switch, 1, 1.0, rounds, said.append)
+            finally:
+                switch.close()
+    assert rounds.pairs == 1 and len(said) == 1
+    for name in interleaved.WORKLOADS:
+        assert rounds.without[name][0] > 0 and rounds.attached[name][0] > 0
