@@ -14,7 +14,7 @@ from tests.testnode import TestNode
 # waits for that byte, so the loop runs one connection at a time and never overruns the accept
 # queue.
 _LOOP = """\
-import json, os, socket, sys, time
+import json, os, signal, socket, sys, time
 seconds = float(sys.argv[1])
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -29,10 +29,12 @@ if child == 0:
         conn.recv(1)
         conn.close()
 server.close()
+stopping = []   # SIGTERM ends the loop early, and the server with it (part 2's streams)
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
 count = 0
 start = time.perf_counter()
 deadline = start + seconds
-while time.perf_counter() < deadline:
+while time.perf_counter() < deadline and not stopping:
     client = socket.create_connection(address)
     client.recv(1)
     client.close()
@@ -52,14 +54,13 @@ def prepare(node: TestNode) -> None:
                          "net.ipv4.tcp_max_tw_buckets=0"])
 
 
+def loop_argv(seconds: float) -> list[str]:
+    """The loop as a command for pod a: connections for `seconds`, or until SIGTERM."""
+    return [sys.executable, "-c", _LOOP, f"{seconds:g}"]
+
+
 def loop(node: TestNode, seconds: float) -> tuple[int, float]:
     """Connections made in about `seconds`, and the seconds they took."""
-    result = node.run(node.a_ns, [sys.executable, "-c", _LOOP, f"{seconds:g}"],
-                      timeout=seconds + 30)
+    result = node.run(node.a_ns, loop_argv(seconds), timeout=seconds + 30)
     outcome = json.loads(result.stdout)
     return int(outcome["connections"]), float(outcome["seconds"])
-
-
-def connections_per_second(node: TestNode, seconds: float) -> float:
-    count, took = loop(node, seconds)
-    return count / took

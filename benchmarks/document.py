@@ -20,13 +20,12 @@ from .report import (
 )
 from .scrape import ScrapeRun
 from .stats import Summary, paired_ratios, percentile, summarize
+from .streams import STREAMS
 
 NOTES = Path(__file__).with_name("notes.md")
 # the latest `make soak` run (issue 9), written up by hand: appended so `make bench` keeps it
 SOAK = Path(__file__).with_name("soak.md")
 
-UNITS = {"tcp": "Gbit/s (iperf3, one stream)", "udp": "kpps of 64-byte frames received",
-         "connections": "connections/s (connect, 1 byte, close)"}
 
 
 @dataclass
@@ -35,7 +34,7 @@ class Results:
     quick: bool
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
-    seconds_per_run: float
+    window_seconds: float                   # part 2's
     kernel: list[list[WorkloadCost]]        # per repetition: [udp, tcp]
     per_connection: list[ConnectionCost]    # per repetition
     rounds: Rounds
@@ -137,7 +136,8 @@ def _kernel_section(r: Results) -> str:
 
 def _interleaved_section(r: Results) -> str:
     rows = []
-    for name, unit in UNITS.items():
+    for name, stream in STREAMS.items():
+        unit = stream.unit
         without = summarize(r.rounds.without[name])
         attached = summarize(r.rounds.attached[name])
         ratios = summarize(paired_ratios(r.rounds.without[name], r.rounds.attached[name]))
@@ -211,12 +211,12 @@ decide it.
 
 ## 2 and 5. Throughput and connection rate, with and without the exporter
 
-{r.rounds.pairs} pairs of {r.seconds_per_run:g}-second runs per workload on one running
-exporter, its programs switched off (A, without) and on (B, with) between the runs of a pair
-(A B, then B A). Median (IQR p25-p75, n). The verdict on a ratio is the 95% confidence
-interval of the median of the per-pair ratios (order statistics, no assumption about the
-noise's shape): an interval that straddles its target is "not resolved", the run cannot tell
-at this machine's noise. Part 1's share of a core is the steadier figure.
+{r.rounds.pairs} pairs of {r.window_seconds:g}-second windows per workload, on one stream of it
+and one running exporter, its programs switched off (A, without) and on (B, with) between the
+windows of a pair (A B, then B A). Median (IQR p25-p75, n). The verdict on a ratio is the 95%
+confidence interval of the median of the per-pair ratios (order statistics, no assumption
+about the noise's shape): an interval that straddles its target is "not resolved", the run
+cannot tell at this machine's noise. Part 1's share of a core is the steadier figure.
 
 {_interleaved_section(r)}
 

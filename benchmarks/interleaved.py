@@ -1,8 +1,8 @@
 """Parts 2, 4 and 5. Part 4 starts the exporter afresh a few times (launch to ready, memory).
 Parts 2 and 5 then run on one exporter whose programs are switched off (A) and on (B) between
-runs (benchmarks/switchable.py): each pair runs every workload once each way, A B in odd pairs
-and B A in even ones, so neither side always runs second, and the two runs of a workload are a
-second apart.
+windows of a stream that runs throughout (benchmarks/switchable.py, benchmarks/streams.py):
+each pair is one window each way, A B in odd pairs and B A in even ones, so neither side always
+runs second.
 
 Before the switch, every round started an exporter of its own for B. A start-up's 3.5
 CPU-seconds of compiling left the host running this VM some 8% slower for seconds after (TCP
@@ -22,24 +22,22 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import connections, startup, throughput
+from . import connections, startup
 from .procstat import Memory
+from .stats import paired_ratios, summarize
+from .streams import STOP_MARGIN_SECONDS, STREAMS
 from .switchable import Switch
 
-WORKLOADS: dict[str, Callable[[TestNode, float], float]] = {
-    "tcp": throughput.tcp_gbits,
-    "udp": throughput.udp_kpps,
-    "connections": connections.connections_per_second,
-}
+SWITCH_SECONDS = 0.25   # switching off takes some 0.2 s (closing a tracepoint), on 4 ms
 SWITCHABLE = Path(__file__).with_name("switchable.py")
 
 
 @dataclass
 class Rounds:
     without: dict[str, list[float]] = field(
-        default_factory=lambda: {name: [] for name in WORKLOADS})
+        default_factory=lambda: {name: [] for name in STREAMS})
     attached: dict[str, list[float]] = field(
-        default_factory=lambda: {name: [] for name in WORKLOADS})
+        default_factory=lambda: {name: [] for name in STREAMS})
     startup_seconds: list[float] = field(default_factory=list)
     startup_memory: list[Memory] = field(default_factory=list)
 
@@ -56,20 +54,21 @@ def measure_startups(node: TestNode, starts: int, into: Rounds) -> None:
         into.startup_memory.append(started.memory)
 
 
-def measure_pairs(node: TestNode, switch: Switch, pairs: int, seconds: float, into: Rounds,
+def measure_pairs(node: TestNode, switch: Switch, pairs: int, window: float, into: Rounds,
                   progress: Callable[[str], None]) -> None:
-    for number in range(1, pairs + 1):
-        order = (False, True) if number % 2 else (True, False)
-        for name, workload in WORKLOADS.items():
-            for on in order:
-                switch.set(on)
-                (into.attached if on else into.without)[name].append(workload(node, seconds))
-        progress(f"  pair {number}/{pairs}: " + ", ".join(
-            f"{name} {into.without[name][-1]:.4g} -> {into.attached[name][-1]:.4g}"
-            for name in WORKLOADS))
+    for name, stream in STREAMS.items():
+        seconds = pairs * 2 * (window + SWITCH_SECONDS) + STOP_MARGIN_SECONDS
+        with stream.running(node, seconds) as rate:
+            for number in range(1, pairs + 1):
+                for on in ((False, True) if number % 2 else (True, False)):
+                    switch.set(on)
+                    (into.attached if on else into.without)[name].append(rate(window))
+        ratio = summarize(paired_ratios(into.without[name][-pairs:], into.attached[name][-pairs:]))
+        progress(f"  {name}: {pairs} pairs, with/without {ratio.median:.3f} "
+                 f"(95% CI {ratio.median_low:.3f}-{ratio.median_high:.3f})")
 
 
-def run(node: TestNode, pairs: int, seconds: float, starts: int,
+def run(node: TestNode, pairs: int, window: float, starts: int,
         progress: Callable[[str], None] = print, settle: float = startup.SETTLE_SECONDS) -> Rounds:
     """The caller has started an iperf3 server on pod b."""
     connections.prepare(node)
@@ -84,7 +83,7 @@ def run(node: TestNode, pairs: int, seconds: float, starts: int,
             time.sleep(settle)
             switch = Switch(path)
             try:
-                measure_pairs(node, switch, pairs, seconds, result, progress)
+                measure_pairs(node, switch, pairs, window, result, progress)
             finally:
                 switch.close()
         finally:
