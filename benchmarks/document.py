@@ -27,7 +27,6 @@ NOTES = Path(__file__).with_name("notes.md")
 SOAK = Path(__file__).with_name("soak.md")
 
 
-
 @dataclass
 class Results:
     machine: Machine
@@ -134,6 +133,11 @@ def _kernel_section(r: Results) -> str:
     return "\n\n".join(parts)
 
 
+def _pair_counts(r: Results) -> str:
+    counts = [f"{len(r.rounds.without[name])} ({name})" for name in STREAMS]
+    return ", ".join(counts[:-1]) + " and " + counts[-1]
+
+
 def _interleaved_section(r: Results) -> str:
     rows = []
     for name, stream in STREAMS.items():
@@ -211,7 +215,7 @@ decide it.
 
 ## 2 and 5. Throughput and connection rate, with and without the exporter
 
-{r.rounds.pairs} pairs of {r.window_seconds:g}-second windows per workload, on one stream of it
+{_pair_counts(r)} pairs of {r.window_seconds:g}-second windows, on one stream of each workload
 and one running exporter, its programs switched off (A, without) and on (B, with) between the
 windows of a pair (A B, then B A). Median (IQR p25-p75, n). The verdict on a ratio is the 95%
 confidence interval of the median of the per-pair ratios (order statistics, no assumption

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +41,6 @@ class Rounds:
     startup_seconds: list[float] = field(default_factory=list)
     startup_memory: list[Memory] = field(default_factory=list)
 
-    @property
-    def pairs(self) -> int:
-        return len(self.without["tcp"])
-
 
 def measure_startups(node: TestNode, starts: int, into: Rounds) -> None:
     for _ in range(starts):
@@ -54,9 +50,11 @@ def measure_startups(node: TestNode, starts: int, into: Rounds) -> None:
         into.startup_memory.append(started.memory)
 
 
-def measure_pairs(node: TestNode, switch: Switch, pairs: int, window: float, into: Rounds,
-                  progress: Callable[[str], None]) -> None:
+def measure_pairs(node: TestNode, switch: Switch, pairs_of: Mapping[str, int], window: float,
+                  into: Rounds, progress: Callable[[str], None]) -> None:
+    """`pairs_of` each stream (by name in STREAMS)."""
     for name, stream in STREAMS.items():
+        pairs = pairs_of[name]
         seconds = pairs * 2 * (window + SWITCH_SECONDS) + STOP_MARGIN_SECONDS
         with stream.running(node, seconds) as rate:
             for number in range(1, pairs + 1):
@@ -68,7 +66,7 @@ def measure_pairs(node: TestNode, switch: Switch, pairs: int, window: float, int
                  f"(95% CI {ratio.median_low:.3f}-{ratio.median_high:.3f})")
 
 
-def run(node: TestNode, pairs: int, window: float, starts: int,
+def run(node: TestNode, pairs_of: Mapping[str, int], window: float, starts: int,
         progress: Callable[[str], None] = print, settle: float = startup.SETTLE_SECONDS) -> Rounds:
     """The caller has started an iperf3 server on pod b."""
     connections.prepare(node)
@@ -83,7 +81,7 @@ def run(node: TestNode, pairs: int, window: float, starts: int,
             time.sleep(settle)
             switch = Switch(path)
             try:
-                measure_pairs(node, switch, pairs, window, result, progress)
+                measure_pairs(node, switch, pairs_of, window, result, progress)
             finally:
                 switch.close()
         finally:

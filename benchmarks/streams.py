@@ -2,9 +2,9 @@
 off and on under it, and a window's rate is what the kernel counted in between, read from the
 namespace's own counters (/proc/net/snmp and netstat of the receiving pod) before and after.
 
-Against timed runs (a fresh iperf3 or loop per measurement), the same minutes give twice the
-pairs, without a client's start, handshake and ramp in each, and the two windows of a pair are
-half a second apart. Measured side by side in alternating 20 s blocks (80 s each; the width of
+Against timed runs (a fresh iperf3 or loop per measurement), the same minutes give nearly twice
+the pairs, without a client's start, handshake and ramp in each, and the two windows of a pair
+are half a second apart. Measured side by side in alternating 20 s blocks (80 s each; the width of
 the ratio's 95% interval, timed 1 s runs / 0.5 s windows): UDP 0.057 / 0.027, the connection
 loop 0.071 / 0.047, TCP 0.075 / 0.063."""
 
