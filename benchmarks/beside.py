@@ -10,8 +10,6 @@ the same seconds, which is what makes their difference steadier than alternated 
 
 from __future__ import annotations
 
-import os
-import runpy
 import sys
 
 # priorities 1 and 2 run before the floor's (kernel_cost.BESIDE_FLOOR_PRIORITY)
@@ -20,18 +18,16 @@ HANDLE_BASE = 0xEB50
 
 
 def main() -> None:
+    from wrapping import exporter_arguments, run_exporter
+
     slot = int(sys.argv[1])
-    command = sys.argv[2:]
-    if command[1:3] != ["-m", "exporter"]:
-        raise SystemExit(f"beside.py: expected `python -m exporter ...`, got {command[:3]}")
-    sys.path.insert(0, os.getcwd())             # the tree's exporter package
+    arguments = exporter_arguments("beside.py", sys.argv[2:])
     from exporter import interfaces, singleton
 
     interfaces.TcAttacher.__init__.__defaults__ = (
         PRIORITY_OF_SLOT[slot], HANDLE_BASE + slot, f"beside{slot}", f"beside{slot}")
     singleton.claim_netns.__defaults__ = (f"\0ebpf-net-exporter-beside-{slot}".encode(),)
-    sys.argv = ["exporter", *command[3:]]
-    runpy.run_module("exporter", run_name="__main__", alter_sys=True)
+    run_exporter(arguments)
 
 
 if __name__ == "__main__":

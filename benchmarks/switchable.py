@@ -16,8 +16,6 @@ the exporter's own threads give up once attached (exporter/privileges.py)."""
 
 from __future__ import annotations
 
-import os
-import runpy
 import socket
 import sys
 import threading
@@ -147,11 +145,10 @@ def _serve(listener: socket.socket, attachments: _Attachments) -> None:
 
 
 def main() -> None:
+    from wrapping import exporter_arguments, run_exporter
+
     path = Path(sys.argv[1])
-    command = sys.argv[2:]
-    if command[1:3] != ["-m", "exporter"]:
-        raise SystemExit(f"switchable.py: expected `python -m exporter ...`, got {command[:3]}")
-    sys.path.insert(0, os.getcwd())             # the tree's exporter package
+    arguments = exporter_arguments("switchable.py", sys.argv[2:])
     attachments = _Attachments()
     _record(attachments)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,8 +156,7 @@ def main() -> None:
     listener.listen(1)
     threading.Thread(target=_serve, args=(listener, attachments), name="switch",
                      daemon=True).start()
-    sys.argv = ["exporter", *command[3:]]
-    runpy.run_module("exporter", run_name="__main__", alter_sys=True)
+    run_exporter(arguments)
 
 
 if __name__ == "__main__":
