@@ -84,6 +84,6 @@ STREAMS: dict[str, Stream] = {
         lambda node: kernel_counter(node.b_ns, "snmp", "Udp", "InDatagrams")),
     "connections": Stream(
         "connections/s (connect, 1 byte, close)", 1.0,
-        lambda node: node.a_ns, lambda node, seconds: connections.loop_argv(seconds),
+        lambda node: node.a_ns, connections.loop_argv,
         lambda node: kernel_counter(node.a_ns, "snmp", "Tcp", "ActiveOpens")),
 }

@@ -103,6 +103,7 @@ def test_switched_off_the_programs_see_nothing_and_switched_on_all_again():
 
     with TestNode() as node, tempfile.TemporaryDirectory(prefix="switch-") as directory:
         node.iperf3_server(node.b_ns, node.b_ip)
+        connections.prepare(node)   # the connection loop's stream
         path = Path(directory) / "socket"
         veths = [node.veth_a, node.veth_b]
         with ExporterProcess(node, prefix=[sys.executable, str(interleaved.SWITCHABLE),

@@ -1,10 +1,12 @@
 """The pure parts of benchmarks/: summaries, tables and the sprayer's frames."""
 
 import ipaddress
+import subprocess
 
 import numpy as np
 import pytest
 
+from benchmarks.connections import LoopBuildError, build_loop
 from benchmarks.report import Headline, against, at_most, markdown_table, text_table, verdict
 from benchmarks.sprayer import FRAME, SOURCE_PORT_BASE, frames
 from benchmarks.stats import median_interval, paired_ratios, percentile, summarize
@@ -88,3 +90,13 @@ def test_side_by_side_difference_cancels_the_order_in_each_pair():
     rendered = side_by_side_table([a, b], results)
     row = next(line for line in rendered.splitlines() if line.startswith("/b"))
     assert "-5 (-5 to -5), 1 pair" in row and "-10 (-10 to -10), 1 pair" in row
+
+
+def test_the_connection_loop_builds_and_a_broken_one_says_what_the_compiler_said(tmp_path):
+    build_loop(str(tmp_path / "loop"))
+    usage = subprocess.run([str(tmp_path / "loop")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: connection_loop SECONDS" in usage.stderr
+    broken = tmp_path / "broken.c"
+    broken.write_text("int main(void) { return undeclared; }\n")
+    with pytest.raises(LoopBuildError, match="undeclared"):
+        build_loop(str(tmp_path / "broken"), broken)
