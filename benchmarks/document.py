@@ -65,8 +65,8 @@ def headlines(r: Results) -> list[Headline]:
     for name, label, target in (("tcp", "TCP bulk", 0.97), ("udp", "64-byte UDP", 0.93)):
         ratio = _ratios(r.rounds, name)
         out.append(Headline(f"throughput with exporter, {label}",
-                            f"{ratio.median:.3f} of without (95% CI {ratio.median_low:.2f}-"
-                            f"{ratio.median_high:.2f})",
+                            f"{ratio.median:.3f} of without (95% CI {ratio.median_low:.3f}-"
+                            f"{ratio.median_high:.3f})",
                             f">= {target}", against(ratio.median_low, ratio.median_high, target)))
     by_size = {s.flows: s for s in r.scrapes}
     if 100_000 in by_size:
@@ -88,8 +88,8 @@ def headlines(r: Results) -> list[Headline]:
     ratio = _ratios(r.rounds, "connections")
     out.append(Headline("connect/accept/close loop slowdown",
                         f"{(1 - ratio.median) * 100:.1f}% (95% CI "
-                        f"{(1 - ratio.median_high) * 100:.0f} to "
-                        f"{(1 - ratio.median_low) * 100:.0f}%)", "< 5%",
+                        f"{(1 - ratio.median_high) * 100:.1f} to "
+                        f"{(1 - ratio.median_low) * 100:.1f}%)", "< 5%",
                         against(ratio.median_low, ratio.median_high, 0.95)))
     return out
 
