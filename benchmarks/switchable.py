@@ -6,7 +6,7 @@ and `Switch(SOCKET)` on the benchmark's side.
 the interfaces it attached) and its tracepoints and raw tracepoints (closed, as bcc's detach
 does); "on" attaches the same loaded programs again, with the same priority, handle and name.
 The clsact qdiscs stay: with no filter left on one, the kernel's hook finds no classifier to
-run and the packet goes on, so "off" is as good as never attached.
+run (its mini-qdisc pointer is empty) and the packet goes on: a check, not a program run.
 Maps, threads and counts stay as they are, so a workload run with the exporter switched off
 and one with it on, a second apart, differ by the programs' cost alone, without the minutes of
 start-ups (and the host's slowdown after each compile, benchmarks/startup.py) that a fresh
