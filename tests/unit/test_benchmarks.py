@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 
 from benchmarks.connections import LoopBuildError, build_loop
+from benchmarks.document import Results, headlines, markdown
+from benchmarks.interleaved import Rounds
+from benchmarks.kernel_cost import ConnectionCost, ProgramCost, WorkloadCost
+from benchmarks.machine import Machine
+from benchmarks.procstat import Memory
 from benchmarks.report import Headline, against, at_most, markdown_table, text_table, verdict
+from benchmarks.scrape import ScrapeRun
 from benchmarks.sprayer import FRAME, SOURCE_PORT_BASE, frames
 from benchmarks.stats import median_interval, paired_ratios, percentile, summarize
+from benchmarks.streams import STREAMS
 
 
 def test_summary_median_quartiles_and_spread():
@@ -100,3 +107,42 @@ def test_the_connection_loop_builds_and_a_broken_one_says_what_the_compiler_said
     broken.write_text("int main(void) { return undeclared; }\n")
     with pytest.raises(LoopBuildError, match="undeclared"):
         build_loop(str(tmp_path / "broken"), broken)
+
+
+def _synthetic_results(loop_ratios: list[float]) -> Results:
+    """A run's results made up: every part with a few samples, the connection loop's pairs
+    with the given ratios (with / without)."""
+    def workload(name: str, tc_ns: float) -> WorkloadCost:
+        return WorkloadCost(name, [ProgramCost("classify_ingress", 1000, tc_ns / 2)], 2000, 60.0,
+                            tc_ns / 2, 1000, tc_ns, 120.0, 1.0, 1e5)
+
+    rounds = Rounds()
+    for name in STREAMS:
+        ratios = loop_ratios if name == "connections" else [1.0] * len(loop_ratios)
+        rounds.without[name] = [1000.0] * len(ratios)
+        rounds.attached[name] = [1000.0 * ratio for ratio in ratios]
+    rounds.startup_seconds = [2.5, 2.7, 2.9]
+    rounds.startup_memory = [Memory(200.0, 130.0, 210.0)] * 3
+    memory = Memory(180.0, 132.0, 190.0)
+    scrapes = [ScrapeRun(flows, flows // 10, [0.2, 0.21, 0.22], [0.15, 0.16, 0.17],
+                         flows // 5, flows // 5, memory) for flows in (100_000, 1_000_000)]
+    return Results(Machine("6.18", "AMD EPYC", 2, 23.5, "2026-12-03 01:31 UTC"), False,
+                   (0.5, 0.5, 0.3), (1.3, 1.4, 0.9), 0.5,
+                   [[workload("udp", 160.0), workload("tcp", 210.0)]] * 3,
+                   [ConnectionCost(1000, [ProgramCost("tcp_probe", 3000, 130.0)], 1.0)] * 3,
+                   rounds, scrapes, 10, 520.0)
+
+
+def test_the_document_gives_every_interval_to_the_decimal_its_verdict_turns_on():
+    # pairs whose ratios put the loop's interval just past 5%: rounded to whole percents it
+    # would read "1 to 5%" beside "not resolved"
+    low, high = (int(i) for i in median_interval(list(range(60))))   # the interval's ranks
+    ratios = ([0.9] * low + [0.946] + [0.965] * (high - low - 1) + [0.985]
+              + [1.02] * (59 - high))
+    results = _synthetic_results(ratios)
+    loop = next(h for h in headlines(results) if h.figure.startswith("connect/accept/close"))
+    assert loop.measured == "3.5% (95% CI 1.5 to 5.4%)" and loop.met is None
+    rendered = markdown(results)
+    assert "| connect/accept/close loop slowdown | 3.5% (95% CI 1.5 to 5.4%) | < 5% |" in rendered
+    assert "1.000 of without (95% CI 1.000-1.000)" in rendered   # three decimals, not two
+    assert "## 3. Scrape cost" in rendered and "| 100,000 | 10,000 | 3 |" in rendered
