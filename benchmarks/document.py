@@ -31,6 +31,7 @@ SOAK = Path(__file__).with_name("soak.md")
 class Results:
     machine: Machine
     quick: bool
+    long: bool
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     window_seconds: float                   # part 2's
@@ -184,7 +185,12 @@ def _scrape_section(r: Results) -> str:
 
 def markdown(r: Results) -> str:
     m = r.machine
-    mode = " (quick mode: few rounds, small flow counts)" if r.quick else ""
+    written = "`make bench` (`python -m benchmarks`)"
+    if r.quick:
+        written += " (quick mode: few rounds, small flow counts)"
+    if r.long:
+        written = ("`make bench-long` (`python -m benchmarks --long`: `make bench` with the "
+                   "pairs of part 2 and 5 that their verdicts need at this machine's noise)")
     load = ", ".join(f"{x:.2f}" for x in r.load_before)
     load_after = ", ".join(f"{x:.2f}" for x in r.load_after)
     notes = NOTES.read_text() if NOTES.exists() else ""
@@ -192,7 +198,7 @@ def markdown(r: Results) -> str:
         notes = f"{notes.rstrip()}\n\n{SOAK.read_text()}"
     return f"""# Benchmarks
 
-Written by `make bench` (`python -m benchmarks`){mode}; {r.wall_seconds / 60:.1f} minutes.
+Written by {written}; {r.wall_seconds / 60:.1f} minutes.
 The method, and what was tried where a target was missed, follow the results.
 
 **Machine**: Linux {m.kernel}, {m.cpu}, {m.cores} cores, {m.memory_gib} GiB; {m.date}.

@@ -126,7 +126,7 @@ def _synthetic_results(loop_ratios: list[float]) -> Results:
     memory = Memory(180.0, 132.0, 190.0)
     scrapes = [ScrapeRun(flows, flows // 10, [0.2, 0.21, 0.22], [0.15, 0.16, 0.17],
                          flows // 5, flows // 5, memory) for flows in (100_000, 1_000_000)]
-    return Results(Machine("6.18", "AMD EPYC", 2, 23.5, "2026-12-03 01:31 UTC"), False,
+    return Results(Machine("6.18", "AMD EPYC", 2, 23.5, "2026-12-03 01:31 UTC"), False, False,
                    (0.5, 0.5, 0.3), (1.3, 1.4, 0.9), 0.5,
                    [[workload("udp", 160.0), workload("tcp", 210.0)]] * 3,
                    [ConnectionCost(1000, [ProgramCost("tcp_probe", 3000, 130.0)], 1.0)] * 3,
@@ -146,3 +146,6 @@ def test_the_document_gives_every_interval_to_the_decimal_its_verdict_turns_on()
     assert "| connect/accept/close loop slowdown | 3.5% (95% CI 1.5 to 5.4%) | < 5% |" in rendered
     assert "1.000 of without (95% CI 1.000-1.000)" in rendered   # three decimals, not two
     assert "## 3. Scrape cost" in rendered and "| 100,000 | 10,000 | 3 |" in rendered
+    assert rendered.count("Written by `make bench` (`python -m benchmarks`);") == 1
+    results.long = True
+    assert "Written by `make bench-long` (`python -m benchmarks --long`" in markdown(results)
