@@ -2,6 +2,7 @@
 
 import ipaddress
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_side_by_side_difference_cancels_the_order_in_each_pair():
     assert "-5 (-5 to -5), 1 pair" in row and "-10 (-10 to -10), 1 pair" in row
 
 
-def test_the_connection_loop_builds_and_a_broken_one_says_what_the_compiler_said(tmp_path):
+def test_the_connection_loop_builds_and_a_broken_one_says_what_the_compiler_said(
+        tmp_path: Path) -> None:
     build_loop(str(tmp_path / "loop"))
     usage = subprocess.run([str(tmp_path / "loop")], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: connection_loop SECONDS" in usage.stderr
