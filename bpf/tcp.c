@@ -685,7 +685,9 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
     return 0;
 }
 
-#ifdef WITH_SOCK_FIELDS
+/* NO_RTT_IN_FLIGHT (tcp.rtt_sample_interval: off): no tcp_probe at all, so a received segment
+ * costs nothing here; the RTT is then sampled at close only. */
+#if defined(WITH_SOCK_FIELDS) && !defined(NO_RTT_IN_FLIGHT)
 /* The sockets a CPU's tcp_probe looked at last, each with the end of the window it was looked
  * at in: under bulk traffic a CPU's segments are mostly those of one or two sockets (a
  * transfer's data and its ACKs), and a socket already looked at in its window needs no second

@@ -92,6 +92,8 @@ def tcp_program_flags(config: Config) -> list[str]:
                     "ebpf_net_tcp_rtt_seconds (the other TCP metrics are unaffected)",
                     extra={"error": str(e)})
     else:
+        if not config.tcp.rtt_sample_interval:
+            flags.append(sockfields.CLOSE_ONLY_FLAG)
         if bpfsys.has_atomics():
             flags += ["-DWITH_SOCKET_MARKS",
                       f"-DMARK_GROUPS={mark_groups(config.maps.tcp_socket_capacity)}"]
@@ -223,7 +225,9 @@ class Exporter:
                                    "(Linux >= 6.3): turn it off")
             flags = tcp_program_flags(config)
             tcp = self._program("tcp", "tcp.c", flags)
-            if sockfields.ENABLED_FLAG in flags:
+            if sockfields.CLOSE_ONLY_FLAG in flags:
+                log.info("RTT sampled at close only (tcp.rtt_sample_interval: off)")
+            elif sockfields.ENABLED_FLAG in flags:
                 try:
                     sockfields.start_rtt_sampling(tcp, config.tcp.rtt_sample_interval)
                 except jiffies.JiffiesError as e:

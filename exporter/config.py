@@ -90,6 +90,21 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def parse_interval_or_off(value: Any) -> float:
+    """A duration, or 0.0 for off: `off` (which YAML also reads as false), `false` or 0."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false")):
+        return 0.0
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0) or (
+            isinstance(value, str) and value.strip() == "0"):
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ConfigError as e:
+        if "at most" in str(e):
+            raise
+        raise _fail("a duration like 1s or 500ms, or off", value) from None
+
+
 def parse_listen_address(value: Any) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise _fail("[host]:port such as :9814 or 127.0.0.1:9814", value)
@@ -352,7 +367,7 @@ class MapsConfig:
 
 @dataclass(frozen=True)
 class TcpConfig:
-    rtt_sample_interval: float = _spec(parse_duration)
+    rtt_sample_interval: float = _spec(parse_interval_or_off)   # 0.0: off
     process_label: bool = _spec(parse_bool)
 
 

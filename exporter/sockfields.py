@@ -17,6 +17,7 @@ log = logs.get("tcp")
 
 # the -D flag that turns on the programs' socket reads (bpf/tcp.c)
 ENABLED_FLAG = "-DWITH_SOCK_FIELDS"
+CLOSE_ONLY_FLAG = "-DNO_RTT_IN_FLIGHT"   # tcp.rtt_sample_interval: off (bpf/tcp.c: no tcp_probe)
 # flag: (struct, member path, bytes the program reads)
 FIELDS = {
     "SK_PROTOCOL": ("sock", "sk_protocol", 2),                   # a bitfield before 5.6

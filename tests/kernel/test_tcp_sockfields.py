@@ -71,6 +71,58 @@ def test_a_connection_older_than_the_exporter_is_sampled_in_flight_and_at_close(
         server.close()
 
 
+def _raw_tracepoints(pid: int) -> set[str]:
+    """The raw tracepoints the process holds links to (`tp_name` in their fds' fdinfo)."""
+    names = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:         # an fd closed meanwhile
+            continue
+        names.update(line.split(":", 1)[1].strip() for line in text.splitlines()
+                     if line.startswith("tp_name:"))
+    return names
+
+
+def test_with_rtt_sampling_off_only_the_close_is_sampled_and_tcp_probe_is_not_attached(
+        node: TestNode):
+    """tcp.rtt_sample_interval: off leaves tcp_probe out of the program: a connection that
+    exchanges segments for half a second gets no in-flight sample, and one sample per socket
+    at its close, read from the socket as before."""
+    port = 7408
+    exporter = ExporterProcess(node, config={"tcp": {"rtt_sample_interval": "off"}})
+    server, clients, accepted = None, [], []
+    try:
+        exporter.wait_ready()
+        attached = _raw_tracepoints(exporter.proc.pid)
+        assert "inet_sock_set_state" in attached and "tcp_probe" not in attached, attached
+        server, clients, accepted = _held_connections(node, port, 1)
+        labels = pair(node, port)
+        for _ in range(50):
+            clients[0].sendall(b"p")
+            assert accepted[0].recv(1) == b"p"
+            accepted[0].sendall(b"q")
+            assert clients[0].recv(1) == b"q"
+            time.sleep(0.01)
+        scrape = exporter.wait_for(
+            lambda s: s.value("ebpf_net_tcp_connections_opened_total", **labels) >= 2,
+            "both opens")
+        assert scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels) == 0
+        for sock in clients + accepted:
+            sock.close()
+        scrape = exporter.wait_for(
+            lambda s: s.value("ebpf_net_tcp_connections_closed_total", **labels) >= 2,
+            "both closes")
+        assert scrape.value("ebpf_net_tcp_rtt_seconds_count", **labels) == 2
+        assert 2e-6 < scrape.value("ebpf_net_tcp_rtt_seconds_sum", **labels) / 2 < 0.02
+    finally:
+        exporter.stop()
+        for sock in clients + accepted:
+            sock.close()
+        if server:
+            server.close()
+
+
 def _map_entries(pid: int, name: str) -> list[tuple[bytes, bytes]]:
     """The (key, value) pairs of the process's BPF map `name`; for a per-CPU map, the first
     CPU's value."""

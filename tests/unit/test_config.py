@@ -120,6 +120,21 @@ def test_durations():
             config.parse_duration(bad)
 
 
+def test_the_rtt_sample_interval_can_be_off_from_the_file_the_environment_or_a_flag(tmp_path):
+    # YAML reads a bare off as false; quoted, it is the string
+    for text in ("tcp:\n  rtt_sample_interval: off\n", "tcp:\n  rtt_sample_interval: 'off'\n",
+                 "tcp:\n  rtt_sample_interval: 0\n"):
+        assert load(tmp_path, text).tcp.rtt_sample_interval == 0.0, text
+    assert load(env={"EBPF_NET_TCP_RTT_SAMPLE_INTERVAL": "off"}).tcp.rtt_sample_interval == 0.0
+    assert load(flags={"tcp.rtt_sample_interval": "0"}).tcp.rtt_sample_interval == 0.0
+    assert load(tmp_path, "tcp:\n  rtt_sample_interval: 250ms\n").tcp.rtt_sample_interval == 0.25
+    with pytest.raises(ConfigError, match=r"tcp\.rtt_sample_interval.*a duration like 1s or "
+                                          r"500ms, or off, got 'sometimes'"):
+        load(tmp_path, "tcp:\n  rtt_sample_interval: sometimes\n")
+    with pytest.raises(ConfigError, match="at most a year"):
+        load(tmp_path, "tcp:\n  rtt_sample_interval: 9000h\n")
+
+
 def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
                           text=True, env=env, timeout=60)

@@ -112,6 +112,18 @@ def test_a_kernel_without_bpf_atomics_keeps_every_socket_in_the_map(
     assert not [f for f in flags if "MARK" in f]
 
 
+def test_rtt_sampling_off_leaves_tcp_probe_out_and_keeps_the_socket_fields(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
+    monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
+    monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
+    monkeypatch.setattr(bpfsys, "has_atomics", lambda: True)
+    assert sockfields.CLOSE_ONLY_FLAG not in _tcp_flags(monkeypatch, tmp_path / "on", "1s")
+    flags = _tcp_flags(monkeypatch, tmp_path / "off", "off")
+    assert sockfields.CLOSE_ONLY_FLAG in flags
+    assert sockfields.ENABLED_FLAG in flags     # the RTT at close still reads the socket
+
+
 def test_socket_marks_are_twice_the_sockets_in_groups_of_four_within_a_bound():
     assert [app.mark_groups(c) for c in (1, 2, 3, 8, 9, 131072, 131073)] == [
         1, 1, 2, 4, 8, 65536, 131072]
