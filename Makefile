@@ -52,7 +52,7 @@ bench:
 	$(SUDO) $(PYTHON) -m benchmarks --out docs/benchmarks.md
 
 # the same with the pairs that the throughput and connection-loop verdicts need on a machine
-# as noisy as ours (about 26 minutes)
+# as noisy as ours (about 20 minutes)
 bench-long:
 	$(SUDO) $(PYTHON) -m benchmarks --long --out docs/benchmarks-long.md
 

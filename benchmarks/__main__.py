@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: few rounds, short runs, small flow counts")
     parser.add_argument("--long", action="store_true",
-                        help="about 26 minutes: the pairs of part 2 and 5 that their verdicts "
+                        help="about 20 minutes: the pairs of part 2 and 5 that their verdicts "
                              "need at this machine's noise")
     parser.add_argument("--out", type=Path, help="write the results document here")
     args = parser.parse_args(argv)
