@@ -76,33 +76,33 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 MAX_DURATION = 366 * 24 * 3600.0
 
 
-def parse_duration(value: Any) -> float:
-    """Seconds from a number of seconds or a string like 250ms, 30s, 5m, 1h."""
+def _seconds(value: Any, expected: str) -> float:
+    """Seconds from a positive number or a string like 250ms, 30s, 5m, 1h, at most a year;
+    `expected` says what was wanted when the value is neither."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         seconds = float(value)
     else:
         match = _DURATION.match(value.strip()) if isinstance(value, str) else None
         if not match or float(match.group(1)) <= 0:
-            raise _fail("a duration like 30s, 5m or 1h", value)
+            raise _fail(expected, value)
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if not seconds <= MAX_DURATION:
         raise _fail("a duration of at most a year", value)
     return seconds
 
 
+def parse_duration(value: Any) -> float:
+    """Seconds from a number of seconds or a string like 250ms, 30s, 5m, 1h."""
+    return _seconds(value, "a duration like 30s, 5m or 1h")
+
+
 def parse_interval_or_off(value: Any) -> float:
     """A duration, or 0.0 for off: `off` (which YAML also reads as false), `false` or 0."""
-    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false")):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is False or (is_number and value == 0) or (
+            isinstance(value, str) and value.strip().lower() in ("off", "false", "0")):
         return 0.0
-    if (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0) or (
-            isinstance(value, str) and value.strip() == "0"):
-        return 0.0
-    try:
-        return parse_duration(value)
-    except ConfigError as e:
-        if "at most" in str(e):
-            raise
-        raise _fail("a duration like 1s or 500ms, or off", value) from None
+    return _seconds(value, "a duration like 1s or 500ms, or off")
 
 
 def parse_listen_address(value: Any) -> str:
