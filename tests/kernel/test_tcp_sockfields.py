@@ -23,6 +23,24 @@ from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections
 pytestmark = pytest.mark.kernel
 
 
+def _ping_pong(client: socket.socket, server: socket.socket, rounds: int) -> None:
+    """A byte each way per round, 10 ms apart: both sockets receive for rounds * 10 ms."""
+    for _ in range(rounds):
+        client.sendall(b"p")
+        assert server.recv(1) == b"p"
+        server.sendall(b"q")
+        assert client.recv(1) == b"q"
+        time.sleep(0.01)      # spreads the segments over windows of the sampling interval
+
+
+def _close(server: socket.socket | None, clients: list[socket.socket],
+           accepted: list[socket.socket]) -> None:
+    for sock in clients + accepted:
+        sock.close()
+    if server:
+        server.close()
+
+
 def test_a_connection_older_than_the_exporter_is_sampled_in_flight_and_at_close(node: TestNode):
     """A socket the exporter never saw open is found by its first segment after start-up (its
     endpoints read from the socket itself), sampled once per window while it receives, and once
@@ -38,16 +56,8 @@ def test_a_connection_older_than_the_exporter_is_sampled_in_flight_and_at_close(
     try:
         exporter.wait_ready()
 
-        def ping_pong(rounds: int) -> None:
-            for _ in range(rounds):
-                client.sendall(b"p")
-                assert accepted.recv(1) == b"p"
-                accepted.sendall(b"q")
-                assert client.recv(1) == b"q"
-                time.sleep(0.01)      # spreads the segments over windows of 50 ms
-
         # both sockets receive for about 0.5 s: several windows each, after the first
-        ping_pong(50)
+        _ping_pong(client, accepted, 50)
         in_flight = exporter.wait_for(
             lambda s: s.value("ebpf_net_tcp_rtt_seconds_count", **labels) >= 4,
             "in-flight RTT samples of both sockets").value("ebpf_net_tcp_rtt_seconds_count",
@@ -98,12 +108,7 @@ def test_with_rtt_sampling_off_only_the_close_is_sampled_and_tcp_probe_is_not_at
         assert "inet_sock_set_state" in attached and "tcp_probe" not in attached, attached
         server, clients, accepted = _held_connections(node, port, 1)
         labels = pair(node, port)
-        for _ in range(50):
-            clients[0].sendall(b"p")
-            assert accepted[0].recv(1) == b"p"
-            accepted[0].sendall(b"q")
-            assert clients[0].recv(1) == b"q"
-            time.sleep(0.01)
+        _ping_pong(clients[0], accepted[0], 50)   # about 0.5 s
         scrape = exporter.wait_for(
             lambda s: s.value("ebpf_net_tcp_connections_opened_total", **labels) >= 2,
             "both opens")
@@ -117,10 +122,7 @@ def test_with_rtt_sampling_off_only_the_close_is_sampled_and_tcp_probe_is_not_at
         assert 2e-6 < scrape.value("ebpf_net_tcp_rtt_seconds_sum", **labels) / 2 < 0.02
     finally:
         exporter.stop()
-        for sock in clients + accepted:
-            sock.close()
-        if server:
-            server.close()
+        _close(server, clients, accepted)
 
 
 def _map_entries(pid: int, name: str) -> list[tuple[bytes, bytes]]:
@@ -161,12 +163,7 @@ def test_a_connection_sampled_in_flight_is_opened_and_closed_once_on_each_side(n
         exporter.wait_ready()
         server, clients, accepted = _held_connections(node, port, 1)
         labels = pair(node, port)
-        for _ in range(50):                 # about 0.5 s: several windows of 50 ms
-            clients[0].sendall(b"p")
-            assert accepted[0].recv(1) == b"p"
-            accepted[0].sendall(b"q")
-            assert clients[0].recv(1) == b"q"
-            time.sleep(0.01)
+        _ping_pong(clients[0], accepted[0], 50)   # about 0.5 s: windows of 50 ms
         in_flight = exporter.wait_for(
             lambda s: s.value("ebpf_net_tcp_rtt_seconds_count", **labels) >= 2,
             "in-flight RTT samples").value("ebpf_net_tcp_rtt_seconds_count", **labels)
@@ -191,10 +188,7 @@ def test_a_connection_sampled_in_flight_is_opened_and_closed_once_on_each_side(n
         assert _socket_entries_with_port(exporter.proc.pid, port) == 0
     finally:
         exporter.stop()
-        for sock in clients + accepted:
-            sock.close()
-        if server:
-            server.close()
+        _close(server, clients, accepted)
 
 
 def test_sockets_past_the_marks_go_to_the_socket_map_and_past_it_are_failures(node: TestNode):
@@ -213,9 +207,7 @@ def test_sockets_past_the_marks_go_to_the_socket_map_and_past_it_are_failures(no
             failures_before = scrape.value("ebpf_net_exporter_bpf_map_update_failures_total",
                                            map="tcp_sockets")
             server, clients, accepted = _held_connections(node, port, count)
-            for sock in clients + accepted:
-                sock.close()
-            server.close()
+            _close(server, clients, accepted)
             labels = pair(node, port)
             scrape = exporter.wait_for(
                 lambda s, labels=labels, before=failures_before:

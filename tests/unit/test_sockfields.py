@@ -88,11 +88,17 @@ def _tcp_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval: str) -
     return app.tcp_program_flags(config.load(None, {}, {"tcp.rtt_sample_interval": interval}))
 
 
-def test_the_located_fields_are_compiled_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def _kernel_with_srtt(monkeypatch: pytest.MonkeyPatch, atomics: bool) -> None:
+    """A kernel whose BTF locates tcp_sock.srtt_us (at 16), whose socket head is 18 bytes,
+    and whose BPF has compare-and-swap or not."""
     monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
     monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
     monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
-    monkeypatch.setattr(bpfsys, "has_atomics", lambda: True)
+    monkeypatch.setattr(bpfsys, "has_atomics", lambda: atomics)
+
+
+def test_the_located_fields_are_compiled_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    _kernel_with_srtt(monkeypatch, atomics=True)
     flags = _tcp_flags(monkeypatch, tmp_path, "2s")
     start = flags.index(sockfields.ENABLED_FLAG)
     assert flags[start:start + 3] == [
@@ -103,10 +109,7 @@ def test_the_located_fields_are_compiled_in(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_a_kernel_without_bpf_atomics_keeps_every_socket_in_the_map(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
-    monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
-    monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
-    monkeypatch.setattr(bpfsys, "has_atomics", lambda: False)
+    _kernel_with_srtt(monkeypatch, atomics=False)
     flags = _tcp_flags(monkeypatch, tmp_path, "2s")
     assert sockfields.ENABLED_FLAG in flags
     assert not [f for f in flags if "MARK" in f]
@@ -114,10 +117,7 @@ def test_a_kernel_without_bpf_atomics_keeps_every_socket_in_the_map(
 
 def test_rtt_sampling_off_leaves_tcp_probe_out_and_keeps_the_socket_fields(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setattr(btf, "kernel_btf", lambda: btf.Btf(_btf_bytes()))
-    monkeypatch.setattr(sockfields, "FIELDS", {"TCP_SRTT_US": ("tcp_sock", "srtt_us", 4)})
-    monkeypatch.setattr(sockfields, "head_bytes", lambda located: 18)
-    monkeypatch.setattr(bpfsys, "has_atomics", lambda: True)
+    _kernel_with_srtt(monkeypatch, atomics=True)
     assert sockfields.CLOSE_ONLY_FLAG not in _tcp_flags(monkeypatch, tmp_path / "on", "1s")
     flags = _tcp_flags(monkeypatch, tmp_path / "off", "off")
     assert sockfields.CLOSE_ONLY_FLAG in flags
