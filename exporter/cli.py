@@ -9,7 +9,7 @@ import faulthandler
 import os
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -209,16 +209,18 @@ def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
     from .environment import EnvironmentProblem
 
     log = logs.get("main")
-    stop = threading.Event()
+    # What the handlers saw, in plain lists: a handler runs in the main thread between two of
+    # its bytecodes, so one that took a lock (Event.set, a log line) could deadlock against the
+    # main thread holding it (Event.wait holds its condition's lock around its own wait: a
+    # SIGTERM there hung a test's exporter for 30 s). The main loop acts on them.
+    stop_signals: list[int] = []
+    hangups: list[int] = []
 
     def on_signal(number: int, _frame: Any) -> None:
-        log.info("stopping", extra={"signal": signal.Signals(number).name})
-        stop.set()
+        stop_signals.append(number)
 
-    hangup = threading.Event()
-
-    def on_hangup(_number: int, _frame: Any) -> None:
-        hangup.set()        # reloaded in the main loop, not inside the signal handler
+    def on_hangup(number: int, _frame: Any) -> None:
+        hangups.append(number)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -230,10 +232,12 @@ def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
     exporter = Exporter(cfg, web)
     try:
         exporter.start()
-        while not stop.wait(0.2):
-            if hangup.is_set():
-                hangup.clear()
+        while not stop_signals:
+            time.sleep(0.2)     # a signal's handler runs within it; the sleep then goes on
+            if hangups:
+                hangups.clear()
                 reload(exporter, reread)
+        log.info("stopping", extra={"signal": signal.Signals(stop_signals[0]).name})
         return 0
     except (EnvironmentProblem, StartupError, LoadError, OSError) as e:
         log.error(str(e))
