@@ -7,8 +7,10 @@ run_cnt. A tail call jumps into the target program inside the same run: the time
 and parse_http is accounted to the classifier run that tail-called them, and their own run_cnt
 stays 0. The classifier's ns per run is therefore the whole per-packet cost.
 
-The floor (floor.c, a program that returns at once) is attached behind our filter on the same
-four hooks, so it runs on exactly the same packets in the same seconds."""
+The floor (floor.c, a program that returns at once) is attached behind our program on the same
+four hooks, the way the exporter attaches (a tcx link appended after ours on Linux >= 6.6, else a
+clsact filter of a later priority), so it runs on exactly the same packets in the same
+seconds."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ FLOOR_PRIORITY = 2          # after the exporter's filter (priority 1), which ne
 FLOOR_HANDLE = 0xBE0C
 BESIDE_FLOOR_PRIORITY = 3   # after the two exporters of compare --side-by-side (beside.py)
 HOOKS = (0xFFFFFFF2, 0xFFFFFFF3)     # clsact ingress, egress
+TCX_HOOKS = {0xFFFFFFF2: bpfsys.TCX_INGRESS, 0xFFFFFFF3: bpfsys.TCX_EGRESS}
 TC_PROGRAMS = ("classify_ingress", "classify_egress")
 
 _BPF_STATS_RUN_TIME = 0
@@ -90,6 +93,8 @@ class Floor:
         self.bpf = bcc.BPF(src_file=str(FLOOR_SOURCE).encode())
         self.function = self.bpf.load_func(FLOOR_FUNCTION.encode(), bcc.BPF.SCHED_CLS)
         self.prog_id = self._own_prog_id()
+        self.tcx = bpfsys.has_tcx(self.function.fd)     # as the exporter's interfaces.attach: auto
+        self._links: list[int] = []
 
     def _own_prog_id(self) -> int:
         with open(f"/proc/self/fdinfo/{self.function.fd}") as f:
@@ -111,6 +116,12 @@ class Floor:
 
     def attach(self) -> None:
         def add(ipr: IPRoute, index: int, parent: int) -> None:
+            if self.tcx:        # no flags: after every program already on the hook
+                # the interface index is looked up in the calling thread's network namespace
+                with in_netns(self.node.node_ns):
+                    self._links.append(bpfsys.tcx_link(self.function.fd, index,
+                                                       TCX_HOOKS[parent], flags=0))
+                return
             ipr.tc("add-filter", "bpf", index, handle=FLOOR_HANDLE, fd=self.function.fd,
                    name=FLOOR_FUNCTION, parent=parent, classid=1, direct_action=True,
                    prio=self.priority)
@@ -121,7 +132,10 @@ class Floor:
             with contextlib.suppress(Exception):
                 ipr.tc("del-filter", "bpf", index, handle=FLOOR_HANDLE, parent=parent,
                        prio=self.priority)
-        self._each_hook(delete)
+        while self._links:
+            os.close(self._links.pop())
+        if not self.tcx:
+            self._each_hook(delete)
 
     def close(self) -> None:
         self.bpf.cleanup()

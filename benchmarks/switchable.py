@@ -2,11 +2,12 @@
 `python switchable.py SOCKET python -m exporter ARGS...` (the `prefix` of an ExporterProcess),
 and `Switch(SOCKET)` on the benchmark's side.
 
-"off" takes every program of the exporter off the kernel's paths: its TC filters (deleted from
-the interfaces it attached) and its tracepoints and raw tracepoints (closed, as bcc's detach
-does); "on" attaches the same loaded programs again, with the same priority, handle and name.
-The clsact qdiscs stay: with no filter left on one, the kernel's hook finds no classifier to
-run (its mini-qdisc pointer is empty) and the packet goes on: a check, not a program run.
+"off" takes every program of the exporter off the kernel's paths: its tcx links (closed) or
+TC filters (deleted from the interfaces it attached), and its tracepoints and raw tracepoints
+(closed, as bcc's detach does); "on" attaches the same loaded programs again, with new links or
+filters of the same priority, handle and name. With clsact, the qdiscs stay: with no filter
+left on one, the kernel's hook finds no classifier to run (its mini-qdisc pointer is empty) and
+the packet goes on: a check, not a program run.
 Maps, threads and counts stay as they are, so a workload run with the exporter switched off
 and one with it on, a second apart, differ by the programs' cost alone, without the minutes of
 start-ups (and the host's slowdown after each compile, benchmarks/startup.py) that a fresh
@@ -63,6 +64,7 @@ class _Attachments:
     tracepoints: dict[tuple[int, str, bytes], tuple[Any, bytes]] = field(default_factory=dict)
     tc_fds: dict[int, int] = field(default_factory=dict)     # parent -> program fd
     tc_filter: dict[str, Any] = field(default_factory=dict)  # priority, handle, name
+    tcx: list[Any] = field(default_factory=list)             # the exporter's TcxAttachers
     monitors: list[Any] = field(default_factory=list)
     on: bool = True
 
@@ -70,7 +72,7 @@ class _Attachments:
 def _record(attachments: _Attachments) -> None:
     import bcc
 
-    from exporter import interfaces
+    from exporter import interfaces, tcx
 
     def recording(kind: str, original: Any) -> Any:
         def attach(bpf: Any, tp: Any = b"", fn_name: Any = b"") -> Any:
@@ -84,6 +86,7 @@ def _record(attachments: _Attachments) -> None:
     bcc.BPF.attach_raw_tracepoint = recording("raw", bcc.BPF.attach_raw_tracepoint)
 
     attacher_init = interfaces.TcAttacher.__init__
+    tcx_init = tcx.TcxAttacher.__init__
     monitor_init = interfaces.InterfaceMonitor.__init__
 
     def attacher(self: Any, ingress_fd: int, egress_fd: int, *args: Any, **kwargs: Any) -> None:
@@ -91,11 +94,16 @@ def _record(attachments: _Attachments) -> None:
         attachments.tc_fds = {interfaces.INGRESS: ingress_fd, interfaces.EGRESS: egress_fd}
         attachments.tc_filter = {"prio": self.priority, "handle": self.handle, "name": self.name}
 
+    def tcx_attacher(self: Any, *args: Any, **kwargs: Any) -> None:
+        tcx_init(self, *args, **kwargs)
+        attachments.tcx.append(self)
+
     def monitor(self: Any, *args: Any, **kwargs: Any) -> None:
         monitor_init(self, *args, **kwargs)
         attachments.monitors.append(self)
 
     interfaces.TcAttacher.__init__ = attacher
+    tcx.TcxAttacher.__init__ = tcx_attacher
     interfaces.InterfaceMonitor.__init__ = monitor
 
 
@@ -115,8 +123,15 @@ def _switch(attachments: _Attachments, on: bool) -> int:
         else:
             bpf.detach_raw_tracepoint(tp)
         changed += 1
+    links = [link for m in attachments.monitors for link in list(m.attached.values())]
+    if attachments.tcx:     # the TcAttacher inside a TcxAttacher removes old filters only
+        for attacher in attachments.tcx:
+            for link in links:
+                (attacher.link_programs if on else attacher.unlink_programs)(link)
+                changed += 2
+        attachments.on = on
+        return changed
     with IPRoute() as ipr:
-        links = [link for m in attachments.monitors for link in list(m.attached.values())]
         for link in links:
             for parent, fd in attachments.tc_fds.items():
                 if on:

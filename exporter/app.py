@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +37,12 @@ from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
-from .interfaces import InterfaceMonitor, NameFilter, TcAttacher
+from .interfaces import Attacher, InterfaceMonitor, NameFilter, TcAttacher
 from .loader import LoadError, Program
 from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
+from .tcx import TcxAttacher
 from .webconfig import WebConfig
 
 if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
@@ -67,6 +69,21 @@ def _value(config: Config, path: str) -> Any:
 
 class StartupError(Exception):
     """The exporter cannot start; the message is the one line the user sees."""
+
+
+def _attacher(mode: str, ingress_fd: int, egress_fd: int) -> Callable[[], Attacher]:
+    """How the classifier goes onto interfaces (interfaces.attach): tcx links where the kernel
+    has them (auto, tcx), else clsact filters."""
+    tcx = bpfsys.has_tcx(ingress_fd)
+    if mode == "tcx" and not tcx:
+        raise StartupError(f"interfaces.attach: tcx needs Linux 6.6 or newer (this kernel is "
+                           f"{platform.release()}); use auto or clsact")
+    if mode == "clsact" or not tcx:
+        log.info("attaching with clsact filters", extra={
+            "reason": "interfaces.attach: clsact" if tcx else "no tcx before Linux 6.6"})
+        return lambda: TcAttacher(ingress_fd, egress_fd)
+    log.info("attaching with tcx links")
+    return lambda: TcxAttacher(ingress_fd, egress_fd)
 
 
 def _missing_tracepoints(names: tuple[str, ...]) -> list[str]:
@@ -267,7 +284,7 @@ class Exporter:
                 collectors.append(http)
                 self.sweeping.append(http)
             self.monitor = classifier.interface_monitor(
-                program, config, lambda: TcAttacher(ingress.fd, egress.fd))
+                program, config, _attacher(config.interfaces.attach, ingress.fd, egress.fd))
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))

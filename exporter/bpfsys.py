@@ -1,17 +1,23 @@
 """The bpf(2) system call for the few commands bcc's Python bindings do not wrap
-(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS), and a probe of the kernel's BPF atomics."""
+(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx), and probes of the kernel's BPF
+atomics and tcx links."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 
 SYSCALL_NUMBER = {"x86_64": 321, "aarch64": 280}
 PROG_LOAD = 5
 PROG_TEST_RUN = 10
+LINK_CREATE = 28
 ENABLE_STATS = 32
 PROG_TYPE_SOCKET_FILTER = 1
+TCX_INGRESS = 46            # enum bpf_attach_type, Linux >= 6.6
+TCX_EGRESS = 47
+F_BEFORE = 1 << 3           # BPF_F_BEFORE: with no relative program, first of all
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -48,6 +54,34 @@ def test_run(prog_fd: int, frame_bytes: int = 64) -> int:
                        data_in=ctypes.addressof(frame), data_out=ctypes.addressof(out), repeat=1)
     bpf(PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return int(attr.retval)
+
+
+class TcxLinkAttr(ctypes.Structure):
+    """union bpf_attr, as BPF_LINK_CREATE reads it for a tcx link (include/uapi/linux/bpf.h)."""
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("relative_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("expected_revision", ctypes.c_uint64)]
+
+
+def tcx_link(prog_fd: int, ifindex: int, attach_type: int, flags: int = F_BEFORE) -> int:
+    """A tcx link of a TC program on an interface's ingress or egress: the file descriptor that
+    holds it (the program runs until it is closed, or the interface goes away). The kernel
+    looks `ifindex` up in the calling thread's network namespace."""
+    attr = TcxLinkAttr(prog_fd=prog_fd, target_ifindex=ifindex, attach_type=attach_type,
+                       flags=flags)
+    return bpf(LINK_CREATE, attr, "BPF_LINK_CREATE")
+
+
+def has_tcx(prog_fd: int) -> bool:
+    """Whether the kernel attaches TC programs with tcx links (Linux >= 6.6). Asked with a TC
+    program and interface index 0, which no interface has: a kernel with tcx looks for the
+    interface (ENODEV), one without rejects the attach type itself (EINVAL)."""
+    try:
+        os.close(tcx_link(prog_fd, 0, TCX_INGRESS))     # cannot happen; never keep it
+    except OSError as e:
+        return e.errno in (errno.ENODEV, errno.ENXIO)
+    return True
 
 
 class Insn(ctypes.Structure):

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import Config
 from .iface_slots import InterfaceSlots
-from .interfaces import InterfaceMonitor, Link, NameFilter, TcAttacher
+from .interfaces import Attacher, InterfaceMonitor, Link, NameFilter
 from .loader import Program
 from .maps import CounterArray
 from .selfmetrics import KernelStats
@@ -103,7 +103,7 @@ class _KernelInterfaceMaps:
 
 
 def interface_monitor(program: Program, config: Config,
-                      make_attacher: Callable[[], TcAttacher]) -> InterfaceMonitor:
+                      make_attacher: Callable[[], Attacher]) -> InterfaceMonitor:
     """A monitor of the configured interfaces that tells `program` (its iface_slots and
     monitored_ifaces maps) about each interface before attaching it, and forgets it after
     detaching."""

@@ -55,6 +55,7 @@ FLAG_FIELDS = {
     "web_listen_address": ("web.listen_address", "--web.listen-address"),
     "web_telemetry_path": ("web.telemetry_path", "--web.telemetry-path"),
     "interfaces": ("interfaces.include", "--interfaces"),
+    "interfaces_attach": ("interfaces.attach", "--interfaces.attach"),
     "log_level": ("log.level", "--log.level"),
     "log_format": ("log.format", "--log.format"),
     "series_max": ("series.max_per_metric", "--series.max-per-metric"),
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interfaces", metavar="REGEX",
                         help="attach to interfaces whose name fully matches REGEX "
                              "(replaces interfaces.include; interfaces.exclude still applies)")
+    parser.add_argument("--interfaces.attach", dest="interfaces_attach", metavar="MODE",
+                        help="auto (tcx links on Linux >= 6.6, else clsact), tcx or clsact")
     parser.add_argument("--log.level", dest="log_level", metavar="LEVEL",
                         help="debug, info, warning or error")
     parser.add_argument("--log.format", dest="log_format", metavar="FORMAT",

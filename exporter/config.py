@@ -24,6 +24,7 @@ ENDPOINT_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "
 KUBERNETES_MODES = ("auto", "true", "false")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
+ATTACH_MODES = ("auto", "tcx", "clsact")
 
 
 class ConfigError(Exception):
@@ -308,6 +309,7 @@ class WebConfig:
 class InterfacesConfig:
     include: tuple[str, ...] = _spec(list_of(parse_regex))
     exclude: tuple[str, ...] = _spec(list_of(parse_regex))
+    attach: str = _spec(one_of(*ATTACH_MODES))
 
 
 @dataclass(frozen=True)

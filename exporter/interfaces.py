@@ -6,12 +6,15 @@
   ipvlan devices on a monitored link.
 - When: at start, on every netlink link event (a new pod's veth is attached within a few
   hundred milliseconds), and by a full resync every RESYNC_SECONDS in case an event was lost.
-- How: a clsact qdisc (created only if absent) with one cls_bpf filter per hook, at a fixed
-  priority and handle and named FILTER_NAME, written with `replace` so a filter left by a killed
-  earlier run is replaced, never doubled. The qdiscs this exporter created are recorded in a
-  state file under /run, so after a crash the next run still knows they are its own.
-- Leaving: our filters are removed; a clsact qdisc is removed only if this exporter created it
-  and no other filter sits on it. Qdiscs and filters of others are never touched."""
+- How: on Linux >= 6.6, a tcx link per hook (exporter/tcx.py). Else (or with
+  `interfaces.attach: clsact`) a clsact qdisc (created only if absent) with one cls_bpf filter
+  per hook, at a fixed priority and handle and named FILTER_NAME, written with `replace` so a
+  filter left by a killed earlier run is replaced, never doubled. The qdiscs this exporter
+  created are recorded in a state file under /run, so after a crash the next run still knows
+  they are its own.
+- Leaving: our links are closed, our filters removed; a clsact qdisc is removed only if this
+  exporter created it and no other filter sits on it. Qdiscs and filters of others are never
+  touched."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -138,6 +141,21 @@ class QdiscOwnership:
         tmp.replace(self.path)
 
 
+class Attacher(Protocol):
+    """What the interface monitor needs of a way to attach: TcAttacher or tcx.TcxAttacher.
+    attach and detach raise NetlinkError or OSError; ENODEV when the interface is gone."""
+
+    def attach(self, link: Link) -> None: ...
+    def detach(self, link: Link) -> None: ...
+    def links(self) -> list[Link]: ...
+    def close(self) -> None: ...
+
+
+def error_code(error: NetlinkError | OSError) -> int | None:
+    """The errno of a failed attach, whichever way it went (netlink or a system call)."""
+    return error.code if isinstance(error, NetlinkError) else error.errno
+
+
 class TcAttacher:
     """Adds and removes our filters on the links of the current network namespace. The live
     view attaches its own filters beside the exporter's with another priority, handle, name and
@@ -237,7 +255,7 @@ class InterfaceMonitor:
     threads): it does the first reconcile, follows link events, resyncs, and detaches on stop.
     start() and stop() wait for it."""
 
-    def __init__(self, names: NameFilter, make_attacher: Callable[[], TcAttacher],
+    def __init__(self, names: NameFilter, make_attacher: Callable[[], Attacher],
                  on_attach: Callable[[Link], None], on_detach: Callable[[Link], None]) -> None:
         self.names = names
         self._make_attacher = make_attacher
@@ -282,7 +300,7 @@ class InterfaceMonitor:
             events.close()
             attacher.close()
 
-    def _reconcile(self, attacher: TcAttacher) -> None:
+    def _reconcile(self, attacher: Attacher) -> None:
         wanted, skipped = select_links(attacher.links(), self.names)
         for reason in skipped:
             if reason not in self._skipped_logged:
@@ -303,7 +321,7 @@ class InterfaceMonitor:
         elif self.attached:
             self._warned_empty = False
 
-    def _attach(self, attacher: TcAttacher, link: Link) -> None:
+    def _attach(self, attacher: Attacher, link: Link) -> None:
         try:
             self._on_attach(link)       # the program must know the interface before packets
         except Exception as e:          # the program's interface map is full
@@ -314,19 +332,19 @@ class InterfaceMonitor:
             return
         try:
             attacher.attach(link)
-        except NetlinkError as e:
+        except (NetlinkError, OSError) as e:
             self._on_detach(link)
-            if e.code != 19:            # ENODEV: it went away meanwhile
+            if error_code(e) != errno.ENODEV:   # it went away meanwhile
                 log.warning("could not attach", extra={"interface": link.name,
                                                        "error": str(e)})
             return
         self.attached[link.index] = link
         log.info("attached", extra={"interface": link.name, "ifindex": link.index})
 
-    def _detach(self, attacher: TcAttacher, link: Link) -> None:
+    def _detach(self, attacher: Attacher, link: Link) -> None:
         try:
             attacher.detach(link)
-        except NetlinkError as e:
+        except (NetlinkError, OSError) as e:
             log.warning("could not detach", extra={"interface": link.name, "error": str(e)})
         self._on_detach(link)
         self.attached.pop(link.index, None)
@@ -339,7 +357,7 @@ class InterfaceMonitor:
         self._warned_empty = False
         os.write(self._wake_write, b"r")
 
-    def _watch(self, events: socket.socket, attacher: TcAttacher) -> None:
+    def _watch(self, events: socket.socket, attacher: Attacher) -> None:
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([events, self._wake_read], [], [], RESYNC_SECONDS)

@@ -27,7 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.testnode import TestNode, in_netns
+from tests.testnode import NETNS_DIR, TestNode, in_netns
 
 REPO = Path(__file__).resolve().parent.parent
 EXPORTER = [sys.executable, "-m", "exporter"]
@@ -179,14 +179,71 @@ class ExporterProcess:
         self.stop()
 
 
+TCX_HOOKS = {46: "ingress", 47: "egress"}    # BPF_TCX_INGRESS, BPF_TCX_EGRESS
+
+
+def _netns_pids(ns: str) -> list[int]:
+    """The processes whose network namespace is /run/netns/<ns>."""
+    target = os.stat(f"{NETNS_DIR}/{ns}")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdecimal():
+            continue
+        try:
+            held = os.stat(entry / "ns" / "net")
+        except OSError:
+            continue            # gone meanwhile
+        if (held.st_dev, held.st_ino) == (target.st_dev, target.st_ino):
+            pids.append(int(entry.name))
+    return pids
+
+
+def tcx_links(pid: int) -> list[tuple[int, str, int]]:
+    """(ifindex, hook, link id) of each tcx link the process holds, from its fds' fdinfo."""
+    links = []
+    try:
+        infos = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+    except OSError:
+        return []               # the process is gone, and its links with it
+    for info in infos:
+        try:
+            text = info.read_text()
+        except OSError:
+            continue            # closed meanwhile
+        fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+        if fields.get("link_type") == "tcx":
+            hook = TCX_HOOKS[int(fields["attach_type"].split()[0])]
+            links.append((int(fields["ifindex"]), hook, int(fields["link_id"])))
+    return links
+
+
+def ifindex(node: TestNode, device: str) -> int:
+    out = node.run(node.node_ns, ["ip", "-j", "link", "show", "dev", device]).stdout
+    return int(json.loads(out)[0]["ifindex"])
+
+
 def filters_on(node: TestNode, devices: Iterable[str]) -> dict[str, int]:
-    """Our cls_bpf filters per device and hook, e.g. {"xva ingress": 1, ...}."""
+    """Our cls_bpf filters per device and hook (interfaces.attach: clsact, or left by one)."""
     counts = {}
     for device in devices:
         for hook in ("ingress", "egress"):
             out = node.run(node.node_ns, ["tc", "filter", "show", "dev", device, hook],
                            check=False).stdout
             counts[f"{device} {hook}"] = out.count("ebpf_net_exporter")
+    return counts
+
+
+def attachments_on(node: TestNode, devices: Iterable[str]) -> dict[str, int]:
+    """Our classifier's attachments per device and hook, e.g. {"xva ingress": 1, ...}: cls_bpf
+    filters named ebpf_net_exporter, and tcx links held by processes of the node namespace."""
+    devices = list(devices)
+    counts = filters_on(node, devices)
+    links = [link for pid in _netns_pids(node.node_ns) for link in tcx_links(pid)]
+    for device in devices:
+        index = ifindex(node, device)
+        for link_index, hook, _ in links:
+            if link_index == index:
+                counts[f"{device} {hook}"] += 1
     return counts
 
 

@@ -26,7 +26,7 @@ from exporter.config import default_document
 from tests import exporter_process
 from tests.conftest import skip_or_fail
 from tests.deploytools import REPO
-from tests.exporter_process import ExporterProcess, filters_on
+from tests.exporter_process import ExporterProcess, attachments_on
 from tests.testnode import TestNode, tcp_transfer
 
 CONTAINERFILE = REPO / "deploy/Containerfile"
@@ -190,6 +190,6 @@ def test_the_image_exporter_counts_a_test_node_flow(image_container: str,
         os.kill(exporter_pid(exporter.proc.pid), signal.SIGTERM)
         assert exporter.proc.wait(timeout=60) == 0, exporter.log()
         assert "detached from every interface" in exporter.log()
-        assert filters_on(node, [node.veth_a, node.veth_b]) == {
+        assert attachments_on(node, [node.veth_a, node.veth_b]) == {
             f"{veth} {hook}": 0 for veth in (node.veth_a, node.veth_b)
             for hook in ("ingress", "egress")}

@@ -14,7 +14,7 @@ from benchmarks import compare, connections, interleaved, kernel_cost, startup
 from benchmarks.sprayer import DISCARD_PORT, Sprayer
 from benchmarks.streams import STREAMS
 from benchmarks.switchable import Switch
-from tests.exporter_process import REPO, ExporterProcess, Scrape, filters_on
+from tests.exporter_process import REPO, ExporterProcess, Scrape, attachments_on
 from tests.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
@@ -112,10 +112,10 @@ def test_switched_off_the_programs_see_nothing_and_switched_on_all_again():
             switch = Switch(path)
             try:
                 off = switch.set(False)
-                assert set(filters_on(node, veths).values()) == {0}
+                assert set(attachments_on(node, veths).values()) == {0}
                 node.tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7401, 1 << 16)
                 on = switch.set(True)
-                assert set(filters_on(node, veths).values()) == {1}
+                assert set(attachments_on(node, veths).values()) == {1}
                 node.tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7402, 1 << 16)
                 # four filters and at least inet_sock_set_state, tcp_probe and the resets
                 assert on == off >= 4 + 4

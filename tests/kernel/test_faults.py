@@ -21,7 +21,7 @@ from tests.exporter_process import (
     REPO,
     ExporterProcess,
     Scrape,
-    filters_on,
+    attachments_on,
     free_port,
     wait_until,
 )
@@ -43,7 +43,7 @@ def test_a_second_exporter_in_the_same_netns_refuses_and_the_first_keeps_countin
                "network namespace" in errors[0]
         assert "Traceback" not in second.log()
         # the first one's filters are untouched and it still counts every packet
-        assert set(filters_on(node, [node.veth_a, node.veth_b]).values()) == {1}
+        assert set(attachments_on(node, [node.veth_a, node.veth_b]).values()) == {1}
         assert udp_send(node.a_ns, node.b_ns, node.b_ip, 7401, [64] * 20) == 20
         scrape = first.wait_for(lambda s: s.value("ebpf_net_flow_packets_total",
                                                   dst_port="7401") >= 20, "20 datagrams")
@@ -107,7 +107,7 @@ def test_an_interface_deleted_and_recreated_under_traffic_is_reattached_and_keep
             new_index = int(node.run(node.node_ns,
                                      ["cat", f"/sys/class/net/{node.veth_a}/ifindex"]).stdout)
             assert new_index != old_index
-            wait_until(lambda: filters_on(node, [node.veth_a]) ==
+            wait_until(lambda: attachments_on(node, [node.veth_a]) ==
                        {f"{node.veth_a} ingress": 1, f"{node.veth_a} egress": 1}, 5,
                        "the new link to be attached")
             churn_before = sender.sent
@@ -129,21 +129,25 @@ def test_an_interface_deleted_and_recreated_under_traffic_is_reattached_and_keep
         assert exporter.stop() == 0
 
 
-def test_after_kill_9_a_restart_counts_each_packet_once(node: TestNode):
+@pytest.mark.parametrize("attach", ["tcx", "clsact"])
+def test_after_kill_9_a_restart_counts_each_packet_once(node: TestNode, attach: str):
     devices = [node.veth_a, node.veth_b]
-    crashed = ExporterProcess(node).wait_ready()
+    config = {"interfaces": {"attach": attach}}
+    crashed = ExporterProcess(node, config=config).wait_ready()
     assert crashed.stop(signal.SIGKILL) == -signal.SIGKILL
     shutil.rmtree(crashed.workdir, ignore_errors=True)
-    # the crashed run's filters are still there, still running its orphaned program
-    assert set(filters_on(node, devices).values()) == {1}
-    with ExporterProcess(node) as restarted:
+    # clsact: the crashed run's filters are still there, still running its orphaned program;
+    # tcx: its links went with its file descriptors
+    left = {1} if attach == "clsact" else {0}
+    assert set(attachments_on(node, devices).values()) == left
+    with ExporterProcess(node, config=config) as restarted:
         restarted.wait_ready()
-        assert set(filters_on(node, devices).values()) == {1}     # replaced, not doubled
+        assert set(attachments_on(node, devices).values()) == {1}     # replaced, not doubled
         assert udp_send(node.a_ns, node.b_ns, node.b_ip, 7421, [64] * 40) == 40
         scrape = restarted.wait_for(lambda s: udp_flow(s, node, 7421) >= 40, "40 datagrams")
         assert udp_flow(scrape, node, 7421) == 40
         assert restarted.stop() == 0
-    assert set(filters_on(node, devices).values()) == {0}
+    assert set(attachments_on(node, devices).values()) == {0}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,7 +192,7 @@ def test_a_dead_log_reader_neither_stops_nor_spins_the_exporter(node: TestNode):
         wait_until(lambda: udp_flow(scrape(), node, 7431) == 30, 10, "30 datagrams")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        assert set(filters_on(node, [node.veth_a, node.veth_b]).values()) == {0}
+        assert set(attachments_on(node, [node.veth_a, node.veth_b]).values()) == {0}
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -17,65 +17,98 @@ from tests.exporter_process import (
     REPO,
     ExporterProcess,
     Scrape,
+    attachments_on,
     filters_on,
     has_clsact,
+    tcx_links,
     wait_until,
 )
-from tests.testnode import TestNode, in_netns
+from tests.testnode import TestNode, in_netns, udp_send
 
 pytestmark = pytest.mark.kernel
 
 
+CLSACT = {"interfaces": {"attach": "clsact"}}
+
+
 def attached(node: TestNode, device: str) -> bool:
-    return filters_on(node, [device]) == {f"{device} ingress": 1, f"{device} egress": 1}
+    return attachments_on(node, [device]) == {f"{device} ingress": 1, f"{device} egress": 1}
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_stopping_removes_every_qdisc_and_filter_it_added(node: TestNode, stop_signal: int):
+@pytest.mark.parametrize("attach", ["tcx", "clsact"])
+def test_stopping_removes_every_qdisc_filter_and_link_it_added(node: TestNode, attach: str,
+                                                                stop_signal: int):
     devices = [node.veth_a, node.veth_b]
-    process = ExporterProcess(node).wait_ready()
+    process = ExporterProcess(node, config={"interfaces": {"attach": attach}}).wait_ready()
     assert all(attached(node, d) for d in devices)
+    # tcx: links only, never a qdisc or a filter; clsact: filters, no link
+    assert len(tcx_links(process.proc.pid)) == (4 if attach == "tcx" else 0)
+    assert all(has_clsact(node, d) for d in devices) == (attach == "clsact")
     assert process.scrape().value("ebpf_net_exporter_attached_interfaces") == 2
     assert process.stop(stop_signal) == 0
-    assert set(filters_on(node, devices).values()) == {0}
+    assert set(attachments_on(node, devices).values()) == {0}
     assert not any(has_clsact(node, d) for d in devices)
 
 
-def test_sigusr1_prints_every_threads_stack_and_the_exporter_carries_on(node: TestNode):
+def test_a_kill_9_leaves_no_tcx_link_behind(node: TestNode):
+    devices = [node.veth_a, node.veth_b]
     process = ExporterProcess(node).wait_ready()
-    process.proc.send_signal(signal.SIGUSR1)
-    # the interface monitor's thread waits for link events in _watch; the main thread in run
-    wait_until(lambda: "in _watch" in process.log() and "in run" in process.log(), 10,
-               "the stacks in the log")
-    assert re.search(r"^Thread 0x[0-9a-f]+", process.log(), re.MULTILINE)
-    assert process.get("/readyz")[0] == 200
-    assert process.scrape().value("ebpf_net_exporter_attached_interfaces") == 2
-    assert process.stop() == 0
+    link_ids = [link_id for _, _, link_id in tcx_links(process.proc.pid)]
+    assert len(link_ids) == 4
+    assert process.stop(signal.SIGKILL) == -signal.SIGKILL
+    shutil.rmtree(process.workdir)
+    # the kernel detached them with the process's last file descriptors
+    assert set(attachments_on(node, devices).values()) == {0}
+    for link_id in link_ids:
+        shown = subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
+                               capture_output=True, text=True)
+        assert shown.returncode != 0, shown.stdout
 
 
 def test_restart_after_kill_9_replaces_the_left_filters_and_cleans_up_after(node: TestNode):
     devices = [node.veth_a, node.veth_b]
-    first = ExporterProcess(node).wait_ready()
+    first = ExporterProcess(node, config=CLSACT).wait_ready()
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     shutil.rmtree(first.workdir)
     assert all(attached(node, d) for d in devices)          # left behind by the crash
-    second = ExporterProcess(node).wait_ready()
+    second = ExporterProcess(node, config=CLSACT).wait_ready()
     assert all(attached(node, d) for d in devices)          # replaced, not doubled
     udp_flows = second.scrape()
     assert udp_flows.value("ebpf_net_exporter_attached_interfaces") == 2
     assert second.stop() == 0
     # the crashed run created the clsact qdiscs; the state file lets this run remove them
-    assert set(filters_on(node, devices).values()) == {0}
+    assert set(attachments_on(node, devices).values()) == {0}
     assert not any(has_clsact(node, d) for d in devices)
 
 
-def test_a_qdisc_someone_else_created_is_left_in_place(node: TestNode):
+def test_a_tcx_start_removes_the_filters_and_qdiscs_a_crashed_clsact_run_left(node: TestNode):
+    devices = [node.veth_a, node.veth_b]
+    crashed = ExporterProcess(node, config=CLSACT).wait_ready()
+    assert crashed.stop(signal.SIGKILL) == -signal.SIGKILL
+    shutil.rmtree(crashed.workdir)
+    assert set(filters_on(node, devices).values()) == {1}
+    process = ExporterProcess(node).wait_ready()
+    # gone at attach, not only at stop: the old program no longer runs on every packet
+    assert set(filters_on(node, devices).values()) == {0}
+    assert not any(has_clsact(node, d) for d in devices)
+    assert all(attached(node, d) for d in devices)
+    assert udp_send(node.a_ns, node.b_ns, node.b_ip, 7400, [32] * 10) == 10
+    packets = process.wait_for(
+        lambda s: s.value("ebpf_net_flow_packets_total", dst_port="7400") >= 10,
+        "the datagrams counted, through the tcx links")
+    assert packets.value("ebpf_net_flow_packets_total", dst_port="7400") == 10   # once each
+    assert process.stop() == 0
+
+
+@pytest.mark.parametrize("attach", ["tcx", "clsact"])
+def test_a_qdisc_someone_else_created_is_left_in_place(node: TestNode, attach: str):
     node.run(node.node_ns, ["tc", "qdisc", "add", "dev", node.veth_a, "clsact"])
     try:
-        process = ExporterProcess(node).wait_ready()
+        process = ExporterProcess(node, config={"interfaces": {"attach": attach}}).wait_ready()
         assert attached(node, node.veth_a)
         assert process.stop() == 0
-        assert filters_on(node, [node.veth_a])[f"{node.veth_a} ingress"] == 0
+        assert attachments_on(node, [node.veth_a])[f"{node.veth_a} ingress"] == 0
         assert has_clsact(node, node.veth_a)
         assert not has_clsact(node, node.veth_b)
     finally:
@@ -207,7 +240,7 @@ def test_a_verifier_rejection_is_one_line_with_the_log_at_debug_level(node: Test
     verbose = run_exporter(node, "--no-collector.tcp", "--log.level", "debug",
                            env={"EBPF_NET_BPF_DIR": str(bad)})
     assert "processed" in verbose.stderr          # the verifier's own log, at debug level
-    assert set(filters_on(node, [node.veth_a]).values()) == {0}
+    assert set(attachments_on(node, [node.veth_a]).values()) == {0}
 
 
 def test_a_port_in_use_is_one_line(node: TestNode):

@@ -156,7 +156,7 @@ def test_a_killed_view_leaves_filters_that_the_next_view_removes_and_the_exporte
         node: TestNode, pair: tuple[ExporterProcess, LiveProcess]):
     import signal
 
-    from tests.exporter_process import filters_on, wait_until
+    from tests.exporter_process import attachments_on, wait_until
 
     def live_filters() -> dict[str, str]:
         found = {}
@@ -187,4 +187,4 @@ def test_a_killed_view_leaves_filters_that_the_next_view_removes_and_the_exporte
     wait_until(lambda: all(f"ebpf_net_live_{successor.proc.pid}" not in n
                            for n in live_filters().values()), 5, "the successor's filters gone")
     # the exporter's own filters were never replaced nor removed
-    assert set(filters_on(node, devices).values()) == {1}
+    assert set(attachments_on(node, devices).values()) == {1}

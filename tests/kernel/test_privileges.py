@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter import privileges
-from tests.exporter_process import ExporterProcess, filters_on, wait_until
+from tests.exporter_process import ExporterProcess, attachments_on, wait_until
 from tests.testnode import TestNode, tcp_connections, udp_send
 
 pytestmark = pytest.mark.kernel
@@ -96,13 +96,13 @@ def test_an_unprivileged_user_with_the_minimal_capabilities_counts_real_traffic(
         node.run(node.node_ns, ["ip", "link", "add", new, "type", "veth", "peer", "name",
                                 f"{node.prefix}xc"])
         try:
-            wait_until(lambda: filters_on(node, [new]) == {f"{new} ingress": 1,
+            wait_until(lambda: attachments_on(node, [new]) == {f"{new} ingress": 1,
                                                            f"{new} egress": 1},
                        5, f"{new} to be attached by the unprivileged exporter")
         finally:
             node.run(node.node_ns, ["ip", "link", "del", new], check=False)
         assert process.stop() == 0, process.log()
-        assert set(filters_on(node, [node.veth_a, node.veth_b]).values()) == {0}
+        assert set(attachments_on(node, [node.veth_a, node.veth_b]).values()) == {0}
         assert "could not" not in process.log()
     finally:
         process.stop()

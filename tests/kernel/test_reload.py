@@ -8,14 +8,14 @@ import signal
 import pytest
 import yaml
 
-from tests.exporter_process import ExporterProcess, filters_on, wait_until
+from tests.exporter_process import ExporterProcess, attachments_on, wait_until
 from tests.testnode import TestNode, udp_send
 
 pytestmark = pytest.mark.kernel
 
 
 def attached(node: TestNode, device: str) -> bool:
-    return filters_on(node, [device]) == {f"{device} ingress": 1, f"{device} egress": 1}
+    return attachments_on(node, [device]) == {f"{device} ingress": 1, f"{device} egress": 1}
 
 
 def packets(scrape, node: TestNode, port: int) -> float:

@@ -144,11 +144,12 @@ def test_cli_config_check_prints_the_effective_configuration(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("series:\n  ttl: 2m\n")
     result = cli("--config.file", str(path), "--interfaces", "veth.*", "--no-collector.tcp",
-                 "--config.check")
+                 "--interfaces.attach", "CLSACT", "--config.check")
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout)
     assert effective["series"]["ttl"] == 120.0
-    assert effective["interfaces"]["include"] == ["veth.*"]
+    assert effective["interfaces"] == {"include": ["veth.*"], "exclude": ["lo"],
+                                       "attach": "clsact"}
     assert effective["collectors"] == {"flows": True, "tcp": False, "dns": True, "http": True,
                                     "drops": False, "bash": False}
 
@@ -159,6 +160,8 @@ def test_cli_config_check_prints_the_effective_configuration(tmp_path):
     (["--web.listen-address", "nowhere", "--config.check"],
      "web.listen_address (from --web.listen-address)"),
     (["--config.file", "/nonexistent.yaml", "--config.check"], "No such file"),
+    (["--interfaces.attach", "xdp", "--config.check"],
+     "interfaces.attach (from --interfaces.attach): expected one of auto, tcx, clsact, got 'xdp'"),
 ])
 def test_cli_mistakes_exit_non_zero_with_one_line(args, message):
     result = cli(*args)

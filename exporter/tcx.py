@@ -1,0 +1,87 @@
+"""Attaches the TC classifier with tcx links (Linux >= 6.6) instead of clsact and cls_bpf.
+
+A tcx link runs the program straight from the interface's hook: no qdisc, no classifier
+walk, no per-qdisc statistics. Under TCP bulk through a test node that dispatch through
+clsact cost about as much CPU as our programs themselves (benchmarks/notes.md). The link is
+placed first on its hook (BPF_F_BEFORE), so no verdict of a program attached earlier (Cilium's,
+on kernels where it uses tcx) hides a packet from it, and the classifier returns TC_ACT_UNSPEC,
+which tcx reads as TCX_NEXT: the programs after it run as if it were not there.
+
+A link lives as long as its file descriptor: when the exporter exits, however it exits, the
+kernel detaches it, and when an interface goes away, its links go with it. Nothing is left
+behind and nothing is written to /run. A clsact filter of ours left by an earlier run (a
+crashed one, or one of a version that attached through clsact) is removed when the interface
+is attached, so that program stops running on every packet for nothing."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import bpfsys, logs
+from .interfaces import Link, TcAttacher
+
+log = logs.get("interfaces")
+
+
+class TcxAttacher:
+    """Attaches and detaches our programs on links of the current network namespace. Only
+    the clean-up of earlier clsact filters and the list of links go through netlink (the
+    monitor's thread); linking and unlinking are system calls that any thread may make."""
+
+    def __init__(self, ingress_fd: int, egress_fd: int) -> None:
+        self._fds = {bpfsys.TCX_INGRESS: ingress_fd, bpfsys.TCX_EGRESS: egress_fd}
+        self._links: dict[int, list[int]] = {}      # ifindex -> the link fds held
+        self._lock = threading.Lock()
+        self._clsact = TcAttacher(ingress_fd, egress_fd)
+
+    def attach(self, link: Link) -> None:
+        self._remove_clsact_filters(link)
+        self.link_programs(link)
+
+    def detach(self, link: Link) -> None:
+        self.unlink_programs(link)
+
+    def link_programs(self, link: Link) -> None:
+        """Both hooks or neither: OSError (ENODEV if the interface went away meanwhile)."""
+        with self._lock:
+            if link.index in self._links:
+                return
+            held: list[int] = []
+            try:
+                for attach_type, fd in self._fds.items():
+                    held.append(bpfsys.tcx_link(fd, link.index, attach_type))
+            except OSError:
+                for link_fd in held:
+                    os.close(link_fd)
+                raise
+            self._links[link.index] = held
+
+    def unlink_programs(self, link: Link) -> None:
+        with self._lock:
+            for link_fd in self._links.pop(link.index, []):
+                os.close(link_fd)
+
+    def linked(self) -> set[int]:
+        with self._lock:
+            return set(self._links)
+
+    def _remove_clsact_filters(self, link: Link) -> None:
+        try:
+            self._clsact.detach(link)
+        except NetlinkError as e:
+            log.warning("could not remove an earlier run's clsact filter",
+                        extra={"interface": link.name, "error": str(e)})
+
+    def links(self) -> list[Link]:
+        return self._clsact.links()
+
+    def close(self) -> None:
+        with self._lock:
+            for held in self._links.values():
+                for link_fd in held:
+                    os.close(link_fd)
+            self._links.clear()
+        self._clsact.close()
