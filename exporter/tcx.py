@@ -60,8 +60,11 @@ class TcxAttacher:
             self._links[link.index] = held
 
     def unlink_programs(self, link: Link) -> None:
+        self._unlink(link.index)
+
+    def _unlink(self, index: int) -> None:
         with self._lock:
-            for link_fd in self._links.pop(link.index, []):
+            for link_fd in self._links.pop(index, []):
                 os.close(link_fd)
 
     def linked(self) -> set[int]:
@@ -79,9 +82,6 @@ class TcxAttacher:
         return self._clsact.links()
 
     def close(self) -> None:
-        with self._lock:
-            for held in self._links.values():
-                for link_fd in held:
-                    os.close(link_fd)
-            self._links.clear()
+        for index in self.linked():
+            self._unlink(index)
         self._clsact.close()

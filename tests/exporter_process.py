@@ -27,6 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from exporter import bpfsys
 from tests.testnode import NETNS_DIR, TestNode, in_netns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,7 +180,25 @@ class ExporterProcess:
         self.stop()
 
 
-TCX_HOOKS = {46: "ingress", 47: "egress"}    # BPF_TCX_INGRESS, BPF_TCX_EGRESS
+TCX_HOOKS = {bpfsys.TCX_INGRESS: "ingress", bpfsys.TCX_EGRESS: "egress"}
+
+
+def fd_infos(pid: int) -> list[dict[str, str]]:
+    """The fields of each of the process's file descriptors' fdinfo ("prog_id", "link_type",
+    "tp_name", ...); none when the process is gone."""
+    try:
+        paths = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+    except OSError:
+        return []
+    infos = []
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue            # closed meanwhile
+        infos.append({key: value.strip() for key, _, value in
+                      (line.partition(":") for line in text.splitlines()) if value})
+    return infos
 
 
 def _netns_pids(ns: str) -> list[int]:
@@ -199,22 +218,10 @@ def _netns_pids(ns: str) -> list[int]:
 
 
 def tcx_links(pid: int) -> list[tuple[int, str, int]]:
-    """(ifindex, hook, link id) of each tcx link the process holds, from its fds' fdinfo."""
-    links = []
-    try:
-        infos = list(Path(f"/proc/{pid}/fdinfo").iterdir())
-    except OSError:
-        return []               # the process is gone, and its links with it
-    for info in infos:
-        try:
-            text = info.read_text()
-        except OSError:
-            continue            # closed meanwhile
-        fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-        if fields.get("link_type") == "tcx":
-            hook = TCX_HOOKS[int(fields["attach_type"].split()[0])]
-            links.append((int(fields["ifindex"]), hook, int(fields["link_id"])))
-    return links
+    """(ifindex, hook, link id) of each tcx link the process holds (none once it is gone: its
+    links went with it)."""
+    return [(int(info["ifindex"]), TCX_HOOKS[int(info["attach_type"].split()[0])],
+             int(info["link_id"])) for info in fd_infos(pid) if info.get("link_type") == "tcx"]
 
 
 def ifindex(node: TestNode, device: str) -> int:
@@ -255,10 +262,7 @@ def has_clsact(node: TestNode, device: str) -> bool:
 def bpf_map_dump(pid: int, name: str) -> list[tuple[bytes, list[bytes]]]:
     """The entries of the process's BPF map `name` as bpftool dumps them: each key with its
     value, or for a per-CPU map its value on every CPU, raw bytes."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            ids |= {int(line.split()[1]) for line in f if line.startswith("map_id:")}
+    ids = {int(info["map_id"]) for info in fd_infos(pid) if "map_id" in info}
     shown = json.loads(subprocess.run(["bpftool", "map", "show", "--json"], check=True,
                                       capture_output=True, text=True).stdout)
     (map_id,) = [m["id"] for m in shown if m["id"] in ids and m.get("name") == name]

@@ -16,7 +16,7 @@ import pytest
 from exporter import bpfsys, config, jiffies
 from exporter.app import tcp_program_flags
 from exporter.loader import Program
-from tests.exporter_process import ExporterProcess, bpf_map_dump
+from tests.exporter_process import ExporterProcess, bpf_map_dump, fd_infos
 from tests.kernel.test_tcp import lossy_transfer, pair
 from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections
 
@@ -83,15 +83,7 @@ def test_a_connection_older_than_the_exporter_is_sampled_in_flight_and_at_close(
 
 def _raw_tracepoints(pid: int) -> set[str]:
     """The raw tracepoints the process holds links to (`tp_name` in their fds' fdinfo)."""
-    names = set()
-    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            text = info.read_text()
-        except OSError:         # an fd closed meanwhile
-            continue
-        names.update(line.split(":", 1)[1].strip() for line in text.splitlines()
-                     if line.startswith("tp_name:"))
-    return names
+    return {info["tp_name"] for info in fd_infos(pid) if "tp_name" in info}
 
 
 def test_with_rtt_sampling_off_only_the_close_is_sampled_and_tcp_probe_is_not_attached(
