@@ -71,9 +71,12 @@ class StartupError(Exception):
     """The exporter cannot start; the message is the one line the user sees."""
 
 
-def _attacher(mode: str, ingress_fd: int, egress_fd: int) -> Callable[[], Attacher]:
+def choose_attacher(mode: str, ingress_fd: int, egress_fd: int,
+                    tcx_attacher: Callable[[int, int], Attacher] = TcxAttacher,
+                    clsact_attacher: Callable[[int, int], Attacher] = TcAttacher,
+                    ) -> Callable[[], Attacher]:
     """How the classifier goes onto interfaces (interfaces.attach): tcx links where the kernel
-    has them (auto, tcx), else clsact filters."""
+    has them (auto, tcx), else clsact filters. The live view passes its own two kinds."""
     tcx = bpfsys.has_tcx(ingress_fd)
     if mode == "tcx" and not tcx:
         raise StartupError(f"interfaces.attach: tcx needs Linux 6.6 or newer (this kernel is "
@@ -81,9 +84,9 @@ def _attacher(mode: str, ingress_fd: int, egress_fd: int) -> Callable[[], Attach
     if mode == "clsact" or not tcx:
         log.info("attaching with clsact filters", extra={
             "reason": "interfaces.attach: clsact" if tcx else "no tcx before Linux 6.6"})
-        return lambda: TcAttacher(ingress_fd, egress_fd)
+        return lambda: clsact_attacher(ingress_fd, egress_fd)
     log.info("attaching with tcx links")
-    return lambda: TcxAttacher(ingress_fd, egress_fd)
+    return lambda: tcx_attacher(ingress_fd, egress_fd)
 
 
 def _missing_tracepoints(names: tuple[str, ...]) -> list[str]:
@@ -284,7 +287,7 @@ class Exporter:
                 collectors.append(http)
                 self.sweeping.append(http)
             self.monitor = classifier.interface_monitor(
-                program, config, _attacher(config.interfaces.attach, ingress.fd, egress.fd))
+                program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd))
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))

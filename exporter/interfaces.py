@@ -215,6 +215,12 @@ class TcAttacher:
                 pass
         return count
 
+    def remove_earlier(self, link: Link) -> None:
+        """Removes what an earlier run of ours left on the link (a crashed one, or one that
+        attached through clsact when this one uses tcx links): our filters, and the qdisc if
+        the state file says that run added it."""
+        self.detach(link)
+
     def links(self) -> list[Link]:
         return [Link.from_message(m) for m in self._ipr.get_links()]
 

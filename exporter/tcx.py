@@ -31,11 +31,15 @@ class TcxAttacher:
     the clean-up of earlier clsact filters and the list of links go through netlink (the
     monitor's thread); linking and unlinking are system calls that any thread may make."""
 
-    def __init__(self, ingress_fd: int, egress_fd: int) -> None:
+    def __init__(self, ingress_fd: int, egress_fd: int, clsact: TcAttacher | None = None,
+                 placement: int = bpfsys.F_BEFORE) -> None:
+        """clsact: the filters whose earlier runs' leftovers are removed at attach (the
+        exporter's by default); placement: first on the hook (F_BEFORE) or last (0)."""
         self._fds = {bpfsys.TCX_INGRESS: ingress_fd, bpfsys.TCX_EGRESS: egress_fd}
+        self._placement = placement
         self._links: dict[int, list[int]] = {}      # ifindex -> the link fds held
         self._lock = threading.Lock()
-        self._clsact = TcAttacher(ingress_fd, egress_fd)
+        self._clsact = clsact or TcAttacher(ingress_fd, egress_fd)
 
     def attach(self, link: Link) -> None:
         self._remove_clsact_filters(link)
@@ -52,7 +56,7 @@ class TcxAttacher:
             held: list[int] = []
             try:
                 for attach_type, fd in self._fds.items():
-                    held.append(bpfsys.tcx_link(fd, link.index, attach_type))
+                    held.append(bpfsys.tcx_link(fd, link.index, attach_type, self._placement))
             except OSError:
                 for link_fd in held:
                     os.close(link_fd)
@@ -73,7 +77,7 @@ class TcxAttacher:
 
     def _remove_clsact_filters(self, link: Link) -> None:
         try:
-            self._clsact.detach(link)
+            self._clsact.remove_earlier(link)
         except NetlinkError as e:
             log.warning("could not remove an earlier run's clsact filter",
                         extra={"interface": link.name, "error": str(e)})

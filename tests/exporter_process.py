@@ -224,6 +224,12 @@ def tcx_links(pid: int) -> list[tuple[int, str, int]]:
              int(info["link_id"])) for info in fd_infos(pid) if info.get("link_type") == "tcx"]
 
 
+def link_exists(link_id: int) -> bool:
+    """Whether the kernel still has the BPF link (any process's, or pinned)."""
+    return subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
+                          capture_output=True).returncode == 0
+
+
 def ifindex(node: TestNode, device: str) -> int:
     out = node.run(node.node_ns, ["ip", "-j", "link", "show", "dev", device]).stdout
     return int(json.loads(out)[0]["ifindex"])
@@ -240,12 +246,22 @@ def filters_on(node: TestNode, devices: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+def is_live_view(pid: int) -> bool:
+    """Whether the process is `ebpf-net-exporter flows` (its links are not the exporter's)."""
+    try:
+        return "flows" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return False
+
+
 def attachments_on(node: TestNode, devices: Iterable[str]) -> dict[str, int]:
-    """Our classifier's attachments per device and hook, e.g. {"xva ingress": 1, ...}: cls_bpf
-    filters named ebpf_net_exporter, and tcx links held by processes of the node namespace."""
+    """The exporter's classifier attachments per device and hook, e.g. {"xva ingress": 1, ...}:
+    cls_bpf filters named ebpf_net_exporter, and tcx links held by processes of the node
+    namespace other than live views."""
     devices = list(devices)
     counts = filters_on(node, devices)
-    links = [link for pid in _netns_pids(node.node_ns) for link in tcx_links(pid)]
+    links = [link for pid in _netns_pids(node.node_ns) if not is_live_view(pid)
+             for link in tcx_links(pid)]
     for device in devices:
         index = ifindex(node, device)
         for link_index, hook, _ in links:

@@ -18,7 +18,8 @@ from tests.testnode import TestNode
 
 class LiveProcess:
     def __init__(self, node: TestNode, args: Sequence[str] = (),
-                 interfaces: str | None = None) -> None:
+                 interfaces: str | None = None, attach: str | None = None) -> None:
+        """attach: interfaces.attach (auto, tcx, clsact) through the environment."""
         self.node = node
         self.stderr_path = Path(tempfile.mkstemp(prefix=f"{node.prefix}-live-", suffix=".log")[1])
         self._stderr = open(self.stderr_path, "w")
@@ -26,7 +27,9 @@ class LiveProcess:
                 interfaces or f"{node.prefix}v[ab]", *args]
         self.proc = subprocess.Popen(["ip", "netns", "exec", node.node_ns, *argv],
                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                     cwd=REPO, env=dict(os.environ))
+                                     cwd=REPO, env=dict(os.environ, **(
+                                         {"EBPF_NET_INTERFACES_ATTACH": attach} if attach
+                                         else {})))
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._lock = threading.Lock()

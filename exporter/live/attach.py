@@ -1,10 +1,17 @@
-"""TC filters of live views: one per view process, beside the exporter's and each other's.
+"""How a live view attaches its own classifier beside the exporter's and other views'.
 
-The exporter's filter has priority 1 and the fixed handle 0xEB0E. Each live view adds its own at
-priority LIVE_PRIORITY with a handle and a name made from its PID, so two views (or a view and
-the exporter) never replace each other's filter; the classifier returns TC_ACT_UNSPEC, so every
-filter of a hook sees every packet. A view killed before it could detach leaves its filter
-behind: the next view removes filters whose PID no longer runs."""
+With tcx links (Linux >= 6.6, interfaces.attach auto or tcx) each view appends its links after
+those already on the hook, so the exporter's, placed first, keep running first; the kernel
+closes a view's links when it exits, however it exits.
+
+With clsact filters, the exporter's filter has priority 1 and the fixed handle 0xEB0E. Each
+live view adds its own at priority LIVE_PRIORITY with a handle and a name made from its PID, so
+two views (or a view and the exporter) never replace each other's filter. A view killed before
+it could detach leaves its filter behind: the next view removes filters whose PID no longer
+runs, in either mode.
+
+Either way the classifier returns TC_ACT_UNSPEC (TCX_NEXT), so every program of a hook sees
+every packet."""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .. import logs
 from ..environment import pid_alive
 from ..interfaces import Link, TcAttacher
+from ..tcx import TcxAttacher
 
 log = logs.get("live")
 
@@ -32,10 +40,11 @@ class LiveAttacher(TcAttacher):
                          f"ebpf_net_live_{pid}", LIVE_OWNER)
 
     def attach(self, link: Link) -> None:
-        self._remove_stale(link)
+        self.remove_earlier(link)
         super().attach(link)
 
-    def _remove_stale(self, link: Link) -> None:
+    def remove_earlier(self, link: Link) -> None:
+        """The filters of views that are gone; never the exporter's nor a running view's."""
         for parent in self._fds:
             try:
                 filters = self._ipr.get_filters(index=link.index, parent=parent)
@@ -53,3 +62,9 @@ class LiveAttacher(TcAttacher):
                              extra={"interface": link.name, "pid": match.group(1)})
                 except NetlinkError:
                     pass
+
+
+class LiveTcxAttacher(TcxAttacher):
+    def __init__(self, ingress_fd: int, egress_fd: int) -> None:
+        # after the links already there: the exporter's stay first
+        super().__init__(ingress_fd, egress_fd, LiveAttacher(ingress_fd, egress_fd), placement=0)

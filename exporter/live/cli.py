@@ -128,6 +128,7 @@ def _writer() -> Any:
 
 def run(cfg: config.Config, line_filter: LineFilter, formatter: Formatter, idle: float,
         interval: float) -> int:
+    from ..app import StartupError
     from ..environment import EnvironmentProblem
     from ..loader import LoadError
     from .view import LiveView
@@ -149,7 +150,7 @@ def run(cfg: config.Config, line_filter: LineFilter, formatter: Formatter, idle:
         # no second error when Python flushes stdout at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (EnvironmentProblem, LoadError, OSError) as e:
+    except (EnvironmentProblem, StartupError, LoadError, OSError) as e:
         log.error(str(e))
         return EXIT_RUNTIME
     except Exception as e:

@@ -1,9 +1,10 @@
 """Runs the live view: its own copies of the classifier and the TCP program, compiled with
 -DWITH_EVENTS so they send a ring-buffer record per completed DNS or HTTP exchange and per
-closed TCP socket, and attached with their own TC filters.
+closed TCP socket, and attached on their own (tcx links after the exporter's, or clsact
+filters of their own: interfaces.attach, as for the exporter).
 
 Beside a running exporter: the exporter's programs and maps are untouched (these are other
-programs with other maps), and the view's TC filters never replace the exporter's (see
+programs with other maps), and the view's attachments never replace the exporter's (see
 attach.py)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..app import (
     PROCESS_TRACEPOINTS,
     TCP_TRACEPOINTS,
     _missing_tracepoints,
+    choose_attacher,
     tcp_program_flags,
 )
 from ..cgroups import CgroupNames
@@ -30,7 +32,7 @@ from ..config import Config
 from ..endpoints import PortFolder, address_text, read_ephemeral_floor
 from ..interfaces import InterfaceMonitor
 from ..loader import Program
-from .attach import LiveAttacher
+from .attach import LiveAttacher, LiveTcxAttacher
 from .events import End, Exchange, TcpClose, decode
 from .filters import LineFilter
 from .flowtable import FlowTable
@@ -87,8 +89,8 @@ class LiveView:
             tcp.bpf[b"live_events"].open_ring_buffer(self._on_record)
         else:
             log.warning("no TCP tracepoints: flows show no RTT and end only when idle")
-        self.monitor = classifier.interface_monitor(
-            packets, self.config, lambda: LiveAttacher(ingress.fd, egress.fd))
+        self.monitor = classifier.interface_monitor(packets, self.config, choose_attacher(
+            config.interfaces.attach, ingress.fd, egress.fd, LiveTcxAttacher, LiveAttacher))
         self.monitor.start()
         log.info("ready", extra={"interfaces": len(self.monitor.attached)})
 

@@ -152,39 +152,56 @@ def test_kubernetes_names_and_the_namespace_filter(node: TestNode):
             assert live.stop() == 0, live.log()
 
 
-def test_a_killed_view_leaves_filters_that_the_next_view_removes_and_the_exporters_stay(
-        node: TestNode, pair: tuple[ExporterProcess, LiveProcess]):
+@pytest.mark.parametrize("killed_attach,successor_attach", [("clsact", "auto"),
+                                                            ("tcx", "clsact")])
+def test_a_killed_view_leaves_nothing_the_next_view_keeps_and_the_exporters_stay(
+        node: TestNode, pair: tuple[ExporterProcess, LiveProcess], killed_attach: str,
+        successor_attach: str):
+    """A view killed on clsact leaves its filters, which the next view removes (on tcx links
+    here); one killed on tcx leaves nothing (the kernel closes its links). Neither touches
+    the exporter's tcx links nor the first view's."""
     import signal
 
-    from tests.exporter_process import attachments_on, wait_until
+    from tests.exporter_process import attachments_on, link_exists, tcx_links, wait_until
 
     def live_filters() -> dict[str, str]:
         found = {}
         for device in (node.veth_a, node.veth_b):
             for hook in ("ingress", "egress"):
-                out = node.run(node.node_ns, ["tc", "filter", "show", "dev", device, hook]).stdout
+                out = node.run(node.node_ns, ["tc", "filter", "show", "dev", device, hook],
+                               check=False).stdout
                 found[f"{device} {hook}"] = " ".join(
                     word for word in out.split() if word.startswith("ebpf_net_live_"))
         return found
 
+    def filters_of(pid: int) -> bool:
+        return all(f"ebpf_net_live_{pid}" in names for names in live_filters().values())
+
+    def link_ids(pid: int) -> list[int]:
+        return [link_id for _, _, link_id in tcx_links(pid)]
+
     devices = (node.veth_a, node.veth_b)
     first_view = pair[1].proc.pid      # `ip netns exec` execs the view: same pid
-    killed = LiveProcess(node).wait_ready()
-    killed_name = f"ebpf_net_live_{killed.proc.pid}"
-    assert all(killed_name in names for names in live_filters().values())
+    first_links = link_ids(first_view)
+    assert len(first_links) == 4        # auto: tcx links on 6.18
+    killed = LiveProcess(node, attach=killed_attach).wait_ready()
+    killed_links = link_ids(killed.proc.pid)
+    assert filters_of(killed.proc.pid) == (killed_attach == "clsact")
+    assert len(killed_links) == (4 if killed_attach == "tcx" else 0)
     killed.proc.send_signal(signal.SIGKILL)
     assert killed.stop() == -signal.SIGKILL
-    assert all(killed_name in names for names in live_filters().values())   # left behind
+    assert filters_of(killed.proc.pid) == (killed_attach == "clsact")   # left behind
+    assert not any(link_exists(link_id) for link_id in killed_links)  # went with it
 
-    successor = LiveProcess(node).wait_ready()
+    successor = LiveProcess(node, attach=successor_attach).wait_ready()
     try:
-        names = live_filters()
-        assert all(killed_name not in n for n in names.values())
-        assert all(f"ebpf_net_live_{successor.proc.pid}" in n for n in names.values())
-        assert all(f"ebpf_net_live_{first_view}" in n for n in names.values())
+        assert all(f"ebpf_net_live_{killed.proc.pid}" not in n for n in live_filters().values())
+        assert filters_of(successor.proc.pid) == (successor_attach == "clsact")
+        assert len(link_ids(successor.proc.pid)) == (0 if successor_attach == "clsact" else 4)
+        assert link_ids(first_view) == first_links
     finally:
         assert successor.stop() == 0, successor.log()
-    wait_until(lambda: all(f"ebpf_net_live_{successor.proc.pid}" not in n
-                           for n in live_filters().values()), 5, "the successor's filters gone")
-    # the exporter's own filters were never replaced nor removed
+    wait_until(lambda: not any(f"ebpf_net_live_{successor.proc.pid}" in n
+                               for n in live_filters().values()), 5, "the successor's filters gone")
+    # the exporter's own links were never replaced nor removed
     assert set(attachments_on(node, devices).values()) == {1}

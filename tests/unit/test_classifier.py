@@ -2,6 +2,7 @@ import pytest
 
 from exporter import app, bpfsys, classifier, config
 from exporter.interfaces import TcAttacher
+from exporter.live.attach import LiveAttacher, LiveTcxAttacher
 from exporter.tcx import TcxAttacher
 
 
@@ -30,18 +31,21 @@ def test_port_lists_and_opt_in_labels_become_defines():
     assert "-DDNS_QUERY_NAMES" in out and "-DHTTP_PATHS" in out
 
 
-@pytest.mark.parametrize("mode,kernel_has_tcx,attacher", [
-    ("auto", True, TcxAttacher), ("auto", False, TcAttacher), ("tcx", True, TcxAttacher),
-    ("clsact", True, TcAttacher), ("clsact", False, TcAttacher)])
-def test_interfaces_attach_picks_tcx_only_where_the_kernel_has_it(monkeypatch, mode,
-                                                                  kernel_has_tcx, attacher):
+@pytest.mark.parametrize("kinds", [(TcxAttacher, TcAttacher), (LiveTcxAttacher, LiveAttacher)],
+                         ids=["exporter", "live view"])
+@pytest.mark.parametrize("mode,kernel_has_tcx,tcx", [
+    ("auto", True, True), ("auto", False, False), ("tcx", True, True), ("clsact", True, False),
+    ("clsact", False, False)])
+def test_interfaces_attach_picks_tcx_only_where_the_kernel_has_it(monkeypatch, kinds, mode,
+                                                                  kernel_has_tcx, tcx):
     monkeypatch.setattr(bpfsys, "has_tcx", lambda fd: kernel_has_tcx)
+    attacher = kinds[0] if tcx else kinds[1]
     monkeypatch.setattr(attacher, "__init__", lambda self, ingress, egress: None)
-    assert type(app._attacher(mode, 3, 4)()) is attacher
+    assert type(app.choose_attacher(mode, 3, 4, *kinds)()) is attacher
 
 
 def test_interfaces_attach_tcx_on_a_kernel_without_it_is_a_start_up_error(monkeypatch):
     monkeypatch.setattr(bpfsys, "has_tcx", lambda fd: False)
     with pytest.raises(app.StartupError, match=r"interfaces.attach: tcx needs Linux 6.6 or "
                                                r"newer \(this kernel is .+\); use auto or clsact"):
-        app._attacher("tcx", 3, 4)
+        app.choose_attacher("tcx", 3, 4)
