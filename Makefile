@@ -12,7 +12,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 # root already (CI, these VMs): no sudo needed, and it may not be installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test unit lint demo run bench bench-long bench-quick soak clean deploy-sync image-test
+.PHONY: setup test unit lint demo run bench bench-long bench-pool bench-quick soak clean deploy-sync image-test
 
 setup:
 	sh scripts/setup-host.sh
@@ -55,6 +55,11 @@ bench:
 # as noisy as ours (about 20 minutes)
 bench-long:
 	$(SUDO) $(PYTHON) -m benchmarks --long --out docs/benchmarks-long.md
+
+# The throughput and loop verdicts over every saved run of this datapath (benchmarks/pairs/);
+# PAIRS=tcp=600 measures so many more pairs of a stream first (about 15 minutes for 600)
+bench-pool:
+	$(SUDO) $(PYTHON) -m benchmarks.pool $(if $(PAIRS),--run $(PAIRS))
 
 # A smoke run of the same code: few rounds, small flow counts, prints only (under a minute).
 bench-quick:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import connections, interleaved, part1, scrape
+from . import connections, interleaved, pairs, part1, scrape
 from .document import Results, headlines, markdown
 from .machine import Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         kernel, per_connection = part1.run(node, kernel_seconds, repetitions, say=_say)
         _say("4, 2, 5. start-up; throughput and connection rate, the programs switched")
         rounds_result = interleaved.run(node, pairs_of, window, starts, _say)
+        if args.out and not args.quick:
+            record = pairs.record_of(rounds_result, window, rounds_result.attach, load_before)
+            if record.datapath is None:
+                _say("  uncommitted changes to the datapath: the pairs are not saved")
+            else:
+                _say(f"  pairs saved to {pairs.save(record)} (python -m benchmarks.pool)")
         _say("3. scrape cost")
         scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
     results = Results(Machine.describe(), args.quick, args.long, load_before, load_average(),

@@ -11,6 +11,7 @@ from .machine import Machine
 from .report import (
     HEADLINE_HEADER,
     NO_TARGET,
+    RATIO_TARGETS,
     Headline,
     against,
     at_most,
@@ -63,8 +64,8 @@ def headlines(r: Results) -> list[Headline]:
                             f"{over.median_high:.0f})",
                             f"<= +{target} ns", at_most(over.median_low, over.median_high,
                                                         target)))
-    for name, label, target in (("tcp", "TCP bulk", 0.97), ("udp", "64-byte UDP", 0.93)):
-        ratio = _ratios(r.rounds, name)
+    for name, label in (("tcp", "TCP bulk"), ("udp", "64-byte UDP")):
+        ratio, target = _ratios(r.rounds, name), RATIO_TARGETS[name]
         out.append(Headline(f"throughput with exporter, {label}",
                             f"{ratio.median:.3f} of without (95% CI {ratio.median_low:.3f}-"
                             f"{ratio.median_high:.3f})",
@@ -91,7 +92,8 @@ def headlines(r: Results) -> list[Headline]:
                         f"{(1 - ratio.median) * 100:.1f}% (95% CI "
                         f"{(1 - ratio.median_high) * 100:.1f} to "
                         f"{(1 - ratio.median_low) * 100:.1f}%)", "< 5%",
-                        against(ratio.median_low, ratio.median_high, 0.95)))
+                        against(ratio.median_low, ratio.median_high,
+                                RATIO_TARGETS["connections"])))
     return out
 
 

@@ -13,10 +13,11 @@ takes milliseconds and compiles nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Rounds:
         default_factory=lambda: {name: [] for name in STREAMS})
     startup_seconds: list[float] = field(default_factory=list)
     startup_memory: list[Memory] = field(default_factory=list)
+    attach: str = "unknown"         # how the switched exporter attached: tcx or clsact
 
 
 def measure_startups(node: TestNode, starts: int, into: Rounds) -> None:
@@ -52,8 +54,10 @@ def measure_startups(node: TestNode, starts: int, into: Rounds) -> None:
 
 def measure_pairs(node: TestNode, switch: Switch, pairs_of: Mapping[str, int], window: float,
                   into: Rounds, progress: Callable[[str], None]) -> None:
-    """`pairs_of` each stream (by name in STREAMS)."""
+    """`pairs_of` each stream named (by name in STREAMS), in STREAMS' order."""
     for name, stream in STREAMS.items():
+        if name not in pairs_of:
+            continue
         pairs = pairs_of[name]
         seconds = pairs * 2 * (window + SWITCH_SECONDS) + STOP_MARGIN_SECONDS
         with stream.running(node, seconds) as rate:
@@ -66,6 +70,26 @@ def measure_pairs(node: TestNode, switch: Switch, pairs_of: Mapping[str, int], w
                  f"(95% CI {ratio.median_low:.3f}-{ratio.median_high:.3f})")
 
 
+@contextlib.contextmanager
+def switched_exporter(node: TestNode, settle: float = startup.SETTLE_SECONDS,
+                      ) -> Iterator[tuple[Switch, str]]:
+    """An exporter (every collector on) with its programs switchable, and how it attached
+    them (tcx or clsact, from its log); stopped on leaving."""
+    with tempfile.TemporaryDirectory(prefix="switch-") as directory:
+        path = Path(directory) / "socket"
+        started = startup.start(node, prefix=[sys.executable, str(SWITCHABLE), str(path)])
+        try:
+            attach = "tcx" if "attaching with tcx links" in started.exporter.log() else "clsact"
+            time.sleep(settle)
+            switch = Switch(path)
+            try:
+                yield switch, attach
+            finally:
+                switch.close()
+        finally:
+            started.exporter.stop()
+
+
 def run(node: TestNode, pairs_of: Mapping[str, int], window: float, starts: int,
         progress: Callable[[str], None] = print, settle: float = startup.SETTLE_SECONDS) -> Rounds:
     """The caller has started an iperf3 server on pod b."""
@@ -74,16 +98,7 @@ def run(node: TestNode, pairs_of: Mapping[str, int], window: float, starts: int,
     measure_startups(node, starts, result)
     progress(f"  {starts} start-ups: ready in " + ", ".join(
         f"{s:.2f}" for s in result.startup_seconds) + " s")
-    with tempfile.TemporaryDirectory(prefix="switch-") as directory:
-        path = Path(directory) / "socket"
-        started = startup.start(node, prefix=[sys.executable, str(SWITCHABLE), str(path)])
-        try:
-            time.sleep(settle)
-            switch = Switch(path)
-            try:
-                measure_pairs(node, switch, pairs_of, window, result, progress)
-            finally:
-                switch.close()
-        finally:
-            started.exporter.stop()
+    with switched_exporter(node, settle) as (switch, attach):
+        result.attach = attach
+        measure_pairs(node, switch, pairs_of, window, result, progress)
     return result

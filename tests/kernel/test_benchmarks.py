@@ -58,6 +58,24 @@ def test_sprayed_flows_are_accounted_per_program_and_counted(node: TestNode,
                              dst_port=str(DISCARD_PORT))) == FLOWS // 10
 
 
+def test_pool_measures_saves_and_pools_more_pairs(tmp_path, capsys):
+    from benchmarks import pairs, pool
+
+    if pairs.tree_identity() is None:
+        pytest.skip("uncommitted changes to bpf/ or the default configuration: nothing to pool")
+    for _ in range(2):
+        assert pool.main(["--run", "udp=2", "--window", "0.2", "--pairs-dir",
+                          str(tmp_path)]) == 0
+    records = pairs.load_all(tmp_path)
+    assert len(records) == 2 and all(r.datapath == f"{pairs.tree_identity()} attach=tcx"
+                                     for r in records)
+    assert all(len(r.without["udp"]) == len(r.attached["udp"]) == 2 for r in records)
+    assert all(0 < x for r in records for x in r.ratios("udp"))
+    # each call prints the pooled table: after the first run its 2 pairs, then both runs' 4
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("udp ")]
+    assert len(rows) == 2 and ", 2 pairs" in rows[0] and ", 4 pairs" in rows[1]
+
+
 def test_compare_alternates_trees_and_reports_each():
     # a node of its own: part 1 changes pod a's port range and TIME_WAIT limit, and needs the
     # iperf3 port that the shared node's tests may hold

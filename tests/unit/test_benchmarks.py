@@ -151,3 +151,57 @@ def test_the_document_gives_every_interval_to_the_decimal_its_verdict_turns_on()
     assert rendered.count("Written by `make bench` (`python -m benchmarks`);") == 1
     results.long = True
     assert "Written by `make bench-long` (`python -m benchmarks --long`" in markdown(results)
+
+
+def _record(datapath, date, tcp_without, tcp_attached):
+    from benchmarks.pairs import Record
+    return Record(date, "abc1234", datapath, 0.5, (0.5, 0.5, 0.5),
+                  {"tcp": tcp_without}, {"tcp": tcp_attached})
+
+
+def test_saved_pairs_load_as_they_were_and_pool_only_with_their_datapath(tmp_path):
+    from benchmarks import pairs
+    tcx = "bpf=1111111 config=2222222 attach=tcx"
+    saved = [pairs.save(_record(tcx, "2026-12-03T11:27Z", [10.0] * 20, [9.9] * 20), tmp_path),
+             pairs.save(_record(tcx, "2026-12-03T12:02Z", [10.0] * 20, [9.7] * 20), tmp_path),
+             pairs.save(_record(tcx.replace("tcx", "clsact"), "2026-12-03T12:30Z",
+                                [10.0] * 5, [5.0] * 5), tmp_path),
+             pairs.save(_record(None, "2026-12-03T13:00Z", [10.0] * 5, [1.0] * 5), tmp_path)]
+    assert [p.name for p in saved] == ["2026-12-03T1127Z.json", "2026-12-03T1202Z.json",
+                                       "2026-12-03T1230Z.json", "2026-12-03T1300Z.json"]
+    # two runs of one date: neither is lost
+    again = pairs.save(_record(None, "2026-12-03T13:00Z", [10.0] * 5, [1.0] * 5), tmp_path)
+    assert again.name == "2026-12-03T1300Z-1.json"
+    records = pairs.load_all(tmp_path)
+    assert len(records) == 5
+    assert records[0] == _record(tcx, "2026-12-03T11:27Z", [10.0] * 20, [9.9] * 20)
+    pooled = pairs.pool(records, "tcp", tcx)
+    assert pooled is not None and [r.date for r in pooled.runs] == [
+        "2026-12-03T11:27Z", "2026-12-03T12:02Z"]       # not clsact's, nor the dirty tree's
+    assert pooled.ratios.count == 40
+    assert (pooled.ratios.median_low, pooled.ratios.median_high) == pytest.approx((0.97, 0.99))
+    assert pairs.pool(records, "udp", tcx) is None
+
+
+def test_a_tree_with_changes_to_its_datapath_has_no_identity(monkeypatch):
+    from benchmarks import pairs
+    answers = {"status": " M bpf/flows.h", "rev-parse": "9ef3f64"}
+    monkeypatch.setattr(pairs, "_git", lambda *args: answers[args[0]])
+    assert pairs.tree_identity() is None and pairs.datapath("tcx") is None
+    answers["status"] = ""
+    assert pairs.datapath("tcx") == "bpf=9ef3f64 config=9ef3f64 attach=tcx"
+
+
+def test_the_pooled_verdict_and_what_more_pairs_are_asked_for():
+    from benchmarks.pool import _pair_counts, pooled_rows
+    tcx = "bpf=1111111 config=2222222 attach=tcx"
+    records = [_record(tcx, "2026-12-03T11:27Z", [10.0] * 20, [9.9] * 20),
+               _record(tcx, "2026-12-03T12:02Z", [10.0] * 20, [9.6] * 20)]
+    ((stream, measured, target, met, runs),) = pooled_rows(records, tcx)
+    assert (stream, target, met) == ("tcp", ">= 0.97", "not resolved")     # 0.96..0.99
+    assert measured.startswith("0.975 of without (95% CI 0.960-0.990), 40 pairs")
+    assert runs == "2026-12-03T11:27Z (20), 2026-12-03T12:02Z (20)"
+    assert _pair_counts("tcp=600,udp=10") == {"tcp": 600, "udp": 10}
+    for bad in ("tcp", "tcp=0", "dns=5", "tcp=x"):
+        with pytest.raises(Exception, match="expected STREAM=PAIRS"):
+            _pair_counts(bad)
