@@ -28,6 +28,7 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 
 from exporter import bpfsys
+from tests.exporter_process import fd_infos
 from tests.testnode import TestNode, in_netns
 
 FLOOR_SOURCE = Path(__file__).with_name("floor.c")
@@ -54,14 +55,9 @@ def run_time_statistics() -> Iterator[None]:
 
 
 def prog_ids_of(pid: int) -> set[int]:
-    """The BPF programs a process holds open (bcc keeps every loaded program's fd)."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("prog_id:"):
-                    ids.add(int(line.split()[1]))
-    return ids
+    """The BPF programs a process holds open (bcc keeps every loaded program's fd; a tcx
+    link's fdinfo names its program too)."""
+    return {int(info["prog_id"]) for info in fd_infos(pid) if "prog_id" in info}
 
 
 @dataclass(frozen=True)
