@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import connections, interleaved, pairs, part1, scrape
-from .document import Results, headlines, markdown
+from . import connections, interleaved, pairs, part1, pool, scrape
+from .document import POOLED_HEADER, Results, headlines, markdown
 from .machine import Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
 from .streams import STREAMS
@@ -72,19 +72,24 @@ def main(argv: list[str] | None = None) -> int:
         kernel, per_connection = part1.run(node, kernel_seconds, repetitions, say=_say)
         _say("4, 2, 5. start-up; throughput and connection rate, the programs switched")
         rounds_result = interleaved.run(node, pairs_of, window, starts, _say)
+        pooled = None
         if args.out and not args.quick:
             record = pairs.record_of(rounds_result, window, rounds_result.attach, load_before)
             if record.datapath is None:
                 _say("  uncommitted changes to the datapath: the pairs are not saved")
             else:
                 _say(f"  pairs saved to {pairs.save(record)} (python -m benchmarks.pool)")
+                pooled = (record.datapath, pool.pooled_rows(pairs.load_all(), record.datapath))
         _say("3. scrape cost")
         scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
     results = Results(Machine.describe(), args.quick, args.long, load_before, load_average(),
                       window, kernel, per_connection, rounds_result, scrapes, ports_per_source,
-                      time.monotonic() - began)
+                      time.monotonic() - began, pooled)
     _say("")
     _say(text_table(HEADLINE_HEADER, headline_rows(headlines(results))))
+    if pooled is not None:
+        _say(f"\npooled with the saved runs of {pooled[0]}:")
+        _say(text_table(POOLED_HEADER, pooled[1]))
     if args.out:
         args.out.write_text(markdown(results))
         _say(f"\nwritten to {args.out}")

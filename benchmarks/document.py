@@ -42,6 +42,9 @@ class Results:
     scrapes: list[ScrapeRun]
     ports_per_source: int
     wall_seconds: float
+    # the verdicts over every saved run of this datapath, this one's pairs included: the
+    # datapath and benchmarks.pool's rows; None when the run's pairs were not saved
+    pooled: tuple[str, list[list[str]]] | None = None
 
 
 def _ratios(rounds: Rounds, name: str) -> Summary:
@@ -185,6 +188,21 @@ def _scrape_section(r: Results) -> str:
                            "packets missing"), rows)
 
 
+POOLED_HEADER = ("stream", "pooled ratio", "target", "", "runs (pairs)")
+
+
+def _pooled_section(r: Results) -> str:
+    if r.pooled is None:
+        return ""
+    datapath, rows = r.pooled
+    return f"""
+Part 2 and 5's verdicts over every saved run of this datapath (`{datapath}`), this one
+included (`benchmarks/pairs/`, `make bench-pool`; the method says why they pool):
+
+{markdown_table(POOLED_HEADER, rows)}
+"""
+
+
 def markdown(r: Results) -> str:
     m = r.machine
     written = "`make bench` (`python -m benchmarks`)"
@@ -210,7 +228,7 @@ other agents running test suites, so every figure carries their noise: read the 
 ## Headline
 
 {markdown_table(HEADLINE_HEADER, headline_rows(headlines(r)))}
-
+{_pooled_section(r)}
 ## 1. Per-packet kernel cost
 
 Every collector on (flows, tcp, dns, http). ns per run as the kernel accounts it

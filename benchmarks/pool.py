@@ -12,11 +12,14 @@ from pathlib import Path
 from tests.testnode import TestNode
 
 from . import connections, interleaved, pairs
+from .document import POOLED_HEADER
 from .machine import load_average
 from .report import RATIO_TARGETS, Headline, against, text_table, verdict
 from .streams import STREAMS
 
 DEFAULT_WINDOW = 0.5        # as `make bench`
+STREAM_LABELS = {"tcp": "TCP bulk", "udp": "64-byte UDP",
+                 "connections": "connect/close loop (rate)"}
 
 
 def _pair_counts(text: str) -> dict[str, int]:
@@ -54,7 +57,7 @@ def pooled_rows(records: list[pairs.Record], datapath: str) -> list[list[str]]:
         headline = Headline(stream, measured, f">= {target}",
                              against(s.median_low, s.median_high, target))
         runs = ", ".join(f"{r.date} ({len(r.ratios(stream))})" for r in result.runs)
-        rows.append([stream, measured, headline.target, verdict(headline), runs])
+        rows.append([STREAM_LABELS[stream], measured, headline.target, verdict(headline), runs])
     return rows
 
 
@@ -89,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for datapath in datapaths:
         print(f"pooled runs of {datapath}:")
-        print(text_table(("stream", "pooled ratio", "target", "", "runs (pairs)"),
-                         pooled_rows(records, datapath)))
+        print(text_table(POOLED_HEADER, pooled_rows(records, datapath)))
     return 0
 
 if __name__ == "__main__":

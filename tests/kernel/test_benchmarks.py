@@ -72,7 +72,8 @@ def test_pool_measures_saves_and_pools_more_pairs(tmp_path, capsys):
     assert all(len(r.without["udp"]) == len(r.attached["udp"]) == 2 for r in records)
     assert all(0 < x for r in records for x in r.ratios("udp"))
     # each call prints the pooled table: after the first run its 2 pairs, then both runs' 4
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("udp ")]
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("64-byte UDP ")]
     assert len(rows) == 2 and ", 2 pairs" in rows[0] and ", 4 pairs" in rows[1]
 
 

@@ -198,9 +198,17 @@ def test_the_pooled_verdict_and_what_more_pairs_are_asked_for():
     records = [_record(tcx, "2026-12-03T11:27Z", [10.0] * 20, [9.9] * 20),
                _record(tcx, "2026-12-03T12:02Z", [10.0] * 20, [9.6] * 20)]
     ((stream, measured, target, met, runs),) = pooled_rows(records, tcx)
-    assert (stream, target, met) == ("tcp", ">= 0.97", "not resolved")     # 0.96..0.99
+    assert (stream, target, met) == ("TCP bulk", ">= 0.97", "not resolved")   # 0.96..0.99
     assert measured.startswith("0.975 of without (95% CI 0.960-0.990), 40 pairs")
     assert runs == "2026-12-03T11:27Z (20), 2026-12-03T12:02Z (20)"
+    # make bench puts them under its own headline
+    results = _synthetic_results([1.0] * 20)
+    assert "every saved run of this datapath (`" not in markdown(results)
+    results.pooled = (tcx, pooled_rows(records, tcx))
+    rendered = markdown(results)
+    assert f"every saved run of this datapath (`{tcx}`)" in rendered
+    assert ("| TCP bulk | 0.975 of without (95% CI 0.960-0.990), 40 pairs | >= 0.97 | "
+            "not resolved | 2026-12-03T11:27Z (20), 2026-12-03T12:02Z (20) |") in rendered
     assert _pair_counts("tcp=600,udp=10") == {"tcp": 600, "udp": 10}
     for bad in ("tcp", "tcp=0", "dns=5", "tcp=x"):
         with pytest.raises(Exception, match="expected STREAM=PAIRS"):
