@@ -13,11 +13,9 @@ from tests.testnode import TestNode
 
 from . import connections, interleaved, pairs, part1, pool, scrape
 from .document import POOLED_HEADER, Results, headlines, markdown
-from .machine import Machine, load_average
+from .machine import NICENESS, Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
 from .streams import STREAMS
-
-NICENESS = -10
 
 
 def _say(text: str) -> None:
@@ -39,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks: must run as root (BPF, network namespaces)", file=sys.stderr)
         return 2
 
-    # Ahead of the other users of a shared machine, so that their load moves the figures less.
-    # Every process started from here inherits it: workloads, servers and the exporter alike.
     os.setpriority(os.PRIO_PROCESS, 0, NICENESS)
     if args.quick:
         starts, window, kernel_seconds, repetitions = 1, 0.5, 1.0, 1

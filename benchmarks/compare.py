@@ -29,10 +29,10 @@ from tests.exporter_process import ExporterProcess
 from tests.testnode import TestNode
 
 from . import connections, kernel_cost, part1, startup, throughput
+from .machine import NICENESS
 from .report import text_table
 from .stats import summarize
 
-NICENESS = -10
 BESIDE = Path(__file__).with_name("beside.py")
 FIGURES = ("UDP ns per packet over the floor", "TCP ns per skb over the floor",
            "tracepoint ns per TCP connection")

@@ -16,6 +16,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# Ahead of the other users of a shared machine, so that their load moves the figures less.
+# Every process started by a benchmark inherits it: workloads, servers and the exporter alike.
+NICENESS = -10
+
+
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 

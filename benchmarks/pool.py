@@ -13,7 +13,7 @@ from tests.testnode import TestNode
 
 from . import connections, interleaved, pairs
 from .document import POOLED_HEADER
-from .machine import load_average
+from .machine import NICENESS, load_average
 from .report import RATIO_TARGETS, Headline, against, text_table, verdict
 from .streams import STREAMS
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print("benchmarks.pool: --run must run as root (BPF, network namespaces)",
                   file=sys.stderr)
             return 2
-        os.setpriority(os.PRIO_PROCESS, 0, -10)     # as `make bench`
+        os.setpriority(os.PRIO_PROCESS, 0, NICENESS)
         record = measure(args.run, args.window)
         if record.datapath is None:
             print("uncommitted changes to the datapath: the pairs are not saved",
