@@ -183,21 +183,26 @@ class ExporterProcess:
 TCX_HOOKS = {bpfsys.TCX_INGRESS: "ingress", bpfsys.TCX_EGRESS: "egress"}
 
 
+def fd_info(pid: int, fd: int | str) -> dict[str, str]:
+    """The fields of one file descriptor's fdinfo ("prog_id", "run_cnt", "link_type",
+    "tp_name", ...); OSError when it is closed."""
+    text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+    return {key: value.strip() for key, _, value in
+            (line.partition(":") for line in text.splitlines()) if value}
+
+
 def fd_infos(pid: int) -> list[dict[str, str]]:
-    """The fields of each of the process's file descriptors' fdinfo ("prog_id", "link_type",
-    "tp_name", ...); none when the process is gone."""
+    """fd_info of each of the process's file descriptors; none when the process is gone."""
     try:
-        paths = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+        fds = [path.name for path in Path(f"/proc/{pid}/fdinfo").iterdir()]
     except OSError:
         return []
     infos = []
-    for path in paths:
+    for fd in fds:
         try:
-            text = path.read_text()
+            infos.append(fd_info(pid, fd))
         except OSError:
             continue            # closed meanwhile
-        infos.append({key: value.strip() for key, _, value in
-                      (line.partition(":") for line in text.splitlines()) if value})
     return infos
 
 

@@ -15,7 +15,7 @@ from exporter import bpfsys
 from exporter.interfaces import Link, TcAttacher
 from exporter.live.attach import LiveTcxAttacher
 from exporter.tcx import TcxAttacher
-from tests.exporter_process import filters_on, ifindex, tcx_links
+from tests.exporter_process import fd_info, filters_on, ifindex, tcx_links
 from tests.testnode import TestNode, in_netns, udp_send
 
 pytestmark = pytest.mark.kernel
@@ -121,21 +121,13 @@ def test_an_interface_that_is_gone_is_enodev_and_leaves_nothing_linked(floor, no
     assert attacher.linked() == set() and tcx_links(os.getpid()) == []
 
 
-def _fdinfo_field(fd: int, field: str) -> int:
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} in the fdinfo of fd {fd}")
-
-
 def _run_count(prog_fd: int) -> int:
     """How often the program ran."""
-    return _fdinfo_field(prog_fd, "run_cnt")
+    return int(fd_info(os.getpid(), prog_fd)["run_cnt"])
 
 
 def _program_id(prog_fd: int) -> int:
-    return _fdinfo_field(prog_fd, "prog_id")
+    return int(fd_info(os.getpid(), prog_fd)["prog_id"])
 
 
 PROG_QUERY = 16
