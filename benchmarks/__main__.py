@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds_result = interleaved.run(node, pairs_of, window, starts, _say)
         pooled = None
         if args.out and not args.quick:
-            record = pairs.record_of(rounds_result, window, rounds_result.attach, load_before)
+            record = pairs.record_of(rounds_result, window, load_before)
             if record.datapath is None:
                 _say("  uncommitted changes to the datapath: the pairs are not saved")
             else:

@@ -90,6 +90,16 @@ def switched_exporter(node: TestNode, settle: float = startup.SETTLE_SECONDS,
             started.exporter.stop()
 
 
+def measure_switched(node: TestNode, pairs_of: Mapping[str, int], window: float, into: Rounds,
+                     progress: Callable[[str], None] = print,
+                     settle: float = startup.SETTLE_SECONDS) -> None:
+    """The pairs on one switched exporter, and how it attached (into.attach). The caller has
+    started an iperf3 server on pod b and prepared the node for the loop."""
+    with switched_exporter(node, settle) as (switch, attach):
+        into.attach = attach
+        measure_pairs(node, switch, pairs_of, window, into, progress)
+
+
 def run(node: TestNode, pairs_of: Mapping[str, int], window: float, starts: int,
         progress: Callable[[str], None] = print, settle: float = startup.SETTLE_SECONDS) -> Rounds:
     """The caller has started an iperf3 server on pod b."""
@@ -98,7 +108,5 @@ def run(node: TestNode, pairs_of: Mapping[str, int], window: float, starts: int,
     measure_startups(node, starts, result)
     progress(f"  {starts} start-ups: ready in " + ", ".join(
         f"{s:.2f}" for s in result.startup_seconds) + " s")
-    with switched_exporter(node, settle) as (switch, attach):
-        result.attach = attach
-        measure_pairs(node, switch, pairs_of, window, result, progress)
+    measure_switched(node, pairs_of, window, result, progress, settle)
     return result

@@ -65,14 +65,13 @@ class Record:
         return paired_ratios(self.without.get(stream, []), self.attached.get(stream, []))
 
 
-def record_of(rounds: Rounds, window: float, attach: str,
-              load: tuple[float, float, float]) -> Record:
+def record_of(rounds: Rounds, window: float, load: tuple[float, float, float]) -> Record:
     try:
         commit = _git("rev-parse", "--short", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return Record(now, commit, datapath(attach), window, load,
+    return Record(now, commit, datapath(rounds.attach), window, load,
                   {k: v for k, v in rounds.without.items() if v},
                   {k: v for k, v in rounds.attached.items() if v})
 

@@ -39,10 +39,8 @@ def measure(pairs_of: dict[str, int], window: float) -> pairs.Record:
     with TestNode() as node:
         node.iperf3_server(node.b_ns, node.b_ip)
         connections.prepare(node)
-        with interleaved.switched_exporter(node) as (switch, attach):
-            rounds.attach = attach
-            interleaved.measure_pairs(node, switch, pairs_of, window, rounds, print)
-    return pairs.record_of(rounds, window, rounds.attach, load)
+        interleaved.measure_switched(node, pairs_of, window, rounds)
+    return pairs.record_of(rounds, window, load)
 
 
 def pooled_rows(records: list[pairs.Record], datapath: str) -> list[list[str]]:
