@@ -240,15 +240,18 @@ def ifindex(node: TestNode, device: str) -> int:
     return int(json.loads(out)[0]["ifindex"])
 
 
+def filter_listings(node: TestNode, devices: Iterable[str]) -> dict[str, str]:
+    """`tc filter show` of each device and hook of the node, e.g. {"xva ingress": "...", ...}
+    (empty where there is no clsact qdisc)."""
+    return {f"{device} {hook}": node.run(node.node_ns, ["tc", "filter", "show", "dev", device,
+                                                        hook], check=False).stdout
+            for device in devices for hook in ("ingress", "egress")}
+
+
 def filters_on(node: TestNode, devices: Iterable[str]) -> dict[str, int]:
     """Our cls_bpf filters per device and hook (interfaces.attach: clsact, or left by one)."""
-    counts = {}
-    for device in devices:
-        for hook in ("ingress", "egress"):
-            out = node.run(node.node_ns, ["tc", "filter", "show", "dev", device, hook],
-                           check=False).stdout
-            counts[f"{device} {hook}"] = out.count("ebpf_net_exporter")
-    return counts
+    return {hook: out.count("ebpf_net_exporter")
+            for hook, out in filter_listings(node, devices).items()}
 
 
 def is_live_view(pid: int) -> bool:

@@ -162,21 +162,18 @@ def test_a_killed_view_leaves_nothing_the_next_view_keeps_and_the_exporters_stay
     the exporter's tcx links nor the first view's."""
     import signal
 
-    from tests.exporter_process import attachments_on, link_exists, tcx_links, wait_until
-
-    def live_filters() -> dict[str, str]:
-        found = {}
-        for device in (node.veth_a, node.veth_b):
-            for hook in ("ingress", "egress"):
-                out = node.run(node.node_ns, ["tc", "filter", "show", "dev", device, hook],
-                               check=False).stdout
-                found[f"{device} {hook}"] = " ".join(
-                    word for word in out.split() if word.startswith("ebpf_net_live_"))
-        return found
+    from tests.exporter_process import (
+        attachments_on,
+        filter_listings,
+        link_exists,
+        tcx_links,
+        wait_until,
+    )
 
     def filters_of(pid: int) -> int:
         """On how many of the four hooks the view's clsact filter is."""
-        return sum(f"ebpf_net_live_{pid}" in names for names in live_filters().values())
+        return sum(f"ebpf_net_live_{pid}" in out.split()
+                   for out in filter_listings(node, devices).values())
 
     def link_ids(pid: int) -> list[int]:
         return [link_id for _, _, link_id in tcx_links(pid)]
