@@ -53,6 +53,15 @@ def node(kernel_ready: None) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
+def cluster(kernel_ready: None) -> Iterator[object]:
+    """A built two-node TestCluster (tests/testcluster.py), routed mode to start with."""
+    from tests.testcluster import TestCluster
+
+    with TestCluster() as built:
+        yield built
+
+
+@pytest.fixture(scope="module")
 def exporter(node: object) -> Iterator[object]:
     """One exporter on the module's node, with default settings."""
     from tests.exporter_process import ExporterProcess

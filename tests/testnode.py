@@ -16,8 +16,13 @@ character base-36 per-process counter. PIDs have at most 7 digits
 veths ``<p>va``, ``<p>vb`` and ``<p>vh``; pod-side veths are ``eth0`` inside
 each pod; the optional root-namespace link is ``<p>h``. Pod veths are created
 directly inside the namespaces, so only ``<p>h`` ever exists in the root
-namespace. :func:`cleanup_stale` parses <pid> back out of these names and
+namespace. :class:`tests.testcluster.TestCluster` draws its prefixes from the
+same scheme (namespaces ``<p>-n1``, ``<p>-n2``, ``<p>-1a`` ... ``<p>-2b``, all
+links inside them). :func:`cleanup_stale` parses <pid> back out of these names and
 removes leftovers of processes that no longer exist.
+
+Process and server helpers (``run``, ``spawn``, ``http_server``, ``nginx``, ...)
+live in the :class:`NetnsProcesses` mixin, shared with TestCluster.
 
 Servers are considered ready once their socket shows up in the namespace's
 ``/proc/net/{tcp,udp}[6]`` tables, so readiness checks send no traffic.
@@ -50,6 +55,7 @@ from exporter.environment import pid_alive
 __all__ = [
     "HTTP_DATA_SIZE",
     "HTTP_INDEX_BODY",
+    "NetnsProcesses",
     "TestNode",
     "cleanup_stale",
     "connect_refused",
@@ -69,7 +75,8 @@ READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
 _PREFIX_RE = r"ent(\d+)x[0-9a-z]{1,2}"
-_STALE_NS_RE = re.compile(rf"^{_PREFIX_RE}-(?:node|a|b)$")
+# TestNode's <p>-node/-a/-b and TestCluster's <p>-n1/-n2 (nodes) and <p>-1a ... <p>-2b (pods)
+_STALE_NS_RE = re.compile(rf"^{_PREFIX_RE}-(?:node|a|b|n[12]|[12][ab])$")
 _STALE_LINK_RE = re.compile(rf"^{_PREFIX_RE}h$")
 _STALE_TMP_RE = re.compile(rf"^{_PREFIX_RE}-")
 _LOCK_PATH = "/run/ent-testnode.lock"
@@ -91,6 +98,36 @@ handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root
 print(f"Serving HTTP on {addr} port {port} from {root}", flush=True)
 Server((addr, port), handler).serve_forever()
 """
+
+
+
+def _nginx_config(root: str, addr: str, port: int, locations: Mapping[str, int]) -> str:
+    """nginx.conf for :meth:`NetnsProcesses.nginx` (all state inside ``root``)."""
+    listen = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    returns = "".join(
+        f"        location = {path} {{ return {code}; }}\n" for path, code in locations.items()
+    )
+    temp = " ".join(
+        f"{kind}_temp_path {root}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""\
+user root;
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{}}
+http {{
+    access_log off;
+    {temp}
+    server {{
+        listen {listen};
+{returns}        location / {{ return 404; }}
+    }}
+}}
+"""
+
 
 _counter = itertools.count()
 _state_lock = threading.Lock()
@@ -198,6 +235,7 @@ def _new_prefix() -> str:
             prefix = f"ent{pid}x{_b36(next(_counter) % (36 * 36))}"
             if not (
                 os.path.exists(os.path.join(NETNS_DIR, f"{prefix}-node"))
+                or os.path.exists(os.path.join(NETNS_DIR, f"{prefix}-n1"))
                 or os.path.exists(os.path.join(SYS_NET_DIR, f"{prefix}h"))
             ):
                 return prefix
@@ -593,10 +631,167 @@ def _tail(path: str, limit: int = 2000) -> str:
 
 
 # --------------------------------------------------------------------------
+# processes and servers in namespaces (shared by TestNode and TestCluster)
+
+
+class NetnsProcesses:
+    """Start, wait for and stop processes and servers inside network namespaces.
+
+    A mixin: the class using it sets :attr:`tmpdir` (server roots and logs go there)
+    and :attr:`_procs` (processes still to stop), and calls :meth:`_stop_processes`
+    when it is torn down.
+    """
+
+    tmpdir: str
+    _procs: list[subprocess.Popen[Any]]
+
+    def _stop_processes(self) -> None:
+        """Stop every process still running (each by its PID); never raises."""
+        for proc in list(self._procs):
+            with contextlib.suppress(Exception):
+                self.stop(proc)
+
+    # ---- processes ---------------------------------------------------------
+
+    def run(
+        self,
+        ns: str,
+        argv: Sequence[str],
+        check: bool = True,
+        timeout: float = 30,
+        **kw: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in namespace ``ns`` and wait; output captured as text."""
+        return _run(["ip", "netns", "exec", ns, *argv], check, timeout, **kw)
+
+    def spawn(self, ns: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` in ``ns`` in the background; stopped on close()."""
+        popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **popen_kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any]) -> None:
+        """SIGTERM ``proc`` by PID, wait 5 s, then SIGKILL; forget it."""
+        try:
+            _terminate(proc)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._procs.remove(proc)
+
+    def nft(self, ns: str, ruleset: str) -> None:
+        """Load an nftables ruleset (``nft -f -``) into namespace ``ns``."""
+        self.run(ns, ["nft", "-f", "-"], input=ruleset)
+
+    # ---- servers -----------------------------------------------------------
+
+    def _spawn_logged(
+        self, ns: str, argv: Sequence[str], name: str
+    ) -> tuple[subprocess.Popen[Any], str]:
+        fd, log = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=self.tmpdir)
+        with os.fdopen(fd, "w") as fh:
+            proc = self.spawn(ns, argv, stdout=fh, stderr=subprocess.STDOUT)
+        return proc, log
+
+    def _wait_ready(
+        self,
+        proc: subprocess.Popen[Any],
+        ready: Callable[[], bool],
+        what: str,
+        log: str,
+    ) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                self.stop(proc)
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                self.stop(proc)
+                raise RuntimeError(f"{what} not ready after {READY_TIMEOUT}s:\n{_tail(log)}")
+            time.sleep(0.01)
+
+    def http_server(self, ns: str, addr: str, port: int) -> subprocess.Popen[Any]:
+        """An http.server on addr:port serving a dir with index.html + data.bin.
+
+        It is ``python3 -m http.server`` minus the reverse DNS lookup of the bind
+        address (``getfqdn``) that stock HTTPServer does at startup, which would
+        send DNS queries out of the namespace towards the host's resolver.
+        """
+        root = tempfile.mkdtemp(prefix="http-", dir=self.tmpdir)
+        with open(os.path.join(root, "data.bin"), "wb") as fh:
+            fh.write(bytes(HTTP_DATA_SIZE))
+        with open(os.path.join(root, "index.html"), "w") as fh:
+            fh.write(HTTP_INDEX_BODY)
+        argv = [sys.executable, "-c", _HTTP_SERVER_CODE, addr, str(port), root]
+        proc, log = self._spawn_logged(ns, argv, "http")
+        self._wait_ready(proc, lambda: _bound(ns, addr, port), f"http.server {addr}:{port}", log)
+        return proc
+
+    def dns_server(self, ns: str, addr: str, records: Mapping[str, str]) -> subprocess.Popen[Any]:
+        """dnsmasq answering ``records`` (name -> IP) on addr:53 (UDP+TCP) only.
+
+        No upstream servers, no /etc/hosts; queries are logged to a file in
+        :attr:`tmpdir`.
+        """
+        queries = os.path.join(self.tmpdir, f"dnsmasq-{addr.replace(':', '_')}.queries.log")
+        argv = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            f"--listen-address={addr}",
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            f"--log-facility={queries}",
+            "--log-queries",
+            *(f"--address=/{name}/{ip}" for name, ip in records.items()),
+        ]
+        proc, log = self._spawn_logged(ns, argv, "dnsmasq")
+        self._wait_ready(
+            proc,
+            lambda: _bound(ns, addr, 53, udp=True) and _bound(ns, addr, 53),
+            f"dnsmasq {addr}",
+            log,
+        )
+        return proc
+
+    def iperf3_server(self, ns: str, addr: str, port: int = 5201) -> subprocess.Popen[Any]:
+        """iperf3 -s bound to addr:port."""
+        argv = ["iperf3", "-s", "-B", addr, "-p", str(port)]
+        proc, log = self._spawn_logged(ns, argv, "iperf3")
+        self._wait_ready(proc, lambda: _bound(ns, addr, port), f"iperf3 {addr}:{port}", log)
+        return proc
+
+    def nginx(
+        self, ns: str, addr: str, port: int, locations: Mapping[str, int]
+    ) -> subprocess.Popen[Any]:
+        """A real nginx on addr:port answering ``return CODE`` for each exact location
+        (path -> status code) and 404 for everything else.
+
+        It runs as root in the foreground with every path (pid, logs, temp dirs) in a
+        directory of its own under :attr:`tmpdir`, so it touches nothing of the host's.
+        """
+        root = tempfile.mkdtemp(prefix="nginx-", dir=self.tmpdir)
+        conf = os.path.join(root, "nginx.conf")
+        with open(conf, "w") as fh:
+            fh.write(_nginx_config(root, addr, port, locations))
+        # -e: the error log before the config is read is ours too, not /var/log/nginx's
+        argv = ["nginx", "-c", conf, "-p", root, "-e", os.path.join(root, "error.log")]
+        proc, log = self._spawn_logged(ns, argv, "nginx")
+        self._wait_ready(proc, lambda: _bound(ns, addr, port), f"nginx {addr}:{port}", log)
+        return proc
+
+
+# --------------------------------------------------------------------------
 # the test node
 
 
-class TestNode:
+class TestNode(NetnsProcesses):
     """Node + two pod network namespaces joined by veth pairs (see module doc)."""
 
     __test__ = False  # not a pytest test class
@@ -673,9 +868,7 @@ class TestNode:
     def close(self) -> None:
         """Tear everything down; idempotent and safe after a partial build."""
         try:
-            for proc in list(self._procs):
-                with contextlib.suppress(Exception):
-                    self.stop(proc)
+            self._stop_processes()
         finally:
             if os.path.exists(os.path.join(SYS_NET_DIR, self.host_if)):
                 _ip("link", "del", self.host_if, check=False)
@@ -800,119 +993,3 @@ class TestNode:
                 ) from exc
             finally:
                 _close_listener(srv)
-
-    # ---- processes ---------------------------------------------------------
-
-    def run(
-        self,
-        ns: str,
-        argv: Sequence[str],
-        check: bool = True,
-        timeout: float = 30,
-        **kw: Any,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in namespace ``ns`` and wait; output captured as text."""
-        return _run(["ip", "netns", "exec", ns, *argv], check, timeout, **kw)
-
-    def spawn(self, ns: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
-        """Start ``argv`` in ``ns`` in the background; stopped on close()."""
-        popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **popen_kwargs)
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[Any]) -> None:
-        """SIGTERM ``proc`` by PID, wait 5 s, then SIGKILL; forget it."""
-        try:
-            _terminate(proc)
-        finally:
-            with contextlib.suppress(ValueError):
-                self._procs.remove(proc)
-
-    def nft(self, ns: str, ruleset: str) -> None:
-        """Load an nftables ruleset (``nft -f -``) into namespace ``ns``."""
-        self.run(ns, ["nft", "-f", "-"], input=ruleset)
-
-    # ---- servers -----------------------------------------------------------
-
-    def _spawn_logged(
-        self, ns: str, argv: Sequence[str], name: str
-    ) -> tuple[subprocess.Popen[Any], str]:
-        fd, log = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=self.tmpdir)
-        with os.fdopen(fd, "w") as fh:
-            proc = self.spawn(ns, argv, stdout=fh, stderr=subprocess.STDOUT)
-        return proc, log
-
-    def _wait_ready(
-        self,
-        proc: subprocess.Popen[Any],
-        ready: Callable[[], bool],
-        what: str,
-        log: str,
-    ) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                self.stop(proc)
-                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                self.stop(proc)
-                raise RuntimeError(f"{what} not ready after {READY_TIMEOUT}s:\n{_tail(log)}")
-            time.sleep(0.01)
-
-    def http_server(self, ns: str, addr: str, port: int) -> subprocess.Popen[Any]:
-        """An http.server on addr:port serving a dir with index.html + data.bin.
-
-        It is ``python3 -m http.server`` minus the reverse DNS lookup of the bind
-        address (``getfqdn``) that stock HTTPServer does at startup, which would
-        send DNS queries out of the namespace towards the host's resolver.
-        """
-        root = tempfile.mkdtemp(prefix="http-", dir=self.tmpdir)
-        with open(os.path.join(root, "data.bin"), "wb") as fh:
-            fh.write(bytes(HTTP_DATA_SIZE))
-        with open(os.path.join(root, "index.html"), "w") as fh:
-            fh.write(HTTP_INDEX_BODY)
-        argv = [sys.executable, "-c", _HTTP_SERVER_CODE, addr, str(port), root]
-        proc, log = self._spawn_logged(ns, argv, "http")
-        self._wait_ready(proc, lambda: _bound(ns, addr, port), f"http.server {addr}:{port}", log)
-        return proc
-
-    def dns_server(self, ns: str, addr: str, records: Mapping[str, str]) -> subprocess.Popen[Any]:
-        """dnsmasq answering ``records`` (name -> IP) on addr:53 (UDP+TCP) only.
-
-        No upstream servers, no /etc/hosts; queries are logged to a file in
-        :attr:`tmpdir`.
-        """
-        queries = os.path.join(self.tmpdir, f"dnsmasq-{addr.replace(':', '_')}.queries.log")
-        argv = [
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            f"--listen-address={addr}",
-            "--port=53",
-            "--pid-file=",
-            "--user=root",
-            f"--log-facility={queries}",
-            "--log-queries",
-            *(f"--address=/{name}/{ip}" for name, ip in records.items()),
-        ]
-        proc, log = self._spawn_logged(ns, argv, "dnsmasq")
-        self._wait_ready(
-            proc,
-            lambda: _bound(ns, addr, 53, udp=True) and _bound(ns, addr, 53),
-            f"dnsmasq {addr}",
-            log,
-        )
-        return proc
-
-    def iperf3_server(self, ns: str, addr: str, port: int = 5201) -> subprocess.Popen[Any]:
-        """iperf3 -s bound to addr:port."""
-        argv = ["iperf3", "-s", "-B", addr, "-p", str(port)]
-        proc, log = self._spawn_logged(ns, argv, "iperf3")
-        self._wait_ready(proc, lambda: _bound(ns, addr, port), f"iperf3 {addr}:{port}", log)
-        return proc
