@@ -89,6 +89,9 @@ static __always_inline int monitored(u32 ifindex, u32 *flags)
 }
 
 #include "packet.h"
+#ifdef ONCE_PER_CLUSTER
+#include "cluster.h"
+#endif
 /* the live view's records (-DWITH_EVENTS); never in the exporter's programs */
 #ifdef WITH_EVENTS
 #include "events.h"
@@ -130,8 +133,22 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 
     u32 zero = 0;
 #ifdef WITH_FLOWS
-    u32 *gen = flow_generation.lookup(&zero);
-    account_flow(skb, &pkt, gen ? *gen : 0);
+#ifdef ONCE_PER_CLUSTER
+    /* arrived from the network, sent by a node that counted it on the way out: only the
+     * parsers below still look at it (the exchange may be this node's client's) */
+    if (!egress && (flags & IFACE_NETWORK) && counted_by_its_node(pkt.family, pkt.saddr)) {
+        struct left_counts *left = left_counts();
+        if (left) {
+            u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
+            left->flow_packets += segs;
+            left->flow_bytes += wire_ip_bytes(skb, &pkt, segs);
+        }
+    } else
+#endif
+    {
+        u32 *gen = flow_generation.lookup(&zero);
+        account_flow(skb, &pkt, gen ? *gen : 0);
+    }
 #endif
     if (!pkt.has_ports)
         return TC_ACT_UNSPEC;

@@ -267,6 +267,17 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
         return;
     }
 
+#ifdef ONCE_PER_CLUSTER
+    /* the client's node counts the exchange: a query from another node's client is neither
+     * counted nor remembered here, and its response passes unpaired and uncounted */
+    if (counted_by_its_node(pkt->family, msg->is_response ? pkt->daddr : pkt->saddr)) {
+        struct left_counts *left = left_counts();
+        if (left && !msg->is_response)
+            left->dns_queries += 1;
+        return;
+    }
+#endif
+
 #ifdef DNS_QUERY_NAMES
     /* volatile: read it back from the map, where the verifier no longer knows which of the
      * name loop's exits it came from (clang would forward the loop's register otherwise) */

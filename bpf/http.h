@@ -565,6 +565,25 @@ static __always_inline int http_wanted(struct __sk_buff *skb, const struct packe
     return http_ends(pkt) || look == HTTP_LOOK_MESSAGE;
 }
 
+/* Whether the client of this request or response is an address of another node whose exporter
+ * counts the exchange (-DONCE_PER_CLUSTER, bpf/cluster.h); a request is counted as left to it.
+ * Such a request never enters http_conns, so its response and the connection's end find
+ * nothing there either. */
+static __always_inline int http_counted_elsewhere(const struct packet *pkt, int kind)
+{
+#ifdef ONCE_PER_CLUSTER
+    int request = kind == HTTP_REQUEST;
+    if (!counted_by_its_node(pkt->family, request ? pkt->saddr : pkt->daddr))
+        return 0;
+    struct left_counts *left = left_counts();
+    if (left && request)
+        left->http_requests += 1;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static __always_inline void account_http(struct __sk_buff *skb, const struct packet *pkt)
 {
     if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
@@ -596,6 +615,8 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
             int kind = http_classify(s, &method, &status);
             if (kind == HTTP_MALFORMED) {
                 count_parse_error(PARSE_ERROR_HTTP);
+            } else if (kind != HTTP_NOT_HTTP && http_counted_elsewhere(pkt, kind)) {
+                /* another node's client: its node counts the exchange */
             } else if (kind != HTTP_NOT_HTTP) {
                 struct http_conn_key ck = {};
                 http_conn_key_of(&ck, pkt, kind == HTTP_REQUEST);

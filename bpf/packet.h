@@ -20,6 +20,7 @@
 
 /* Interface flags, set by user space in monitored_ifaces. */
 #define IFACE_ETHERNET 1    /* frames start with an Ethernet header (else with the IP header) */
+#define IFACE_NETWORK 2     /* faces the network (uplink, overlay), not this node's pods */
 
 enum parse_result {
     PARSE_OK = 0,

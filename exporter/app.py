@@ -22,6 +22,7 @@ from . import (
     environment,
     jiffies,
     logs,
+    oncepercluster,
     privileges,
     singleton,
     sockfields,
@@ -204,6 +205,7 @@ class Exporter:
         self._claim: socket.socket | None = None
         self.kubernetes: KubernetesMetadata | None = None
         self.label_sets: EndpointLabelSets | None = None
+        self.counting: oncepercluster.ClusterCounting | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -264,8 +266,15 @@ class Exporter:
             self.sweeping.append(bash)
         reporters = []
         if classifier.wanted(config):
-            program = self._program("classifier", "classifier.c", classifier.cflags(config))
+            once, why = oncepercluster.wanted(config, self.kubernetes)
+            log.info(f"counting once per {'cluster' if once else 'node'}",
+                     extra={"because": why})
+            program = self._program("classifier", "classifier.c",
+                                    classifier.cflags(config, once))
             ingress, egress = classifier.load(program, config)
+            if once:
+                self.counting = oncepercluster.ClusterCounting(program, config,
+                                                               self.kubernetes, self.stats)
             reporters.append(classifier.ClassifierCounters(program).report)
             if config.collectors.flows:
                 collectors.append(FlowsCollector(KernelFlowSource(program), labels.of("flows"),
@@ -287,13 +296,16 @@ class Exporter:
                 collectors.append(http)
                 self.sweeping.append(http)
             self.monitor = classifier.interface_monitor(
-                program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd))
+                program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd),
+                self.counting)
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
         self.registry.register(logs.LogFailuresCollector())
         if self.kubernetes:
             self.registry.register(self.kubernetes)
+        if self.counting:
+            self.registry.register(self.counting)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
@@ -310,6 +322,8 @@ class Exporter:
         # never loads the API server with a cluster-wide list
         if self.kubernetes:
             self.kubernetes.start()
+        if self.counting:
+            self.counting.start()
         for collector in self.sweeping:
             collector.start()
         self._ready.set()
@@ -405,6 +419,8 @@ class Exporter:
             self.kubernetes.stop()
         for collector in self.sweeping:
             collector.stop()
+        if self.counting:
+            self.counting.stop()
         if self.monitor and self.monitor.stop():
             log.info("detached from every interface")
         for program in self.programs:

@@ -8,11 +8,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pyroute2 import IPRoute
+
+from . import oncepercluster
 from .config import Config
 from .iface_slots import InterfaceSlots
 from .interfaces import Attacher, InterfaceMonitor, Link, NameFilter
 from .loader import Program
 from .maps import CounterArray
+from .oncepercluster import ClusterCounting
 from .selfmetrics import KernelStats
 
 # indexes of map_update_failures and parse_errors in bpf/classifier.c
@@ -22,8 +26,9 @@ PARSE_ERROR_PROTOCOLS = ["ip", "dns", "http"]
 PARSERS = {"dns": 0, "http": 1}
 
 
-def cflags(config: Config) -> list[str]:
-    flags = [f"-DFLOW_CAPACITY={config.maps.flow_capacity}",
+def cflags(config: Config, once_per_cluster: bool = False) -> list[str]:
+    flags = [*(oncepercluster.cflags(config) if once_per_cluster else []),
+             f"-DFLOW_CAPACITY={config.maps.flow_capacity}",
              f"-DDNS_PENDING_CAPACITY={config.maps.dns_pending_capacity}",
              f"-DDNS_EVENT_CAPACITY={config.maps.dns_event_capacity}"]
     if config.collectors.flows:
@@ -103,21 +108,42 @@ class _KernelInterfaceMaps:
 
 
 def interface_monitor(program: Program, config: Config,
-                      make_attacher: Callable[[], Attacher]) -> InterfaceMonitor:
+                      make_attacher: Callable[[], Attacher],
+                      counting: ClusterCounting | None = None) -> InterfaceMonitor:
     """A monitor of the configured interfaces that tells `program` (its iface_slots and
     monitored_ifaces maps) about each interface before attaching it, and forgets it after
-    detaching."""
+    detaching. With once-per-cluster `counting`, each interface's flags also say whether it
+    faces the network, re-read from the routes before every reconcile."""
     maps = _KernelInterfaceMaps(program)
     placement = InterfaceSlots(maps.slots.max_entries, maps)
     lock = threading.Lock()
 
+    def flags_of(link: Link) -> int:
+        flags = IFACE_ETHERNET if link.ethernet else 0
+        return flags | (counting.flags(link.index) if counting else 0)
+
     def on_attach(link: Link) -> None:
         with lock:
-            placement.add(link.index, IFACE_ETHERNET if link.ethernet else 0)
+            placement.add(link.index, flags_of(link))
 
     def on_detach(link: Link) -> None:
         with lock:
             placement.remove(link.index)
 
+    routes: list[IPRoute] = []      # opened in the monitor's thread, the only one to use it
+
+    def before_reconcile(attached: dict[int, Link]) -> None:
+        assert counting is not None
+        if not routes:
+            routes.append(IPRoute())
+        for index in counting.refresh_routes(routes[0], attached):
+            with lock:
+                placement.add(index, flags_of(attached[index]))
+
     names = NameFilter(config.interfaces.include, config.interfaces.exclude)
-    return InterfaceMonitor(names, make_attacher, on_attach, on_detach)
+    monitor = InterfaceMonitor(names, make_attacher, on_attach, on_detach,
+                               before_reconcile if counting else None)
+    if counting:
+        counting.on_probes_changed = monitor.poke
+        counting.attached = lambda: list(monitor.attached)
+    return monitor

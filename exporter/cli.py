@@ -63,6 +63,8 @@ FLAG_FIELDS = {
     "kubernetes": ("kubernetes.enabled", "--kubernetes"),
     "kubeconfig": ("kubernetes.kubeconfig", "--kubeconfig"),
     "node_name": ("kubernetes.node_name", "--node-name"),
+    "cluster_counting": ("cluster.counting", "--cluster.counting"),
+    "cluster_cidrs": ("cluster.cidrs", "--cluster.cidrs"),
     "namespace_allow": ("labels.namespace_allow", "--labels.namespace-allow"),
     "namespace_deny": ("labels.namespace_deny", "--labels.namespace-deny"),
     "pod_namespaces": ("labels.pod_namespaces", "--labels.pod-namespaces"),
@@ -111,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: $KUBECONFIG; in a pod: the service account)")
     parser.add_argument("--node-name", dest="node_name", metavar="NAME",
                         help="this node's name (default: $NODE_NAME)")
+    parser.add_argument("--cluster.counting", dest="cluster_counting", metavar="MODE",
+                        help="auto (once per cluster where the cluster's addresses are known) "
+                             "or node (once per node)")
+    parser.add_argument("--cluster.cidrs", dest="cluster_cidrs", metavar="CIDRS",
+                        help="without Kubernetes: comma-separated networks whose nodes and "
+                             "pods run the exporter (turns on once-per-cluster counting)")
     parser.add_argument("--labels.endpoint", dest="endpoint_labels", metavar="NAMES",
                         help="endpoint labels, comma-separated, or auto")
     parser.add_argument("--labels.namespace-allow", dest="namespace_allow", metavar="GLOBS",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ KUBERNETES_MODES = ("auto", "true", "false")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 ATTACH_MODES = ("auto", "tcx", "clsact")
+COUNTING_MODES = ("auto", "node")
 
 
 class ConfigError(Exception):
@@ -223,6 +225,16 @@ def parse_optional_file(value: Any) -> str:
     return parse_file(value)
 
 
+def parse_network(value: Any) -> str:
+    """A network in CIDR notation (10.244.0.0/16, fd00::/64) or one address, normalised."""
+    if not isinstance(value, str):
+        raise _fail("a network such as 10.244.0.0/16", value)
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError as e:
+        raise _fail(f"a network such as 10.244.0.0/16 ({e})", value) from None
+
+
 def parse_path_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _fail("a path prefix starting with /", value)
@@ -346,7 +358,15 @@ class KubernetesConfig:
     enabled: str = _spec(parse_kubernetes_mode)
     kubeconfig: str = _spec(parse_text)
     node_name: str = _spec(parse_text)
+    pod_name: str = _spec(parse_text)
+    pod_namespace: str = _spec(parse_text)
     deleted_pod_grace: float = _spec(parse_duration)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    counting: str = _spec(one_of(*COUNTING_MODES))
+    cidrs: tuple[str, ...] = _spec(list_of(parse_network))
 
 
 @dataclass(frozen=True)
@@ -365,6 +385,7 @@ class MapsConfig:
     http_conn_capacity: int = _spec(parse_capacity)
     http_event_capacity: int = _spec(parse_capacity)
     drop_capacity: int = _spec(parse_capacity)
+    cluster_address_capacity: int = _spec(parse_capacity)
 
 
 @dataclass(frozen=True)
@@ -408,6 +429,7 @@ class Config:
     ports: PortsConfig
     labels: LabelsConfig
     kubernetes: KubernetesConfig
+    cluster: ClusterConfig
     series: SeriesConfig
     maps: MapsConfig
     tcp: TcpConfig
@@ -486,7 +508,9 @@ def flatten(document: Mapping[str, Any], origin: str) -> dict[str, Any]:
 # EBPF_NET_* variables that are not configuration keys
 OTHER_VARIABLES = ("EBPF_NET_BPF_DIR",)
 # variables every Kubernetes tool reads, and the keys they set (EBPF_NET_* ones win)
-STANDARD_VARIABLES = {"KUBECONFIG": "kubernetes.kubeconfig", "NODE_NAME": "kubernetes.node_name"}
+STANDARD_VARIABLES = {"KUBECONFIG": "kubernetes.kubeconfig", "NODE_NAME": "kubernetes.node_name",
+                      "POD_NAME": "kubernetes.pod_name",
+                      "POD_NAMESPACE": "kubernetes.pod_namespace"}
 
 
 def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:

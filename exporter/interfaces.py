@@ -48,6 +48,7 @@ ARPHRD_ETHER = 1
 STACKED_ON_LINK = {"vlan", "macvlan", "ipvlan", "macvtap"}
 RESYNC_SECONDS = 10.0
 RTMGRP_LINK = 1
+RTMGRP_ROUTES = 0x40 | 0x400        # RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE
 # Detaching takes well under a second for hundreds of interfaces. Past this, something hangs,
 # and the process must still end within the orchestrator's grace period (30 s by default in
 # Kubernetes; the shipped DaemonSet gives 60) rather than be killed in the middle of its stop.
@@ -228,12 +229,13 @@ class TcAttacher:
         self._ipr.close()
 
 
-def link_event_socket() -> socket.socket:
-    """A doorbell: readable whenever a link of this namespace changes. Only that it rang
-    matters (each reconcile dumps the links through pyroute2), so nothing is parsed."""
+def link_event_socket(routes: bool = False) -> socket.socket:
+    """A doorbell: readable whenever a link of this namespace changes (and a route, with
+    `routes`). Only that it rang matters (each reconcile dumps the links through pyroute2), so
+    nothing is parsed."""
     doorbell = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                              socket.NETLINK_ROUTE)
-    doorbell.bind((0, RTMGRP_LINK))
+    doorbell.bind((0, RTMGRP_LINK | (RTMGRP_ROUTES if routes else 0)))
     return doorbell
 
 
@@ -262,11 +264,15 @@ class InterfaceMonitor:
     start() and stop() wait for it."""
 
     def __init__(self, names: NameFilter, make_attacher: Callable[[], Attacher],
-                 on_attach: Callable[[Link], None], on_detach: Callable[[Link], None]) -> None:
+                 on_attach: Callable[[Link], None], on_detach: Callable[[Link], None],
+                 before_reconcile: Callable[[dict[int, Link]], None] | None = None) -> None:
+        """before_reconcile: runs first in every reconcile, with the attached links; a
+        monitor that has one also reconciles on every route change."""
         self.names = names
         self._make_attacher = make_attacher
         self._on_attach = on_attach
         self._on_detach = on_detach
+        self._before_reconcile = before_reconcile
         self.attached: dict[int, Link] = {}
         self._skipped_logged: set[str] = set()
         self._unattachable: set[int] = set()
@@ -290,7 +296,8 @@ class InterfaceMonitor:
         try:
             # attaching and detaching filters is all this thread does: CAP_NET_ADMIN only
             privileges.keep_only((privileges.CAP_NET_ADMIN,))
-            events = link_event_socket()    # before the first reconcile: no event is missed
+            # before the first reconcile: no event is missed
+            events = link_event_socket(routes=self._before_reconcile is not None)
             attacher = self._make_attacher()
             self._reconcile(attacher)
         except BaseException as e:
@@ -307,6 +314,8 @@ class InterfaceMonitor:
             attacher.close()
 
     def _reconcile(self, attacher: Attacher) -> None:
+        if self._before_reconcile:
+            self._before_reconcile(self.attached)
         wanted, skipped = select_links(attacher.links(), self.names)
         for reason in skipped:
             if reason not in self._skipped_logged:
@@ -362,6 +371,13 @@ class InterfaceMonitor:
         self.names = names
         self._warned_empty = False
         os.write(self._wake_write, b"r")
+
+    def poke(self) -> None:
+        """Reconcile soon (what before_reconcile reads has changed)."""
+        try:
+            os.write(self._wake_write, b"p")
+        except OSError:         # stopped: nothing left to reconcile
+            pass
 
     def _watch(self, events: socket.socket, attacher: Attacher) -> None:
         while not self._stop.is_set():

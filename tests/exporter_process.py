@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -71,8 +71,18 @@ class Scrape:
         return sum(s.value for s in self.select(name, **labels))
 
 
+class ExporterHost(Protocol):
+    """Where an exporter runs: a TestNode, or one node of a TestCluster."""
+
+    @property
+    def node_ns(self) -> str: ...
+
+    @property
+    def prefix(self) -> str: ...
+
+
 class ExporterProcess:
-    def __init__(self, node: TestNode, args: Sequence[str] = (),
+    def __init__(self, node: ExporterHost, args: Sequence[str] = (),
                  config: dict[str, Any] | None = None, interfaces: str | None = None,
                  env: dict[str, str] | None = None, host: str = "127.0.0.1",
                  port: int | None = None, tls_ca: Path | None = None,

@@ -47,12 +47,13 @@ def _owner(kind: str, name: str) -> list[dict[str, Any]]:
 def pod(namespace: str, name: str, ips: list[str], owner: tuple[str, str] | None = None,
         labels: Mapping[str, str] | None = None, node: str = "node-1",
         host_network: bool = False, phase: str = "Running",
-        created: str = "2026-11-21T10:00:00Z") -> dict[str, Any]:
+        created: str = "2026-11-21T10:00:00Z", ready: bool = True) -> dict[str, Any]:
     meta: dict[str, Any] = {"namespace": namespace, "name": name, "labels": dict(labels or {}),
                             "creationTimestamp": created}
     if owner:
         meta["ownerReferences"] = _owner(*owner)
-    status: dict[str, Any] = {"phase": phase}
+    status: dict[str, Any] = {"phase": phase, "conditions": [
+        {"type": "Ready", "status": "True" if ready and phase == "Running" else "False"}]}
     if ips:
         status["podIP"] = ips[0]
         status["podIPs"] = [{"ip": ip} for ip in ips]
@@ -81,8 +82,9 @@ def service(namespace: str, name: str, selector: Mapping[str, str],
                      "clusterIPs": [cluster_ip]}}
 
 
-def node(name: str, ips: list[str]) -> dict[str, Any]:
-    return {"metadata": {"name": name},
+def node(name: str, ips: list[str], pod_cidrs: list[str] | None = None) -> dict[str, Any]:
+    spec = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}
+    return {"metadata": {"name": name}, "spec": spec,
             "status": {"addresses": [{"type": "InternalIP", "address": ip} for ip in ips]
                        + [{"type": "Hostname", "address": name}]}}
 

@@ -91,6 +91,15 @@ class ClusterNode:
     vxlan: str
     pods: list[ClusterPod] = field(default_factory=list)
 
+    # what tests.exporter_process.ExporterProcess runs an exporter in and names its files by
+    @property
+    def node_ns(self) -> str:
+        return self.ns
+
+    @property
+    def prefix(self) -> str:
+        return self.ns
+
 
 class TestCluster(NetnsProcesses):
     """Two node namespaces with two pod namespaces each (see module doc).

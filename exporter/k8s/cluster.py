@@ -56,6 +56,7 @@ class Pod:
     labels: Mapping[str, str] = field(hash=False)
     owner: Owner | None
     created: str                      # RFC 3339: sorts in time order
+    ready: bool = False               # its Ready condition is True
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,17 @@ class Service:
 class Node:
     name: str
     addresses: tuple[str, ...]
+    pod_cidrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which node each address belongs to, for counting once per cluster (exporter/clustermap.py):
+    every node's addresses and pod CIDRs, the address of every pod that is not on its node's
+    network, and the nodes where a pod of the exporter's own DaemonSet is ready."""
+    nodes: Mapping[str, Node]
+    pod_addresses: Mapping[str, str]        # pod address -> its node
+    exporter_nodes: frozenset[str]
 
 
 def _meta(raw: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -87,10 +99,12 @@ def pod_from(raw: Mapping[str, Any]) -> Pod:
     ips = tuple(entry["ip"] for entry in status.get("podIPs") or [] if entry.get("ip"))
     if not ips and status.get("podIP"):
         ips = (status["podIP"],)
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or [])
     return Pod(meta.get("namespace", ""), meta.get("name", ""), ips,
                bool(spec.get("hostNetwork")), spec.get("nodeName") or "",
                status.get("phase") not in TERMINAL_PHASES, meta.get("labels") or {},
-               controller_of(raw), meta.get("creationTimestamp") or "")
+               controller_of(raw), meta.get("creationTimestamp") or "", ready)
 
 
 def service_from(raw: Mapping[str, Any]) -> Service:
@@ -102,9 +116,12 @@ def service_from(raw: Mapping[str, Any]) -> Service:
 
 def node_from(raw: Mapping[str, Any]) -> Node:
     addresses = (raw.get("status") or {}).get("addresses") or []
+    spec = raw.get("spec") or {}
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
     return Node(_meta(raw).get("name", ""),
                 tuple(a["address"] for a in addresses
-                      if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address")))
+                      if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address")),
+                tuple(cidr for cidr in cidrs if cidr))
 
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -285,6 +302,23 @@ class ClusterState:
             self._local_ips = dict.fromkeys(addresses, name)
 
     # --- readers (scrapes) ---
+
+    def topology(self, exporter_pod: tuple[str, str]) -> Topology:
+        """Nodes, pod addresses and the nodes that run the exporter: those with a ready pod of
+        the same controller (the DaemonSet) as `exporter_pod` (namespace, name)."""
+        with self._lock:
+            own = self._pods.get(exporter_pod)
+            owner = own.owner if own else None
+            exporters = frozenset(
+                pod.node for pod in self._pods_in.get(exporter_pod[0], {}).values()
+                if owner is not None and pod.owner == owner and pod.running and pod.ready
+                and pod.node)
+            pod_addresses = {}
+            for ip, keys in self._pod_ips.items():
+                newest = max((self._pods[key] for key in keys), key=lambda p: p.created)
+                if newest.node:
+                    pod_addresses[ip] = newest.node
+            return Topology(dict(self._nodes), pod_addresses, exporters)
 
     def resolve(self, ip: str) -> Identity | None:
         """The identity of an address, or None when no cluster object has it."""
