@@ -1,7 +1,7 @@
 /* DNS over UDP and TCP, parsed in the TC classifier in both directions.
  *
  * A query (QR=0, opcode QUERY, one question) is counted and remembered in dns_pending under
- * (family, transport, client and server address and port, DNS id) with its time and qtype. A
+ * (family, transport, client address and port, DNS id) with its time, qtype and server. A
  * response removes that entry and is counted with its rcode and the latency since the query,
  * as a log2 histogram. Queries never answered are swept by user space after dns.timeout.
  *
@@ -56,20 +56,26 @@
  * up to this many bytes (copy_bytes_128); user space labels longer names `other`. */
 #define DNS_NAME_CAPTURE 128
 
+/* A query is keyed by its client's end and its id, not by the server's: a query to a Service's
+ * ClusterIP is rewritten (DNAT) to a backend after the classifier saw it, and its response
+ * reaches the classifier from the backend before the rewrite is undone. The server the client
+ * asked is kept in the value, for the labels. A client socket asking two servers the same id
+ * at the same time is paired with the first answer. */
 struct dns_pending_key {
     u8 family;
     u8 transport;
     u16 id;
     u16 client_port;
-    u16 server_port;
+    u16 pad;
     u8 client[16];
-    u8 server[16];
 };
 
 struct dns_pending_value {
     u64 queried_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     u16 qtype;
-    u16 pad[3];
+    u16 server_port;
+    u32 pad;
+    u8 server[16];
 #ifdef DNS_QUERY_NAMES
     u8 name[DNS_NAME_CAPTURE];
 #endif
@@ -234,9 +240,9 @@ static __always_inline void dns_emit(const struct dns_pending_key *pending,
     ev->family = pending->family;
     ev->transport = pending->transport;
     ev->client_port = pending->client_port;
-    ev->server_port = pending->server_port;
+    ev->server_port = key->server_port;
     __builtin_memcpy(ev->client, pending->client, 16);
-    __builtin_memcpy(ev->server, pending->server, 16);
+    __builtin_memcpy(ev->server, key->server, 16);
     ev->latency_us = latency_us;
     ev->code = msg->rcode;
     ev->what = msg->qtype;
@@ -297,12 +303,12 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
     key->qtype = msg->qtype;
     if (!msg->is_response) {
         pending.client_port = pkt->sport;
-        pending.server_port = pkt->dport;
         __builtin_memcpy(pending.client, pkt->saddr, 16);
-        __builtin_memcpy(pending.server, pkt->daddr, 16);
         struct dns_pending_value *value = &scratch->value;
         value->queried_ns = bpf_ktime_get_ns();
         value->qtype = msg->qtype;
+        value->server_port = pkt->dport;
+        __builtin_memcpy(value->server, pkt->daddr, 16);
 #ifdef DNS_QUERY_NAMES
         copy_bytes_128(skb, msg->name_off, captured, value->name);
         __builtin_memcpy(key->name, value->name, DNS_NAME_CAPTURE);
@@ -320,9 +326,7 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
     }
 
     pending.client_port = pkt->dport;
-    pending.server_port = pkt->sport;
     __builtin_memcpy(pending.client, pkt->daddr, 16);
-    __builtin_memcpy(pending.server, pkt->saddr, 16);
     struct dns_pending_value *query = dns_pending.lookup(&pending);
     if (!query) {
         if (count_errors)
@@ -330,6 +334,9 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
         return;
     }
     u64 queried_ns = query->queried_ns;
+    /* the server as the client asked it (a ClusterIP, not the backend that answered) */
+    u16 server_port = query->server_port;
+    __builtin_memcpy(key->server, query->server, 16);
 #ifdef DNS_QUERY_NAMES
     /* copied before the delete: a freed element may be reused by another CPU at once */
     __builtin_memcpy(key->name, query->name, DNS_NAME_CAPTURE);
@@ -338,15 +345,13 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
     if (dns_pending.delete(&pending) != 0)
         return;
     u64 latency_us = (bpf_ktime_get_ns() - queried_ns) / 1000;
+    key->kind = DNS_KIND_RESPONSE;
+    key->rcode = msg->rcode;
+    key->server_port = server_port;
+    __builtin_memcpy(key->client, pkt->daddr, 16);
 #ifdef WITH_EVENTS
     dns_emit(&pending, msg, latency_us, key);
 #endif
-
-    key->kind = DNS_KIND_RESPONSE;
-    key->rcode = msg->rcode;
-    key->server_port = pkt->sport;
-    __builtin_memcpy(key->client, pkt->daddr, 16);
-    __builtin_memcpy(key->server, pkt->saddr, 16);
     dns_count(key, 1);
     key->kind = DNS_KIND_LATENCY;
     key->qtype = 0;             /* the histogram is by rcode only */

@@ -145,6 +145,28 @@ BPF_ARRAY(http_generation, u32, 1);
 BPF_F_TABLE("hash", struct http_conn_key, struct http_conn, http_conns, HTTP_CONN_CAPACITY,
             BPF_F_NO_PREALLOC);
 BPF_PERCPU_HASH(http_events, struct http_key, u64, HTTP_EVENT_CAPACITY);
+
+/* The server each client end last opened an HTTP connection to, as the client addressed it.
+ * A request to a Service's ClusterIP or a NodePort is rewritten (DNAT) to a backend after the
+ * classifier saw it, and the response reaches the classifier from the backend before the
+ * rewrite is undone: its connection is found through its client's end here. Only a response
+ * that finds no connection of its own looks here, so a client port that two connections to
+ * different servers share (Linux reuses ports across destinations) pairs wrongly only when one
+ * of them went through a DNAT and the other was opened later. LRU: an entry needs no delete
+ * when its connection ends; as many as http_conns. */
+struct http_client_end {
+    u8 family;
+    u8 pad;
+    u16 port;
+    u8 addr[16];
+};
+struct http_server_end {
+    u16 port;
+    u16 pad;
+    u8 addr[16];
+};
+BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, http_clients,
+          HTTP_CONN_CAPACITY);
 /* requests that found http_events full, by method */
 BPF_PERCPU_ARRAY(http_overflow, u64, 16);
 /* built here, not on the stack: 512 bytes of BPF stack do not hold them beside the parser */
@@ -328,6 +350,25 @@ static __always_inline void http_key_of(struct http_key *key, const struct http_
     __builtin_memcpy(key->server, ck->server, 16);
 }
 
+/* The connection of `ck`; when there is none, the connection its client end last opened, with
+ * ck's server made that one's (the address the client used, before a DNAT). */
+static __always_inline struct http_conn *http_conn_find(struct http_conn_key *ck)
+{
+    struct http_conn *conn = http_conns.lookup(ck);
+    if (conn)
+        return conn;
+    struct http_client_end client = {};
+    client.family = ck->family;
+    client.port = ck->client_port;
+    __builtin_memcpy(client.addr, ck->client, 16);
+    struct http_server_end *server = http_clients.lookup(&client);
+    if (!server)
+        return 0;
+    ck->server_port = server->port;
+    __builtin_memcpy(ck->server, server->addr, 16);
+    return http_conns.lookup(ck);
+}
+
 /* The connection ended: its queued requests will get no response. */
 static __always_inline void http_flush(struct http_scratch *s, struct http_conn_key *ck)
 {
@@ -372,6 +413,14 @@ static __always_inline void http_request(struct http_scratch *s, const struct pa
             http_count_request(&s->key, method, HTTP_STATUS_UNTRACKED);
             return;
         }
+        struct http_client_end client = {};
+        client.family = ck.family;
+        client.port = ck.client_port;
+        __builtin_memcpy(client.addr, ck.client, 16);
+        struct http_server_end server = {};
+        server.port = ck.server_port;
+        __builtin_memcpy(server.addr, ck.server, 16);
+        http_clients.update(&client, &server);
     }
     conn->last_seen_ns = now;
     if (http_retransmitted(&conn->seen, HTTP_SEEN_CLIENT, &conn->client_seq_end, pkt->tcp_seq,
@@ -423,11 +472,14 @@ static __always_inline void http_response(struct http_scratch *s, const struct p
     http_conn_key_of(&ck, pkt, 0);
     if (status < 200 && status != 101)
         return;             /* interim (100 Continue, 103 Early Hints): the final one follows */
-    struct http_conn *conn = http_conns.lookup(&ck);
+    struct http_conn *conn = http_conn_find(&ck);
     if (!conn) {
         count_parse_error(PARSE_ERROR_HTTP);    /* a response to no request we saw */
         return;
     }
+    /* the server as the client addressed it */
+    s->key.server_port = ck.server_port;
+    __builtin_memcpy(s->key.server, ck.server, 16);
     conn->last_seen_ns = now;
     if (http_retransmitted(&conn->seen, HTTP_SEEN_SERVER, &conn->server_seq_end, pkt->tcp_seq,
                            len))
@@ -634,7 +686,7 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
     /* the server closing, or either end resetting, ends the exchange */
     struct http_conn_key ck = {};
     http_conn_key_of(&ck, pkt, 0);                 /* the sender as the server */
-    if (!http_conns.lookup(&ck)) {
+    if (!http_conn_find(&ck)) {
         if (!(pkt->tcp_flags & HTTP_TCP_RST))
             return;                                 /* a client's FIN: responses may follow */
         http_conn_key_of(&ck, pkt, 1);

@@ -42,17 +42,22 @@ DNS_KEY_NAMED = np.dtype({"names": [*_KEY_FIELDS["names"], "name"],
                           "formats": [*_KEY_FIELDS["formats"], ("u1", NAME_CAPTURE)],
                           "offsets": [*_KEY_FIELDS["offsets"], 48],
                           "itemsize": 48 + NAME_CAPTURE})
+# a query by its client's end and id; the server it asked is in the value (bpf/dns.h)
 PENDING_KEY = np.dtype({
-    "names": ["family", "transport", "id", "client_port", "server_port", "client", "server"],
-    "formats": ["u1", "u1", "<u2", "<u2", "<u2", ("u1", 16), ("u1", 16)],
-    "offsets": [0, 1, 2, 4, 6, 8, 24],
-    "itemsize": 40,
+    "names": ["family", "transport", "id", "client_port", "client"],
+    "formats": ["u1", "u1", "<u2", "<u2", ("u1", 16)],
+    "offsets": [0, 1, 2, 4, 8],
+    "itemsize": 24,
 })
-PENDING_VALUE = np.dtype({"names": ["queried_ns", "qtype"], "formats": ["<u8", "<u2"],
-                          "offsets": [0, 8], "itemsize": 16})
-PENDING_VALUE_NAMED = np.dtype({"names": ["queried_ns", "qtype", "name"],
-                                "formats": ["<u8", "<u2", ("u1", NAME_CAPTURE)],
-                                "offsets": [0, 8, 16], "itemsize": 16 + NAME_CAPTURE})
+_PENDING_VALUE_FIELDS = {"names": ["queried_ns", "qtype", "server_port", "server"],
+                         "formats": ["<u8", "<u2", "<u2", ("u1", 16)],
+                         "offsets": [0, 8, 10, 16]}
+PENDING_VALUE = np.dtype({**_PENDING_VALUE_FIELDS, "itemsize": 32})
+PENDING_VALUE_NAMED = np.dtype({"names": [*_PENDING_VALUE_FIELDS["names"], "name"],
+                                "formats": [*_PENDING_VALUE_FIELDS["formats"],
+                                            ("u1", NAME_CAPTURE)],
+                                "offsets": [*_PENDING_VALUE_FIELDS["offsets"], 32],
+                                "itemsize": 32 + NAME_CAPTURE})
 COUNT = np.dtype("<u8")
 
 REQUEST, RESPONSE, LATENCY = 0, 1, 2
@@ -110,8 +115,8 @@ class KernelDnsSource:
         for row in claimed:
             key, value = snapshot.keys[row], snapshot.values[row]
             timeouts.append(Timeout(int(key["family"]), int(key["transport"]),
-                                    key["client"].tobytes(), key["server"].tobytes(),
-                                    int(key["server_port"]), int(value["qtype"]),
+                                    key["client"].tobytes(), value["server"].tobytes(),
+                                    int(value["server_port"]), int(value["qtype"]),
                                     value["name"].tobytes() if self.query_names else b""))
         with self._lock:
             self._timeouts += timeouts
