@@ -27,6 +27,7 @@ from . import (
     singleton,
     sockfields,
 )
+from .clustermap import KernelClusterMap
 from .collectors import drops
 from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
@@ -273,8 +274,8 @@ class Exporter:
                                     classifier.cflags(config, once))
             ingress, egress = classifier.load(program, config)
             if once:
-                self.counting = oncepercluster.ClusterCounting(program, config,
-                                                               self.kubernetes, self.stats)
+                self.counting = oncepercluster.ClusterCounting(
+                    KernelClusterMap.of(program), config, self.kubernetes, self.stats)
             reporters.append(classifier.ClassifierCounters(program).report)
             if config.collectors.flows:
                 collectors.append(FlowsCollector(KernelFlowSource(program), labels.of("flows"),

@@ -103,6 +103,11 @@ class KernelClusterMap:
     """The kernel's cluster_addresses trie and its left-to-another-node counters, written with
     the differences from the last entries it was given."""
 
+    @classmethod
+    def of(cls, program: Any) -> KernelClusterMap:
+        """The maps of a classifier compiled with -DONCE_PER_CLUSTER."""
+        return cls(program.table("cluster_addresses"), program.table("counted_elsewhere"))
+
     def __init__(self, trie: Any, left: Any) -> None:
         self._trie = trie
         self._left = left

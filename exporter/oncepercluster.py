@@ -24,7 +24,6 @@ from prometheus_client.registry import Collector
 from . import clustermap, logs, netroles
 from .clustermap import Address, KernelClusterMap
 from .config import Config
-from .loader import Program
 from .selfmetrics import KernelStats
 
 if TYPE_CHECKING:
@@ -61,10 +60,9 @@ class ClusterCounting(Collector):
     """The rule's user-space half. `refresh_routes` runs in the interface monitor's thread;
     the Kubernetes refresh in a thread of its own."""
 
-    def __init__(self, program: Program, config: Config,
+    def __init__(self, cluster_map: KernelClusterMap, config: Config,
                  kubernetes: KubernetesMetadata | None, stats: KernelStats) -> None:
-        self.map = KernelClusterMap(program.table("cluster_addresses"),
-                                    program.table("counted_elsewhere"))
+        self.map = cluster_map
         self._cidrs = config.cluster.cidrs
         self._kubernetes = kubernetes
         self._this_node = config.kubernetes.node_name

@@ -247,9 +247,11 @@ class FlowsCollector:
     def _families(self) -> list[StoreFamily]:
         return [
             StoreFamily("ebpf_net_flow_bytes", "Bytes of IP packets (IP header included, link "
-                        "header excluded) seen on the monitored interfaces, counted once per "
-                        "node.", "counter", self.label_names, self._bytes.rows()),
+                        "header excluded) seen on the monitored interfaces, counted once (per "
+                        "cluster: by the sending node).", "counter", self.label_names,
+                        self._bytes.rows()),
             StoreFamily("ebpf_net_flow_packets", "IP packets seen on the monitored interfaces, "
                         "as on the wire (an offloaded aggregate counts as its segments), counted "
-                        "once per node.", "counter", self.label_names, self._packets.rows()),
+                        "once (per cluster: by the sending node).", "counter", self.label_names,
+                        self._packets.rows()),
         ]

@@ -147,8 +147,11 @@ def test_daemonset_runs_everywhere_with_the_least_privilege_of_its_overlay() -> 
         container = pod["containers"][0]
         assert pod["hostNetwork"] is True
         assert pod["tolerations"] == [{"operator": "Exists"}]
-        assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} \
-            in container["env"]
+        # its node and its own pod: what counting once per cluster needs (oncepercluster.py)
+        for name, path in (("NODE_NAME", "spec.nodeName"), ("POD_NAME", "metadata.name"),
+                           ("POD_NAMESPACE", "metadata.namespace")):
+            assert {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}} \
+                in container["env"]
         security = container["securityContext"]
         assert security["readOnlyRootFilesystem"] is True
         if overlay == "privileged":

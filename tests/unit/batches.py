@@ -3,8 +3,10 @@ keys, so the collectors see what a drain of the real maps gives them."""
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -186,3 +188,49 @@ class BashSource:
     def lost(self):
         lost, self.lost_records = self.lost_records, 0
         return lost
+
+
+class FakeTrie(dict[tuple[int, bytes], int]):
+    """cluster_addresses as bcc shows it: Key and Leaf types, a capacity, E2BIG when full."""
+
+    class Key(ctypes.Structure):
+        _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_ubyte * 16)]
+
+    Leaf = ctypes.c_ubyte
+
+    def __init__(self, max_entries: int) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+        self.writes = 0
+
+    @staticmethod
+    def _plain(key: Key) -> tuple[int, bytes]:
+        return key.prefixlen, bytes(key.addr)
+
+    def __setitem__(self, key: Any, leaf: Any) -> None:
+        plain = self._plain(key)
+        if plain not in self and len(self) >= self.max_entries:
+            raise Exception("Could not update table: Argument list too long")
+        self.writes += 1
+        super().__setitem__(plain, leaf.value)
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(self._plain(key))
+
+
+class LeftCounts(ctypes.Structure):
+    """struct left_counts (bpf/cluster.h)."""
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("flow_packets", "flow_bytes", "dns_queries", "http_requests")]
+
+
+class FakeLeft:
+    """counted_elsewhere as bcc shows it: one per-CPU entry."""
+
+    Key = ctypes.c_int
+
+    def __init__(self, cpus: list[dict[str, int]]) -> None:
+        self.cpus = [LeftCounts(**counts) for counts in cpus]
+
+    def __getitem__(self, key: Any) -> list[LeftCounts]:
+        return self.cpus

@@ -4,7 +4,6 @@ network (from routes), and when the rule is on."""
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import socket
 from typing import Any
@@ -15,7 +14,10 @@ from exporter import clustermap, config, netroles, oncepercluster
 from exporter.clustermap import COUNTED_ELSEWHERE, LOCAL, NO_EXPORTER, KernelClusterMap
 from exporter.k8s.cluster import NODES, PODS, ClusterState
 from exporter.netroles import Route
+from exporter.oncepercluster import ClusterCounting
+from exporter.selfmetrics import KernelStats
 from tests import kubeapi
+from tests.unit.batches import FakeLeft, FakeTrie
 
 net = ipaddress.ip_network
 addr = ipaddress.ip_address
@@ -154,34 +156,6 @@ def test_route_messages_become_routes() -> None:
     assert netroles.route_from(local_table) is None
 
 
-class FakeTrie(dict[tuple[int, bytes], int]):
-    """cluster_addresses as bcc shows it: Key and Leaf types, a capacity, E2BIG when full."""
-
-    class Key(ctypes.Structure):
-        _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_ubyte * 16)]
-
-    Leaf = ctypes.c_ubyte
-
-    def __init__(self, max_entries: int) -> None:
-        super().__init__()
-        self.max_entries = max_entries
-        self.writes = 0
-
-    @staticmethod
-    def _plain(key: Key) -> tuple[int, bytes]:
-        return key.prefixlen, bytes(key.addr)
-
-    def __setitem__(self, key: Any, leaf: Any) -> None:
-        plain = self._plain(key)
-        if plain not in self and len(self) >= self.max_entries:
-            raise Exception("Could not update table: Argument list too long")
-        self.writes += 1
-        super().__setitem__(plain, leaf.value)
-
-    def __delitem__(self, key: Any) -> None:
-        super().__delitem__(self._plain(key))
-
-
 def test_the_kernel_map_is_written_with_differences_only() -> None:
     trie = FakeTrie(16)
     kernel = KernelClusterMap(trie, None)
@@ -238,3 +212,27 @@ def test_a_bad_network_names_the_key(value: str) -> None:
 
 def test_host_bits_in_a_network_are_dropped() -> None:
     assert settings(**{"cluster.cidrs": "10.244.1.7/16"}).cluster.cidrs == ("10.244.0.0/16",)
+
+
+def test_self_metrics_say_what_was_left_to_other_nodes_and_whose_addresses_are_known() -> None:
+    stats = KernelStats()
+    left = FakeLeft([{"flow_packets": 3, "flow_bytes": 300, "dns_queries": 1},
+                     {"flow_packets": 2, "flow_bytes": 200, "http_requests": 4}])
+    cidrs = {"cluster.cidrs": "10.244.0.0/16,10.0.0.0/24,10.1.0.0/24"}
+    counting = ClusterCounting(KernelClusterMap(FakeTrie(2), left), settings(**cidrs), None,
+                               stats)
+    counting.attached = lambda: [5, 7]
+    families = {family.name: family for family in counting.collect()}
+    assert {s.labels["signal"]: s.value for s in
+            families["ebpf_net_exporter_counted_elsewhere"].samples} == \
+        {"flow_packets": 5, "flow_bytes": 500, "dns_queries": 1, "http_requests": 4}
+    assert {s.labels["owner"]: s.value for s in
+            families["ebpf_net_exporter_cluster_addresses"].samples} == \
+        {"local": 0, "exporter_node": 2, "other_node": 0}
+    assert families["ebpf_net_exporter_network_interfaces"].samples[0].value == 0
+    entries, capacity, failures, _ = stats.snapshot()
+    # three networks for a trie of two: the third is counted as a failure, once
+    assert (entries["cluster_addresses"], capacity["cluster_addresses"]) == (2, 2)
+    assert failures["cluster_addresses"] == 1
+    list(counting.collect())
+    assert stats.snapshot()[2]["cluster_addresses"] == 1

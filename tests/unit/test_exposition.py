@@ -12,7 +12,8 @@ from pathlib import Path
 from kubernetes.client import ApiClient
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter import histogram
+from exporter import config, histogram
+from exporter.clustermap import KernelClusterMap
 from exporter.collectors import dns as dnsmod
 from exporter.collectors import http as httpmod
 from exporter.collectors import tcp as tcpmod
@@ -25,11 +26,14 @@ from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.metadata import KubernetesMetadata
 from exporter.logs import LogFailuresCollector
+from exporter.oncepercluster import ClusterCounting
 from exporter.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
 from .batches import (
     BashSource,
+    FakeLeft,
+    FakeTrie,
     QueueSource,
     bash_record,
     dns_batch,
@@ -130,6 +134,8 @@ def full_exposition() -> str:
                                         {"version": "0", "bcc_version": "0", "kernel": "k"},
                                         lambda: 2))
     registry.register(KubernetesMetadata(ApiClient(), 60.0))     # never started: no calls
+    cluster_map = KernelClusterMap(FakeTrie(16), FakeLeft([{}]))
+    registry.register(ClusterCounting(cluster_map, config.load(None, {}, {}), None, stats))
     stats.add_failures("flows", 0)
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)
