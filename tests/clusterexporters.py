@@ -1,0 +1,119 @@
+"""Exporters on the two-node test cluster (tests/testcluster.py) as the DaemonSet runs them:
+one per node, attached to every interface of its node (pod veths, uplink, VXLAN device),
+given its node's name and its own pod's, and reading the same Kubernetes objects: the nodes
+with their InternalIP and pod CIDR, the pods, our DaemonSet's pods and two Services. Each node
+gets its own test API server (an exporter reaches it on its node's loopback)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tests import kubeapi
+from tests.exporter_process import ExporterProcess, Scrape, free_port, wait_until
+from tests.kubeapi import KubeAPI
+from tests.testcluster import ClusterNode, ClusterPod, TestCluster
+
+EXPORTER_NAMESPACE = "monitoring"
+DAEMONSET = "ebpf-net-exporter"
+# pod -> (namespace, workload), each pod a StatefulSet's
+WORKLOADS = {"pod-1a": ("shop", "frontend"), "pod-1b": ("shop", "worker"),
+             "pod-2a": ("shop", "web"), "pod-2b": ("infra", "dns")}
+WEB_VIP, DNS_VIP = 10, 53           # the Services' ClusterIPs: hosts of the service CIDR
+# interfaces facing the network in each routing mode: the uplink (a route through a gateway
+# to the other node's pods, or the route to the other node's address), and the VXLAN device
+# (the overlay's route through the other node's gateway address)
+FACING = {"routed": 1, "vxlan": 2}
+
+
+def exporter_pod_name(node: ClusterNode) -> str:
+    return f"{DAEMONSET}-{node.name}"
+
+
+def register(api: KubeAPI, cluster: TestCluster) -> None:
+    for node in cluster.nodes:
+        api.create("nodes", kubeapi.node(node.name, [node.internal_ip], [node.pod_cidr]))
+        api.create("pods", kubeapi.pod(EXPORTER_NAMESPACE, exporter_pod_name(node),
+                                       [node.internal_ip], owner=("DaemonSet", DAEMONSET),
+                                       node=node.name, host_network=True))
+        for pod in node.pods:
+            namespace, workload = WORKLOADS[pod.name]
+            api.create("pods", kubeapi.pod(namespace, f"{workload}-0", [pod.ip],
+                                           owner=("StatefulSet", workload), node=node.name,
+                                           labels={"app": workload}))
+    api.create("services", kubeapi.service("shop", "web", {"app": "web"},
+                                           cluster.service_ip(WEB_VIP)))
+    api.create("services", kubeapi.service("infra", "dns", {"app": "dns"},
+                                           cluster.service_ip(DNS_VIP)))
+
+
+def ends(client: ClusterPod, server: ClusterPod) -> dict[str, str]:
+    """The workload labels of a client and a server."""
+    return {"src_workload": WORKLOADS[client.name][1], "dst_workload": WORKLOADS[server.name][1]}
+
+
+@dataclass
+class ClusterExporters:
+    """One exporter per node, in node order."""
+
+    cluster: TestCluster
+    processes: list[ExporterProcess]
+
+    def scrapes(self) -> list[Scrape]:
+        return [process.scrape() for process in self.processes]
+
+    def wait_for(self, condition: Callable[[list[Scrape]], bool], what: str,
+                 timeout: float = 20) -> list[Scrape]:
+        """Scrapes every exporter until condition(scrapes) holds; returns those scrapes."""
+        holder: list[list[Scrape]] = []
+
+        def check() -> bool:
+            holder[:] = [self.scrapes()]
+            return condition(holder[0])
+
+        wait_until(check, timeout, what, interval=0.2)
+        return holder[0]
+
+    def route_via(self, mode: str) -> None:
+        """Switches the routing mode and waits for every exporter to have read the new routes
+        (a route event wakes its interface monitor within milliseconds; a packet in between
+        would meet the old roles)."""
+        self.cluster.route_via(mode)
+        for process in self.processes:
+            process.wait_for(lambda s: s.value("ebpf_net_exporter_network_interfaces")
+                             == FACING[mode], f"the {mode} interface roles")
+
+
+@contextlib.contextmanager
+def cluster_exporters(cluster: TestCluster, config: dict[str, Any] | None = None,
+                      hosts: Sequence[str] | None = None) -> Iterator[ClusterExporters]:
+    """Started and ready, with both nodes' addresses in their cluster maps; stopped (exit
+    code 0 asserted) on leaving. `hosts`: each exporter's listen address (127.0.0.1)."""
+    with contextlib.ExitStack() as stack:
+        processes = []
+        for index, node in enumerate(cluster.nodes):
+            api = stack.enter_context(KubeAPI(netns=node.ns))
+            register(api, cluster)
+            process = ExporterProcess(
+                node, ["--kubeconfig", str(api.kubeconfig), "--node-name", node.name],
+                interfaces=cluster.interfaces_regex(index), config=config,
+                host=hosts[index] if hosts else "127.0.0.1", port=free_port(node.ns),
+                env={"POD_NAME": exporter_pod_name(node), "POD_NAMESPACE": EXPORTER_NAMESPACE})
+            stack.callback(_stopped, process)
+            processes.append(process)
+        for process in processes:
+            process.wait_ready()
+            # its own and the other node's InternalIP, pod CIDR and two pods' addresses
+            process.wait_for(
+                lambda s: s.value("ebpf_net_exporter_cluster_addresses",
+                                  owner="exporter_node") == 4
+                and s.value("ebpf_net_exporter_cluster_addresses", owner="local") == 4,
+                "both nodes' addresses in the cluster map")
+        yield ClusterExporters(cluster, processes)
+
+
+def _stopped(process: ExporterProcess) -> None:
+    code = process.stop()
+    assert code == 0, f"exporter exited with {code}:\n{process.log()}"
