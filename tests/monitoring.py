@@ -33,6 +33,9 @@ RULE_FILES = ("tcp.yaml", "dns.yaml", "http.yaml", "exporter.yaml", "kubernetes.
               "drops.yaml")
 # served only when their collector is switched on
 OPT_IN_METRICS = {"ebpf_net_drops_total", "ebpf_net_bash_commands_total"}
+# served only when counting once per cluster (tests/e2e/test_prometheus_cluster.py reads them)
+CLUSTER_METRICS = {"ebpf_net_exporter_counted_elsewhere_total",
+                   "ebpf_net_exporter_network_interfaces", "ebpf_net_exporter_cluster_addresses"}
 
 # Grafana's "All" for our variables, and what $__rate_interval is replaced with when a query
 # goes to Prometheus directly (Grafana computes it from the scrape interval).

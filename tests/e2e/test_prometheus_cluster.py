@@ -200,3 +200,17 @@ def test_the_exporters_say_what_they_left_to_each_other(stack: Stack,
     assert left[(node1, "dns_queries")] == left[(node1, "http_requests")] == 0
     facing = stack.values("ebpf_net_exporter_network_interfaces", "instance")
     assert set(facing.values()) == {1}, facing          # the uplink, routed again
+
+
+def test_the_exporter_health_panels_of_the_rule_return_data(
+        stack: Stack, traffic: dict[str, Any]) -> None:
+    queries = [query for query in monitoring.panel_queries()
+               if monitoring.source_metrics(query.expr) & monitoring.CLUSTER_METRICS]
+    assert len(queries) == 3
+    for query in queries:
+        expr = monitoring.fill(query.expr, rate_interval="10s")
+        wait_until(lambda e=expr: stack.prometheus.query(e), 30, f"data for {query.where}")
+    left = next(q for q in queries if "counted_elsewhere" in q.expr)
+    by_instance = {r["metric"]["instance"] for r in
+                   stack.prometheus.query(monitoring.fill(left.expr, rate_interval="1h"))}
+    assert by_instance == {stack.instance(0), stack.instance(1)}

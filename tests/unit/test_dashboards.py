@@ -16,9 +16,13 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from exporter import config
+from exporter.clustermap import KernelClusterMap
 from exporter.k8s.metadata import KubernetesMetadata
+from exporter.oncepercluster import ClusterCounting
 from exporter.selfmetrics import ExporterCollector, KernelStats
 from tests import monitoring
+from tests.unit.batches import FakeLeft, FakeTrie
 
 from ..conftest import skip_or_fail
 
@@ -37,6 +41,9 @@ def served() -> set[str]:
     registry = CollectorRegistry()
     registry.register(ExporterCollector([], KernelStats(), {"version": "0"}, lambda: 0))
     registry.register(KubernetesMetadata(ApiClient(), 60.0))     # never started: no calls
+    cluster_map = KernelClusterMap(FakeTrie(1), FakeLeft([{}]))   # counting once per cluster
+    registry.register(ClusterCounting(cluster_map, config.load(None, {}, {}), None,
+                                      KernelStats()))
     for standard in (ProcessCollector, PlatformCollector, GCCollector):
         standard(registry=registry)
     return monitoring.series_names(GOLDEN.read_text() + generate_latest(registry).decode())
