@@ -134,9 +134,12 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
     u32 zero = 0;
 #ifdef WITH_FLOWS
 #ifdef ONCE_PER_CLUSTER
-    /* arrived from the network, sent by a node that counted it on the way out: only the
-     * parsers below still look at it (the exchange may be this node's client's) */
-    if (!egress && (flags & IFACE_NETWORK) && counted_by_its_node(pkt.family, pkt.saddr)) {
+    /* arrived from the network (on ingress of an interface facing it, or forwarded to this
+     * egress from an interface not monitored, such as an uplink left out of
+     * interfaces.include), sent by a node that counted it on the way out: only the parsers
+     * below still look at it (the exchange may be this node's client's) */
+    int from_network = egress ? skb->ingress_ifindex != 0 : (flags & IFACE_NETWORK) != 0;
+    if (from_network && counted_by_its_node(pkt.family, pkt.saddr)) {
         struct left_counts *left = left_counts();
         if (left) {
             u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;

@@ -5,7 +5,8 @@
  * - A packet is counted by the node that sends it into the network: a pod's packet on ingress
  *   of its pod-facing interface, the node's own packet on egress. One that arrives from the
  *   network (ingress of an interface user space marked IFACE_NETWORK: an uplink, an overlay
- *   device) is left alone when its source is an address of another node whose exporter
+ *   device; or egress of a pod-facing interface it was forwarded to from an interface not
+ *   monitored) is left alone when its source is an address of another node whose exporter
  *   counted it on the way out.
  * - A DNS or HTTP exchange is counted by the client's node; when the client is an address of
  *   another node with an exporter, this node neither counts it nor remembers it in

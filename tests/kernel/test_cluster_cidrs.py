@@ -90,3 +90,26 @@ def test_cluster_cidrs_count_once_per_cluster(routed: TestCluster) -> None:
             assert scrape.value("ebpf_net_exporter_network_interfaces") == 1
             assert scrape.value("ebpf_net_exporter_counted_elsewhere_total",
                                 signal="flow_packets") >= len(DATAGRAMS)
+
+
+def test_pod_interfaces_only_still_count_once_per_cluster(routed: TestCluster) -> None:
+    """interfaces.include with the pods' veths only (the "pod traffic only" example): a
+    packet from another node reaches a pod's veth egress from an uplink not monitored, and
+    is left to its sender all the same."""
+    cidrs = [f"10.{routed.n}.0.0/16"]
+    with ExitStack() as stack:
+        processes = []
+        for node in routed.nodes:
+            veths = "|".join(pod.veth for pod in node.pods)
+            process = ExporterProcess(node, interfaces=veths, config={"cluster": {"cidrs": cidrs}})
+            stack.callback(stopped, process)
+            processes.append(process)
+        for process in processes:
+            process.wait_ready()
+        send(routed, "pod-1a", "pod-2a", 7321)
+        send(routed, "pod-2b", "pod-1b", 7322)
+        expected = {7321: [len(DATAGRAMS), 0], 7322: [0, len(DATAGRAMS)]}
+        wait_until(lambda: {port: packets(processes, port) for port in expected} == expected,
+                   20, "each datagram counted by its sender's node only")
+        assert [process.scrape().value("ebpf_net_exporter_network_interfaces")
+                for process in processes] == [0, 0]
