@@ -314,10 +314,15 @@ class ClusterState:
                 if owner is not None and pod.owner == owner and pod.running and pod.ready
                 and pod.node)
             pod_addresses = {}
+            pods = self._pods
             for ip, keys in self._pod_ips.items():
-                newest = max((self._pods[key] for key in keys), key=lambda p: p.created)
-                if newest.node:
-                    pod_addresses[ip] = newest.node
+                if len(keys) == 1:          # nearly always: one live pod per address
+                    (key,) = keys
+                    node = pods[key].node
+                else:
+                    node = max((pods[key] for key in keys), key=lambda p: p.created).node
+                if node:
+                    pod_addresses[ip] = node
             return Topology(dict(self._nodes), pod_addresses, exporters)
 
     def resolve(self, ip: str) -> Identity | None:
