@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import connections, interleaved, pairs, part1, pool, scrape
+from . import cluster_rule, connections, interleaved, pairs, part1, pool, scrape
 from .document import POOLED_HEADER, Results, headlines, markdown
 from .machine import NICENESS, Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     with TestNode() as node:
         node.iperf3_server(node.b_ns, node.b_ip)
-        _say("1. per-packet kernel cost")
+        _say("1. per-packet kernel cost, and with the counting rule on a second node")
         connections.prepare(node)
-        kernel, per_connection = part1.run(node, kernel_seconds, repetitions, say=_say)
+        # the second node only for part 1: its exporter has the counting rule on
+        with TestNode() as rule_node:
+            cluster_rule.prepare(rule_node)
+            measured = part1.run(node, kernel_seconds, repetitions, say=_say,
+                                 rule_node=rule_node)
         _say("4, 2, 5. start-up; throughput and connection rate, the programs switched")
         rounds_result = interleaved.run(node, pairs_of, window, starts, _say)
         pooled = None
@@ -79,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         _say("3. scrape cost")
         scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
     results = Results(Machine.describe(), args.quick, args.long, load_before, load_average(),
-                      window, kernel, per_connection, rounds_result, scrapes, ports_per_source,
-                      time.monotonic() - began, pooled)
+                      window, measured.kernel, measured.per_connection, rounds_result, scrapes,
+                      ports_per_source, time.monotonic() - began, pooled, measured.rule)
     _say("")
     _say(text_table(HEADLINE_HEADER, headline_rows(headlines(results))))
     if pooled is not None:

@@ -48,10 +48,10 @@ def compare(node: TestNode, trees: list[Path], repetitions: int, seconds: float,
             order.reverse()         # neither tree always runs first
         for index in order:
             say(f"repetition {repetition + 1}/{repetitions}: {trees[index]}")
-            costs, per_connection = part1.run(node, seconds, 1, source=trees[index], say=say)
-            udp, tcp = costs[0]
+            measured = part1.run(node, seconds, 1, source=trees[index], say=say)
+            udp, tcp = measured.kernel[0]
             results[index].append((udp.over_floor_per_packet, tcp.over_floor_per_packet,
-                                   per_connection[0].ns_per_connection))
+                                   measured.per_connection[0].ns_per_connection))
     return results
 
 

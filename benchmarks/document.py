@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cluster_rule import RULE_TARGET, RuleCosts, pod_facing_twins, uplink_extra
 from .interleaved import Rounds
 from .kernel_cost import TC_PROGRAMS, ConnectionCost, WorkloadCost
 from .machine import Machine
@@ -18,6 +19,7 @@ from .report import (
     headline_rows,
     markdown_table,
     spread_text,
+    verdict,
 )
 from .scrape import ScrapeRun
 from .stats import Summary, paired_ratios, percentile, summarize
@@ -45,6 +47,8 @@ class Results:
     # the verdicts over every saved run of this datapath, this one's pairs included: the
     # datapath and benchmarks.pool's rows; None when the run's pairs were not saved
     pooled: tuple[str, list[list[str]]] | None = None
+    # part 1 with the counting rule on, per repetition (paired with `kernel`'s); empty: not run
+    rule: list[RuleCosts] = field(default_factory=list)
 
 
 def _ratios(rounds: Rounds, name: str) -> Summary:
@@ -54,6 +58,49 @@ def _ratios(rounds: Rounds, name: str) -> Summary:
 def _median_repetition(costs: list[WorkloadCost]) -> WorkloadCost:
     ordered = sorted(costs, key=lambda c: c.over_floor_per_packet)
     return ordered[len(ordered) // 2]
+
+
+RULE_UNITS = ("UDP packet", "TCP skb")     # part 1's workloads, by index
+
+
+def rule_ratios(r: Results, index: int) -> Summary | None:
+    """The rule on's figure over the floor per packet (pod-facing) over the rule off's of the
+    same repetition, for workload `index` (0 UDP, 1 TCP): their median and its 95% CI. None
+    when no repetition had a positive figure with the rule off to divide by."""
+    ratios = paired_ratios([repetition[index].over_floor_per_packet for repetition in r.kernel],
+                           [rule.pod_facing[index].over_floor_per_packet for rule in r.rule])
+    return summarize(ratios) if ratios else None
+
+
+def _ratio_text(ratio: Summary | None) -> str:
+    if ratio is None:
+        return "no pair to divide: the rule off was never above the floor"
+    return f"{ratio.median:.3f} (95% CI {ratio.median_low:.3f}-{ratio.median_high:.3f})"
+
+
+def _rule_met(ratio: Summary | None) -> bool | None:
+    return None if ratio is None else at_most(ratio.median_low, ratio.median_high,
+                                              RULE_TARGET)
+
+
+def _rule_headlines(r: Results) -> list[Headline]:
+    out = []
+    for index, unit in enumerate(RULE_UNITS):
+        on = summarize([rule.pod_facing[index].over_floor_per_packet for rule in r.rule])
+        ratio = rule_ratios(r, index)
+        of_off = "no pair to divide" if ratio is None else f"{_ratio_text(ratio)} of the rule off"
+        out.append(Headline(f"classifier over the floor, rule on (pod-facing), per {unit}",
+                            f"{on.median:+.0f} ns; {of_off}",
+                            f"<= {RULE_TARGET:.2f} of the rule off", _rule_met(ratio)))
+    pod = [summarize([pod_facing_twins(rule)[i].ingress_over_floor_per_run for rule in r.rule])
+           for i in range(2)]
+    uplink = [summarize([rule.uplink[i].ingress_over_floor_per_run for rule in r.rule])
+              for i in range(2)]
+    out.append(Headline("rule on: an uplink's ingress over the floor per run, UDP / TCP",
+                        f"{uplink[0].median:+.0f} / {uplink[1].median:+.0f} ns "
+                        f"(the same streams pod-facing {pod[0].median:+.0f} / "
+                        f"{pod[1].median:+.0f})", NO_TARGET, None))
+    return out
 
 
 def headlines(r: Results) -> list[Headline]:
@@ -67,6 +114,8 @@ def headlines(r: Results) -> list[Headline]:
                             f"{over.median_high:.0f})",
                             f"<= +{target} ns", at_most(over.median_low, over.median_high,
                                                         target)))
+    if r.rule:
+        out += _rule_headlines(r)
     for name, label in (("tcp", "TCP bulk"), ("udp", "64-byte UDP")):
         ratio, target = _ratios(r.rounds, name), RATIO_TARGETS[name]
         out.append(Headline(f"throughput with exporter, {label}",
@@ -137,6 +186,106 @@ def _kernel_section(r: Results) -> str:
         f"(every repetition: {all_runs} ns): {c.core_share * 100:.1f}% of one core at "
         f"{c.connections / c.seconds:,.0f} connections/s.")
     return "\n\n".join(parts)
+
+
+def _ci(summary: Summary, sign: str = "") -> str:
+    return (f"{summary.median:{sign}.0f} (95% CI {summary.median_low:{sign}.0f} to "
+            f"{summary.median_high:{sign}.0f})")
+
+
+def _ingress_row(stream: str, hooks: str, costs: list[WorkloadCost],
+                 left: list[float] | None) -> list[str]:
+    """A stream's classify_ingress per run, over the floor, and what the rule left to other
+    nodes per ingress run (TCP: GSO segments per skb; None: no rule)."""
+    runs = summarize([c.program("classify_ingress").runs for c in costs])
+    per_run = summarize([c.program("classify_ingress").ns_per_run for c in costs])
+    over = summarize([c.ingress_over_floor_per_run for c in costs])
+    if left is None:
+        share = "-"
+    else:
+        shares = [x / c.program("classify_ingress").runs if c.program("classify_ingress").runs
+                  else 0.0 for x, c in zip(left, costs, strict=True)]
+        share = f"{summarize(shares).median:.2f}"
+    return [stream, hooks, f"{runs.median:,.0f}", _ci(per_run), _ci(over, "+"), share]
+
+
+def _rule_section(r: Results) -> str:
+    if not r.rule:
+        return ""
+    verdicts = []
+    for index, unit in enumerate(("per 64-byte UDP packet", "per TCP skb")):
+        off = summarize([repetition[index].over_floor_per_packet for repetition in r.kernel])
+        on = summarize([rule.pod_facing[index].over_floor_per_packet for rule in r.rule])
+        ratio = rule_ratios(r, index)
+        target = f"<= {RULE_TARGET:.2f}"
+        verdicts.append([f"classifier over the floor, {unit}", _ci(off, "+"), _ci(on, "+"),
+                         _ratio_text(ratio), target,
+                         verdict(Headline(unit, "", target, _rule_met(ratio)))])
+    verdict_table = markdown_table(("both hooks, ns per packet", "rule off (part 1)",
+                                    "rule on, pod-facing", "paired ratio on/off", "target", ""),
+                                   verdicts)
+    no_left = [0.0] * len(r.rule)
+    tcp_hooks = "va (data), vb (ACKs)"
+    ingress = [
+        _ingress_row("UDP a -> b, rule off (part 1)", "va, pod-facing",
+                     [repetition[0] for repetition in r.kernel], None),
+        _ingress_row("UDP a -> b, rule on", "va, pod-facing",
+                     [rule.pod_facing[0] for rule in r.rule], no_left),
+        _ingress_row("UDP b -> a, rule on", "vb, pod-facing",
+                     [rule.udp_b_to_a for rule in r.rule], no_left),
+        _ingress_row("UDP b -> a, rule on", "vb, an uplink",
+                     [rule.uplink[0] for rule in r.rule], [rule.left[0] for rule in r.rule]),
+        _ingress_row("TCP a -> b, rule off (part 1)", f"{tcp_hooks}, pod-facing",
+                     [repetition[1] for repetition in r.kernel], None),
+        _ingress_row("TCP a -> b, rule on", f"{tcp_hooks}, pod-facing",
+                     [rule.pod_facing[1] for rule in r.rule], no_left),
+        _ingress_row("TCP a -> b, rule on", f"{tcp_hooks}, both uplinks",
+                     [rule.uplink[1] for rule in r.rule], [rule.left[1] for rule in r.rule]),
+    ]
+    ingress_table = markdown_table(("stream", "ingress hook", "classify_ingress runs",
+                                    "ns per run", "over the floor per run",
+                                    "left to another node per ingress run"), ingress)
+    extra = [summarize([uplink_extra(rule)[i] for rule in r.rule]) for i in range(2)]
+    return f"""
+
+### With the counting rule on (`cluster.cidrs`)
+
+The same {len(r.rule)} repetitions also ran through a second test node built like the first,
+whose exporter counts once per cluster (bpf/cluster.h): `cluster.cidrs` is that node's whole
+/16, and its tcp collector is off (tracepoints see every socket of the host, and part 1's
+exporter already runs them on both nodes' TCP), which leaves its classifier part 1's plus the
+rule. An exporter refuses a second one in its namespace and compiles the rule in at start-up,
+so the two exporters ran on the two nodes throughout, each with its floor, and each workload
+went through one node and then the other, which one first alternating by repetition: a
+repetition's two figures are seconds apart and share the machine's noise, which moves single
+repetitions by tens of percent. With no route through a gateway both veths are pod-facing
+(`ebpf_net_exporter_network_interfaces` 0) and the rule's work is one flag test per packet.
+The target, within 10% of the rule off, is judged on the ratio on / off of each repetition's
+figures over the floor: met when the 95% confidence interval of the ratios' median lies at or
+below {RULE_TARGET:.2f}, missed when it lies above, not resolved when it straddles it.
+
+{verdict_table}
+
+Then UDP ran from pod b to pod a, first with vb pod-facing, then with a route through a
+gateway on vb (`10.N.200.0/24 via` pod b) that made vb an uplink and pod b a node with an
+exporter: its datagrams arrive on vb's ingress from an address of `cluster.cidrs` that is not
+the node's own, and are left to that node after the trie lookup. The kernel accounts per
+program, not per interface, and every ingress run of this stream is on vb. TCP sends ACKs back
+the other way, so for TCP a second route (via pod a) made va an uplink as well, and TCP
+a -> b ran on uplinks only (its pod-facing twin is the paired run above). Around every run the
+exporter's `/metrics` were checked: 0, 1 and 2 interfaces facing the network, and
+`ebpf_net_exporter_counted_elsewhere_total{{signal="flow_packets"}}` unchanged by the
+pod-facing runs, grown by at least the datagrams pod a received (and at most the ingress
+runs) for UDP, by at least 99% of the ingress runs for TCP (it counts GSO segments); a run
+that was not as meant stops the benchmark. Medians of the {len(r.rule)} repetitions; over the
+floor is classify_ingress's ns per run less its node's floor's, on the same packets. TCP's
+runs mix data skbs and ACKs, whose shares move from run to run (the runs column):
+
+{ingress_table}
+
+An uplink's ingress run cost **{_ci(extra[0], "+")} ns** more than the same stream's
+pod-facing one for UDP b -> a, **{_ci(extra[1], "+")} ns** for TCP (the medians of the
+per-repetition differences)."""
 
 
 def _pair_counts(r: Results) -> str:
@@ -237,7 +386,7 @@ verdict on the figure over the floor is the 95% confidence interval of its media
 repetitions (as for part 2's ratios), so one repetition caught in a noisy spell does not
 decide it.
 
-{_kernel_section(r)}
+{_kernel_section(r)}{_rule_section(r)}
 
 ## 2 and 5. Throughput and connection rate, with and without the exporter
 

@@ -171,6 +171,17 @@ class WorkloadCost:
     def over_floor_per_packet(self) -> float:
         return self.tc_ns_per_packet - self.floor_ns_per_packet
 
+    def program(self, name: str) -> ProgramCost:
+        """One program's accounting (no runs: zero)."""
+        return next((p for p in self.programs if p.name == name), ProgramCost(name, 0, 0.0))
+
+    @property
+    def ingress_over_floor_per_run(self) -> float:
+        """classify_ingress's ns per run minus the floor's: what one ingress hook costs, for
+        streams whose ingress runs are all on the hooks being measured (the counting rule's
+        uplinks). The floor's figure is per run over both hooks: it does the same on each."""
+        return self.program("classify_ingress").ns_per_run - self.floor_ns_per_run
+
 
 def _deltas(ids: set[int], run: Callable[[], T]) -> tuple[dict[int, ProgStats], T, float]:
     """What each program accounted while run() ran, run()'s result and its seconds."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare, connections, interleaved, kernel_cost, startup
+from benchmarks import cluster_rule, compare, connections, interleaved, kernel_cost, part1, startup
 from benchmarks.sprayer import DISCARD_PORT, Sprayer
 from benchmarks.streams import STREAMS
 from benchmarks.switchable import Switch
@@ -154,3 +154,33 @@ def test_switched_off_the_programs_see_nothing_and_switched_on_all_again():
     for name in STREAMS:
         assert len(rounds.without[name]) == len(rounds.attached[name]) == 2
         assert min(rounds.without[name] + rounds.attached[name]) > 0
+
+
+def test_part_1_measures_the_counting_rule_beside_it_on_a_second_node():
+    said: list[str] = []
+    with TestNode() as node, TestNode() as rule_node:
+        node.iperf3_server(node.b_ns, node.b_ip)
+        connections.prepare(node)
+        cluster_rule.prepare(rule_node)
+        # two repetitions: each configuration runs first once
+        measured = part1.run(node, 1.0, 2, say=said.append, settle=0.5, rule_node=rule_node)
+        routes = rule_node.run(rule_node.node_ns, ["ip", "-4", "route"]).stdout
+    assert " via " not in routes, routes        # the uplinks' routes are gone again
+    assert len(measured.kernel) == len(measured.rule) == len(measured.per_connection) == 2
+    assert len([line for line in said if "rule on, pod-facing" in line]) == 2
+    for off, rule in zip(measured.kernel, measured.rule, strict=True):
+        # the same workloads through both nodes, each costing more than its floor
+        assert [c.workload for c in rule.pod_facing] == [c.workload for c in off]
+        for cost in [*off, *rule.pod_facing, rule.udp_b_to_a, *rule.uplink]:
+            assert cost.over_floor_per_packet > 0 and cost.ingress_over_floor_per_run > 0
+        # on the uplinks every ingress run was a packet left to another node (part1.run has
+        # checked it against the exporter's /metrics, or it would have raised)
+        udp, tcp = rule.uplink
+        assert rule.left[0] >= 0.99 * udp.program("classify_ingress").runs > 1000
+        assert rule.left[1] >= tcp.program("classify_ingress").runs > 1000
+
+
+def test_an_exporter_that_does_not_count_once_per_cluster_fails_the_rule_check(
+        exporter: ExporterProcess):
+    with pytest.raises(cluster_rule.RuleNotApplied, match="not counting once per cluster"):
+        cluster_rule.wait_facing(exporter, 0)

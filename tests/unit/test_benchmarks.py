@@ -1,12 +1,15 @@
 """The pure parts of benchmarks/: summaries, tables and the sprayer's frames."""
 
 import ipaddress
+import math
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from benchmarks.cluster_rule import RuleCosts
 from benchmarks.connections import LoopBuildError, build_loop
 from benchmarks.document import Results, headlines, markdown
 from benchmarks.interleaved import Rounds
@@ -213,3 +216,158 @@ def test_the_pooled_verdict_and_what_more_pairs_are_asked_for():
     for bad in ("tcp", "tcp=0", "dns=5", "tcp=x"):
         with pytest.raises(Exception, match="expected STREAM=PAIRS"):
             _pair_counts(bad)
+
+
+def _workload(name: str, tc_ns: float, ingress_runs: int = 1000) -> WorkloadCost:
+    """A workload whose classifier costs tc_ns per packet over 1000 packets, against a floor
+    of 60 ns per run (120 per packet): tc_ns - 120 over the floor per packet, and an ingress
+    hook of tc_ns / 2 per run, tc_ns / 2 - 60 over the floor."""
+    return WorkloadCost(name, [ProgramCost("classify_egress", 1000, tc_ns / 2),
+                               ProgramCost("classify_ingress", ingress_runs, tc_ns / 2)],
+                        2000, 60.0, tc_ns / 2, 1000, tc_ns, 120.0, 1.0, 1e5)
+
+
+def test_a_workload_names_its_programs_and_the_ingress_hook_over_the_floor():
+    cost = _workload("udp", 260.0)
+    assert cost.program("classify_ingress") == ProgramCost("classify_ingress", 1000, 130.0)
+    assert cost.program("parse_dns") == ProgramCost("parse_dns", 0, 0.0)    # no runs
+    assert cost.ingress_over_floor_per_run == 70.0
+    assert cost.over_floor_per_packet == 140.0
+
+
+def test_the_rule_node_compiles_part_1s_classifier_plus_the_rule(tmp_path: Path) -> None:
+    # the rule's exporter runs without the tcp collector: the classifier must not notice
+    import yaml
+
+    from benchmarks import cluster_rule
+    from exporter import classifier, oncepercluster
+    from exporter.config import load
+
+    node = SimpleNamespace(n=231)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cluster_rule.config(node)))
+    on, off = load(str(path), {}, {}), load(None, {}, {})
+    assert on.cluster.cidrs == ("10.231.0.0/16",) and not on.collectors.tcp
+    assert oncepercluster.wanted(on, None) == (True, "cluster.cidrs")
+    assert classifier.cflags(on, True) == [*oncepercluster.cflags(on),
+                                           *classifier.cflags(off, False)]
+
+
+def test_uplink_routes_go_through_a_gateway_outside_the_pods_subnets():
+    from benchmarks.cluster_rule import uplinks
+
+    node = SimpleNamespace(n=231, veth_a="pva", veth_b="pvb", a_ip="10.231.1.2",
+                           b_ip="10.231.2.2")
+    via_b, via_a = uplinks(node)
+    assert (via_b.device, via_b.gateway, via_b.destination) == ("pvb", "10.231.2.2",
+                                                                 "10.231.200.0/24")
+    assert (via_a.device, via_a.gateway) == ("pva", "10.231.1.2")
+    for uplink in (via_b, via_a):
+        destination = ipaddress.ip_network(uplink.destination)
+        assert destination.subnet_of(ipaddress.ip_network("10.231.0.0/16"))
+        assert not destination.overlaps(ipaddress.ip_network("10.231.1.0/24"))
+        assert not destination.overlaps(ipaddress.ip_network("10.231.2.0/24"))
+
+
+def test_the_rule_state_is_read_off_the_exporters_metrics():
+    from benchmarks.cluster_rule import RuleState, state_of
+    from tests.exporter_process import Scrape
+
+    text = ('# TYPE ebpf_net_exporter_network_interfaces gauge\n'
+            'ebpf_net_exporter_network_interfaces 1.0\n'
+            '# TYPE ebpf_net_exporter_counted_elsewhere counter\n'
+            'ebpf_net_exporter_counted_elsewhere_total{signal="flow_packets"} 1234.0\n'
+            'ebpf_net_exporter_counted_elsewhere_total{signal="flow_bytes"} 99999.0\n')
+    assert state_of(Scrape(text)) == RuleState(1, 1234.0)
+    # an exporter counting once per node serves neither
+    assert state_of(Scrape("# TYPE up gauge\nup 1.0\n")) == RuleState(None, 0.0)
+
+
+def test_a_run_the_rule_did_not_shape_as_meant_is_named():
+    from benchmarks.cluster_rule import RuleNotApplied, RuleState, require, rule_problem
+
+    before, after = RuleState(1, 100.0), RuleState(1, 1100.0)
+    assert rule_problem("udp", before, after, 1, 1000, 1016) is None
+    assert rule_problem("udp", before, after, 1, 900, math.inf) is None
+    problems = [
+        rule_problem("udp", RuleState(None, 0.0), RuleState(None, 0.0), 1, 0, 0),
+        rule_problem("udp", before, RuleState(0, 1100.0), 1, 1000, 1016),
+        rule_problem("udp", before, after, 1, 1001, 1016),
+        rule_problem("pod", before, after, 1, 0, 0),
+        rule_problem("tcp", before, after, 1, 2000, math.inf),
+    ]
+    assert "serves no ebpf_net_exporter_network_interfaces" in problems[0]
+    assert "had 0 interfaces facing the network, not 1" in problems[1]
+    assert problems[2].endswith('{signal="flow_packets"} grew by 1,000, not 1,001 to 1,016')
+    assert problems[3].endswith("grew by 1,000, not 0")
+    assert problems[4].endswith("grew by 1,000, not at least 2,000")
+    require(None)
+    with pytest.raises(RuleNotApplied, match="not 0"):
+        require(problems[3])
+
+
+def _rule(udp_on: float, tcp_on: float) -> RuleCosts:
+    """A repetition with the rule on: the uplinks' ingress 70 (UDP) and 110 (TCP) ns per run
+    over the floor, every packet left; the same streams pod-facing 20 and 45."""
+    return RuleCosts([_workload("udp", udp_on), _workload("tcp", tcp_on)],
+                     _workload("udp b -> a", 160.0),
+                     [_workload("udp uplink", 260.0), _workload("tcp uplink", 340.0, 500)],
+                     [1000.0, 16000.0])
+
+
+def test_the_rule_on_is_judged_on_paired_ratios_and_the_uplink_stands_beside():
+    from benchmarks.cluster_rule import uplink_extra
+    from benchmarks.document import rule_ratios
+
+    results = _synthetic_results([1.0] * 20)      # part 1: +40 UDP, +90 TCP over the floor
+    assert "With the counting rule on" not in markdown(results)
+    assert not [h for h in headlines(results) if "rule on" in h.figure]
+    # UDP on: +42, +44, +46 (1.05, 1.10, 1.15 of off): the interval straddles 1.10
+    results.rule = [_rule(162.0, 210.0), _rule(164.0, 210.0), _rule(166.0, 210.0)]
+    assert uplink_extra(results.rule[0]) == [50.0, 65.0]
+    udp = rule_ratios(results, 0)
+    assert udp is not None and (udp.median, udp.median_low, udp.median_high) == \
+        pytest.approx((1.10, 1.05, 1.15))
+    rows = {h.figure: h for h in headlines(results)}
+    udp_row = rows["classifier over the floor, rule on (pod-facing), per UDP packet"]
+    assert udp_row.measured == "+44 ns; 1.100 (95% CI 1.050-1.150) of the rule off"
+    assert udp_row.target == "<= 1.10 of the rule off" and udp_row.met is None
+    tcp_row = rows["classifier over the floor, rule on (pod-facing), per TCP skb"]
+    assert tcp_row.measured.startswith("+90 ns; 1.000 (95% CI 1.000-1.000)") and tcp_row.met
+    uplink = rows["rule on: an uplink's ingress over the floor per run, UDP / TCP"]
+    assert uplink.measured == "+70 / +110 ns (the same streams pod-facing +20 / +45)"
+    assert uplink.met is None and uplink.target == "-"
+
+    rendered = markdown(results)
+    assert "### With the counting rule on (`cluster.cidrs`)" in rendered
+    assert rendered.index("### With the counting rule on") < rendered.index("## 2 and 5.")
+    assert ("| classifier over the floor, per 64-byte UDP packet | +40 (95% CI +40 to +40) | "
+            "+44 (95% CI +42 to +46) | 1.100 (95% CI 1.050-1.150) | <= 1.10 | not resolved |"
+            ) in rendered
+    assert "| per TCP skb | +90 (95% CI +90 to +90) | +90 (95% CI +90 to +90) | 1.000" in \
+        rendered.replace("classifier over the floor, per TCP skb", "per TCP skb")
+    assert ("| UDP b -> a, rule on | vb, an uplink | 1,000 | 130 (95% CI 130 to 130) | "
+            "+70 (95% CI +70 to +70) | 1.00 |") in rendered
+    assert "| va (data), vb (ACKs), both uplinks | 500 |" in rendered
+    assert rendered.rstrip().count("| 32.00 |") == 1          # TCP: GSO segments per skb
+    assert "**+50 (95% CI +50 to +50) ns** more than" in rendered
+
+
+def test_no_pair_to_divide_leaves_the_rule_unjudged():
+    from benchmarks.document import rule_ratios
+
+    results = _synthetic_results([1.0] * 20)
+    results.kernel = [[_workload("udp", 100.0), _workload("tcp", 210.0)]] * 3   # -20: below
+    results.rule = [_rule(162.0, 210.0)] * 3
+    assert rule_ratios(results, 0) is None
+    row = next(h for h in headlines(results) if h.figure.endswith("(pod-facing), per UDP packet"))
+    assert "no pair" in row.measured and row.met is None
+
+
+def test_iperf3_runs_to_pod_b_unless_told_another_server():
+    from benchmarks.throughput import UDP_OPTIONS, iperf3_argv
+
+    node = SimpleNamespace(b_ip="10.231.2.2")
+    assert iperf3_argv(node, 1.5) == ["iperf3", "-c", "10.231.2.2", "-t", "2"]
+    assert iperf3_argv(node, 2, *UDP_OPTIONS, server="10.231.1.2")[:3] == [
+        "iperf3", "-c", "10.231.1.2"]
