@@ -46,7 +46,7 @@ image-test:
 demo:
 	$(SUDO) $(PYTHON) -m tests.demo
 
-# The performance benchmarks (issue 8): their own test node, about 6 minutes; prints the
+# The performance benchmarks (issue 8): their own test node, about 14 minutes; prints the
 # headline table and writes docs/benchmarks.md. Not part of `make test`.
 bench:
 	$(SUDO) $(PYTHON) -m benchmarks --out docs/benchmarks.md
