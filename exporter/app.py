@@ -24,6 +24,7 @@ from . import (
     logs,
     oncepercluster,
     privileges,
+    selfsigned,
     singleton,
     sockfields,
 )
@@ -40,6 +41,7 @@ from .dnsnames import QueryLabel
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .httpnames import PathLabel
 from .interfaces import Attacher, InterfaceMonitor, NameFilter, TcAttacher
+from .kubeauth import KubernetesAuth
 from .loader import LoadError, Program
 from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
@@ -221,13 +223,21 @@ class Exporter:
             raise StartupError(str(e)) from None
         # bind the port before compiling: a port in use fails in milliseconds
         web = self.web_config
-        app = make_app(self.registry, config.web.telemetry_path, self.ready, web)
-        self.web = WebServer(config.web.listen_address, app, web.tls if web else None)
+        auth = self._scrape_auth()
+        tls = web.tls if web else None
+        if auth and tls is None:    # tokens never cross the network in clear
+            tls = selfsigned.server_context(selfsigned.default_names(),
+                                            [config.web.listen_address.rsplit(":", 1)[0]])
+        app = make_app(self.registry, config.web.telemetry_path, self.ready, web, auth)
+        self.web = WebServer(config.web.listen_address, app, tls)
         self.web.start()
         log.info("listening", extra={"address": config.web.listen_address,
                                      "path": config.web.telemetry_path,
-                                     "scheme": web.scheme if web else "http",
-                                     "basic_auth": bool(web and web.users)})
+                                     "scheme": "https" if tls else "http",
+                                     "basic_auth": bool(web and web.users),
+                                     "kubernetes_auth": bool(auth),
+                                     "certificate": "configured" if web and web.tls else
+                                     "made at start" if tls else "none"})
 
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
@@ -353,6 +363,31 @@ class Exporter:
         changed = [path for path in field_paths() if _value(old, path) != _value(new, path)]
         self.config = new
         return [path for path in changed if path not in applied]
+
+    def _scrape_auth(self) -> KubernetesAuth | None:
+        """The API server's check of scrapers' tokens (web.kubernetes_auth), registered with
+        its self-metrics; None when off."""
+        from .k8s.connection import KubernetesConfigError, connect
+
+        settings = self.config.web
+        if not settings.kubernetes_auth:
+            return None
+        if self.web_config and self.web_config.users:
+            raise StartupError("web.kubernetes_auth and the basic_auth_users of "
+                               "--web.config.file both read the Authorization header: "
+                               "choose one")
+        try:
+            api, source = connect(self.config.kubernetes.kubeconfig)
+        except KubernetesConfigError as e:
+            raise StartupError(f"web.kubernetes_auth: {e}") from e
+        if api is None:
+            raise StartupError(f"web.kubernetes_auth needs the API server, but there is "
+                               f"{source}: run in a pod or give --kubeconfig")
+        auth = KubernetesAuth(api, settings.telemetry_path, settings.kubernetes_auth_cache)
+        self.registry.register(auth)
+        log.info("scrapes checked by the API server", extra={
+            "from": source, "cache_seconds": settings.kubernetes_auth_cache})
+        return auth
 
     def _kubernetes(self) -> KubernetesMetadata | None:
         """Watches of the API server when there is one to reach; None (with a log line saying

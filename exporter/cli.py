@@ -54,6 +54,7 @@ COLLECTORS = ("flows", "tcp", "dns", "http", "drops", "bash")
 FLAG_FIELDS = {
     "web_listen_address": ("web.listen_address", "--web.listen-address"),
     "web_telemetry_path": ("web.telemetry_path", "--web.telemetry-path"),
+    "web_kubernetes_auth": ("web.kubernetes_auth", "--web.kubernetes-auth"),
     "interfaces": ("interfaces.include", "--interfaces"),
     "interfaces_attach": ("interfaces.attach", "--interfaces.attach"),
     "log_level": ("log.level", "--log.level"),
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
                         help="TLS and basic auth of the endpoint, in Prometheus "
                              "exporter-toolkit's format (see docs/security.md)")
+    parser.add_argument("--web.kubernetes-auth", dest="web_kubernetes_auth",
+                        action="store_const", const=True,
+                        help="let only bearer tokens the Kubernetes API server allows to get "
+                             "the telemetry path read it (TLS on, see docs/security.md)")
     parser.add_argument("--web.telemetry-path", dest="web_telemetry_path", metavar="PATH",
                         help="path of the metrics (default /metrics)")
     parser.add_argument("--interfaces", metavar="REGEX",

@@ -315,6 +315,8 @@ def parse_per_metric(value: Any) -> dict[str, dict[str, tuple[str, ...] | None]]
 class WebConfig:
     listen_address: str = _spec(parse_listen_address)
     telemetry_path: str = _spec(parse_path)
+    kubernetes_auth: bool = _spec(parse_bool)
+    kubernetes_auth_cache: float = _spec(parse_duration)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from . import logs, privileges
 from .exposition import make_metrics_app
+from .kubeauth import ALLOWED, UNAUTHENTICATED, KubernetesAuth
 from .webconfig import BasicAuth, WebConfig
 
 log = logs.get("web")
@@ -82,7 +83,8 @@ def split_listen_address(address: str) -> tuple[str, int]:
 
 
 def make_app(registry: CollectorRegistry, telemetry_path: str,
-             ready: Callable[[], bool], web: WebConfig | None = None) -> WsgiApp:
+             ready: Callable[[], bool], web: WebConfig | None = None,
+             auth: KubernetesAuth | None = None) -> WsgiApp:
     metrics = make_metrics_app(registry)
     landing = (f'<html><head><title>ebpf-net-exporter</title></head><body>'
                f'<h1>ebpf-net-exporter</h1><p><a href="{telemetry_path}">Metrics</a></p>'
@@ -107,7 +109,30 @@ def make_app(registry: CollectorRegistry, telemetry_path: str,
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 
+    if auth:
+        app = authorized(app, auth)
     return secured(app, web) if web else app
+
+
+# what the kubelet's probes read: never behind Kubernetes authentication
+OPEN_PATHS = ("/healthz", "/readyz")
+
+
+def authorized(app: WsgiApp, auth: KubernetesAuth) -> WsgiApp:
+    """Every path but the probes' for the bearer tokens the API server allows (kubeauth.py)."""
+    def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if (environ.get("PATH_INFO") or "/") in OPEN_PATHS:
+            return app(environ, start_response)
+        verdict = auth.decide(environ.get("HTTP_AUTHORIZATION"))
+        if verdict.outcome == ALLOWED:
+            return app(environ, start_response)
+        headers = [("Content-Type", "text/plain")]
+        if verdict.outcome == UNAUTHENTICATED:
+            headers.append(("WWW-Authenticate", 'Bearer realm="ebpf-net-exporter"'))
+        start_response(verdict.status, headers)
+        return [f"{verdict.status.split(' ', 1)[1]}: {verdict.reason}\n".encode()]
+
+    return guarded
 
 
 def secured(app: WsgiApp, web: WebConfig) -> WsgiApp:

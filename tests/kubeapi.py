@@ -100,6 +100,11 @@ class KubeAPI:
         self.compacted = 0                  # versions at or below this are gone (410)
         self.forbidden: set[str] = set()
         self.requests: list[tuple[str, dict[str, list[str]]]] = []  # (kind, query) served
+        # TokenReview: token -> the user it authenticates; SubjectAccessReview: the users
+        # that may get a non-resource path (path -> users); each review asked, as received
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.path_readers: dict[str, set[str]] = {}
+        self.reviews: list[tuple[str, dict[str, Any]]] = []
         self._changed = threading.Condition()
         self._drop_generation = 0           # bumped to cut every open watch
         self._bookmarks = 0                 # bumped to send every open watch a BOOKMARK
@@ -146,6 +151,7 @@ class KubeAPI:
         self.drop_watches()
         self._server.shutdown()
         self._server.server_close()
+        self._server.cut_connections()
         self._server = None
 
     @property
@@ -218,6 +224,30 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     api: KubeAPI
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[socket.socket] = set()   # open, kept alive or not
+        self._connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        """Every open connection closed under its client, as a server that goes away does
+        (a kept-alive connection would otherwise go on being served)."""
+        with self._connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -225,6 +255,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
+
+    def do_POST(self) -> None:
+        """TokenReview and SubjectAccessReview, answered from api.tokens and
+        api.path_readers."""
+        api = self.server.api
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        spec = body.get("spec") or {}
+        path = urlparse(self.path).path
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews":
+            api.reviews.append(("tokenreview", spec))
+            user = api.tokens.get(spec.get("token", ""))
+            status: dict[str, Any] = {"authenticated": True, "user": user} if user else \
+                {"authenticated": False, "error": "invalid bearer token"}
+        elif path == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
+            api.reviews.append(("subjectaccessreview", spec))
+            attributes = spec.get("nonResourceAttributes") or {}
+            allowed = attributes.get("verb") == "get" and spec.get("user") in \
+                api.path_readers.get(attributes.get("path", ""), set())
+            status = {"allowed": allowed}
+        else:
+            self._status(404, "NotFound", f"the server could not find {path}")
+            return
+        kind = "TokenReview" if "tokenreviews" in path else "SubjectAccessReview"
+        group = "authentication" if kind == "TokenReview" else "authorization"
+        self._json(201, {"kind": kind, "apiVersion": f"{group}.k8s.io/v1", "spec": spec,
+                         "status": status})
 
     def do_GET(self) -> None:
         url = urlparse(self.path)

@@ -36,6 +36,8 @@ OPT_IN_METRICS = {"ebpf_net_drops_total", "ebpf_net_bash_commands_total"}
 # served only when counting once per cluster (tests/e2e/test_prometheus_cluster.py reads them)
 CLUSTER_METRICS = {"ebpf_net_exporter_counted_elsewhere_total",
                    "ebpf_net_exporter_network_interfaces", "ebpf_net_exporter_cluster_addresses"}
+# served only with web.kubernetes_auth (tests/kernel/test_scrape_auth.py reads them)
+AUTH_METRICS = {"ebpf_net_exporter_auth_requests_total", "ebpf_net_exporter_auth_reviews_total"}
 
 # Grafana's "All" for our variables, and what $__rate_interval is replaced with when a query
 # goes to Prometheus directly (Grafana computes it from the scrape interval).

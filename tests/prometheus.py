@@ -42,7 +42,8 @@ class Prometheus:
     """prometheus in namespace `ns`, listening on its 127.0.0.1; stopped with the node."""
 
     def __init__(self, node: TestNode, ns: str, job: str, targets: Sequence[str],
-                 rule_files: Sequence[Path] = ()) -> None:
+                 rule_files: Sequence[Path] = (), scrape: dict[str, Any] | None = None) -> None:
+        """scrape: more settings of the job (scheme, authorization, tls_config, ...)."""
         binary = shutil.which("prometheus")
         if binary is None:
             raise RuntimeError("prometheus is not installed (Debian's prometheus package; "
@@ -55,7 +56,8 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
                        "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}],
+                                **(scrape or {})}],
         }
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))

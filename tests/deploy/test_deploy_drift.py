@@ -102,7 +102,7 @@ def test_cluster_role_allows_exactly_the_calls_the_exporter_makes() -> None:
     wanted = permissions(RBAC_RULES)
     assert ("", "pods", "watch") in wanted
     for overlay in OVERLAYS:
-        role = one(render(REPO, overlay), "ClusterRole")
+        role = one(render(REPO, overlay), "ClusterRole", "ebpf-net-exporter")
         assert permissions(role["rules"]) == wanted
 
 
@@ -165,3 +165,25 @@ def test_daemonset_runs_everywhere_with_the_least_privilege_of_its_overlay() -> 
         # only the qdisc ownership file under /run is written on the host
         assert {n: p for n, p in host_paths.items() if n in writable} == \
             {"state": "/run/ebpf-net-exporter"}
+
+
+def test_scrapes_are_authenticated_over_tls_with_a_token_allowed_to_read_the_path() -> None:
+    path = default_document()["web"]["telemetry_path"]
+    for overlay in OVERLAYS:
+        manifests = render(REPO, overlay)
+        config = next(m for m in of_kind(manifests, "ConfigMap")
+                      if m["metadata"]["name"].startswith("ebpf-net-exporter-config"))
+        assert yaml.safe_load(config["data"]["exporter.yaml"])["web"]["kubernetes_auth"] is True
+        endpoint = one(manifests, "ServiceMonitor")["spec"]["endpoints"][0]
+        assert endpoint["scheme"] == "https"
+        assert endpoint["bearerTokenFile"] == \
+            "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        container = one(manifests, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+        # the reader role grants what the exporter's access review asks: get on the path
+        reader = one(manifests, "ClusterRole", "ebpf-net-exporter-metrics-reader")
+        assert reader["rules"] == [{"nonResourceURLs": [path], "verbs": ["get"]}]
+        binding = one(manifests, "ClusterRoleBinding", "ebpf-net-exporter-metrics-reader")
+        assert binding["roleRef"]["name"] == reader["metadata"]["name"]
+        assert binding["subjects"]

@@ -43,7 +43,10 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 CORE_OBJECTS = {("Namespace", "ebpf-net-exporter"), ("ServiceAccount", "ebpf-net-exporter"),
                 ("ClusterRole", "ebpf-net-exporter"), ("ClusterRoleBinding", "ebpf-net-exporter"),
                 ("DaemonSet", "ebpf-net-exporter"), ("Service", "ebpf-net-exporter"),
-                ("ServiceMonitor", "ebpf-net-exporter")}
+                ("ServiceMonitor", "ebpf-net-exporter"),
+                # who may read the metrics (web.kubernetes_auth)
+                ("ClusterRole", "ebpf-net-exporter-metrics-reader"),
+                ("ClusterRoleBinding", "ebpf-net-exporter-metrics-reader")}
 # Checkov graph checks cannot be skipped by annotation; each one skipped here says why.
 CHECKOV_SKIPS = {
     # a NetworkPolicy does not select hostNetwork pods with most CNIs: port 9814 is guarded

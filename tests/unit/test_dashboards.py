@@ -19,6 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter import config
 from exporter.clustermap import KernelClusterMap
 from exporter.k8s.metadata import KubernetesMetadata
+from exporter.kubeauth import KubernetesAuth
 from exporter.oncepercluster import ClusterCounting
 from exporter.selfmetrics import ExporterCollector, KernelStats
 from tests import monitoring
@@ -44,6 +45,7 @@ def served() -> set[str]:
     cluster_map = KernelClusterMap(FakeTrie(1), FakeLeft([{}]))   # counting once per cluster
     registry.register(ClusterCounting(cluster_map, config.load(None, {}, {}), None,
                                       KernelStats()))
+    registry.register(KubernetesAuth(ApiClient(), "/metrics", 60.0))  # web.kubernetes_auth
     for standard in (ProcessCollector, PlatformCollector, GCCollector):
         standard(registry=registry)
     return monitoring.series_names(GOLDEN.read_text() + generate_latest(registry).decode())

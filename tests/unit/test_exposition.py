@@ -25,6 +25,7 @@ from exporter.collectors.http import HttpCollector
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.metadata import KubernetesMetadata
+from exporter.kubeauth import KubernetesAuth
 from exporter.logs import LogFailuresCollector
 from exporter.oncepercluster import ClusterCounting
 from exporter.selfmetrics import ExporterCollector, KernelStats
@@ -136,6 +137,7 @@ def full_exposition() -> str:
     registry.register(KubernetesMetadata(ApiClient(), 60.0))     # never started: no calls
     cluster_map = KernelClusterMap(FakeTrie(16), FakeLeft([{}]))
     registry.register(ClusterCounting(cluster_map, config.load(None, {}, {}), None, stats))
+    registry.register(KubernetesAuth(ApiClient(), "/metrics", 60.0))  # asks nothing unasked
     stats.add_failures("flows", 0)
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)

@@ -239,12 +239,14 @@ def test_self_metrics_report_cache_and_errors(metadata: KubernetesMetadata) -> N
     assert {s.labels["kind"] for s in errors} == set(objects)
 
 
-def test_rbac_rules_cover_every_watched_kind() -> None:
-    granted = {(group, resource) for rule in RBAC_RULES for group in rule["apiGroups"]
-               for resource in rule["resources"]}
-    assert granted == {("", "pods"), ("", "services"), ("", "nodes"), ("apps", "replicasets"),
-                       ("batch", "jobs")}
-    assert all(rule["verbs"] == ["list", "watch"] for rule in RBAC_RULES)
+def test_rbac_rules_cover_every_watched_kind_and_the_scrape_reviews() -> None:
+    granted = {(group, resource, verb) for rule in RBAC_RULES for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    watched = {("", "pods"), ("", "services"), ("", "nodes"), ("apps", "replicasets"),
+               ("batch", "jobs")}
+    reviews = {("authentication.k8s.io", "tokenreviews", "create"),
+               ("authorization.k8s.io", "subjectaccessreviews", "create")}
+    assert granted == {(g, r, verb) for g, r in watched for verb in ("list", "watch")} | reviews
 
 
 def test_no_cluster_configuration_means_kubernetes_off(monkeypatch) -> None:
