@@ -16,7 +16,7 @@ from scripts import sync_deploy
 from tests.conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parent.parent
-OVERLAYS = ("default", "privileged")
+OVERLAYS = ("default", "privileged", "rbac-proxy")
 NAMESPACE = "ebpf-net-exporter"
 # kustomize v4 brought `patches` with targets, used by overlays/privileged
 MIN_KUSTOMIZE = (4, 0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.config import default_document
+from exporter.config import default_document, env_name
 from exporter.k8s import RBAC_RULES
 from scripts import sync_deploy
 from tests.deploytools import (
@@ -106,6 +106,20 @@ def test_cluster_role_allows_exactly_the_calls_the_exporter_makes() -> None:
         assert permissions(role["rules"]) == wanted
 
 
+def effective(container: dict, config: dict, path: str) -> object:
+    """A setting as the exporter in `container` sees it: its EBPF_NET_* variable, else the
+    config file's value."""
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    section, key = path.split(".")
+    return env.get(env_name(path), config[section].get(key))
+
+
+def exporter_config(manifests: list) -> dict:
+    config = next(m for m in of_kind(manifests, "ConfigMap")
+                  if m["metadata"]["name"].startswith("ebpf-net-exporter-config"))
+    return yaml.safe_load(config["data"]["exporter.yaml"])
+
+
 def test_one_metrics_port_from_the_exporter_default_to_the_service_monitor() -> None:
     default_port = int(default_document()["web"]["listen_address"].rsplit(":", 1)[1])
     for overlay in OVERLAYS:
@@ -113,21 +127,28 @@ def test_one_metrics_port_from_the_exporter_default_to_the_service_monitor() -> 
         service = one(manifests, "Service")
         monitor = one(manifests, "ServiceMonitor")
         pod = one(manifests, "DaemonSet")["spec"]["template"]
-        container = pod["spec"]["containers"][0]
-        config = next(m for m in of_kind(manifests, "ConfigMap")
-                      if m["metadata"]["name"].startswith("ebpf-net-exporter-config"))
-        listen = yaml.safe_load(config["data"]["exporter.yaml"])["web"]["listen_address"]
+        exporter = pod["spec"]["containers"][0]
+        listen = str(effective(exporter, exporter_config(manifests), "web.listen_address"))
+        # one container serves the metrics port: the exporter, or a proxy in front of it
+        serving = [c for c in pod["spec"]["containers"]
+                   if any(p["name"] == "metrics" for p in c.get("ports", []))]
+        assert len(serving) == 1, overlay
+        assert [(p["name"], p["containerPort"]) for p in serving[0]["ports"]] == \
+            [("metrics", default_port)]
+        if serving[0] is exporter:
+            assert int(listen.rsplit(":", 1)[1]) == default_port
+        else:       # the exporter on the node's loopback only, the proxy's upstream
+            assert listen.startswith("127.0.0.1:"), overlay
+            assert f"--upstream=http://{listen}/" in serving[0]["args"]
+            assert f"--secure-listen-address=:{default_port}" in serving[0]["args"]
 
         assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == \
             [("metrics", default_port, "metrics")]
-        assert [(p["name"], p["containerPort"]) for p in container["ports"]] == \
-            [("metrics", default_port)]
-        assert int(listen.rsplit(":", 1)[1]) == default_port
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
         assert monitor["spec"]["endpoints"][0]["path"] == default_document()["web"][
             "telemetry_path"]
         for probe in ("livenessProbe", "readinessProbe"):
-            assert container[probe]["httpGet"]["port"] == "metrics"
+            assert exporter[probe]["httpGet"]["port"] in ("metrics", default_port)
         # the ServiceMonitor finds the Service, and the Service the exporter's pods
         labels = service["metadata"]["labels"]
         assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -171,9 +192,17 @@ def test_scrapes_are_authenticated_over_tls_with_a_token_allowed_to_read_the_pat
     path = default_document()["web"]["telemetry_path"]
     for overlay in OVERLAYS:
         manifests = render(REPO, overlay)
-        config = next(m for m in of_kind(manifests, "ConfigMap")
-                      if m["metadata"]["name"].startswith("ebpf-net-exporter-config"))
-        assert yaml.safe_load(config["data"]["exporter.yaml"])["web"]["kubernetes_auth"] is True
+        containers = one(manifests, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+        checked = effective(containers[0], exporter_config(manifests), "web.kubernetes_auth")
+        # the exporter checks tokens itself, or a kube-rbac-proxy in front of it does (its
+        # TokenReview and SubjectAccessReview for the request's path are what the exporter's
+        # own check asks, with the same RBAC)
+        proxies = [c for c in containers[1:] if "kube-rbac-proxy" in c["image"]]
+        assert (checked in (True, "true")) != bool(proxies), overlay
+        for proxy in proxies:
+            # probes through unchecked, nothing else (the two flags exclude each other)
+            assert "--ignore-paths=/healthz,/readyz" in proxy["args"]
+            assert not any(arg.startswith("--allow-paths") for arg in proxy["args"])
         endpoint = one(manifests, "ServiceMonitor")["spec"]["endpoints"][0]
         assert endpoint["scheme"] == "https"
         assert endpoint["bearerTokenFile"] == \
