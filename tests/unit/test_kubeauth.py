@@ -142,3 +142,17 @@ def test_the_certificate_made_at_start_serves_tls(api: KubeAPI) -> None:
             assert response.status == 200
     finally:
         server.stop()
+
+
+def test_a_web_config_s_headers_and_tls_stay_with_kubernetes_auth(api: KubeAPI) -> None:
+    """--web.config.file's certificate and headers still apply; its basic auth is the one
+    thing that cannot be combined (the exporter refuses it at start)."""
+    from exporter.webconfig import WebConfig
+
+    web = WebConfig(tls=selfsigned.server_context(["localhost"], []),
+                    headers=(("X-Content-Type-Options", "nosniff"),))
+    app = make_app(CollectorRegistry(), "/metrics", lambda: True, web, auth_for(api))
+    status, headers, _ = call(app, "/metrics")
+    assert status.startswith("401") and headers["X-Content-Type-Options"] == "nosniff"
+    status, headers, _ = call(app, "/metrics", "reader-token")
+    assert status.startswith("200") and headers["X-Content-Type-Options"] == "nosniff"
