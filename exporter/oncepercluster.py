@@ -121,22 +121,26 @@ class ClusterCounting(Collector):
             self._thread.join(5.0)
 
     def _follow(self) -> None:
+        failing = False
         while not self._stop.is_set():
             try:
                 self.refresh_kubernetes()
-            except Exception as e:      # keep following: the next change retries
-                log.warning("cluster addresses not refreshed", extra={"error": str(e)})
+                failing = False
+            except Exception as e:      # keep following: the next round retries
+                if not failing:         # once per spell, not every second
+                    log.warning("cluster addresses not refreshed", extra={"error": str(e)})
+                failing = True
             self._stop.wait(REFRESH_SECONDS)
 
     def refresh_kubernetes(self) -> None:
-        """Rewrites the trie when the watched objects changed since the last call."""
+        """Rewrites the trie when the watched objects changed since the last success."""
         assert self._kubernetes is not None
         version = self._kubernetes.version()
         if version == self._seen_version:
             return
-        self._seen_version = version
         topology = self._kubernetes.state.topology(self._exporter_pod)
         self.map.apply(clustermap.from_topology(topology, self._this_node))
+        self._seen_version = version
         if topology.exporter_nodes != self._exporter_nodes:
             self._exporter_nodes = topology.exporter_nodes
             log.info("nodes counting their own traffic",
