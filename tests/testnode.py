@@ -101,16 +101,22 @@ Server((addr, port), handler).serve_forever()
 
 
 
-def _nginx_config(root: str, addr: str, port: int, locations: Mapping[str, int]) -> str:
-    """nginx.conf for :meth:`NetnsProcesses.nginx` (all state inside ``root``)."""
-    listen = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+def nginx_config(root: str, listens: Sequence[str], locations: Mapping[str, int],
+                 prefixes: Mapping[str, int] | None = None, http_extra: str = "") -> str:
+    """An nginx.conf with every path (pid, logs, temp dirs) inside ``root``: a server on each
+    of ``listens`` ("10.1.2.2:80", "[fd00::2]:80") answering ``return CODE`` for each exact
+    location and each location prefix, 404 for everything else."""
     returns = "".join(
         f"        location = {path} {{ return {code}; }}\n" for path, code in locations.items()
+    ) + "".join(
+        f"        location {path} {{ return {code}; }}\n"
+        for path, code in (prefixes or {}).items()
     )
     temp = " ".join(
         f"{kind}_temp_path {root}/{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    servers = "".join(f"        listen {listen};\n" for listen in listens)
     return f"""\
 user root;
 worker_processes 1;
@@ -121,9 +127,9 @@ events {{}}
 http {{
     access_log off;
     {temp}
+    {http_extra}
     server {{
-        listen {listen};
-{returns}        location / {{ return 404; }}
+{servers}{returns}        location / {{ return 404; }}
     }}
 }}
 """
@@ -779,7 +785,8 @@ class NetnsProcesses:
         root = tempfile.mkdtemp(prefix="nginx-", dir=self.tmpdir)
         conf = os.path.join(root, "nginx.conf")
         with open(conf, "w") as fh:
-            fh.write(_nginx_config(root, addr, port, locations))
+            listen = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+            fh.write(nginx_config(root, [listen], locations))
         # -e: the error log before the config is read is ours too, not /var/log/nginx's
         argv = ["nginx", "-c", conf, "-p", root, "-e", os.path.join(root, "error.log")]
         proc, log = self._spawn_logged(ns, argv, "nginx")

@@ -19,7 +19,7 @@ import pytest
 
 from tests.exporter_process import ExporterProcess, Scrape, bpf_map_dump, wait_until
 from tests.httptools import RawServer, SlowServer
-from tests.testnode import TestNode, in_netns
+from tests.testnode import TestNode, in_netns, nginx_config
 
 pytestmark = pytest.mark.kernel
 
@@ -47,37 +47,16 @@ def _to_a_reader(node: TestNode, port: int) -> Iterator[socket.socket]:
         server.close()
 
 
-def nginx_config(node: TestNode, root: Path) -> str:
-    returns = "\n".join(f"        location = {path} {{ return {code}; }}"
-                        for path, code in LOCATIONS.items())
-    temp = " ".join(f"{kind}_temp_path {root}/{kind};"
-                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return f"""
-user root;
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log;
-events {{}}
-http {{
-    access_log off;
-    {temp}
-    large_client_header_buffers 4 32k;
-    server {{
-        listen {node.b_ip}:80;
-        listen [{node.b_ip6}]:80;
-{returns}
-        location /api/ {{ return 200; }}
-        location / {{ return 404; }}
-    }}
-}}
-"""
+def web_config(node: TestNode, root: Path) -> str:
+    return nginx_config(str(root), [f"{node.b_ip}:80", f"[{node.b_ip6}]:80"], LOCATIONS,
+                        prefixes={"/api/": 200},
+                        http_extra="large_client_header_buffers 4 32k;")
 
 
 @pytest.fixture(scope="module")
 def web(node: TestNode) -> Iterator[ExporterProcess]:
     root = Path(tempfile.mkdtemp(prefix=f"{node.prefix}-nginx-"))
-    (root / "nginx.conf").write_text(nginx_config(node, root))
+    (root / "nginx.conf").write_text(web_config(node, root))
     node.spawn(node.b_ns, ["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)])
     servers = [SlowServer(node.b_ns, node.b_ip, SLOW_PORT, SLOW_SECONDS),
                SlowServer(node.b_ns, node.b_ip, PIPELINE_PORT, 0.2),
