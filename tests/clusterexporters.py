@@ -26,6 +26,9 @@ WEB_VIP, DNS_VIP = 10, 53           # the Services' ClusterIPs: hosts of the ser
 # to the other node's pods, or the route to the other node's address), and the VXLAN device
 # (the overlay's route through the other node's gateway address)
 FACING = {"routed": 1, "vxlan": 2}
+# a node's entries in the cluster-address map: InternalIP, pod CIDR and two pods, each in both
+# families
+ADDRESSES_PER_NODE = 8
 
 
 def exporter_pod_name(node: ClusterNode) -> str:
@@ -34,13 +37,16 @@ def exporter_pod_name(node: ClusterNode) -> str:
 
 def register(api: KubeAPI, cluster: TestCluster) -> None:
     for node in cluster.nodes:
-        api.create("nodes", kubeapi.node(node.name, [node.internal_ip], [node.pod_cidr]))
+        # dual stack: an IPv4 and an IPv6 address and pod CIDR each
+        api.create("nodes", kubeapi.node(node.name, [node.internal_ip, node.internal_ip6],
+                                         [node.pod_cidr, node.pod_cidr6]))
         api.create("pods", kubeapi.pod(EXPORTER_NAMESPACE, exporter_pod_name(node),
-                                       [node.internal_ip], owner=("DaemonSet", DAEMONSET),
+                                       [node.internal_ip, node.internal_ip6],
+                                       owner=("DaemonSet", DAEMONSET),
                                        node=node.name, host_network=True))
         for pod in node.pods:
             namespace, workload = WORKLOADS[pod.name]
-            api.create("pods", kubeapi.pod(namespace, f"{workload}-0", [pod.ip],
+            api.create("pods", kubeapi.pod(namespace, f"{workload}-0", [pod.ip, pod.ip6],
                                            owner=("StatefulSet", workload), node=node.name,
                                            labels={"app": workload}))
     api.create("services", kubeapi.service("shop", "web", {"app": "web"},
@@ -105,12 +111,13 @@ def cluster_exporters(cluster: TestCluster, config: dict[str, Any] | None = None
             processes.append(process)
         for process in processes:
             process.wait_ready()
-            # its own and the other node's InternalIP, pod CIDR and two pods' addresses
+            # its own and the other node's InternalIPs, pod CIDRs and two pods' addresses,
+            # IPv4 and IPv6
             process.wait_for(
                 lambda s: s.value("ebpf_net_exporter_cluster_addresses",
-                                  owner="exporter_node") == 4
-                and s.value("ebpf_net_exporter_cluster_addresses", owner="local") == 4,
-                "both nodes' addresses in the cluster map")
+                                  owner="exporter_node") == ADDRESSES_PER_NODE
+                and s.value("ebpf_net_exporter_cluster_addresses", owner="local")
+                == ADDRESSES_PER_NODE, "both nodes' addresses in the cluster map")
         yield ClusterExporters(cluster, processes)
 
 

@@ -77,6 +77,7 @@ class ClusterPod:
     ip: str
     veth: str  # node-side end, in the node's namespace
     node: str  # "node-1"
+    ip6: str = ""
 
 
 @dataclass
@@ -90,6 +91,8 @@ class ClusterNode:
     uplink: str
     vxlan: str
     pods: list[ClusterPod] = field(default_factory=list)
+    internal_ip6: str = ""
+    pod_cidr6: str = ""
 
     # what tests.exporter_process.ExporterProcess runs an exporter in and names its files by
     @property
@@ -182,9 +185,12 @@ class TestCluster(NetnsProcesses):
                         ip=f"10.{n}.{k}.{host}",
                         veth=f"{p}{k}{x}",
                         node=f"node-{k}",
+                        ip6=f"fd00:{n}:{k}::{host}",
                     )
                     for host, x in enumerate(_POD_LETTERS, start=2)
                 ],
+                internal_ip6=f"fd00:{n}::{k}",
+                pod_cidr6=f"fd00:{n}:{k}::/64",
             )
             for k in _NODES
         ]
@@ -192,6 +198,9 @@ class TestCluster(NetnsProcesses):
     def _gateway(self, k: int) -> str:
         """Node k's address on its pod veths (the pods' default gateway)."""
         return f"10.{self.n}.{k}.1"
+
+    def _gateway6(self, k: int) -> str:
+        return f"fd00:{self.n}:{k}::1"
 
     def _vxlan_ip(self, k: int) -> str:
         return f"10.{self.n}.{k}.0"
@@ -290,7 +299,7 @@ class TestCluster(NetnsProcesses):
     def _configure_pods(self) -> None:
         """Pod ends first, so the node-side ups later make every carrier change in one go."""
         for node_number, node in zip(_NODES, self.nodes, strict=True):
-            gateway = self._gateway(node_number)
+            gateway, gateway6 = self._gateway(node_number), self._gateway6(node_number)
             for pod in node.pods:
                 _ip(
                     "-n",
@@ -300,24 +309,30 @@ class TestCluster(NetnsProcesses):
                     stdin=(
                         "link set lo up\n"
                         f"addr add {pod.ip}/32 dev eth0\n"
+                        f"addr add {pod.ip6}/128 dev eth0 nodad\n"
                         "link set eth0 up\n"
                         f"route add {gateway} dev eth0 scope link\n"
                         f"route add default via {gateway} dev eth0\n"
+                        f"route add {gateway6} dev eth0\n"
+                        f"route add ::/0 via {gateway6} dev eth0\n"
                     ),
                 )
 
     def _configure_nodes(self) -> None:
         for node_number, node in zip(_NODES, self.nodes, strict=True):
-            gateway = self._gateway(node_number)
+            gateway, gateway6 = self._gateway(node_number), self._gateway6(node_number)
             links = [pod.veth for pod in node.pods] + [node.uplink, node.vxlan]
             cmds = [f"addr add {gateway}/32 dev {pod.veth}" for pod in node.pods]
+            cmds += [f"addr add {gateway6}/128 dev {pod.veth} nodad" for pod in node.pods]
             cmds += [
                 f"addr add {node.internal_ip}/24 dev {node.uplink}",
+                f"addr add {node.internal_ip6}/64 dev {node.uplink} nodad",
                 f"addr add {self._vxlan_ip(node_number)}/32 dev {node.vxlan}",
             ]
             cmds += [f"link set {dev} up" for dev in links]
             # routes need their devices up
             cmds += [f"route add {pod.ip} dev {pod.veth} scope link" for pod in node.pods]
+            cmds += [f"route add {pod.ip6} dev {pod.veth}" for pod in node.pods]
             cmds.append(f"route add {self.service_cidr} dev {node.uplink}")
             _ip("-n", node.ns, "-batch", "-", stdin="".join(f"{c}\n" for c in cmds))
 
@@ -350,7 +365,10 @@ class TestCluster(NetnsProcesses):
                 via = f"via {other.internal_ip} dev {node.uplink}"
             else:
                 via = f"via {self._vxlan_ip(j)} dev {node.vxlan} onlink"
-            _ip("-n", node.ns, "-batch", "-", stdin=f"route replace {other.pod_cidr} {via}\n")
+            # IPv6 is natively routed in both modes (the VXLAN devices carry IPv4 only)
+            _ip("-n", node.ns, "-batch", "-", stdin=(
+                f"route replace {other.pod_cidr} {via}\n"
+                f"route replace {other.pod_cidr6} via {other.internal_ip6} dev {node.uplink}\n"))
         self.mode = mode
         before = [self.link_packets(node.ns, node.vxlan)["tx"] for node in self.nodes]
         self._verify_echo(node1.pods[0], node2.pods[0])

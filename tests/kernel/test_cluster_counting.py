@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.clusterexporters import (
+    ADDRESSES_PER_NODE,
     DNS_VIP,
     WEB_VIP,
     ClusterExporters,
@@ -30,7 +31,7 @@ from tests.testnode import HTTP_DATA_SIZE, udp_send
 pytestmark = pytest.mark.kernel
 
 IPV4_UDP_HEADERS = 28
-IPV4_HEADER, TCP_HEADER_MIN, TCP_HEADER_MAX = 20, 20, 40
+IPV4_HEADER, IPV6_HEADER, TCP_HEADER_MIN, TCP_HEADER_MAX = 20, 40, 20, 40
 DATAGRAMS = [300] * 50
 NGINX_PORT, DOWNLOAD_PORT, IPERF_PORT, NODE_PORT = 80, 8080, 5201, 30080
 LOCATIONS = {"/ok": 200, "/created": 201, "/error": 500, "/unavailable": 503}
@@ -47,8 +48,10 @@ def test_each_exporter_knows_whose_addresses_are_whose(exporters: ClusterExporte
     for scrape in exporters.scrapes():
         owners = {s.labels["owner"]: s.value
                   for s in scrape.select("ebpf_net_exporter_cluster_addresses")}
-        assert owners == {"local": 4, "exporter_node": 4, "other_node": 0}
-        assert scrape.value("ebpf_net_exporter_bpf_map_entries", map="cluster_addresses") == 8
+        assert owners == {"local": ADDRESSES_PER_NODE, "exporter_node": ADDRESSES_PER_NODE,
+                          "other_node": 0}
+        assert scrape.value("ebpf_net_exporter_bpf_map_entries", map="cluster_addresses") == \
+            2 * ADDRESSES_PER_NODE
         assert scrape.value("ebpf_net_exporter_network_interfaces") == 1
 
 
@@ -141,6 +144,31 @@ def test_udp_within_and_across_nodes_is_counted_once_by_the_sender(
     # what the receiving nodes left to the senders: the two cross-node pairs' datagrams
     assert delta.value("ebpf_net_exporter_counted_elsewhere_total", signal="flow_packets") >= \
         2 * len(DATAGRAMS)
+
+
+def test_ipv6_across_nodes_is_counted_once_by_the_sender(
+        cluster: TestCluster, exporters: ClusterExporters) -> None:
+    """The trie holds IPv6 networks beside IPv4 ones (IPv4 as mapped IPv6): a pod's IPv6
+    datagrams to another node's pod, and back, each counted by their sender only."""
+    delta = Delta(exporters)
+    pairs = [(cluster.pod("pod-1a"), cluster.pod("pod-2b"), 7251),
+             (cluster.pod("pod-2a"), cluster.pod("pod-1b"), 7252)]
+    for client, server, port in pairs:
+        assert udp_send(client.ns, server.ns, server.ip6, port, DATAGRAMS) == len(DATAGRAMS)
+
+    def labels(client: ClusterPod, server: ClusterPod, port: int) -> dict[str, str]:
+        return {"protocol": "udp", "family": "ipv6", "dst_port": str(port),
+                **ends(client, server)}
+
+    delta.wait(lambda d: all(d.value("ebpf_net_flow_packets_total", **labels(*pair))
+                             >= len(DATAGRAMS) for pair in pairs), "the IPv6 datagrams")
+    for (client, server, port), sender in zip(pairs, (0, 1), strict=True):
+        expected = [0.0, 0.0]
+        expected[sender] = len(DATAGRAMS)
+        assert delta.by_node("ebpf_net_flow_packets_total",
+                             **labels(client, server, port)) == expected
+        assert delta.value("ebpf_net_flow_bytes_total", **labels(client, server, port)) == \
+            sum(DATAGRAMS) + len(DATAGRAMS) * (IPV6_HEADER + 8)
 
 
 def test_traffic_between_the_nodes_themselves_is_counted_once(
