@@ -94,6 +94,22 @@ class NameFilter:
         return any(p.fullmatch(name) for p in self.include) and \
             not any(p.fullmatch(name) for p in self.exclude)
 
+    def hints(self, names: Iterable[str]) -> list[str]:
+        """For each include pattern that matches no name in full but is found inside one (a
+        regex written for a search, like '^veth'), what it finds and the pattern that would
+        match: patterns match the whole name."""
+        names = list(names)
+        out = []
+        for pattern in self.include:
+            if any(pattern.fullmatch(name) for name in names):
+                continue
+            found = next((name for name in names if pattern.search(name)), None)
+            if found is not None:
+                anchored = pattern.pattern.removeprefix("^").removesuffix("$")
+                out.append(f"{pattern.pattern!r} matches no name in full but is found in "
+                           f"{found!r}: patterns match the whole name, try {anchored + '.*'!r}")
+        return out
+
 
 def select_links(links: Iterable[Link], names: NameFilter) -> tuple[dict[int, Link], list[str]]:
     """The links to monitor, and a reason for each matching link skipped as stacked."""
@@ -330,9 +346,11 @@ class InterfaceMonitor:
                 self._attach(attacher, link)
         if not self.attached and not self._warned_empty:
             self._warned_empty = True
+            hints = self.names.hints(link.name for link in attacher.links())
             log.warning("no interface matches; waiting for one to appear",
                         extra={"include": [p.pattern for p in self.names.include],
-                               "exclude": [p.pattern for p in self.names.exclude]})
+                               "exclude": [p.pattern for p in self.names.exclude],
+                               **({"hint": "; ".join(hints)} if hints else {})})
         elif self.attached:
             self._warned_empty = False
 

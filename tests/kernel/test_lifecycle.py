@@ -149,6 +149,15 @@ def test_a_regex_matching_nothing_warns_then_attaches_when_one_appears(node: Tes
         assert process.stop() == 0
 
 
+def test_a_regex_written_for_a_search_says_how_to_match_the_whole_name(node: TestNode):
+    with ExporterProcess(node, interfaces=f"^{node.prefix}v") as process:
+        process.wait_ready()
+        log = process.log()
+        assert "no interface matches; waiting for one to appear" in log
+        assert f"patterns match the whole name, try '{node.prefix}v.*'" in log
+        assert process.stop() == 0
+
+
 def test_counters_stay_monotonic_and_exact_while_flows_churn_past_the_map(node: TestNode):
     """A 128-entry flow map, 300 new flows per scrape interval for 20 scrapes: the map fills
     every interval, yet no count is lost (the excess goes to the overflow series) and no

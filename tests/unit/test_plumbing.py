@@ -78,6 +78,19 @@ def test_interface_selection_by_regex_and_stacking():
     assert chosen == {}
 
 
+def test_a_pattern_written_for_a_search_gets_a_hint():
+    names = ["lo", "eth0", "veth1a2b", "cali123"]
+    hints = NameFilter(["^veth", "cali.*", "nothing"], []).hints(names)
+    # '^veth' is found in veth1a2b but matches nothing in full; 'cali.*' matches; 'nothing'
+    # is found nowhere, so there is nothing to suggest
+    assert hints == ["'^veth' matches no name in full but is found in 'veth1a2b': patterns "
+                     "match the whole name, try 'veth.*'"]
+    assert NameFilter(["eth"], []).hints(names) == [
+        "'eth' matches no name in full but is found in 'eth0': patterns match the whole "
+        "name, try 'eth.*'"]
+    assert NameFilter(["veth.*"], []).hints(names) == []
+
+
 def test_no_headers_anywhere_is_one_clear_line(tmp_path, monkeypatch):
     # set first, so that the variable ensure_headers() sets is undone after the test (it would
     # point later tests' exporters at this test's deleted directory)
