@@ -31,30 +31,20 @@ segments without path MTU discovery.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from tests.testnode import (
-    NETNS_DIR,
     READY_TIMEOUT,
-    NetnsProcesses,
+    NetnsLab,
     _close_listener,
     _ip,
     _listener,
     _new_prefix,
     _operstate,
-    _pick_subnet,
-    _state_lock,
     _tcp_echo_on,
-    _used_subnets,
-    cleanup_stale,
 )
 
 __all__ = ["MODES", "SERVICE_TABLE", "ClusterNode", "ClusterPod", "TestCluster"]
@@ -104,7 +94,7 @@ class ClusterNode:
         return self.ns
 
 
-class TestCluster(NetnsProcesses):
+class TestCluster(NetnsLab):
     """Two node namespaces with two pod namespaces each (see module doc).
 
     Node indexes (``node_index``) are positions in :attr:`nodes`: 0 is node-1,
@@ -167,8 +157,6 @@ class TestCluster(NetnsProcesses):
         return "|".join(re.escape(name) for name in names)
 
     def _set_subnet(self, n: int) -> None:
-        self.n = n
-        self._subnet_reserved = True
         p = self.prefix
         self.nodes = [
             ClusterNode(
@@ -207,58 +195,19 @@ class TestCluster(NetnsProcesses):
 
     # ---- lifecycle ---------------------------------------------------------
 
-    def __enter__(self) -> TestCluster:
-        return self.build()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def build(self) -> TestCluster:
-        """Create namespaces, links, routes and the service table; apply the overlay
-        routing mode; verify pod-to-pod connectivity within and across nodes."""
-        if self._built:
-            raise RuntimeError(f"{self!r} was already built")
-        self._built = True
-        try:
-            with contextlib.suppress(Exception):
-                cleanup_stale()
-            self.tmpdir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
-            self._set_subnet(_pick_subnet())
-            self._build_links()
-            self._configure_pods()
-            self._configure_nodes()
-            self._wait_links_up()
-            for node in self.nodes:
-                self.nft(node.ns, self._service_table())
-            self.route_via(self.overlay)
-            for node in self.nodes:
-                self._verify_echo(node.pods[0], node.pods[1])
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def close(self) -> None:
-        """Tear everything down; idempotent and safe after a partial build."""
-        try:
-            self._stop_processes()
-        finally:
-            # pods first: a node namespace's deletion takes the veths and VXLAN device along
-            for ns in reversed(self.namespaces):
-                if os.path.exists(os.path.join(NETNS_DIR, ns)):
-                    _ip("netns", "del", ns, check=False)
-            if self.tmpdir:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-                self.tmpdir = ""
-            if self._subnet_reserved:
-                with _state_lock:
-                    _used_subnets.discard(self.n)
-                self._subnet_reserved = False
+    def _create(self) -> None:
+        """Namespaces, links, routes and the service table; apply the overlay routing mode;
+        verify pod-to-pod connectivity within and across nodes."""
+        self._set_subnet(self._reserve_subnet())
+        self._build_links()
+        self._configure_pods()
+        self._configure_nodes()
+        self._wait_links_up()
+        for node in self.nodes:
+            self.nft(node.ns, self._service_table())
+        self.route_via(self.overlay)
+        for node in self.nodes:
+            self._verify_echo(node.pods[0], node.pods[1])
 
     def _build_links(self) -> None:
         """Namespaces, sysctls and every link (all still down on the node side)."""

@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from exporter.environment import pid_alive
 
@@ -798,7 +798,81 @@ class NetnsProcesses:
 # the test node
 
 
-class TestNode(NetnsProcesses):
+class NetnsLab(NetnsProcesses):
+    """A topology of network namespaces built once and torn down once, whatever happens in
+    between: TestNode and TestCluster. A subclass names everything in its constructor
+    (:attr:`prefix`, and the :attr:`namespaces` it will make), creates it all in
+    :meth:`_create` after a subnet is reserved with :meth:`_reserve_subnet`, and may remove
+    what lives outside its namespaces in :meth:`_remove_outside`."""
+
+    prefix: str
+    n: int
+    _built: bool
+    _subnet_reserved: bool
+
+    @property
+    def namespaces(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    def _remove_outside(self) -> None:
+        """What close() removes besides the namespaces (nothing by default)."""
+
+    def __enter__(self) -> Self:
+        return self.build()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def build(self) -> Self:
+        """Create everything (:meth:`_create`); on any failure, tear down what was made."""
+        if self._built:
+            raise RuntimeError(f"{self!r} was already built")
+        self._built = True
+        try:
+            with contextlib.suppress(Exception):
+                cleanup_stale()
+            self.tmpdir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _reserve_subnet(self) -> int:
+        """A subnet octet no other topology of this process or a live one uses."""
+        n = _pick_subnet()
+        self.n = n
+        self._subnet_reserved = True
+        return n
+
+    def close(self) -> None:
+        """Tear everything down; idempotent and safe after a partial build. Namespaces go
+        in reverse order (pods before their node)."""
+        try:
+            self._stop_processes()
+        finally:
+            self._remove_outside()
+            for ns in reversed(self.namespaces):
+                if os.path.exists(os.path.join(NETNS_DIR, ns)):
+                    _ip("netns", "del", ns, check=False)
+            if self.tmpdir:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+                self.tmpdir = ""
+            if self._subnet_reserved:
+                with _state_lock:
+                    _used_subnets.discard(self.n)
+                self._subnet_reserved = False
+
+
+class TestNode(NetnsLab):
     """Node + two pod network namespaces joined by veth pairs (see module doc)."""
 
     __test__ = False  # not a pytest test class
@@ -834,65 +908,28 @@ class TestNode(NetnsProcesses):
 
     # ---- lifecycle ---------------------------------------------------------
 
-    def __enter__(self) -> TestNode:
-        return self.build()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     @property
     def namespaces(self) -> tuple[str, str, str]:
         """(node_ns, a_ns, b_ns)."""
         return (self.node_ns, self.a_ns, self.b_ns)
 
-    def build(self) -> TestNode:
-        """Create namespaces, veths, addresses, routes; verify a->b (v4+v6)."""
-        if self._built:
-            raise RuntimeError(f"{self!r} was already built")
-        self._built = True
-        try:
-            with contextlib.suppress(Exception):
-                cleanup_stale()
-            self.tmpdir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
-            lock = _host_lock() if self.host_link else contextlib.nullcontext()
-            with lock:
-                self._set_subnet(_pick_subnet())
-                self._build_namespaces()
-                if self.host_link:
-                    self._build_host_link()
-                self._bring_up()
-            self._verify_connectivity()
-        except BaseException:
-            self.close()
-            raise
-        return self
+    def _create(self) -> None:
+        """Namespaces, veths, addresses, routes; verify a->b (v4+v6)."""
+        lock = _host_lock() if self.host_link else contextlib.nullcontext()
+        with lock:
+            self._set_subnet(self._reserve_subnet())
+            self._build_namespaces()
+            if self.host_link:
+                self._build_host_link()
+            self._bring_up()
+        self._verify_connectivity()
 
-    def close(self) -> None:
-        """Tear everything down; idempotent and safe after a partial build."""
-        try:
-            self._stop_processes()
-        finally:
-            if os.path.exists(os.path.join(SYS_NET_DIR, self.host_if)):
-                _ip("link", "del", self.host_if, check=False)
-            for ns in (self.b_ns, self.a_ns, self.node_ns):
-                if os.path.exists(os.path.join(NETNS_DIR, ns)):
-                    _ip("netns", "del", ns, check=False)
-            if self.tmpdir:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-                self.tmpdir = ""
-            if self._subnet_reserved:
-                with _state_lock:
-                    _used_subnets.discard(self.n)
-                self._subnet_reserved = False
+    def _remove_outside(self) -> None:
+        """The root namespace's end of the host link (with host_link)."""
+        if os.path.exists(os.path.join(SYS_NET_DIR, self.host_if)):
+            _ip("link", "del", self.host_if, check=False)
 
     def _set_subnet(self, n: int) -> None:
-        self.n = n
-        self._subnet_reserved = True
         self.node_ip_a, self.a_ip = f"10.{n}.1.1", f"10.{n}.1.2"
         self.node_ip_b, self.b_ip = f"10.{n}.2.1", f"10.{n}.2.2"
         self.node_ip6_a, self.a_ip6 = f"fd00:{n}:1::1", f"fd00:{n}:1::2"
