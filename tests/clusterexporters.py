@@ -107,7 +107,7 @@ def cluster_exporters(cluster: TestCluster, config: dict[str, Any] | None = None
                 interfaces=cluster.interfaces_regex(index), config=config,
                 host=hosts[index] if hosts else "127.0.0.1", port=free_port(node.ns),
                 env={"POD_NAME": exporter_pod_name(node), "POD_NAMESPACE": EXPORTER_NAMESPACE})
-            stack.callback(_stopped, process)
+            stack.callback(stopped, process)
             processes.append(process)
         for process in processes:
             process.wait_ready()
@@ -121,6 +121,7 @@ def cluster_exporters(cluster: TestCluster, config: dict[str, Any] | None = None
         yield ClusterExporters(cluster, processes)
 
 
-def _stopped(process: ExporterProcess) -> None:
+def stopped(process: ExporterProcess) -> None:
+    """Stops an exporter; its exit code must be 0 (its log says why otherwise)."""
     code = process.stop()
     assert code == 0, f"exporter exited with {code}:\n{process.log()}"

@@ -10,6 +10,7 @@ from contextlib import ExitStack
 
 import pytest
 
+from tests.clusterexporters import stopped
 from tests.exporter_process import ExporterProcess, Scrape, wait_until
 from tests.testcluster import TestCluster
 from tests.testnode import udp_send
@@ -19,18 +20,15 @@ pytestmark = pytest.mark.kernel
 DATAGRAMS = [300] * 40
 
 
-def stopped(process: ExporterProcess) -> None:
-    code = process.stop()
-    assert code == 0, f"exporter exited with {code}:\n{process.log()}"
-
-
-def start(cluster: TestCluster, stack: ExitStack,
-          config: dict[str, object]) -> list[ExporterProcess]:
-    """An exporter on each node, attached to all its interfaces, stopped with the stack."""
+def start(cluster: TestCluster, stack: ExitStack, config: dict[str, object],
+          pods_only: bool = False) -> list[ExporterProcess]:
+    """An exporter on each node, attached to all its interfaces (or its pods' veths only),
+    stopped with the stack."""
     processes = []
     for index, node in enumerate(cluster.nodes):
-        process = ExporterProcess(node, interfaces=cluster.interfaces_regex(index),
-                                  config=config)
+        interfaces = "|".join(pod.veth for pod in node.pods) if pods_only else \
+            cluster.interfaces_regex(index)
+        process = ExporterProcess(node, interfaces=interfaces, config=config)
         stack.callback(stopped, process)
         processes.append(process)
     for process in processes:
@@ -98,14 +96,7 @@ def test_pod_interfaces_only_still_count_once_per_cluster(routed: TestCluster) -
     is left to its sender all the same."""
     cidrs = [f"10.{routed.n}.0.0/16"]
     with ExitStack() as stack:
-        processes = []
-        for node in routed.nodes:
-            veths = "|".join(pod.veth for pod in node.pods)
-            process = ExporterProcess(node, interfaces=veths, config={"cluster": {"cidrs": cidrs}})
-            stack.callback(stopped, process)
-            processes.append(process)
-        for process in processes:
-            process.wait_ready()
+        processes = start(routed, stack, {"cluster": {"cidrs": cidrs}}, pods_only=True)
         send(routed, "pod-1a", "pod-2a", 7321)
         send(routed, "pod-2b", "pod-1b", 7322)
         expected = {7321: [len(DATAGRAMS), 0], 7322: [0, len(DATAGRAMS)]}
