@@ -332,7 +332,8 @@ class InterfaceMonitor:
     def _reconcile(self, attacher: Attacher) -> None:
         if self._before_reconcile:
             self._before_reconcile(self.attached)
-        wanted, skipped = select_links(attacher.links(), self.names)
+        links = attacher.links()
+        wanted, skipped = select_links(links, self.names)
         for reason in skipped:
             if reason not in self._skipped_logged:
                 self._skipped_logged.add(reason)
@@ -346,7 +347,7 @@ class InterfaceMonitor:
                 self._attach(attacher, link)
         if not self.attached and not self._warned_empty:
             self._warned_empty = True
-            hints = self.names.hints(link.name for link in attacher.links())
+            hints = self.names.hints(link.name for link in links)
             log.warning("no interface matches; waiting for one to appear",
                         extra={"include": [p.pattern for p in self.names.include],
                                "exclude": [p.pattern for p in self.names.exclude],

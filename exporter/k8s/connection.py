@@ -80,6 +80,8 @@ def local_addresses() -> list[str]:
     """This host's own addresses (its network namespace's), but loopback."""
     from pyroute2 import IPRoute
 
+    from ..netroles import read_addresses
+
     with IPRoute() as ipr:
-        addresses = [msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr()]
-    return [a for a in addresses if a and not a.startswith(("127.", "::1"))]
+        return [str(net.network_address) for net in read_addresses(ipr)
+                if not net.network_address.is_loopback]
