@@ -32,19 +32,7 @@ BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
  * collectors flipped in turn would leave the second reading the generation still written. */
 BPF_ARRAY(flow_generation, u32, 1);
 
-static __always_inline void count_failure(u32 idx)
-{
-    u64 *slot = map_update_failures.lookup(&idx);
-    if (slot)
-        *slot += 1;
-}
-
-static __always_inline void count_parse_error(u32 idx)
-{
-    u64 *slot = parse_errors.lookup(&idx);
-    if (slot)
-        *slot += 1;
-}
+#include "counters.h"
 
 struct iface_info {
     u32 flags;              /* IFACE_* */
@@ -104,7 +92,7 @@ static __always_inline int monitored(u32 ifindex, u32 *flags)
 #include "dns.h"
 #endif
 #ifdef WITH_HTTP
-#include "http.h"
+#include "http_packets.h"
 #endif
 
 /* indexes of parsers, filled by user space with the parse_* programs */

@@ -41,6 +41,7 @@
 enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
 
 #include "common.h"
+#include "sock.h"
 /* the live view's records (-DWITH_EVENTS); never in the exporter's programs */
 #ifdef WITH_EVENTS
 #include "events.h"
@@ -277,20 +278,6 @@ static __always_inline void endpoints_from_sockaddrs(struct tcp_endpoints *ep, c
 }
 
 #ifdef WITH_SOCK_FIELDS
-static __always_inline u32 sock_u32(const u8 *sk, u32 offset)
-{
-    u32 value = 0;
-    bpf_probe_read_kernel(&value, sizeof(value), sk + offset);
-    return value;
-}
-
-static __always_inline u16 sock_u16(const u8 *sk, u32 offset)
-{
-    u16 value = 0;
-    bpf_probe_read_kernel(&value, sizeof(value), sk + offset);
-    return value;
-}
-
 /* the smoothed RTT in microseconds, 0 while none is measured */
 static __always_inline u32 sock_srtt_us(const u8 *sk)
 {
@@ -309,20 +296,13 @@ static __always_inline u16 connect_failure(const u8 *sk)
  * checks that they do, SK_HEAD_BYTES): one read for all of them. */
 static __always_inline void endpoints_from_sock(struct tcp_endpoints *ep, const u8 *sk)
 {
-    u64 words[(SK_HEAD_BYTES + 7) / 8];
-    const u8 *head = (const u8 *)words;
-    bpf_probe_read_kernel(words, SK_HEAD_BYTES, sk);
-    if (*(const u16 *)(head + SK_FAMILY) == AF_INET6_) {
-        ep->family = 6;
-        bpf_probe_read_kernel(ep->laddr, 16, sk + SK_LOCAL_ADDR6);
-        bpf_probe_read_kernel(ep->raddr, 16, sk + SK_REMOTE_ADDR6);
-    } else {
-        ep->family = 4;
-        __builtin_memcpy(ep->laddr, head + SK_LOCAL_ADDR, 4);
-        __builtin_memcpy(ep->raddr, head + SK_REMOTE_ADDR, 4);
-    }
-    ep->lport = *(const u16 *)(head + SK_LOCAL_PORT);
-    ep->rport = bpf_ntohs(*(const u16 *)(head + SK_REMOTE_PORT));
+    struct sock_ends ends = {};
+    sock_ends_of(&ends, sk);
+    ep->family = ends.family;
+    ep->lport = ends.local_port;
+    ep->rport = ends.remote_port;
+    __builtin_memcpy(ep->laddr, ends.local, 16);
+    __builtin_memcpy(ep->raddr, ends.remote, 16);
 }
 #endif
 
