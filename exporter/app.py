@@ -27,6 +27,7 @@ from . import (
     selfsigned,
     singleton,
     sockfields,
+    tlsprobes,
 )
 from .clustermap import KernelClusterMap
 from .collectors import drops
@@ -34,7 +35,7 @@ from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
-from .collectors.http import HttpCollector, KernelHttpSource
+from .collectors.http import HttpCollector, KernelHttpSource, SchemeSources
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config, field_paths
 from .dnsnames import QueryLabel
@@ -47,6 +48,7 @@ from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
 from .tcx import TcxAttacher
+from .tlsprobes import TlsWatch
 from .webconfig import WebConfig
 
 if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
@@ -209,6 +211,7 @@ class Exporter:
         self.kubernetes: KubernetesMetadata | None = None
         self.label_sets: EndpointLabelSets | None = None
         self.counting: oncepercluster.ClusterCounting | None = None
+        self.tls: TlsWatch | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -276,16 +279,18 @@ class Exporter:
             collectors.append(bash)
             self.sweeping.append(bash)
         reporters = []
-        if classifier.wanted(config):
+        http_sources: list[KernelHttpSource] = []
+        once = False
+        if classifier.wanted(config) or config.collectors.https:
             once, why = oncepercluster.wanted(config, self.kubernetes)
             log.info(f"counting once per {'cluster' if once else 'node'}",
                      extra={"because": why})
+        if classifier.wanted(config):
             program = self._program("classifier", "classifier.c",
                                     classifier.cflags(config, once))
             ingress, egress = classifier.load(program, config)
             if once:
-                self.counting = oncepercluster.ClusterCounting(
-                    KernelClusterMap.of(program), config, self.kubernetes, self.stats)
+                self._count_once(program)
             reporters.append(classifier.ClassifierCounters(program).report)
             if config.collectors.flows:
                 collectors.append(FlowsCollector(KernelFlowSource(program), labels.of("flows"),
@@ -299,16 +304,25 @@ class Exporter:
                 collectors.append(dns)
                 self.sweeping.append(dns)
             if config.collectors.http:
-                paths = config.http.paths
-                http = HttpCollector(
-                    KernelHttpSource(program, config.http.idle_timeout, paths=bool(paths)),
-                    labels.of("http"), ports, *series,
-                    path_label=PathLabel(paths, config.http.path_max_length) if paths else None)
-                collectors.append(http)
-                self.sweeping.append(http)
+                http_sources.append(KernelHttpSource(program, config.http.idle_timeout,
+                                                     paths=bool(config.http.paths)))
             self.monitor = classifier.interface_monitor(
                 program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd),
                 self.counting)
+        if config.collectors.https:
+            self.tls = self._https(once)
+            if self.tls:
+                http_sources.append(KernelHttpSource(self.tls.program, config.http.idle_timeout,
+                                                     paths=bool(config.http.paths),
+                                                     scheme="https"))
+                reporters.append(self.tls.report)
+        if http_sources:
+            paths = config.http.paths
+            http = HttpCollector(
+                SchemeSources(http_sources), labels.of("http"), ports, *series,
+                path_label=PathLabel(paths, config.http.path_max_length) if paths else None)
+            collectors.append(http)
+            self.sweeping.append(http)
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
@@ -317,11 +331,15 @@ class Exporter:
             self.registry.register(self.kubernetes)
         if self.counting:
             self.registry.register(self.counting)
+        if self.tls:
+            self.registry.register(self.tls)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
         if self.monitor:
             self.monitor.start()
+        if self.tls:        # its thread keeps what attaching uprobes later needs
+            self.tls.start()
         # programs loaded and attached: this thread, and the watches and sweepers it starts,
         # need nothing (the interface monitor's thread kept CAP_NET_ADMIN)
         dropped = privileges.keep_only(())
@@ -406,6 +424,36 @@ class Exporter:
                                                 "node": settings.node_name or "unset"})
         return metadata
 
+    def _count_once(self, program: Program) -> None:
+        """Applies the once-per-cluster rule to one more program: the first one's maps are
+        the rule's, and the others mirror them."""
+        if self.counting:
+            self.counting.map.mirror_to(program)
+        else:
+            self.counting = oncepercluster.ClusterCounting(
+                KernelClusterMap.of(program), self.config, self.kubernetes, self.stats)
+
+    def _https(self, once: bool) -> TlsWatch | None:
+        """The HTTPS program and the watch that keeps its uprobes on OpenSSL; None, with a
+        warning, on a kernel that cannot tie a TLS call to its socket."""
+        missing = _missing_tracepoints(tlsprobes.TRACEPOINTS)
+        if missing:
+            log.warning(f"no HTTPS: the kernel lacks tracepoints {', '.join(missing)} "
+                        "(Linux >= 6.3); run with --no-collector.https to silence this")
+            return None
+        try:
+            flags = tlsprobes.program_flags(self.config, once)
+        except sockfields.SockFieldsError as e:
+            log.warning("no HTTPS: cannot locate the socket fields a TLS call's endpoints are "
+                        "read from; run with --no-collector.https to silence this",
+                        extra={"error": str(e)})
+            return None
+        program = self._program("https", "tls.c", flags)
+        tlsprobes.load(program)
+        if once:
+            self._count_once(program)
+        return TlsWatch(program, self.config.https.rescan_interval)
+
     def _program(self, name: str, source: str, cflags: list[str]) -> Program:
         program = Program(name, source, cflags)
         self.programs.append(program)
@@ -457,6 +505,8 @@ class Exporter:
             collector.stop()
         if self.counting:
             self.counting.stop()
+        if self.tls:
+            self.tls.stop()
         if self.monitor and self.monitor.stop():
             log.info("detached from every interface")
         for program in self.programs:

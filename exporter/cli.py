@@ -49,7 +49,7 @@ every setting can also come from an environment variable EBPF_NET_<SECTION>_<KEY
 e.g. EBPF_NET_SERIES_TTL=10m; see docs/configuration.md
 """
 
-COLLECTORS = ("flows", "tcp", "dns", "http", "drops", "bash")
+COLLECTORS = ("flows", "tcp", "dns", "http", "https", "drops", "bash")
 # flag destination -> (config path, flag)
 FLAG_FIELDS = {
     "web_listen_address": ("web.listen_address", "--web.listen-address"),

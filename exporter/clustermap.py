@@ -108,7 +108,8 @@ def from_cidrs(cidrs: Iterable[str], local: Iterable[Network]) -> dict[Network, 
 
 class KernelClusterMap:
     """The kernel's cluster_addresses trie and its left-to-another-node counters, written with
-    the differences from the last entries it was given."""
+    the differences from the last entries it was given; and the same maps of every other
+    program that applies the rule (the HTTPS program's), kept equal to the first."""
 
     @classmethod
     def of(cls, program: Any) -> KernelClusterMap:
@@ -116,13 +117,23 @@ class KernelClusterMap:
         return cls(program.table("cluster_addresses"), program.table("counted_elsewhere"))
 
     def __init__(self, trie: Any, left: Any) -> None:
-        self._trie = trie
-        self._left = left
+        self._tries = [trie]
+        self._lefts = [left]
         self.capacity = int(trie.max_entries)
         self._held: dict[Network, int] = {}
         self._lock = threading.Lock()
         self.failures = 0
         self._full_logged = False
+
+    def mirror_to(self, program: Any) -> None:
+        """Keeps the maps of another program compiled with -DONCE_PER_CLUSTER equal to these,
+        from the entries held now on."""
+        trie = program.table("cluster_addresses")
+        with self._lock:
+            self._tries.append(trie)
+            self._lefts.append(program.table("counted_elsewhere"))
+            for net, kind in sorted(self._held.items(), key=lambda item: item[0].prefixlen):
+                self._write(trie, net, kind)
 
     def apply(self, wanted: Mapping[Network, int]) -> None:
         with self._lock:
@@ -134,17 +145,19 @@ class KernelClusterMap:
             for net in sorted(changed, key=lambda n: n.prefixlen):
                 self._put(net, wanted[net])
 
-    def _key(self, net: Network) -> Any:
+    @staticmethod
+    def _key(trie: Any, net: Network) -> Any:
         prefixlen, packed = trie_key(net)
-        key = self._trie.Key()
+        key = trie.Key()
         key.prefixlen = prefixlen
         for index, byte in enumerate(packed):
             key.addr[index] = byte
         return key
 
-    def _put(self, net: Network, kind: int) -> None:
+    def _write(self, trie: Any, net: Network, kind: int) -> bool:
         try:
-            self._trie[self._key(net)] = self._trie.Leaf(kind)
+            trie[self._key(trie, net)] = trie.Leaf(kind)
+            return True
         except Exception as e:      # bcc raises a plain Exception; E2BIG: the trie is full
             self.failures += 1
             if not self._full_logged:
@@ -152,14 +165,19 @@ class KernelClusterMap:
                 log.warning("cluster address map full: addresses past it are counted as "
                             "outside the cluster (raise maps.cluster_address_capacity)",
                             extra={"capacity": self.capacity, "error": str(e)})
-            return
-        self._held[net] = kind
+            return False
+
+    def _put(self, net: Network, kind: int) -> None:
+        written = [self._write(trie, net, kind) for trie in self._tries]
+        if written[0]:
+            self._held[net] = kind
 
     def _delete(self, net: Network) -> None:
-        try:
-            del self._trie[self._key(net)]
-        except KeyError:
-            pass
+        for trie in self._tries:
+            try:
+                del trie[self._key(trie, net)]
+            except KeyError:
+                pass
         self._held.pop(net, None)
 
     def entries_by_kind(self) -> dict[str, int]:
@@ -175,5 +193,5 @@ class KernelClusterMap:
 
     def left(self) -> dict[str, int]:
         """What this node left to others so far, summed over CPUs."""
-        per_cpu = self._left[self._left.Key(0)]
-        return {name: sum(getattr(cpu, name) for cpu in per_cpu) for name in LEFT_SIGNALS}
+        return {name: sum(getattr(cpu, name) for left in self._lefts
+                          for cpu in left[left.Key(0)]) for name in LEFT_SIGNALS}

@@ -332,6 +332,7 @@ class CollectorsConfig:
     tcp: bool = _spec(parse_bool)
     dns: bool = _spec(parse_bool)
     http: bool = _spec(parse_bool)
+    https: bool = _spec(parse_bool)
     drops: bool = _spec(parse_bool)
     bash: bool = _spec(parse_bool)
 
@@ -412,6 +413,11 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class HttpsConfig:
+    rescan_interval: float = _spec(parse_duration)
+
+
+@dataclass(frozen=True)
 class BashConfig:
     binary: str = _spec(parse_file)
     log_file: str = _spec(parse_optional_file)
@@ -437,6 +443,7 @@ class Config:
     tcp: TcpConfig
     dns: DnsConfig
     http: HttpConfig
+    https: HttpsConfig
     bash: BashConfig
     log: LogConfig
 

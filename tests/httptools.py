@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import socket
+import ssl
 import threading
 import time
 
@@ -13,9 +14,11 @@ from tests.testnode import in_netns
 
 class SlowServer:
     """HTTP/1.1 with keep-alive in a namespace: each request answered `delay` seconds after it
-    is read, one after the other (so pipelined requests wait their turn)."""
+    is read, one after the other (so pipelined requests wait their turn). With `tls`, HTTPS
+    (Python's ssl: OpenSSL)."""
 
-    def __init__(self, ns: str, addr: str, port: int, delay: float) -> None:
+    def __init__(self, ns: str, addr: str, port: int, delay: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         wait = delay
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -41,6 +44,8 @@ class SlowServer:
 
         with in_netns(ns):
             self.server = Server((addr, port), Handler)
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

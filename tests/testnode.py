@@ -102,10 +102,12 @@ Server((addr, port), handler).serve_forever()
 
 
 def nginx_config(root: str, listens: Sequence[str], locations: Mapping[str, int],
-                 prefixes: Mapping[str, int] | None = None, http_extra: str = "") -> str:
+                 prefixes: Mapping[str, int] | None = None, http_extra: str = "",
+                 server_extra: str = "") -> str:
     """An nginx.conf with every path (pid, logs, temp dirs) inside ``root``: a server on each
-    of ``listens`` ("10.1.2.2:80", "[fd00::2]:80") answering ``return CODE`` for each exact
-    location and each location prefix, 404 for everything else."""
+    of ``listens`` ("10.1.2.2:80", "[fd00::2]:80", "10.1.2.2:443 ssl") answering ``return
+    CODE`` for each exact location and each location prefix, 404 for everything else.
+    http_extra and server_extra: directives for the http and server blocks."""
     returns = "".join(
         f"        location = {path} {{ return {code}; }}\n" for path, code in locations.items()
     ) + "".join(
@@ -129,7 +131,8 @@ http {{
     {temp}
     {http_extra}
     server {{
-{servers}{returns}        location / {{ return 404; }}
+{servers}{returns}        {server_extra}
+        location / {{ return 404; }}
     }}
 }}
 """

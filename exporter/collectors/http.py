@@ -1,6 +1,8 @@
-"""HTTP/1.x metrics from the classifier's HTTP parser (bpf/http.h): requests by method and
-status code, and the time from a request's first byte to its response's first byte as a
-kernel log2 histogram. src is the client; dst is the server, with its port.
+"""HTTP/1.x metrics: requests by scheme, method and status code, and the time from a request's
+first byte to its response's first byte as a kernel log2 histogram. src is the client; dst is
+the server, with its port. Each scheme has a program of its own with the same parser and maps
+(bpf/http.h): scheme="http" from the classifier's packets, scheme="https" from the plaintext
+of OpenSSL's calls (bpf/tls.c), where a connection whose socket was not seen has no endpoints.
 
 Connections whose end the kernel never saw are swept after http.idle_timeout: the sweep
 deletes key by key and counts a connection's unanswered requests (status_code="none") only
@@ -86,6 +88,7 @@ class HttpBatch:
     capacity: int = 0
     conns: int = 0
     conn_capacity: int = 0
+    scheme: str = "http"
 
 
 def queued_slots(conn: np.void) -> list[int]:
@@ -95,13 +98,18 @@ def queued_slots(conn: np.void) -> list[int]:
 
 
 class KernelHttpSource:
-    def __init__(self, program: object, idle_seconds: float, paths: bool = False) -> None:
+    """The maps of one program with bpf/http.h: the classifier's (scheme "http") or the HTTPS
+    program's ("https"); its maps are named after the scheme in the self-metrics."""
+
+    def __init__(self, program: object, idle_seconds: float, paths: bool = False,
+                 scheme: str = "http") -> None:
         table = program.table  # type: ignore[attr-defined]
+        self.scheme = scheme
         self.generation = Generation(table("http_generation"))
         self.paths = paths
-        self.events = BatchMap("http_events", table("http_events"),
+        self.events = BatchMap(f"{scheme}_events", table("http_events"),
                                HTTP_KEY_PATHS if paths else HTTP_KEY, COUNT, per_cpu=True)
-        self.conns = BatchMap("http_conns", table("http_conns"), CONN_KEY,
+        self.conns = BatchMap(f"{scheme}_conns", table("http_conns"), CONN_KEY,
                               CONN_PATHS if paths else CONN, per_cpu=False)
         self.overflow = CounterArray("http_overflow", table("http_overflow"))
         self.idle_ns = int(idle_seconds * 1e9)
@@ -136,19 +144,33 @@ class KernelHttpSource:
             conns = self._conn_entries
         return HttpBatch(drained.keys, drained.values.sum(axis=1, dtype=np.uint64), unanswered,
                          self.overflow.read_deltas(), entries, self.events.capacity, conns,
-                         self.conns.capacity)
+                         self.conns.capacity, self.scheme)
+
+
+class SchemeSources:
+    """The sources of every scheme counted, drained and swept together."""
+
+    def __init__(self, sources: Sequence[KernelHttpSource | object]) -> None:
+        self.sources = list(sources)
+
+    def sweep(self) -> None:
+        for source in self.sources:
+            source.sweep()  # type: ignore[attr-defined]
+
+    def drain(self) -> list[HttpBatch]:
+        return [source.drain() for source in self.sources]  # type: ignore[attr-defined]
 
 
 class HttpCollector(PairCollector):
     name = "http"
     sweep_seconds = SWEEP_SECONDS
 
-    def __init__(self, source: KernelHttpSource | object, endpoints: EndpointLabels,
+    def __init__(self, source: SchemeSources | object, endpoints: EndpointLabels,
                  ports: PortFolder, stats: KernelStats, max_series: int,
                  ttl_seconds: float, path_label: PathLabel | None = None) -> None:
         super().__init__(source, endpoints, ports, stats, max_series, ttl_seconds)
         self.path_label = path_label
-        extra = ["method", "status_code", *(["path"] if path_label else [])]
+        extra = ["scheme", "method", "status_code", *(["path"] if path_label else [])]
         self._requests = self.store("ebpf_net_http_requests_total", extra)
         self._duration = self.store("ebpf_net_http_request_duration_seconds", extra,
                                     width=histogram.WIDTH)
@@ -159,14 +181,31 @@ class HttpCollector(PairCollector):
     def _path(self, captured: bytes) -> tuple[str, ...]:
         return (self.path_label(captured),) if self.path_label else ()
 
-    def _fold(self, batch: HttpBatch) -> None:
+    def _pair_of(self, family: int, client: bytes, server: bytes, port: int) -> tuple[str, ...]:
+        """The endpoint labels; all empty for an HTTPS connection whose socket was not seen
+        (family 0)."""
+        if family == 0:
+            return ("",) * len(self.pair_names)
+        return self._pair(family, client, server, port)
+
+    def _fold(self, batches: list[HttpBatch] | HttpBatch) -> None:
         requests: defaultdict[tuple[str, ...], float] = defaultdict(float)
         duration: defaultdict[tuple[str, ...], list[float]] = defaultdict(
             lambda: [0.0] * histogram.WIDTH)
+        for batch in batches if isinstance(batches, list) else [batches]:
+            self._fold_batch(batch, requests, duration)
+        for labels, value in requests.items():
+            self._requests.add(labels, (value,))
+        for labels, slots in duration.items():
+            self._duration.add(labels, slots)
+
+    def _fold_batch(self, batch: HttpBatch, requests: defaultdict[tuple[str, ...], float],
+                    duration: defaultdict[tuple[str, ...], list[float]]) -> None:
+        scheme = batch.scheme
         for key, count in zip(batch.keys, batch.counts, strict=True):
-            labels = (*self._pair(int(key["family"]), key["client"].tobytes(),
-                                  key["server"].tobytes(), int(key["server_port"])),
-                      method_name(key["method"]), status_label(key["status"]),
+            labels = (*self._pair_of(int(key["family"]), key["client"].tobytes(),
+                                     key["server"].tobytes(), int(key["server_port"])),
+                      scheme, method_name(key["method"]), status_label(key["status"]),
                       *self._path(key["path"].tobytes() if self.path_label else b""))
             if int(key["kind"]) == REQUEST:
                 requests[labels] += float(count)
@@ -175,30 +214,27 @@ class HttpCollector(PairCollector):
                 if index is not None:
                     duration[labels][index] += float(count)
         for conn in batch.unanswered:
-            pair = self._pair(conn.family, conn.client, conn.server, conn.server_port)
+            pair = self._pair_of(conn.family, conn.client, conn.server, conn.server_port)
             paths = conn.paths or [b""] * len(conn.methods)
             for method, path in zip(conn.methods, paths, strict=True):
-                requests[(*pair, method_name(method), status_label(STATUS_NONE),
+                requests[(*pair, scheme, method_name(method), status_label(STATUS_NONE),
                           *self._path(path))] += 1
         overflow_pair = (OVERFLOW,) * len(self.pair_names)
         overflow_path = (OVERFLOW,) if self.path_label else ()
         for method in np.flatnonzero(batch.overflow):
-            requests[(*overflow_pair, method_name(method), OVERFLOW, *overflow_path)] += \
+            requests[(*overflow_pair, scheme, method_name(method), OVERFLOW, *overflow_path)] += \
                 float(batch.overflow[method])
-
-        for labels, value in requests.items():
-            self._requests.add(labels, (value,))
-        for labels, slots in duration.items():
-            self._duration.add(labels, slots)
-        self.stats.record_map("http_events", batch.entries, batch.capacity)
-        self.stats.record_map("http_conns", batch.conns, batch.conn_capacity)
+        self.stats.record_map(f"{scheme}_events", batch.entries, batch.capacity)
+        self.stats.record_map(f"{scheme}_conns", batch.conns, batch.conn_capacity)
 
     def _families(self) -> list[StoreFamily]:
         requests = store_family(
-            "ebpf_net_http_requests", "HTTP/1.x requests by method and response status code "
-            "(none: the connection ended first; pipelined: past the pipelining depth; "
-            "untracked: the connection map was full).", "counter", self._requests)
+            "ebpf_net_http_requests", "HTTP/1.x requests by scheme (http, or https read from "
+            "OpenSSL), method and response status code (none: the connection ended first; "
+            "pipelined: past the pipelining depth; untracked: the connection map was full).",
+            "counter", self._requests)
         duration = store_family(
             "ebpf_net_http_request_duration_seconds", "Time from an HTTP request's first byte "
-            "to its response's first byte, measured in the kernel.", "histogram", self._duration)
+            "to its response's first byte, measured in the kernel (https: where OpenSSL's "
+            "caller wrote and read them).", "histogram", self._duration)
         return [requests, duration]

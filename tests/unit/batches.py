@@ -15,6 +15,10 @@ from exporter.collectors.tcp import TCP_KEY, TCP_KEY_PROCESS, TcpBatch
 
 
 def _address(text: str) -> tuple[int, np.ndarray]:
+    """Family and kernel bytes of an address; "" is none (family 0: an HTTPS socket not
+    seen)."""
+    if not text:
+        return 0, np.zeros(16, dtype=np.uint8)
     ip = ipaddress.ip_address(text)
     raw = ip.packed.ljust(16, b"\0")
     return (4 if ip.version == 4 else 6), np.frombuffer(raw, dtype=np.uint8)

@@ -151,7 +151,7 @@ def test_cli_config_check_prints_the_effective_configuration(tmp_path):
     assert effective["interfaces"] == {"include": ["veth.*"], "exclude": ["lo"],
                                        "attach": "clsact"}
     assert effective["collectors"] == {"flows": True, "tcp": False, "dns": True, "http": True,
-                                    "drops": False, "bash": False}
+                                    "https": True, "drops": False, "bash": False}
 
 
 @pytest.mark.parametrize("args,message", [

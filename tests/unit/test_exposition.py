@@ -21,7 +21,7 @@ from exporter.collectors.bash import BashCollector, CommandLog
 from exporter.collectors.dns import DnsCollector
 from exporter.collectors.drops import DropsCollector
 from exporter.collectors.flows import FlowsCollector
-from exporter.collectors.http import HttpCollector
+from exporter.collectors.http import HttpCollector, SchemeSources
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.metadata import KubernetesMetadata
@@ -107,9 +107,15 @@ def collectors(stats: KernelStats) -> list:
                                               entries=5, capacity=16384, pending=0,
                                               pending_capacity=65536)], dns_batch([])),
                        endpoints, ports, stats, 100, 300)
-    http = HttpCollector(QueueSource([http_batch(HTTP, entries=3, capacity=16384, conns=1,
-                                                 conn_capacity=65536)], http_batch([])),
-                         endpoints, ports, stats, 100, 300)
+    https = [{**row, "port": 443} for row in HTTP[:2]] + [
+        {"client": "", "server": "", "port": 0, "kind": httpmod.REQUEST, "method": 1,
+         "status": 200, "count": 1}]       # a connection whose socket was not seen
+    http = HttpCollector(SchemeSources([
+        QueueSource([http_batch(HTTP, entries=3, capacity=16384, conns=1, conn_capacity=65536)],
+                    http_batch([])),
+        QueueSource([http_batch(https, entries=3, capacity=16384, conns=0, conn_capacity=65536,
+                                scheme="https")], http_batch([], scheme="https"))]),
+        endpoints, ports, stats, 100, 300)
     drops = DropsCollector(QueueSource([drop_batch(DROPS, entries=2, capacity=16384)],
                                        drop_batch([])), endpoints, ports, stats, 100, 300,
                            reasons=DROP_REASONS)

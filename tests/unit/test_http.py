@@ -54,7 +54,7 @@ def test_requests_durations_unanswered_and_overflow():
                               100, 300)
     registry = CollectorRegistry()
     registry.register(collector)
-    pair = {"src_ip": "10.0.0.1", "dst_ip": "10.0.0.80", "dst_port": "80"}
+    pair = {"src_ip": "10.0.0.1", "dst_ip": "10.0.0.80", "dst_port": "80", "scheme": "http"}
     get = registry.get_sample_value
     assert get("ebpf_net_http_requests_total",
                {**pair, "method": "GET", "status_code": "200"}) == 5
@@ -64,7 +64,7 @@ def test_requests_durations_unanswered_and_overflow():
                {**pair, "method": "POST", "status_code": "none"}) == 1
     assert get("ebpf_net_http_requests_total",
                {**pair, "method": "GET", "status_code": "none"}) == 1
-    over = {"src_ip": "overflow", "dst_ip": "overflow", "dst_port": "overflow"}
+    over = {"src_ip": "overflow", "dst_ip": "overflow", "dst_port": "overflow", "scheme": "http"}
     assert get("ebpf_net_http_requests_total",
                {**over, "method": "POST", "status_code": "overflow"}) == 6
     labels = {**pair, "method": "GET", "status_code": "200"}

@@ -1,0 +1,595 @@
+/* HTTPS: HTTP/1.x inside TLS, read from the plaintext OpenSSL's callers hand to SSL_write and
+ * get from SSL_read (uprobes on libssl, attached per library file by exporter/tlslibs.py). The
+ * plaintext goes through the classifier's recognition and pairing (bpf/http.h); the counts land
+ * in this program's own http_events, which user space labels scheme="https".
+ *
+ * Which connection. A call's socket is the one its thread sends or receives on during the call
+ * (sock:sock_send_length, sock:sock_recv_length): OpenSSL writes and reads its socket inside
+ * SSL_do_handshake, SSL_write and SSL_read, through its own socket BIO or an application's BIO
+ * (curl's) alike. Over memory buffers (Python's asyncio), the socket the thread received on
+ * just before a handshake completed or a read returned data (tls_received). The endpoints read
+ * from that socket are kept per SSL object (tls_sockets), so a call that needs no I/O (a read
+ * served from OpenSSL's buffer) still knows them. A call whose socket is never seen (TLS over
+ * a UNIX socket, say) is counted with no endpoints, in tls_unbound.
+ *
+ * Counted once. When client and server both run on this node with OpenSSL, both libraries see
+ * every exchange. Connections are kept in http_conns by their TCP endpoints as the client
+ * addressed them, with the side that counts them (http_conn.seen: TLS_SIDE_*): the client,
+ * which claims the connection when it starts to write a request, before any byte of it leaves
+ * (so before the server can read it), or the server, when it reads a request on a connection
+ * no client on this node claimed. A server behind a Service's DNAT finds the client's claim
+ * through http_clients, as the classifier does. The side that counts measures the latency:
+ * the client from the start of the request's write to the return of the read that brings the
+ * response's first bytes; the server from the return of the read that brings the request to
+ * the start of its response's write.
+ *
+ * Nested calls (TLS inside TLS, through an HTTPS proxy) are told by the stack pointer: the
+ * outermost call of a thread is the application's, and only it is followed. */
+#include <uapi/linux/ptrace.h>
+#include "common.h"
+
+/* Indexes of map_update_failures (named in exporter/collectors/https.py). */
+#define FAILURE_HTTP_EVENTS 0
+#define FAILURE_HTTP_CONNS 1
+#define FAILURE_TLS_CALLS 2
+#define FAILURE_COUNT 3
+BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
+
+#define PARSE_ERROR_HTTP 0
+BPF_PERCPU_ARRAY(parse_errors, u64, 1);
+
+#include "counters.h"
+#include "sock.h"
+#ifdef ONCE_PER_CLUSTER
+#include "cluster.h"
+#endif
+#include "http.h"
+
+#define PROTO_TCP 6
+
+#define TLS_OP_HANDSHAKE 0
+#define TLS_OP_READ 1
+#define TLS_OP_WRITE 2
+
+/* which side of a connection counts it (http_conn.seen) */
+#define TLS_SIDE_CLIENT HTTP_SEEN_CLIENT
+#define TLS_SIDE_SERVER HTTP_SEEN_SERVER
+
+/* Threads inside a followed SSL call at once. */
+#ifndef TLS_CALL_CAPACITY
+#define TLS_CALL_CAPACITY 16384
+#endif
+/* SSL objects whose socket is known; LRU, and an entry is deleted by SSL_free. */
+#ifndef TLS_SOCKET_CAPACITY
+#define TLS_SOCKET_CAPACITY 65536
+#endif
+
+/* A thread's SSL call in progress, from its uprobe to its uretprobe. */
+struct tls_call {
+    u64 ssl;
+    u64 buf;
+    u64 size_out;           /* SSL_read_ex and SSL_write_ex: where they put the byte count */
+    u64 sp;                 /* the stack pointer at entry: a deeper call is nested */
+    u64 start_ns;
+    u32 op;                 /* TLS_OP_* */
+    u32 len;                /* bytes asked to be written */
+    u32 bound;              /* the socket was seen during this call */
+    /* a write's message, classified at entry (the buffer is unchanged until the return) */
+    u8 kind;                /* enum http_line */
+    u8 method;
+    u16 status;
+    u32 skip;               /* a request of a connection another side counts */
+#ifdef HTTP_PATHS
+    u8 path[HTTP_PATH_CAPTURE];
+#endif
+};
+BPF_TABLE("lru_hash", u64, struct tls_call, tls_calls, TLS_CALL_CAPACITY);
+/* a call's first state is built here: with the path label it does not fit the stack */
+BPF_PERCPU_ARRAY(tls_call_scratch, struct tls_call, 1);
+
+struct tls_conn_id {
+    u64 ssl;
+    u32 tgid;
+    u32 pad;
+};
+BPF_TABLE("lru_hash", struct tls_conn_id, struct sock_ends, tls_sockets, TLS_SOCKET_CAPACITY);
+
+/* Processes that made a followed SSL call, and the TCP socket each of their threads last
+ * received on since its last SSL call ended. A TLS library over memory buffers (Python's
+ * asyncio, say) does no I/O inside its calls: the application receives from the socket, then
+ * hands the bytes to SSL_do_handshake or SSL_read. A handshake that completes, or a read that
+ * returns data, on an SSL object whose socket is not known takes that socket. */
+#ifndef TLS_PROCESS_CAPACITY
+#define TLS_PROCESS_CAPACITY 16384
+#endif
+BPF_TABLE("lru_hash", u32, u8, tls_processes, TLS_PROCESS_CAPACITY);
+BPF_TABLE("lru_hash", u64, u64, tls_received, TLS_CALL_CAPACITY);
+
+/* requests counted with no endpoints: their connection's socket was never seen */
+BPF_PERCPU_ARRAY(tls_unbound, u64, 1);
+/* requests counted, by the side that counted them: [0] the client, [1] the server */
+BPF_PERCPU_ARRAY(tls_sides, u64, 2);
+
+/* exec() calls: user space looks for new files with OpenSSL after one (exporter/tlsprobes.py) */
+BPF_PERCPU_ARRAY(execs, u64, 1);
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 zero = 0;
+    u64 *count = execs.lookup(&zero);
+    if (count)
+        *count += 1;
+    return 0;
+}
+
+static __always_inline struct tls_conn_id tls_conn_id_of(u64 ssl)
+{
+    struct tls_conn_id id = {};
+    id.ssl = ssl;
+    id.tgid = bpf_get_current_pid_tgid() >> 32;
+    return id;
+}
+
+/* A call's start: followed unless the thread is already inside a followed call (nested).
+ * A call left from a thread that never returned (killed inside it) is replaced: its stack
+ * pointer is not above this one's. */
+static __always_inline struct tls_call *tls_enter(struct pt_regs *ctx, u32 op, u64 ssl)
+{
+    u64 thread = bpf_get_current_pid_tgid();
+    u64 sp = PT_REGS_SP(ctx);
+    struct tls_call *outer = tls_calls.lookup(&thread);
+    if (outer && outer->sp > sp)
+        return 0;
+    u32 tgid = thread >> 32;
+    if (!tls_processes.lookup(&tgid)) {
+        u8 one = 1;
+        tls_processes.update(&tgid, &one);
+    }
+    u32 zero = 0;
+    struct tls_call *call = tls_call_scratch.lookup(&zero);
+    if (!call)
+        return 0;
+    __builtin_memset(call, 0, sizeof(*call));
+    call->ssl = ssl;
+    call->sp = sp;
+    call->op = op;
+    call->start_ns = bpf_ktime_get_ns();
+    if (tls_calls.update(&thread, call) != 0) {
+        count_failure(FAILURE_TLS_CALLS);
+        return 0;
+    }
+    return tls_calls.lookup(&thread);
+}
+
+/* The followed call this uretprobe ends, 0 for a nested one (its stack pointer lies below
+ * the outer call's entry). */
+static __always_inline struct tls_call *tls_returning(struct pt_regs *ctx, u64 *thread)
+{
+    *thread = bpf_get_current_pid_tgid();
+    struct tls_call *call = tls_calls.lookup(thread);
+    if (!call || PT_REGS_SP(ctx) <= call->sp)
+        return 0;
+    return call;
+}
+
+/* The SSL object `ssl` of the calling process is a connection of socket `sk`. IPv4 peers of
+ * an IPv6 socket (::ffff:a.b.c.d) are kept as IPv4, as the classifier sees them. */
+static __always_inline void tls_bind_socket(u64 ssl, u64 thread, u64 sk)
+{
+#ifdef WITH_SOCK_FIELDS
+    struct sock_ends ends = {};
+    sock_ends_of(&ends, (const u8 *)sk);
+    const u32 *local = (const u32 *)ends.local;
+    const u32 *remote = (const u32 *)ends.remote;
+    if (ends.family == 6 && local[0] == 0 && local[1] == 0 && local[2] == 0xffff0000 &&
+        remote[0] == 0 && remote[1] == 0 && remote[2] == 0xffff0000) {
+        ends.family = 4;
+        __builtin_memcpy(ends.local, ends.local + 12, 4);
+        __builtin_memcpy(ends.remote, ends.remote + 12, 4);
+        __builtin_memset(ends.local + 4, 0, 12);
+        __builtin_memset(ends.remote + 4, 0, 12);
+    }
+    struct tls_conn_id id = {};
+    id.ssl = ssl;
+    id.tgid = thread >> 32;
+    tls_sockets.update(&id, &ends);
+#endif
+}
+
+/* A thread's TCP send or receive: inside a followed call, it names the call's connection;
+ * outside, a receive of a process that uses TLS is remembered for the next call. */
+static __always_inline void tls_socket_io(void *sk, u16 protocol, int received)
+{
+    if (protocol != PROTO_TCP)
+        return;
+    u64 thread = bpf_get_current_pid_tgid();
+    struct tls_call *call = tls_calls.lookup(&thread);
+    if (!call) {
+        u32 tgid = thread >> 32;
+        u64 socket = (u64)sk;
+        if (received && tls_processes.lookup(&tgid))
+            tls_received.update(&thread, &socket);
+        return;
+    }
+    if (call->bound)
+        return;
+    call->bound = 1;
+    tls_bind_socket(call->ssl, thread, (u64)sk);
+}
+
+/* A call that consumed bytes from a memory buffer (a completed handshake, a read with data)
+ * and saw no socket: its connection is the socket its thread received on just before. */
+static __always_inline void tls_bind_received(const struct tls_call *call, u64 thread)
+{
+    if (call->bound)
+        return;
+    struct tls_conn_id id = {};
+    id.ssl = call->ssl;
+    id.tgid = thread >> 32;
+    if (tls_sockets.lookup(&id))
+        return;
+    u64 *sk = tls_received.lookup(&thread);
+    if (sk)
+        tls_bind_socket(call->ssl, thread, *sk);
+}
+
+/* A followed call ends: forget it, and what its thread received before it. */
+static __always_inline void tls_leave(u64 thread)
+{
+    tls_calls.delete(&thread);
+    tls_received.delete(&thread);
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    tls_socket_io(args->sk, args->protocol, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    /* a receive that failed or found nothing (-EAGAIN) received nothing */
+    if (args->ret > 0)
+        tls_socket_io(args->sk, args->protocol, 1);
+    return 0;
+}
+
+/* The connection key of an SSL object on the side that sends or reads requests. A socket
+ * never seen gives a key of its own with family 0 (no endpoints): the SSL object and the
+ * process. */
+static __always_inline int tls_conn_key(struct http_conn_key *ck, u64 ssl, u32 side)
+{
+    struct tls_conn_id id = tls_conn_id_of(ssl);
+    struct sock_ends *ends = tls_sockets.lookup(&id);
+    if (!ends) {
+        __builtin_memcpy(ck->client, &id, sizeof(id));
+        return 0;
+    }
+    ck->family = ends->family;
+    if (side == TLS_SIDE_CLIENT) {
+        ck->client_port = ends->local_port;
+        ck->server_port = ends->remote_port;
+        __builtin_memcpy(ck->client, ends->local, 16);
+        __builtin_memcpy(ck->server, ends->remote, 16);
+    } else {
+        ck->client_port = ends->remote_port;
+        ck->server_port = ends->local_port;
+        __builtin_memcpy(ck->client, ends->remote, 16);
+        __builtin_memcpy(ck->server, ends->local, 16);
+    }
+    return 1;
+}
+
+/* Copies the first bytes of a plaintext message to s->head and classifies them. */
+static __always_inline int tls_classify(struct http_scratch *s, u64 buf, u32 len, u8 *method,
+                                        u16 *status)
+{
+    if (len < 8)
+        return HTTP_NOT_HTTP;       /* no message line fits in under 8 bytes */
+    s->avail = len < HTTP_SCAN ? len : HTTP_SCAN;
+    /* read back from memory and checked by a branch: a bound the verifier follows */
+    u32 avail = *(volatile u32 *)&s->avail;
+    if (avail > HTTP_SCAN)
+        return HTTP_NOT_HTTP;
+    __builtin_memset(s->head, 0, HTTP_SCAN);
+    if (bpf_probe_read_user(s->head, avail, (const void *)buf) < 0)
+        return HTTP_NOT_HTTP;
+    int kind = http_classify(s, method, status);
+    if (kind == HTTP_MALFORMED)
+        count_parse_error(PARSE_ERROR_HTTP);
+    return kind;
+}
+
+/* Whether the client of a request this node's server read is another node's, whose exporter
+ * counts the exchange (bpf/cluster.h). */
+static __always_inline int tls_counted_elsewhere(const struct http_conn_key *ck)
+{
+#ifdef ONCE_PER_CLUSTER
+    if (!counted_by_its_node(ck->family, ck->client))
+        return 0;
+    struct left_counts *left = left_counts();
+    if (left)
+        left->http_requests += 1;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The connection of a request on `side`, claimed for it if no side has yet; 0 when another
+ * side counts it (or http_conns is full: the request was then counted "untracked"). */
+static __always_inline struct http_conn *tls_claim(struct http_scratch *s,
+                                                   struct http_conn_key *ck, u32 side,
+                                                   u8 method)
+{
+    struct http_conn *conn = http_conns.lookup(ck);
+    if (!conn && side == TLS_SIDE_SERVER) {
+        struct http_conn_key addressed = *ck;
+        struct http_conn *client = http_conn_find(&addressed);    /* through a DNAT */
+        if (client && (client->seen & TLS_SIDE_CLIENT))
+            return 0;
+        if (tls_counted_elsewhere(ck))
+            return 0;
+    }
+    if (conn) {
+        if (!(conn->seen & side))
+            return 0;
+        /* a branch, not a mask of the pointer, which the verifier refuses */
+        asm volatile("" : "+r"(conn));
+        return conn;
+    }
+    conn = http_conn_open(s, ck, method);
+    if (conn)
+        conn->seen = side;
+    return conn;
+}
+
+static __always_inline struct http_scratch *tls_scratch(void)
+{
+    u32 zero = 0;
+    return http_scratch.lookup(&zero);
+}
+
+static __always_inline void tls_key(struct http_scratch *s, const struct http_conn_key *ck)
+{
+    u32 zero = 0;
+    u32 *gen = http_generation.lookup(&zero);
+    http_key_of(&s->key, ck, gen ? *gen : 0);
+}
+
+static __always_inline void tls_count_unbound(void)
+{
+    u32 zero = 0;
+    u64 *count = tls_unbound.lookup(&zero);
+    if (count)
+        *count += 1;
+}
+
+/* A request written (this side is the client) or read (the server), at `at`. */
+static __always_inline void tls_request(struct http_scratch *s, u64 ssl, u32 side, u8 method,
+                                        u64 at)
+{
+    struct http_conn_key ck = {};
+    if (!tls_conn_key(&ck, ssl, side))
+        tls_count_unbound();
+    tls_key(s, &ck);
+    struct http_conn *conn = tls_claim(s, &ck, side, method);
+    if (!conn)
+        return;
+    conn->last_seen_ns = at;
+    http_enqueue(s, conn, method, at);
+    u32 index = side == TLS_SIDE_CLIENT ? 0 : 1;
+    u64 *count = tls_sides.lookup(&index);
+    if (count)
+        *count += 1;
+}
+
+/* A response read (this side is the client) or written (the server), at `at`. */
+static __always_inline void tls_response(struct http_scratch *s, u64 ssl, u32 side, u16 status,
+                                         u64 at)
+{
+    if (http_interim(status))
+        return;
+    struct http_conn_key ck = {};
+    tls_conn_key(&ck, ssl, side);
+    struct http_conn *conn = side == TLS_SIDE_SERVER ? http_conn_find(&ck)
+                                                     : http_conns.lookup(&ck);
+    if (!conn) {
+        if (side == TLS_SIDE_SERVER && tls_counted_elsewhere(&ck))
+            return;
+        count_parse_error(PARSE_ERROR_HTTP);    /* a response to no request we saw */
+        return;
+    }
+    if (!(conn->seen & side))
+        return;                                 /* the other side counts this connection */
+    tls_key(s, &ck);
+    conn->last_seen_ns = at;
+    http_answer(s, &ck, conn, status, at);
+}
+
+static __always_inline int tls_write_entry(struct pt_regs *ctx, u64 ssl, u64 buf, u32 len,
+                                           u64 size_out)
+{
+    struct tls_call *call = tls_enter(ctx, TLS_OP_WRITE, ssl);
+    struct http_scratch *s = tls_scratch();
+    if (!call || !s)
+        return 0;
+    call->buf = buf;
+    call->len = len;
+    call->size_out = size_out;
+    u8 method = 0;
+    u16 status = 0;
+    call->kind = tls_classify(s, buf, len, &method, &status);
+    call->method = method;
+    call->status = status;
+    if (call->kind != HTTP_REQUEST)
+        return 0;
+    http_take_path(s);
+#ifdef HTTP_PATHS
+    /* a helper's copy: clang's inline one spills past the 512 bytes of stack here */
+    bpf_probe_read_kernel(call->path, HTTP_PATH_CAPTURE, s->key.path);
+#endif
+    /* claim the connection before the request leaves, when its socket is known already */
+    struct http_conn_key ck = {};
+    if (!tls_conn_key(&ck, ssl, TLS_SIDE_CLIENT))
+        return 0;
+    tls_key(s, &ck);
+    struct http_conn *conn = tls_claim(s, &ck, TLS_SIDE_CLIENT, method);
+    call->skip = conn ? 0 : 1;
+    return 0;
+}
+
+/* A write's end: `written` bytes went out (0 when it failed and will be retried). */
+static __always_inline int tls_write_return(struct pt_regs *ctx, int written)
+{
+    u64 thread;
+    struct tls_call *call = tls_returning(ctx, &thread);
+    if (!call)
+        return 0;
+    struct http_scratch *s = tls_scratch();
+    if (s && written > 0 && !call->skip) {
+        if (call->kind == HTTP_REQUEST) {
+#ifdef HTTP_PATHS
+            __builtin_memcpy(s->key.path, call->path, HTTP_PATH_CAPTURE);
+#endif
+            tls_request(s, call->ssl, TLS_SIDE_CLIENT, call->method, call->start_ns);
+        } else if (call->kind == HTTP_RESPONSE) {
+            tls_response(s, call->ssl, TLS_SIDE_SERVER, call->status, call->start_ns);
+        }
+    }
+    tls_leave(thread);
+    return 0;
+}
+
+/* A read's end: `got` bytes of plaintext at the call's buffer. */
+static __always_inline int tls_read_return(struct pt_regs *ctx, struct tls_call *call, u64 thread,
+                                           int got)
+{
+    struct http_scratch *s = tls_scratch();
+    if (s && got > 0) {
+        tls_bind_received(call, thread);
+        u64 now = bpf_ktime_get_ns();
+        u8 method = 0;
+        u16 status = 0;
+        int kind = tls_classify(s, call->buf, got, &method, &status);
+        if (kind == HTTP_REQUEST) {
+            http_take_path(s);
+            tls_request(s, call->ssl, TLS_SIDE_SERVER, method, now);
+        } else if (kind == HTTP_RESPONSE) {
+            tls_response(s, call->ssl, TLS_SIDE_CLIENT, status, now);
+        }
+    }
+    tls_leave(thread);
+    return 0;
+}
+
+/* int SSL_write(SSL *ssl, const void *buf, int num) */
+int ssl_write_entry(struct pt_regs *ctx)
+{
+    return tls_write_entry(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0);
+}
+
+int ssl_write_return(struct pt_regs *ctx)
+{
+    return tls_write_return(ctx, (int)PT_REGS_RC(ctx));
+}
+
+/* int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written): 1 on success */
+int ssl_write_ex_entry(struct pt_regs *ctx)
+{
+    return tls_write_entry(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx),
+                           PT_REGS_PARM4(ctx));
+}
+
+int ssl_write_ex_return(struct pt_regs *ctx)
+{
+    return tls_write_return(ctx, (int)PT_REGS_RC(ctx) == 1 ? 1 : 0);
+}
+
+/* int SSL_read(SSL *ssl, void *buf, int num) */
+int ssl_read_entry(struct pt_regs *ctx)
+{
+    struct tls_call *call = tls_enter(ctx, TLS_OP_READ, PT_REGS_PARM1(ctx));
+    if (call)
+        call->buf = PT_REGS_PARM2(ctx);
+    return 0;
+}
+
+int ssl_read_return(struct pt_regs *ctx)
+{
+    u64 thread;
+    struct tls_call *call = tls_returning(ctx, &thread);
+    if (!call)
+        return 0;
+    return tls_read_return(ctx, call, thread, (int)PT_REGS_RC(ctx));
+}
+
+/* int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes): 1 on success */
+int ssl_read_ex_entry(struct pt_regs *ctx)
+{
+    struct tls_call *call = tls_enter(ctx, TLS_OP_READ, PT_REGS_PARM1(ctx));
+    if (call) {
+        call->buf = PT_REGS_PARM2(ctx);
+        call->size_out = PT_REGS_PARM4(ctx);
+    }
+    return 0;
+}
+
+int ssl_read_ex_return(struct pt_regs *ctx)
+{
+    u64 thread;
+    struct tls_call *call = tls_returning(ctx, &thread);
+    if (!call)
+        return 0;
+    u64 got = 0;
+    if ((int)PT_REGS_RC(ctx) == 1 && call->size_out)
+        bpf_probe_read_user(&got, sizeof(got), (const void *)call->size_out);
+    return tls_read_return(ctx, call, thread, got > 0x7fffffff ? 0x7fffffff : (int)got);
+}
+
+/* SSL_do_handshake, SSL_connect, SSL_accept (SSL *ssl): the handshake's I/O names the socket
+ * before the first request is written. */
+int ssl_handshake_entry(struct pt_regs *ctx)
+{
+    tls_enter(ctx, TLS_OP_HANDSHAKE, PT_REGS_PARM1(ctx));
+    return 0;
+}
+
+int ssl_handshake_return(struct pt_regs *ctx)
+{
+    u64 thread;
+    struct tls_call *call = tls_returning(ctx, &thread);
+    if (!call)
+        return 0;
+    if ((int)PT_REGS_RC(ctx) == 1)         /* done: the peer's last flight was just read */
+        tls_bind_received(call, thread);
+    tls_leave(thread);
+    return 0;
+}
+
+/* void SSL_free(SSL *ssl): the connection is over; requests its counting side still waits
+ * on are counted with status "none". */
+int ssl_free_entry(struct pt_regs *ctx)
+{
+    u64 ssl = PT_REGS_PARM1(ctx);
+    struct http_scratch *s = tls_scratch();
+    if (!s)
+        return 0;
+    struct http_conn_key ck = {};
+    tls_conn_key(&ck, ssl, TLS_SIDE_CLIENT);
+    struct http_conn *conn = http_conns.lookup(&ck);
+    if (!conn || !(conn->seen & TLS_SIDE_CLIENT)) {
+        __builtin_memset(&ck, 0, sizeof(ck));
+        tls_conn_key(&ck, ssl, TLS_SIDE_SERVER);
+        conn = http_conns.lookup(&ck);
+        if (!conn || !(conn->seen & TLS_SIDE_SERVER))
+            conn = 0;
+    }
+    if (conn) {
+        tls_key(s, &ck);
+        http_flush(s, &ck);
+    }
+    struct tls_conn_id id = tls_conn_id_of(ssl);
+    tls_sockets.delete(&id);
+    return 0;
+}

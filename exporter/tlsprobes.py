@@ -1,0 +1,277 @@
+"""The HTTPS program's uprobes (bpf/tls.c), attached once per file with OpenSSL that this
+node's processes map (exporter/tlslibs.py), and detached when no process maps it any more.
+
+A uprobe sits on the file, not on a process: every process that maps the file, already
+running or started later, runs it. So only a file not seen before needs a scan to find it.
+The program counts exec() calls (sched:sched_process_exec); a scan of the processes started
+since the last one runs at most `NEW_PROCESS_SECONDS` after an exec, and a full scan every
+`https.rescan_interval` finds libraries loaded later (dlopen) and files no longer mapped."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from . import logs, oncepercluster, privileges, sockfields
+from .config import Config
+from .loader import Program
+from .maps import CounterArray
+from .selfmetrics import KernelStats
+from .tlslibs import FileId, FileScan, MappedFile
+
+log = logs.get("https")
+
+NEW_PROCESS_SECONDS = 0.25
+# where a call's socket is seen, and when to look for new files (Linux >= 6.3)
+TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length", "sched/sched_process_exec")
+# what the scanning thread keeps: reading other processes' maps and files (ptrace access,
+# file permissions) and attaching uprobes (perf events, BPF)
+SCAN_CAPABILITIES = (privileges.CAP_SYS_PTRACE, privileges.CAP_DAC_READ_SEARCH,
+                     privileges.CAP_PERFMON, privileges.CAP_BPF, privileges.CAP_SYS_ADMIN)
+# (symbol, entry function, return function or None, required)
+PROBES = (
+    ("SSL_write", "ssl_write_entry", "ssl_write_return", True),
+    ("SSL_read", "ssl_read_entry", "ssl_read_return", True),
+    ("SSL_write_ex", "ssl_write_ex_entry", "ssl_write_ex_return", False),
+    ("SSL_read_ex", "ssl_read_ex_entry", "ssl_read_ex_return", False),
+    ("SSL_do_handshake", "ssl_handshake_entry", "ssl_handshake_return", False),
+    ("SSL_connect", "ssl_handshake_entry", "ssl_handshake_return", False),
+    ("SSL_accept", "ssl_handshake_entry", "ssl_handshake_return", False),
+    ("SSL_free", "ssl_free_entry", None, False),
+)
+# indexes of map_update_failures and parse_errors in bpf/tls.c
+FAILURE_MAPS = ["https_events", "https_conns", "tls_calls"]
+# bcc refuses more than 1000 probes per process unless told otherwise: 8 files' worth of
+# containers with their own libssl would reach it
+PROBE_LIMIT = "100000"
+
+
+class AttachError(Exception):
+    pass
+
+
+def program_flags(config: Config, once_per_cluster: bool) -> list[str]:
+    """-D flags of bpf/tls.c; SockFieldsError when the socket fields cannot be located."""
+    flags = [*sockfields.program_flags(),
+             f"-DHTTP_CONN_CAPACITY={config.maps.http_conn_capacity}",
+             f"-DHTTP_EVENT_CAPACITY={config.maps.http_event_capacity}"]
+    if config.http.paths:
+        flags.append("-DHTTP_PATHS")
+    if once_per_cluster:
+        flags += oncepercluster.cflags(config)
+    return flags
+
+
+def load(program: Program) -> None:
+    """Loads every probe function now: attaching one later, from the scanning thread, then
+    needs no program load."""
+    import bcc
+
+    for name in sorted({fn for _, entry, exit_, _ in PROBES for fn in (entry, exit_) if fn}):
+        program._run(f"load {name}", program.bpf.load_func, name.encode(), bcc.BPF.KPROBE)
+
+
+def has_openssl(path: str) -> bool:
+    """Whether an executable carries OpenSSL's SSL_write and SSL_read itself."""
+    import bcc
+
+    try:
+        return all(bcc.BPF.get_user_functions_and_addresses(path.encode(), f"^{name}$".encode())
+                   for name in ("SSL_write", "SSL_read"))
+    except Exception:   # bcc raises a plain Exception for a file it cannot read
+        return False
+
+
+@dataclass
+class Attached:
+    mapped: MappedFile
+    events: list[bytes] = field(default_factory=list)
+
+
+class TlsProbes:
+    """The program's probes on each file, and what attaching them did."""
+
+    def __init__(self, program: Program) -> None:
+        os.environ.setdefault("BCC_PROBE_LIMIT", PROBE_LIMIT)
+        self.program = program
+        self.attached: dict[FileId, Attached] = {}
+        self.failed: dict[FileId, str] = {}         # files not attached, and why
+        self.failures = 0
+        self.detached = 0
+
+    def sync(self, files: dict[FileId, MappedFile]) -> None:
+        for file in [f for f in self.attached if f not in files]:
+            self._detach(file)
+        for file in [f for f in self.failed if f not in files]:
+            del self.failed[file]           # a file that comes back is tried again
+        for file, mapped in files.items():
+            if file not in self.attached and file not in self.failed:
+                try:
+                    self.attached[file] = self._attach(mapped)
+                except AttachError as e:
+                    self.failures += 1
+                    self.failed[file] = str(e)
+                    log.warning("cannot probe OpenSSL", extra={
+                        "file": mapped.path, "pid": mapped.pid, "error": str(e)})
+
+    def _attach(self, mapped: MappedFile) -> Attached:
+        bpf = self.program.bpf
+        before = set(bpf.uprobe_fds)
+        done = Attached(mapped)
+        try:
+            for symbol, entry, exit_, required in PROBES:
+                try:
+                    bpf.attach_uprobe(name=mapped.reach.encode(), sym=symbol.encode(),
+                                      fn_name=entry.encode())
+                    if exit_:
+                        bpf.attach_uretprobe(name=mapped.reach.encode(), sym=symbol.encode(),
+                                             fn_name=exit_.encode())
+                except Exception as e:  # bcc raises a plain Exception
+                    if required:
+                        raise AttachError(f"{symbol}: {e}") from e
+        except AttachError:
+            self._close([e for e in bpf.uprobe_fds if e not in before])
+            raise
+        done.events = [e for e in bpf.uprobe_fds if e not in before]
+        log.info("probing OpenSSL", extra={"file": mapped.path, "pid": mapped.pid,
+                                           "probes": len(done.events)})
+        return done
+
+    def _detach(self, file: FileId) -> None:
+        attached = self.attached.pop(file)
+        self._close(attached.events)
+        self.detached += 1
+        log.info("no process maps it any more: detached", extra={"file": attached.mapped.path})
+
+    def _close(self, events: Iterable[bytes]) -> None:
+        for event in events:
+            try:
+                self.program.bpf.detach_uprobe_event(event)
+            except Exception as e:  # bcc raises a plain Exception
+                log.warning("cannot detach a uprobe", extra={"event": event.decode(),
+                                                             "error": str(e)})
+
+    def close(self) -> None:
+        for file in list(self.attached):
+            self._close(self.attached.pop(file).events)
+
+
+class TlsWatch:
+    """Keeps the probes on the files with OpenSSL, in a thread of its own; the self-metrics of
+    the HTTPS program."""
+
+    def __init__(self, program: Program, rescan_seconds: float,
+                 scan: FileScan | None = None) -> None:
+        self.program = program
+        self.probes = TlsProbes(program)
+        self.scan = scan or FileScan(has_openssl)
+        self.rescan_seconds = rescan_seconds
+        self._execs = CounterArray("execs", program.table("execs"))
+        self._unbound = CounterArray("tls_unbound", program.table("tls_unbound"))
+        self._sides = CounterArray("tls_sides", program.table("tls_sides"))
+        self._side_totals = [0.0, 0.0]
+        self._failures = CounterArray("map_update_failures", program.table("map_update_failures"))
+        self._parse_errors = CounterArray("parse_errors", program.table("parse_errors"))
+        self._unbound_total = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.scans = 0
+        self._denied_logged = False
+
+    def refresh(self, full: bool) -> None:
+        """One scan and the probes it calls for."""
+        files = self.scan.scan(full)
+        if self.scan.denied and not self._denied_logged:
+            self._denied_logged = True
+            log.warning("cannot read the memory maps of other users' processes: HTTPS in them "
+                        "is not seen (grant CAP_SYS_PTRACE)",
+                        extra={"processes": self.scan.denied})
+        with self._lock:
+            self.probes.sync(files)
+            self.scans += 1
+
+    def start(self) -> None:
+        self.refresh(full=True)
+        if not self.probes.attached:
+            log.info("no process maps OpenSSL yet: HTTPS is counted once one does")
+        self._thread = threading.Thread(target=self._run, name="https-scan", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        privileges.keep_only(SCAN_CAPABILITIES)
+        self._execs.read_deltas()
+        next_full = time.monotonic() + self.rescan_seconds
+        while not self._stop.wait(NEW_PROCESS_SECONDS):
+            try:
+                now = time.monotonic()
+                execs = int(self._execs.read_deltas()[0])
+                if now >= next_full:
+                    self.refresh(full=True)
+                    next_full = now + self.rescan_seconds
+                elif execs:
+                    self.refresh(full=False)
+            except Exception as e:  # keep watching; the log says what failed
+                log.warning("scan for OpenSSL failed", extra={"error": str(e)})
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        with self._lock:
+            self.probes.close()
+
+    def report(self, stats: KernelStats) -> None:
+        """The program's failed map updates and parse errors, into the exporter's stats."""
+        with self._lock:
+            failures = self._failures.read_deltas()
+            parse_errors = self._parse_errors.read_deltas()
+            self._unbound_total += float(self._unbound.read_deltas()[0])
+            for index, count in enumerate(self._sides.read_deltas()):
+                self._side_totals[index] += float(count)
+        for index, name in enumerate(FAILURE_MAPS):
+            stats.add_failures(name, float(failures[index]))
+        stats.add_parse_errors("https", float(parse_errors[0]))
+
+    def describe(self) -> Iterable[Metric]:
+        return self._metrics()
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics()
+
+    def _metrics(self) -> list[Metric]:
+        with self._lock:
+            attached = list(self.probes.attached.values())
+            failures = self.probes.failures
+            unbound = self._unbound_total
+            sides = list(self._side_totals)
+        files = GaugeMetricFamily(
+            "ebpf_net_exporter_tls_files",
+            "Files with OpenSSL whose SSL_* functions are probed for HTTPS, by kind: shared "
+            "(a libssl) or static (an executable with OpenSSL linked in).", labels=["kind"])
+        shared = sum(1 for a in attached if a.mapped.shared_library)
+        files.add_metric(["shared"], shared)
+        files.add_metric(["static"], len(attached) - shared)
+        failed = CounterMetricFamily(
+            "ebpf_net_exporter_tls_attach_failures",
+            "Files with OpenSSL the HTTPS probes could not be attached to (the log says why).")
+        failed.add_metric([], failures)
+        unbound_family = CounterMetricFamily(
+            "ebpf_net_exporter_https_unbound_requests",
+            "HTTPS requests counted with no endpoint labels: their connection's socket was not "
+            "seen (a TLS library writing to memory buffers, as Python's asyncio does).")
+        unbound_family.add_metric([], unbound)
+        by_side = CounterMetricFamily(
+            "ebpf_net_exporter_https_requests",
+            "HTTPS requests counted, by the side whose TLS library counted them and measured "
+            "their latency: the client, or the server when no client on this node claimed the "
+            "connection.", labels=["side"])
+        by_side.add_metric(["client"], sides[0])
+        by_side.add_metric(["server"], sides[1])
+        return [files, failed, unbound_family, by_side]
