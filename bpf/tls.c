@@ -43,6 +43,11 @@ BPF_PERCPU_ARRAY(parse_errors, u64, 1);
 #ifdef ONCE_PER_CLUSTER
 #include "cluster.h"
 #endif
+/* the live view's records (-DWITH_EVENTS): its exchanges show as HTTPS */
+#ifdef WITH_EVENTS
+#include "events.h"
+#define HTTP_EVENT_SCHEME 1
+#endif
 #include "http.h"
 
 #define PROTO_TCP 6
@@ -130,9 +135,9 @@ static __always_inline struct tls_conn_id tls_conn_id_of(u64 ssl)
     return id;
 }
 
-/* A call's start: followed unless the thread is already inside a followed call (nested).
- * A call left from a thread that never returned (killed inside it) is replaced: its stack
- * pointer is not above this one's. */
+/* A call's start: followed unless the thread is already inside a followed call (nested: a
+ * call whose stack pointer lies below the outer call's). A thread that ends inside a call
+ * leaves no entry behind (sched:sched_process_exit, below). */
 static __always_inline struct tls_call *tls_enter(struct pt_regs *ctx, u32 op, u64 ssl)
 {
     u64 thread = bpf_get_current_pid_tgid();
@@ -231,6 +236,16 @@ static __always_inline void tls_bind_received(const struct tls_call *call, u64 t
     u64 *sk = tls_received.lookup(&thread);
     if (sk)
         tls_bind_socket(call->ssl, thread, *sk);
+}
+
+/* A thread ends (its process exits, or it is killed, inside a call or not): a thread that
+ * later gets its id must not find its calls. */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 thread = bpf_get_current_pid_tgid();
+    tls_calls.delete(&thread);
+    tls_received.delete(&thread);
+    return 0;
 }
 
 /* A followed call ends: forget it, and what its thread received before it. */

@@ -332,7 +332,7 @@ class Exporter:
         if self.counting:
             self.registry.register(self.counting)
         if self.tls:
-            self.registry.register(self.tls)
+            self.registry.register(self.tls.metrics)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 

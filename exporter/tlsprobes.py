@@ -28,8 +28,9 @@ from .tlslibs import FileId, FileScan, MappedFile
 log = logs.get("https")
 
 NEW_PROCESS_SECONDS = 0.25
-# where a call's socket is seen, and when to look for new files (Linux >= 6.3)
-TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length", "sched/sched_process_exec")
+# where a call's socket is seen (Linux >= 6.3), when to look for new files, and threads' ends
+TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length", "sched/sched_process_exec",
+               "sched/sched_process_exit")
 # what the scanning thread keeps: reading other processes' maps and files (ptrace access,
 # file permissions) and attaching uprobes (perf events, BPF)
 SCAN_CAPABILITIES = (privileges.CAP_SYS_PTRACE, privileges.CAP_DAC_READ_SEARCH,
@@ -175,10 +176,9 @@ class TlsWatch:
         self._execs = CounterArray("execs", program.table("execs"))
         self._unbound = CounterArray("tls_unbound", program.table("tls_unbound"))
         self._sides = CounterArray("tls_sides", program.table("tls_sides"))
-        self._side_totals = [0.0, 0.0]
+        self.metrics = HttpsMetrics()
         self._failures = CounterArray("map_update_failures", program.table("map_update_failures"))
         self._parse_errors = CounterArray("parse_errors", program.table("parse_errors"))
-        self._unbound_total = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -228,44 +228,61 @@ class TlsWatch:
             self.probes.close()
 
     def report(self, stats: KernelStats) -> None:
-        """The program's failed map updates and parse errors, into the exporter's stats."""
+        """The program's failed map updates and parse errors, into the exporter's stats; and
+        the HTTPS self-metrics, as of now (called at the start of each scrape)."""
         with self._lock:
-            failures = self._failures.read_deltas()
+            map_failures = self._failures.read_deltas()
             parse_errors = self._parse_errors.read_deltas()
-            self._unbound_total += float(self._unbound.read_deltas()[0])
-            for index, count in enumerate(self._sides.read_deltas()):
-                self._side_totals[index] += float(count)
-        for index, name in enumerate(FAILURE_MAPS):
-            stats.add_failures(name, float(failures[index]))
-        stats.add_parse_errors("https", float(parse_errors[0]))
-
-    def describe(self) -> Iterable[Metric]:
-        return self._metrics()
-
-    def collect(self) -> Iterable[Metric]:
-        return self._metrics()
-
-    def _metrics(self) -> list[Metric]:
-        with self._lock:
+            unbound = float(self._unbound.read_deltas()[0])
+            sides = [float(count) for count in self._sides.read_deltas()]
             attached = list(self.probes.attached.values())
             failures = self.probes.failures
-            unbound = self._unbound_total
-            sides = list(self._side_totals)
+        self.metrics.update(attached, failures, unbound, sides)
+        for index, name in enumerate(FAILURE_MAPS):
+            stats.add_failures(name, float(map_failures[index]))
+        stats.add_parse_errors("https", float(parse_errors[0]))
+
+
+class HttpsMetrics:
+    """The self-metrics of HTTPS, as of the last scrape's report."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.shared = self.static = 0
+        self.failures = 0
+        self.unbound = 0.0
+        self.sides = [0.0, 0.0]         # client, server
+
+    def update(self, attached: list[Attached], failures: int, unbound: float,
+               sides: list[float]) -> None:
+        with self._lock:
+            self.shared = sum(1 for a in attached if a.mapped.shared_library)
+            self.static = len(attached) - self.shared
+            self.failures = failures
+            self.unbound += unbound
+            self.sides = [total + new for total, new in zip(self.sides, sides, strict=True)]
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            shared, static, failures = self.shared, self.static, self.failures
+            unbound, sides = self.unbound, list(self.sides)
         files = GaugeMetricFamily(
             "ebpf_net_exporter_tls_files",
             "Files with OpenSSL whose SSL_* functions are probed for HTTPS, by kind: shared "
             "(a libssl) or static (an executable with OpenSSL linked in).", labels=["kind"])
-        shared = sum(1 for a in attached if a.mapped.shared_library)
         files.add_metric(["shared"], shared)
-        files.add_metric(["static"], len(attached) - shared)
+        files.add_metric(["static"], static)
         failed = CounterMetricFamily(
             "ebpf_net_exporter_tls_attach_failures",
             "Files with OpenSSL the HTTPS probes could not be attached to (the log says why).")
         failed.add_metric([], failures)
         unbound_family = CounterMetricFamily(
             "ebpf_net_exporter_https_unbound_requests",
-            "HTTPS requests counted with no endpoint labels: their connection's socket was not "
-            "seen (a TLS library writing to memory buffers, as Python's asyncio does).")
+            "HTTPS requests counted with no endpoint labels: their connection's TCP socket "
+            "was not found.")
         unbound_family.add_metric([], unbound)
         by_side = CounterMetricFamily(
             "ebpf_net_exporter_https_requests",

@@ -27,6 +27,7 @@ LOCATIONS = {"/ok": 200, "/created": 201, "/error": 500}
 SLOW_PORT = 8443
 SLOW_SECONDS = 0.3
 CLIENT = Path(__file__).with_name("tls_client.py")
+STATIC_CLIENT = Path(__file__).parents[1] / "fixtures" / "static_tls_client.c"
 
 
 def libssl_path() -> str:
@@ -271,3 +272,35 @@ def test_a_libssl_reached_only_through_the_process_root_is_probed(node: TestNode
     # no process maps the copy any more: the next full scan detaches it
     exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind="shared") == shared,
                       "the copy detached")
+
+
+def test_an_executable_with_openssl_linked_in_is_probed(node: TestNode, web: TlsWeb,
+                                                        exporter: ExporterProcess,
+                                                        tmp_path: Path):
+    """OpenSSL inside the executable itself (as in Node.js): the scan finds SSL_write and
+    SSL_read in it when it starts, and its own side counts its requests."""
+    binary = tmp_path / "static_tls_client"
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(STATIC_CLIENT), "-lssl",
+                    "-lcrypto"], check=True, capture_output=True)
+    before = exporter.scrape()
+    static = before.value("ebpf_net_exporter_tls_files", kind="static")
+    client = node.spawn(node.a_ns, [str(binary), "-w", node.b_ip, "443", "/ok", "/created",
+                                    "/error"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind="static") ==
+                          static + 1, "the executable probed")
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert [client.stdout.readline().strip() for _ in range(3)] == ["200", "201", "500"]
+        assert client.wait(timeout=10) == 0
+        expected = Counter({("GET", "200"): 1, ("GET", "201"): 1, ("GET", "500"): 1})
+        after = settled(exporter, before, node.a_ip, node.b_ip, expected)
+    finally:
+        node.stop(client)
+    gained = requests_by(after, node.a_ip, node.b_ip) - requests_by(before, node.a_ip, node.b_ip)
+    assert gained == expected
+    assert sides(after) - sides(before) == Counter({"client": 3})
+    exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind="static") == static,
+                      "the executable detached once it exited")

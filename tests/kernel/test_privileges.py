@@ -39,7 +39,9 @@ def thread_capabilities(pid: int) -> dict[int, int]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except FileNotFoundError:   # a thread that ended meanwhile (a served request's)
+        # a thread that ended meanwhile (a served request's): gone from the directory, or its
+        # entry still listed and reading it ESRCH
+        except (FileNotFoundError, ProcessLookupError):
             continue
         found[int(tid)] = int(status.split("CapEff:")[1].split()[0], 16)
     return found

@@ -22,6 +22,7 @@ from exporter.k8s.metadata import KubernetesMetadata
 from exporter.kubeauth import KubernetesAuth
 from exporter.oncepercluster import ClusterCounting
 from exporter.selfmetrics import ExporterCollector, KernelStats
+from exporter.tlsprobes import HttpsMetrics
 from tests import monitoring
 from tests.unit.batches import FakeLeft, FakeTrie
 
@@ -46,6 +47,7 @@ def served() -> set[str]:
     registry.register(ClusterCounting(cluster_map, config.load(None, {}, {}), None,
                                       KernelStats()))
     registry.register(KubernetesAuth(ApiClient(), "/metrics", 60.0))  # web.kubernetes_auth
+    registry.register(HttpsMetrics())                                # collectors.https
     for standard in (ProcessCollector, PlatformCollector, GCCollector):
         standard(registry=registry)
     return monitoring.series_names(GOLDEN.read_text() + generate_latest(registry).decode())

@@ -29,6 +29,7 @@ from exporter.kubeauth import KubernetesAuth
 from exporter.logs import LogFailuresCollector
 from exporter.oncepercluster import ClusterCounting
 from exporter.selfmetrics import ExporterCollector, KernelStats
+from exporter.tlsprobes import HttpsMetrics
 
 from ..conftest import skip_or_fail
 from .batches import (
@@ -144,6 +145,7 @@ def full_exposition() -> str:
     cluster_map = KernelClusterMap(FakeTrie(16), FakeLeft([{}]))
     registry.register(ClusterCounting(cluster_map, config.load(None, {}, {}), None, stats))
     registry.register(KubernetesAuth(ApiClient(), "/metrics", 60.0))  # asks nothing unasked
+    registry.register(HttpsMetrics())
     stats.add_failures("flows", 0)
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)
