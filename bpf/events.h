@@ -15,7 +15,8 @@
 struct live_event {
     u8 kind;                /* LIVE_* */
     u8 family;              /* 4 or 6 */
-    u8 transport;           /* DNS: 0 udp, 1 tcp; TCP close: the socket's role */
+    u8 transport;           /* DNS: 0 udp, 1 tcp; HTTP: 0 http, 1 https; TCP close: the
+                             * socket's role */
     u8 pad;
     u16 client_port;
     u16 server_port;

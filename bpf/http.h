@@ -413,6 +413,10 @@ static __always_inline void http_enqueue(struct http_scratch *s, struct http_con
 }
 
 #ifdef WITH_EVENTS
+/* the scheme the live view shows: 0 http, 1 https (bpf/tls.c) */
+#ifndef HTTP_EVENT_SCHEME
+#define HTTP_EVENT_SCHEME 0
+#endif
 /* For the live view: one record per answered request (bpf/events.h). */
 static __always_inline void http_emit(const struct http_conn_key *ck, u8 method, u16 status,
                                       u64 latency_us, const struct http_scratch *s)
@@ -422,6 +426,7 @@ static __always_inline void http_emit(const struct http_conn_key *ck, u8 method,
         return;
     __builtin_memset(ev, 0, sizeof(*ev));
     ev->kind = LIVE_HTTP;
+    ev->transport = HTTP_EVENT_SCHEME;
     ev->family = ck->family;
     ev->client_port = ck->client_port;
     ev->server_port = ck->server_port;

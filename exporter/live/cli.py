@@ -37,14 +37,15 @@ KINDS = ("tcp", "udp", "dns", "http")
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="ebpf-net-exporter flows",
-        description="Print flows, DNS and HTTP exchanges as the node sees them, like tcpdump "
-                    "for flows.", epilog=EPILOG,
+        description="Print flows, DNS, HTTP and HTTPS exchanges as the node sees them, like "
+                    "tcpdump for flows.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for kind in KINDS:
-        what = "flows" if kind in ("tcp", "udp") else "exchanges"
+        what = {"tcp": "TCP flows", "udp": "UDP flows", "dns": "DNS exchanges",
+                "http": "HTTP and HTTPS exchanges"}[kind]
         parser.add_argument(f"--{kind}", action="store_true",
-                            help=f"show {kind.upper()} {what} (without any of --tcp --udp "
-                                 "--dns --http: everything)")
+                            help=f"show {what} (without any of --tcp --udp --dns --http: "
+                                 "everything)")
     parser.add_argument("--host", action="append", default=[], metavar="ADDR[/LEN]",
                         help="only lines with an end in this address or network (repeatable)")
     parser.add_argument("--port", action="append", default=[], type=int, metavar="PORT",
@@ -80,6 +81,7 @@ def _fail(message: str) -> None:
 def load_config(args: argparse.Namespace) -> config.Config:
     overrides: dict[str, Any] = {
         "collectors.flows": True, "collectors.dns": True, "collectors.http": True,
+        "collectors.https": True,
         # the view shows every name and target: capture them in the kernel
         "dns.query_names": ["*"], "http.paths": ["/"], "log.level": args.log_level,
     }

@@ -32,7 +32,7 @@ class End:
 
 @dataclass
 class Exchange:
-    """A DNS or HTTP exchange (kind "dns" or "http") as it completed."""
+    """A DNS, HTTP or HTTPS exchange (kind "dns", "http" or "https") as it completed."""
     kind: str
     family: int
     client: End
@@ -68,7 +68,9 @@ def decode(raw: bytes) -> Exchange | TcpClose | None:
     server = End(address_text(family, record["server"].tobytes()), int(record["server_port"]))
     kind = int(record["kind"])
     if kind in (LIVE_DNS, LIVE_HTTP):
-        return Exchange("dns" if kind == LIVE_DNS else "http", family, client, server,
+        # an HTTP record's transport is its scheme: 0 http, 1 https (bpf/tls.c)
+        name = "dns" if kind == LIVE_DNS else ("https" if int(record["transport"]) else "http")
+        return Exchange(name, family, client, server,
                         int(record["latency_us"]), int(record["code"]), int(record["what"]),
                         record["name"].tobytes(), int(record["transport"]))
     if kind == LIVE_TCP_CLOSE:

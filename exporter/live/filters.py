@@ -42,7 +42,8 @@ class LineFilter:
         return {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}.get(protocol, "other")
 
     def wants(self, kind: str, ends: Sequence[End]) -> bool:
-        if self.kinds and kind not in self.kinds:
+        # --http selects HTTPS exchanges too
+        if self.kinds and ("http" if kind == "https" else kind) not in self.kinds:
             return False
         if self.hosts and not any(ipaddress.ip_address(end.ip) in net
                                   for end in ends for net in self.hosts):

@@ -1,7 +1,8 @@
-"""Runs the live view: its own copies of the classifier and the TCP program, compiled with
--DWITH_EVENTS so they send a ring-buffer record per completed DNS or HTTP exchange and per
-closed TCP socket, and attached on their own (tcx links after the exporter's, or clsact
-filters of their own: interfaces.attach, as for the exporter).
+"""Runs the live view: its own copies of the classifier, the TCP program and the HTTPS program,
+compiled with -DWITH_EVENTS so they send a ring-buffer record per completed DNS, HTTP or HTTPS
+exchange and per closed TCP socket, and attached on their own (tcx links after the exporter's,
+or clsact filters of their own: interfaces.attach, as for the exporter; uprobes of its own on
+the same OpenSSL files).
 
 Beside a running exporter: the exporter's programs and maps are untouched (these are other
 programs with other maps), and the view's attachments never replace the exporter's (see
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import classifier, environment, logs
+from .. import classifier, environment, logs, sockfields, tlsprobes
 from ..app import (
     PROCESS_TRACEPOINTS,
     TCP_TRACEPOINTS,
@@ -32,6 +33,7 @@ from ..config import Config
 from ..endpoints import PortFolder, address_text, read_ephemeral_floor
 from ..interfaces import InterfaceMonitor
 from ..loader import Program
+from ..tlsprobes import TlsWatch
 from .attach import LiveAttacher, LiveTcxAttacher
 from .events import End, Exchange, TcpClose, decode
 from .filters import LineFilter
@@ -65,6 +67,7 @@ class LiveView:
         self._output_closed = False     # the reader went away (| head)
         self._flows: KernelFlowSource | None = None
         self._dns: KernelDnsSource | None = None
+        self.tls: TlsWatch | None = None
 
     def start(self) -> None:
         environment.prepare()
@@ -89,10 +92,36 @@ class LiveView:
             tcp.bpf[b"live_events"].open_ring_buffer(self._on_record)
         else:
             log.warning("no TCP tracepoints: flows show no RTT and end only when idle")
+        self.tls = self._https()
         self.monitor = classifier.interface_monitor(packets, self.config, choose_attacher(
             config.interfaces.attach, ingress.fd, egress.fd, LiveTcxAttacher, LiveAttacher))
         self.monitor.start()
+        if self.tls:
+            self.tls.start()
         log.info("ready", extra={"interfaces": len(self.monitor.attached)})
+
+    def _https(self) -> TlsWatch | None:
+        """The HTTPS program and the watch of its uprobes; None, with a warning, where the
+        kernel cannot tie a TLS call to its socket."""
+        config = self.config
+        if not config.collectors.https:
+            return None
+        missing = _missing_tracepoints(tlsprobes.TRACEPOINTS)
+        if missing:
+            log.warning(f"no HTTPS: the kernel lacks tracepoints {', '.join(missing)}")
+            return None
+        try:
+            flags = [*tlsprobes.program_flags(config, False), "-DWITH_EVENTS"]
+        except sockfields.SockFieldsError as e:
+            log.warning("no HTTPS: cannot locate the socket fields", extra={"error": str(e)})
+            return None
+        tls = Program("live-https", "tls.c", flags)
+        self.programs.append(tls)
+        tlsprobes.load(tls)
+        self._sources.append(KernelHttpSource(tls, config.http.idle_timeout, paths=True,
+                                              scheme="https"))
+        tls.bpf[b"live_events"].open_ring_buffer(self._on_record)
+        return TlsWatch(tls, config.https.rescan_interval)
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
         # called from C: an exception here would be printed and dropped, so it is noted
@@ -150,6 +179,8 @@ class LiveView:
     def stop(self) -> None:
         if self.monitor:
             self.monitor.stop()
+        if self.tls:
+            self.tls.stop()
         for program in self.programs:
             program.close()
         if self.formatter.cgroups is not None:

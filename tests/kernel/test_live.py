@@ -3,11 +3,15 @@ exporter running beside it on the same interfaces whose counts must stay exact."
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.certs import make_certs
 from tests.exporter_process import ExporterProcess
+from tests.httptools import SlowServer
 from tests.live_process import LiveProcess
 from tests.testnode import TestNode, tcp_transfer, udp_send
 
@@ -96,6 +100,35 @@ def test_flows_dns_and_http_lines_match_what_was_sent_and_the_exporter_counts_ex
                         dst_ip=b, dst_port=str(tcp_port)) == 1
     assert tcp["src_bytes"] == scrape.value("ebpf_net_flow_bytes_total", src_ip=a, dst_ip=b,
                                             dst_port=str(tcp_port), protocol="tcp")
+
+
+def test_https_exchanges_show_like_http_ones(node: TestNode,
+                                            pair: tuple[ExporterProcess, LiveProcess],
+                                            tmp_path: Path):
+    """Read from OpenSSL in curl (the client counts it), beside the exporter, which counts it
+    once too."""
+    exporter, live = pair
+    certs = make_certs(tmp_path / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    port = 7643
+    server = SlowServer(node.b_ns, node.b_ip, port, 0.0, tls=context)
+    try:
+        status = node.run(node.a_ns, ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+                                      f"https://{node.b_ip}:{port}/secure/page"]).stdout
+        assert status == "200"
+        (line,) = live.wait_for(lambda x: x["type"] == "https" and x["path"] == "/secure/page",
+                                "the HTTPS exchange")
+        scrape = exporter.wait_for(
+            lambda s: s.value("ebpf_net_http_requests_total", dst_port=str(port)) >= 1,
+            "the exporter to count the HTTPS request")
+    finally:
+        server.close()
+    assert ends(line, node.a_ip, node.b_ip, port)
+    assert (line["method"], line["status"]) == ("GET", 200)
+    assert 0 < line["latency_seconds"] < 1
+    assert scrape.value("ebpf_net_http_requests_total", dst_port=str(port), scheme="https",
+                        status_code="200") == 1
 
 
 def test_filters_keep_only_the_chosen_lines(node: TestNode,

@@ -92,6 +92,8 @@ def test_filters_by_kind_host_port_and_namespace():
     assert LineFilter(frozenset(), hosts=[parse_host("10.0.0.0/30")]).wants("tcp", ends)
     assert not LineFilter(frozenset(), hosts=[parse_host("10.0.1.1")]).wants("tcp", ends)
     assert LineFilter(frozenset(), ports=[8080]).wants("http", ends)
+    assert LineFilter(frozenset({"http"})).wants("https", ends)       # --http: HTTPS too
+    assert not LineFilter(frozenset({"dns"})).wants("https", ends)
     assert not LineFilter(frozenset(), ports=[53]).wants("http", ends)
     with pytest.raises(FilterError, match="--host"):
         parse_host("not-an-address")
@@ -131,6 +133,14 @@ def test_records_decode_and_print_as_json_and_text():
                     "latency_seconds": 0.0015}
     text = Formatter(AddressIdentity(), as_json=False).exchange(http, 0.0)
     assert text.endswith("HTTP 10.0.0.1:41000 -> 10.0.0.2:8080 GET /api/x?q=1 404 1500us")
+
+    # the HTTPS program marks its records with transport 1
+    https = decode(record(kind=LIVE_HTTP, transport=1, family=4, client=client, server=server,
+                          client_port=41000, server_port=443, latency_us=2500, code=200, what=3,
+                          name=path))
+    assert json.loads(formatter.exchange(https, 0.0))["type"] == "https"
+    text = Formatter(AddressIdentity(), as_json=False).exchange(https, 0.0)
+    assert text.endswith("HTTPS 10.0.0.1:41000 -> 10.0.0.2:443 POST /api/x?q=1 200 2500us")
 
     comm = np.frombuffer(b"curl".ljust(16, b"\0"), dtype=np.uint8)
     close = decode(record(kind=LIVE_TCP_CLOSE, family=4, transport=1, client=client,
