@@ -167,6 +167,7 @@ def test_daemonset_runs_everywhere_with_the_least_privilege_of_its_overlay() -> 
         pod = one(render(REPO, overlay), "DaemonSet")["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert pod["hostNetwork"] is True
+        assert pod["hostPID"] is True         # HTTPS: the node's processes
         assert pod["tolerations"] == [{"operator": "Exists"}]
         # its node and its own pod: what counting once per cluster needs (oncepercluster.py)
         for name, path in (("NODE_NAME", "spec.nodeName"), ("POD_NAME", "metadata.name"),
@@ -179,7 +180,8 @@ def test_daemonset_runs_everywhere_with_the_least_privilege_of_its_overlay() -> 
             assert security["privileged"] is True
         else:
             assert security["capabilities"] == {
-                "drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"]}
+                "drop": ["ALL"],
+                "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"]}
             assert "privileged" not in security
         host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
         writable = {m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}

@@ -158,14 +158,14 @@ def test_checkov_finds_nothing_unjustified(tmp_path: Path) -> None:
 
 
 def test_checkov_fails_an_unsafe_daemonset(tmp_path: Path) -> None:
-    """The linter run above can fail: hostPID added with no justification."""
+    """The linter run above can fail: hostIPC added with no justification."""
     manifests = render(REPO, "default")
     daemonset = one(manifests, "DaemonSet")
-    daemonset["spec"]["template"]["spec"]["hostPID"] = True
+    daemonset["spec"]["template"]["spec"]["hostIPC"] = True
     path = tmp_path / "unsafe.yaml"
     path.write_text(yaml.safe_dump(daemonset))
     report = _run_checkov([path])
-    assert "CKV_K8S_17" in {c["check_id"] for c in report["results"]["failed_checks"]}
+    assert "CKV_K8S_18" in {c["check_id"] for c in report["results"]["failed_checks"]}
 
 
 def test_config_map_holds_a_config_the_exporter_accepts(tmp_path: Path) -> None:
