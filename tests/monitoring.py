@@ -101,11 +101,12 @@ def variable_query(variable: dict[str, Any]) -> tuple[str, str]:
 def fill(expr: str, values: dict[str, str] | None = None, rate_interval: str = "15s",
          time_range: str = "1m") -> str:
     """The query Grafana would send: variables replaced (default: All)."""
-    values = {"namespace": ALL, "workload": ALL, "instance": ALL, **(values or {})}
+    values = {"namespace": ALL, "workload": ALL, "instance": ALL, "scheme": ALL, **(values or {})}
     expr = expr.replace("$__rate_interval", rate_interval).replace("$__range", time_range)
     for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)
-    assert "$" not in STRING.sub("", expr).replace("$1", ""), f"unfilled variable in {expr}"
+    # inside label matchers too ($scheme in scheme=~"$scheme"); a regex's $ anchor is no name
+    assert not re.search(r"\$\{?[A-Za-z_]", expr), f"unfilled variable in {expr}"
     return expr
 
 
