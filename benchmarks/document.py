@@ -146,6 +146,13 @@ def headlines(r: Results) -> list[Headline]:
                         f"{(1 - ratio.median_low) * 100:.1f}%)", "< 5%",
                         against(ratio.median_low, ratio.median_high,
                                 RATIO_TARGETS["connections"])))
+    if r.rounds.without.get("tls"):
+        ratio = _ratios(r.rounds, "tls")
+        out.append(Headline("HTTPS request loop slowdown",
+                            f"{(1 - ratio.median) * 100:.1f}% (95% CI "
+                            f"{(1 - ratio.median_high) * 100:.1f} to "
+                            f"{(1 - ratio.median_low) * 100:.1f}%)", "< 5%",
+                            against(ratio.median_low, ratio.median_high, RATIO_TARGETS["tls"])))
     return out
 
 
@@ -309,7 +316,14 @@ def _interleaved_section(r: Results) -> str:
     without = summarize(r.rounds.without["connections"])
     attached = summarize(r.rounds.attached["connections"])
     added_us = (1 / attached.median - 1 / without.median) * 1e6
-    return (f"{table}\n\nAdded per TCP connection (from the medians): {added_us:.1f} us.")
+    text = f"{table}\n\nAdded per TCP connection (from the medians): {added_us:.1f} us."
+    if r.rounds.without.get("tls"):
+        without = summarize(r.rounds.without["tls"])
+        attached = summarize(r.rounds.attached["tls"])
+        added_us = (1 / attached.median - 1 / without.median) * 1e6
+        text += (f" Added per HTTPS request (a SSL_write and its SSL_reads, from the medians): "
+                 f"{added_us:.1f} us.")
+    return text
 
 
 def _startup_section(r: Results) -> str:
@@ -388,14 +402,17 @@ decide it.
 
 {_kernel_section(r)}{_rule_section(r)}
 
-## 2 and 5. Throughput and connection rate, with and without the exporter
+## 2, 5 and 6. Throughput, connection rate and HTTPS requests, with and without the exporter
 
 {_pair_counts(r)} pairs of {r.window_seconds:g}-second windows, on one stream of each workload
 and one running exporter, its programs switched off (A, without) and on (B, with) between the
 windows of a pair (A B, then B A). Median (IQR p25-p75, n). The verdict on a ratio is the 95%
 confidence interval of the median of the per-pair ratios (order statistics, no assumption
 about the noise's shape): an interval that straddles its target is "not resolved", the run
-cannot tell at this machine's noise. Part 1's share of a core is the steadier figure.
+cannot tell at this machine's noise. Part 1's share of a core is the steadier figure. Part 6's
+stream is HTTPS requests on one keep-alive connection to nginx on pod a's loopback, by a C
+client on the host's libssl (benchmarks/tls_loop.c): "with" adds the HTTPS program's uprobe
+and uretprobe on every SSL_write and SSL_read and its socket tracepoints.
 
 {_interleaved_section(r)}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import connections, startup
+from . import connections, startup, tls_requests
 from .procstat import Memory
 from .stats import paired_ratios, summarize
 from .streams import STOP_MARGIN_SECONDS, STREAMS
@@ -42,6 +42,13 @@ class Rounds:
     startup_seconds: list[float] = field(default_factory=list)
     startup_memory: list[Memory] = field(default_factory=list)
     attach: str = "unknown"         # how the switched exporter attached: tcx or clsact
+
+
+def prepare_streams(node: TestNode) -> None:
+    """What the streams other than iperf3's need on the node: the connection loop and the
+    HTTPS loop built, nginx with TLS on pod a."""
+    connections.prepare(node)
+    tls_requests.prepare(node)
 
 
 def measure_startups(node: TestNode, starts: int, into: Rounds) -> None:
@@ -94,7 +101,7 @@ def measure_switched(node: TestNode, pairs_of: Mapping[str, int], window: float,
                      progress: Callable[[str], None] = print,
                      settle: float = startup.SETTLE_SECONDS) -> None:
     """The pairs on one switched exporter, and how it attached (into.attach). The caller has
-    started an iperf3 server on pod b and prepared the node for the loop."""
+    started an iperf3 server on pod b and prepared the node's streams (prepare_streams)."""
     with switched_exporter(node, settle) as (switch, attach):
         into.attach = attach
         measure_pairs(node, switch, pairs_of, window, into, progress)
@@ -103,7 +110,7 @@ def measure_switched(node: TestNode, pairs_of: Mapping[str, int], window: float,
 def run(node: TestNode, pairs_of: Mapping[str, int], window: float, starts: int,
         progress: Callable[[str], None] = print, settle: float = startup.SETTLE_SECONDS) -> Rounds:
     """The caller has started an iperf3 server on pod b."""
-    connections.prepare(node)
+    prepare_streams(node)
     result = Rounds()
     measure_startups(node, starts, result)
     progress(f"  {starts} start-ups: ready in " + ", ".join(

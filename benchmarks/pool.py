@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import connections, interleaved, pairs
+from . import interleaved, pairs
 from .document import POOLED_HEADER
 from .machine import NICENESS, load_average
 from .report import RATIO_TARGETS, Headline, against, text_table, verdict
@@ -19,7 +19,8 @@ from .streams import STREAMS
 
 DEFAULT_WINDOW = 0.5        # as `make bench`
 STREAM_LABELS = {"tcp": "TCP bulk", "udp": "64-byte UDP",
-                 "connections": "connect/close loop (rate)"}
+                 "connections": "connect/close loop (rate)",
+                 "tls": "HTTPS request loop (rate)"}
 
 
 def _pair_counts(text: str) -> dict[str, int]:
@@ -38,7 +39,7 @@ def measure(pairs_of: dict[str, int], window: float) -> pairs.Record:
     rounds = interleaved.Rounds()
     with TestNode() as node:
         node.iperf3_server(node.b_ns, node.b_ip)
-        connections.prepare(node)
+        interleaved.prepare_streams(node)
         interleaved.measure_switched(node, pairs_of, window, rounds)
     return pairs.record_of(rounds, window, load)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tests.testnode import TestNode, in_netns
 
-from . import connections, throughput
+from . import connections, throughput, tls_requests
 
 WARM_UP_SECONDS = 0.5       # the stream's start (a TCP ramp, the loop's interpreter) left out
 STOP_MARGIN_SECONDS = 10.0  # a stream is stopped once its pairs are done; this is its slack
@@ -86,4 +86,7 @@ STREAMS: dict[str, Stream] = {
         "connections/s (connect, 1 byte, close)", 1.0,
         lambda node: node.a_ns, connections.loop_argv,
         lambda node: kernel_counter(node.a_ns, "snmp", "Tcp", "ActiveOpens")),
+    "tls": Stream(
+        "HTTPS requests/s (keep-alive, OpenSSL)", 1.0,
+        lambda node: node.a_ns, tls_requests.loop_argv, tls_requests.requests_done),
 }

@@ -3,11 +3,11 @@
 and `Switch(SOCKET)` on the benchmark's side.
 
 "off" takes every program of the exporter off the kernel's paths: its tcx links (closed) or
-TC filters (deleted from the interfaces it attached), and its tracepoints and raw tracepoints
-(closed, as bcc's detach does); "on" attaches the same loaded programs again, with new links or
-filters of the same priority, handle and name. With clsact, the qdiscs stay: with no filter
-left on one, the kernel's hook finds no classifier to run (its mini-qdisc pointer is empty) and
-the packet goes on: a check, not a program run.
+TC filters (deleted from the interfaces it attached), its tracepoints and raw tracepoints, and
+its uprobes on OpenSSL (closed, as bcc's detach does); "on" attaches the same loaded programs
+again, with new links or filters of the same priority, handle and name. With clsact, the qdiscs
+stay: with no filter left on one, the kernel's hook finds no classifier to run (its mini-qdisc
+pointer is empty) and the packet goes on: a check, not a program run.
 Maps, threads and counts stay as they are, so a workload run with the exporter switched off
 and one with it on, a second apart, differ by the programs' cost alone, without the minutes of
 start-ups (and the host's slowdown after each compile, benchmarks/startup.py) that a fresh
@@ -62,8 +62,12 @@ class _Attachments:
     # (bcc object's id, "tracepoint" or "raw", tracepoint) -> (bcc object, function name);
     # keyed, so that attaching again (through the same recording method) adds nothing
     tracepoints: dict[tuple[int, str, bytes], tuple[Any, bytes]] = field(default_factory=dict)
+    # event name -> (bcc object, uretprobe?, keyword arguments of the attach): the HTTPS
+    # program's uprobes on OpenSSL
+    uprobes: dict[bytes, tuple[Any, bool, dict[str, Any]]] = field(default_factory=dict)
     tc_fds: dict[int, int] = field(default_factory=dict)     # parent -> program fd
     tc_filter: dict[str, Any] = field(default_factory=dict)  # priority, handle, name
+    attach_uprobe: dict[bool, Any] = field(default_factory=dict)  # bcc's own, by uretprobe?
     tcx: list[Any] = field(default_factory=list)             # the exporter's TcxAttachers
     monitors: list[Any] = field(default_factory=list)
     on: bool = True
@@ -84,6 +88,19 @@ def _record(attachments: _Attachments) -> None:
 
     bcc.BPF.attach_tracepoint = recording("tracepoint", bcc.BPF.attach_tracepoint)
     bcc.BPF.attach_raw_tracepoint = recording("raw", bcc.BPF.attach_raw_tracepoint)
+
+    def recording_uprobe(uretprobe: bool, original: Any) -> Any:
+        def attach(bpf: Any, **kwargs: Any) -> Any:
+            before = set(bpf.uprobe_fds)
+            result = original(bpf, **kwargs)
+            for event in set(bpf.uprobe_fds) - before:
+                attachments.uprobes[event] = (bpf, uretprobe, kwargs)
+            return result
+        return attach
+
+    attachments.attach_uprobe = {False: bcc.BPF.attach_uprobe, True: bcc.BPF.attach_uretprobe}
+    bcc.BPF.attach_uprobe = recording_uprobe(False, bcc.BPF.attach_uprobe)
+    bcc.BPF.attach_uretprobe = recording_uprobe(True, bcc.BPF.attach_uretprobe)
 
     attacher_init = interfaces.TcAttacher.__init__
     tcx_init = tcx.TcxAttacher.__init__
@@ -122,6 +139,12 @@ def _switch(attachments: _Attachments, on: bool) -> int:
             bpf.attach_raw_tracepoint(tp=tp, fn_name=fn_name)
         else:
             bpf.detach_raw_tracepoint(tp)
+        changed += 1
+    for event, (bpf, uretprobe, kwargs) in list(attachments.uprobes.items()):
+        if on:      # bcc's own attach: the event gets the same name again
+            attachments.attach_uprobe[uretprobe](bpf, **kwargs)
+        else:
+            bpf.detach_uprobe_event(event)
         changed += 1
     links = [link for m in attachments.monitors for link in list(m.attached.values())]
     if attachments.tcx:     # the TcAttacher inside a TcxAttacher removes old filters only

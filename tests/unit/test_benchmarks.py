@@ -340,7 +340,7 @@ def test_the_rule_on_is_judged_on_paired_ratios_and_the_uplink_stands_beside():
 
     rendered = markdown(results)
     assert "### With the counting rule on (`cluster.cidrs`)" in rendered
-    assert rendered.index("### With the counting rule on") < rendered.index("## 2 and 5.")
+    assert rendered.index("### With the counting rule on") < rendered.index("## 2, 5 and 6.")
     assert ("| classifier over the floor, per 64-byte UDP packet | +40 (95% CI +40 to +40) | "
             "+44 (95% CI +42 to +46) | 1.100 (95% CI 1.050-1.150) | <= 1.10 | not resolved |"
             ) in rendered
