@@ -1,7 +1,8 @@
 /* HTTPS: HTTP/1.x inside TLS, read from the plaintext OpenSSL's callers hand to SSL_write and
- * get from SSL_read (uprobes on libssl, attached per library file by exporter/tlslibs.py). The
- * plaintext goes through the classifier's recognition and pairing (bpf/http.h); the counts land
- * in this program's own http_events, which user space labels scheme="https".
+ * get from SSL_read (uprobes on each file with OpenSSL the node's processes map: found by
+ * exporter/tlslibs.py, attached by exporter/tlsprobes.py). The plaintext goes through the
+ * classifier's recognition and pairing (bpf/http.h); the counts land in this program's own
+ * http_events, which user space labels scheme="https".
  *
  * Which connection. A call's socket is the one its thread sends or receives on during the call
  * (sock:sock_send_length, sock:sock_recv_length): OpenSSL writes and reads its socket inside

@@ -125,6 +125,13 @@ class Program:
         return self._run(f"load {function}", self.bpf.load_func, function.encode(),
                          bcc.BPF.SCHED_CLS)
 
+    def load_probe(self, function: str) -> Any:
+        """Loads a uprobe (or kprobe-type) function, so that attaching it later loads nothing."""
+        import bcc
+
+        return self._run(f"load {function}", self.bpf.load_func, function.encode(),
+                         bcc.BPF.KPROBE)
+
     def attach_uretprobe(self, binary: str, symbol: str, function: str) -> None:
         def attach() -> None:
             self.bpf.attach_uretprobe(name=binary.encode(), sym=symbol.encode(),

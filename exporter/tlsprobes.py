@@ -48,8 +48,8 @@ PROBES = (
 )
 # indexes of map_update_failures and parse_errors in bpf/tls.c
 FAILURE_MAPS = ["https_events", "https_conns", "tls_calls"]
-# bcc refuses more than 1000 probes per process unless told otherwise: 8 files' worth of
-# containers with their own libssl would reach it
+# bcc refuses more than 1000 probes per process unless told otherwise: 15 per file, so some
+# 66 files (images with their own libssl) would reach it
 PROBE_LIMIT = "100000"
 
 
@@ -72,10 +72,8 @@ def program_flags(config: Config, once_per_cluster: bool) -> list[str]:
 def load(program: Program) -> None:
     """Loads every probe function now: attaching one later, from the scanning thread, then
     needs no program load."""
-    import bcc
-
     for name in sorted({fn for _, entry, exit_, _ in PROBES for fn in (entry, exit_) if fn}):
-        program._run(f"load {name}", program.bpf.load_func, name.encode(), bcc.BPF.KPROBE)
+        program.load_probe(name)
 
 
 def has_openssl(path: str) -> bool:
@@ -104,7 +102,6 @@ class TlsProbes:
         self.attached: dict[FileId, Attached] = {}
         self.failed: dict[FileId, str] = {}         # files not attached, and why
         self.failures = 0
-        self.detached = 0
 
     def sync(self, files: dict[FileId, MappedFile]) -> None:
         for file in [f for f in self.attached if f not in files]:
@@ -147,7 +144,6 @@ class TlsProbes:
     def _detach(self, file: FileId) -> None:
         attached = self.attached.pop(file)
         self._close(attached.events)
-        self.detached += 1
         log.info("no process maps it any more: detached", extra={"file": attached.mapped.path})
 
     def _close(self, events: Iterable[bytes]) -> None:
