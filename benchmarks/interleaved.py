@@ -30,6 +30,9 @@ from .streams import STOP_MARGIN_SECONDS, STREAMS
 from .switchable import Switch
 
 SWITCH_SECONDS = 0.25   # switching off takes some 0.2 s (closing a tracepoint), on 4 ms
+# the HTTPS stream's switch closes a uprobe's 15 perf events too: 1.6 s off, 0.07 s on (per
+# switch, half of them off), measured on Linux 6.18
+UPROBE_SWITCH_SECONDS = 1.0
 SWITCHABLE = Path(__file__).with_name("switchable.py")
 
 
@@ -66,11 +69,12 @@ def measure_pairs(node: TestNode, switch: Switch, pairs_of: Mapping[str, int], w
         if name not in pairs_of:
             continue
         pairs = pairs_of[name]
-        seconds = pairs * 2 * (window + SWITCH_SECONDS) + STOP_MARGIN_SECONDS
+        switching = SWITCH_SECONDS + (UPROBE_SWITCH_SECONDS if stream.uprobes else 0.0)
+        seconds = pairs * 2 * (window + switching) + STOP_MARGIN_SECONDS
         with stream.running(node, seconds) as rate:
             for number in range(1, pairs + 1):
                 for on in ((False, True) if number % 2 else (True, False)):
-                    switch.set(on)
+                    switch.set(on, uprobes=stream.uprobes)
                     (into.attached if on else into.without)[name].append(rate(window))
         ratio = summarize(paired_ratios(into.without[name][-pairs:], into.attached[name][-pairs:]))
         progress(f"  {name}: {pairs} pairs, with/without {ratio.median:.3f} "

@@ -45,6 +45,7 @@ class Stream:
     namespace: Callable[[TestNode], str]            # where the workload runs
     command: Callable[[TestNode, float], list[str]]
     count: Callable[[TestNode], int]                # what it has done so far
+    uprobes: bool = False                           # it runs OpenSSL: switch the uprobes too
 
     @contextlib.contextmanager
     def running(self, node: TestNode, seconds: float) -> Iterator[Callable[[float], float]]:
@@ -88,5 +89,6 @@ STREAMS: dict[str, Stream] = {
         lambda node: kernel_counter(node.a_ns, "snmp", "Tcp", "ActiveOpens")),
     "tls": Stream(
         "HTTPS requests/s (keep-alive, OpenSSL)", 1.0,
-        lambda node: node.a_ns, tls_requests.loop_argv, tls_requests.requests_done),
+        lambda node: node.a_ns, tls_requests.loop_argv, tls_requests.requests_done,
+        uprobes=True),
 }

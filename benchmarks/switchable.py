@@ -4,10 +4,12 @@ and `Switch(SOCKET)` on the benchmark's side.
 
 "off" takes every program of the exporter off the kernel's paths: its tcx links (closed) or
 TC filters (deleted from the interfaces it attached), its tracepoints and raw tracepoints, and
-its uprobes on OpenSSL (closed, as bcc's detach does); "on" attaches the same loaded programs
-again, with new links or filters of the same priority, handle and name. With clsact, the qdiscs
-stay: with no filter left on one, the kernel's hook finds no classifier to run (its mini-qdisc
-pointer is empty) and the packet goes on: a check, not a program run.
+with "off uprobes" its uprobes on OpenSSL too (closed, as bcc's detach does); "on" attaches the
+same loaded programs again, with new links or filters of the same priority, handle and name.
+The uprobes are switched for the HTTPS stream only, which runs OpenSSL (no other stream does):
+each takes some 100 ms to close (an RCU grace period), 1.6 s for a file's 15. With clsact, the
+qdiscs stay: with no filter left on one, the kernel's hook finds no classifier to run (its
+mini-qdisc pointer is empty) and the packet goes on: a check, not a program run.
 Maps, threads and counts stay as they are, so a workload run with the exporter switched off
 and one with it on, a second apart, differ by the programs' cost alone, without the minutes of
 start-ups (and the host's slowdown after each compile, benchmarks/startup.py) that a fresh
@@ -19,9 +21,12 @@ the exporter's own threads give up once attached (exporter/privileges.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +47,11 @@ class Switch:
         self._socket.connect(str(path))
         self._replies = self._socket.makefile("r")
 
-    def set(self, on: bool) -> int:
-        """Switches the programs on or off; returns how many attachments changed."""
-        self._socket.sendall(b"on\n" if on else b"off\n")
+    def set(self, on: bool, uprobes: bool = False) -> int:
+        """Switches the programs on or off, and with `uprobes` the HTTPS program's uprobes on
+        OpenSSL too; returns how many attachments changed."""
+        command = ("on" if on else "off") + (" uprobes" if uprobes else "")
+        self._socket.sendall(f"{command}\n".encode())
         reply = self._replies.readline().strip()
         status, _, detail = reply.partition(" ")
         if status != "ok":
@@ -62,15 +69,16 @@ class _Attachments:
     # (bcc object's id, "tracepoint" or "raw", tracepoint) -> (bcc object, function name);
     # keyed, so that attaching again (through the same recording method) adds nothing
     tracepoints: dict[tuple[int, str, bytes], tuple[Any, bytes]] = field(default_factory=dict)
-    # event name -> (bcc object, uretprobe?, keyword arguments of the attach): the HTTPS
-    # program's uprobes on OpenSSL
-    uprobes: dict[bytes, tuple[Any, bool, dict[str, Any]]] = field(default_factory=dict)
+    # event name -> (bcc object, uretprobe?, program fd, file, offset): the HTTPS program's
+    # uprobes on OpenSSL, as bcc resolved them (resolving a symbol again reads the file: some
+    # 30 ms a probe, which a switch cannot afford)
+    uprobes: dict[bytes, tuple[Any, bool, int, bytes, int]] = field(default_factory=dict)
     tc_fds: dict[int, int] = field(default_factory=dict)     # parent -> program fd
     tc_filter: dict[str, Any] = field(default_factory=dict)  # priority, handle, name
-    attach_uprobe: dict[bool, Any] = field(default_factory=dict)  # bcc's own, by uretprobe?
     tcx: list[Any] = field(default_factory=list)             # the exporter's TcxAttachers
     monitors: list[Any] = field(default_factory=list)
     on: bool = True
+    uprobes_on: bool = True
 
 
 def _record(attachments: _Attachments) -> None:
@@ -90,15 +98,17 @@ def _record(attachments: _Attachments) -> None:
     bcc.BPF.attach_raw_tracepoint = recording("raw", bcc.BPF.attach_raw_tracepoint)
 
     def recording_uprobe(uretprobe: bool, original: Any) -> Any:
-        def attach(bpf: Any, **kwargs: Any) -> Any:
+        def attach(bpf: Any, name: bytes = b"", sym: bytes = b"", fn_name: bytes = b"",
+                   **kwargs: Any) -> Any:
             before = set(bpf.uprobe_fds)
-            result = original(bpf, **kwargs)
+            result = original(bpf, name=name, sym=sym, fn_name=fn_name, **kwargs)
+            path, offset = bcc.BPF._check_path_symbol(name, sym, None, -1)
+            fd = bpf.load_func(fn_name, bcc.BPF.KPROBE).fd
             for event in set(bpf.uprobe_fds) - before:
-                attachments.uprobes[event] = (bpf, uretprobe, kwargs)
+                attachments.uprobes[event] = (bpf, uretprobe, fd, path, offset)
             return result
         return attach
 
-    attachments.attach_uprobe = {False: bcc.BPF.attach_uprobe, True: bcc.BPF.attach_uretprobe}
     bcc.BPF.attach_uprobe = recording_uprobe(False, bcc.BPF.attach_uprobe)
     bcc.BPF.attach_uretprobe = recording_uprobe(True, bcc.BPF.attach_uretprobe)
 
@@ -124,28 +134,51 @@ def _record(attachments: _Attachments) -> None:
     interfaces.InterfaceMonitor.__init__ = monitor
 
 
-def _switch(attachments: _Attachments, on: bool) -> int:
+def _attach_uprobe(bpf: Any, uretprobe: bool, fd: int, path: bytes, offset: int,
+                   event: bytes) -> None:
+    """As bcc attaches a uprobe, without resolving its symbol again."""
+    import bcc
+
+    perf_fd = bcc.lib.bpf_attach_uprobe(fd, int(uretprobe), event, path, offset, -1)
+    if perf_fd < 0:
+        raise OSError(f"cannot attach {event.decode()} again")
+    bpf._add_uprobe_fd(event, perf_fd)
+
+
+def _run_side_by_side(actions: list[Callable[[], Any]]) -> int:
+    """Runs the attaches or detaches at once; returns how many. Closing a tracepoint's or a
+    uprobe's perf event waits for an RCU grace period (60-110 ms each on Linux 6.18), and
+    closes made side by side wait partly together."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(actions) or 1) as pool:
+        for done in [pool.submit(action) for action in actions]:
+            done.result()
+    return len(actions)
+
+
+def _switch(attachments: _Attachments, on: bool, uprobes: bool = False) -> int:
     from pyroute2 import IPRoute
 
+    actions: list[Callable[[], Any]] = []
+    if uprobes and on != attachments.uprobes_on:
+        for event, (bpf, uretprobe, fd, path, offset) in list(attachments.uprobes.items()):
+            if on:
+                actions.append(functools.partial(_attach_uprobe, bpf, uretprobe, fd, path,
+                                                 offset, event))
+            else:
+                actions.append(functools.partial(bpf.detach_uprobe_event, event))
+        attachments.uprobes_on = on
     if on == attachments.on:
-        return 0
-    changed = 0
+        return _run_side_by_side(actions)
     for (_, kind, tp), (bpf, fn_name) in list(attachments.tracepoints.items()):
         if kind == "tracepoint" and on:
-            bpf.attach_tracepoint(tp=tp, fn_name=fn_name)
+            actions.append(functools.partial(bpf.attach_tracepoint, tp=tp, fn_name=fn_name))
         elif kind == "tracepoint":
-            bpf.detach_tracepoint(tp)
+            actions.append(functools.partial(bpf.detach_tracepoint, tp))
         elif on:
-            bpf.attach_raw_tracepoint(tp=tp, fn_name=fn_name)
+            actions.append(functools.partial(bpf.attach_raw_tracepoint, tp=tp, fn_name=fn_name))
         else:
-            bpf.detach_raw_tracepoint(tp)
-        changed += 1
-    for event, (bpf, uretprobe, kwargs) in list(attachments.uprobes.items()):
-        if on:      # bcc's own attach: the event gets the same name again
-            attachments.attach_uprobe[uretprobe](bpf, **kwargs)
-        else:
-            bpf.detach_uprobe_event(event)
-        changed += 1
+            actions.append(functools.partial(bpf.detach_raw_tracepoint, tp))
+    changed = _run_side_by_side(actions)
     links = [link for m in attachments.monitors for link in list(m.attached.values())]
     if attachments.tcx:     # the TcAttacher inside a TcxAttacher removes old filters only
         for attacher in attachments.tcx:
@@ -176,9 +209,11 @@ def _serve(listener: socket.socket, attachments: _Attachments) -> None:
             for line in stream:
                 command = line.strip()
                 try:
-                    if command not in ("on", "off"):
+                    state, _, what = command.partition(" ")
+                    if state not in ("on", "off") or what not in ("", "uprobes"):
                         raise ValueError(f"unknown command {command!r}")
-                    stream.write(f"ok {_switch(attachments, command == 'on')}\n")
+                    changed = _switch(attachments, state == "on", what == "uprobes")
+                    stream.write(f"ok {changed}\n")
                 except Exception as e:  # the benchmark shows it; the exporter keeps running
                     stream.write(f"error {type(e).__name__}: {e}\n")
                 stream.flush()

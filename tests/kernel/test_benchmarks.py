@@ -130,16 +130,17 @@ def test_switched_off_the_programs_see_nothing_and_switched_on_all_again():
             exporter.wait_ready(timeout=startup.READY_TIMEOUT)
             switch = Switch(path)
             try:
-                off = switch.set(False)
+                off = switch.set(False, uprobes=True)
                 assert set(attachments_on(node, veths).values()) == {0}
                 node.tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7401, 1 << 16)
-                on = switch.set(True)
+                on = switch.set(True, uprobes=True)
                 assert set(attachments_on(node, veths).values()) == {1}
                 node.tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7402, 1 << 16)
                 # four filters, at least inet_sock_set_state, tcp_probe and the resets, and the
-                # HTTPS program's tracepoints and uprobes on the host's libssl
-                assert on == off >= 4 + 4 + 4 + 2
-                assert switch.set(True) == 0
+                # HTTPS program's tracepoints and uprobes on the libssl of nginx (HTTPS stream)
+                assert on == off >= 4 + 4 + 4 + 15
+                assert switch.set(True) == switch.set(True, uprobes=True) == 0
+                assert switch.set(False) == off - 15 == switch.set(True)   # uprobes stay on
                 scrape = exporter.wait_for(lambda s: seen(s, 7402)[1] == 1,
                                            "the connection made with the programs on")
                 assert seen(scrape, 7401) == (0, 0)
