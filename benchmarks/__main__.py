@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         # half-second windows of a stream: some 100 s per throughput workload. The loop's
         # pairs cost 1.3 s and its 80 left the 5% target unresolved by 0.2 points: more of them
         starts, window, kernel_seconds, repetitions = 8, 0.5, 2.0, 12
-        # HTTPS: each pair switches OpenSSL's uprobes, 1.7 s of closes and attaches
-        pairs_of = {"tcp": 80, "udp": 80, "connections": 140, "tls": 60}
+        pairs_of = {"tcp": 80, "udp": 80, "connections": 140, "tls": 80}
         if args.long:
             # from the intervals of `make bench` at 2026-12-03 01:31 (80, 80, 140 pairs): the
             # pairs for an interval's end to clear its target at that run's distance from it,

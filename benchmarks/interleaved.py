@@ -29,10 +29,11 @@ from .stats import paired_ratios, summarize
 from .streams import STOP_MARGIN_SECONDS, STREAMS
 from .switchable import Switch
 
-SWITCH_SECONDS = 0.25   # switching off takes some 0.2 s (closing a tracepoint), on 4 ms
-# the HTTPS stream's switch closes a uprobe's 15 perf events too: 1.6 s off, 0.07 s on (per
-# switch, half of them off), measured on Linux 6.18
-UPROBE_SWITCH_SECONDS = 1.0
+# per switch, half of them off, measured on Linux 6.18: off 0.35 s (closing the tracepoints,
+# side by side), on 0.06 s; the HTTPS stream's switch closes and makes uprobe_multi links too,
+# which adds little (on kernels without them, 15 perf events: 1.6 s)
+SWITCH_SECONDS = 0.25
+UPROBE_SWITCH_SECONDS = 0.1
 SWITCHABLE = Path(__file__).with_name("switchable.py")
 
 

@@ -6,10 +6,11 @@ and `Switch(SOCKET)` on the benchmark's side.
 TC filters (deleted from the interfaces it attached), its tracepoints and raw tracepoints, and
 with "off uprobes" its uprobes on OpenSSL too (closed, as bcc's detach does); "on" attaches the
 same loaded programs again, with new links or filters of the same priority, handle and name.
-The uprobes are switched for the HTTPS stream only, which runs OpenSSL (no other stream does):
-each takes some 100 ms to close (an RCU grace period), 1.6 s for a file's 15. With clsact, the
-qdiscs stay: with no filter left on one, the kernel's hook finds no classifier to run (its
-mini-qdisc pointer is empty) and the packet goes on: a check, not a program run.
+The uprobes are switched for the HTTPS stream only, which runs OpenSSL (no other stream does).
+With uprobe_multi links (Linux >= 6.6) that adds little; a perf event per probe takes some
+100 ms to close (an RCU grace period), 1.6 s for a file's 15. With clsact, the qdiscs stay:
+with no filter left on one, the kernel's hook finds no classifier to run (its mini-qdisc
+pointer is empty) and the packet goes on: a check, not a program run.
 Maps, threads and counts stay as they are, so a workload run with the exporter switched off
 and one with it on, a second apart, differ by the programs' cost alone, without the minutes of
 start-ups (and the host's slowdown after each compile, benchmarks/startup.py) that a fresh
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 import socket
 import sys
 import threading
@@ -73,6 +75,9 @@ class _Attachments:
     # uprobes on OpenSSL, as bcc resolved them (resolving a symbol again reads the file: some
     # 30 ms a probe, which a switch cannot afford)
     uprobes: dict[bytes, tuple[Any, bool, int, bytes, int]] = field(default_factory=dict)
+    # or, with uprobe_multi links: the link's descriptor -> how to make it again
+    links: dict[int, tuple[int, str, list[int], bool]] = field(default_factory=dict)
+    link: Callable[..., int] | None = None          # bpfsys's own uprobe_multi_link
     tc_fds: dict[int, int] = field(default_factory=dict)     # parent -> program fd
     tc_filter: dict[str, Any] = field(default_factory=dict)  # priority, handle, name
     tcx: list[Any] = field(default_factory=list)             # the exporter's TcxAttachers
@@ -84,7 +89,7 @@ class _Attachments:
 def _record(attachments: _Attachments) -> None:
     import bcc
 
-    from exporter import interfaces, tcx
+    from exporter import bpfsys, interfaces, tcx
 
     def recording(kind: str, original: Any) -> Any:
         def attach(bpf: Any, tp: Any = b"", fn_name: Any = b"") -> Any:
@@ -109,6 +114,15 @@ def _record(attachments: _Attachments) -> None:
             return result
         return attach
 
+    link = bpfsys.uprobe_multi_link
+
+    def recording_link(prog_fd: int, path: str, offsets: list[int], returns: bool) -> int:
+        fd = link(prog_fd, path, offsets, returns)
+        attachments.links[fd] = (prog_fd, path, list(offsets), returns)
+        return fd
+
+    attachments.link = link
+    bpfsys.uprobe_multi_link = recording_link
     bcc.BPF.attach_uprobe = recording_uprobe(False, bcc.BPF.attach_uprobe)
     bcc.BPF.attach_uretprobe = recording_uprobe(True, bcc.BPF.attach_uretprobe)
 
@@ -155,11 +169,23 @@ def _run_side_by_side(actions: list[Callable[[], Any]]) -> int:
     return len(actions)
 
 
+def _relink(attachments: _Attachments, fd: int, made_as: tuple[int, str, list[int], bool],
+            on: bool) -> None:
+    assert attachments.link is not None
+    replacement = attachments.link(*made_as) if on else os.open(os.devnull, os.O_RDONLY)
+    os.dup2(replacement, fd)
+    os.close(replacement)
+
+
 def _switch(attachments: _Attachments, on: bool, uprobes: bool = False) -> int:
     from pyroute2 import IPRoute
 
     actions: list[Callable[[], Any]] = []
     if uprobes and on != attachments.uprobes_on:
+        # a link's descriptor stays the exporter's: off puts /dev/null in its place (which
+        # closes the link), on a new link of the same probes
+        for fd, made_as in list(attachments.links.items()):
+            actions.append(functools.partial(_relink, attachments, fd, made_as, on))
         for event, (bpf, uretprobe, fd, path, offset) in list(attachments.uprobes.items()):
             if on:
                 actions.append(functools.partial(_attach_uprobe, bpf, uretprobe, fd, path,

@@ -449,10 +449,10 @@ class Exporter:
                         extra={"error": str(e)})
             return None
         program = self._program("https", "tls.c", flags)
-        tlsprobes.load(program)
+        link_programs = tlsprobes.load(program)
         if once:
             self._count_once(program)
-        return TlsWatch(program, self.config.https.rescan_interval)
+        return TlsWatch(program, link_programs, self.config.https.rescan_interval)
 
     def _program(self, name: str, source: str, cflags: list[str]) -> Program:
         program = Program(name, source, cflags)

@@ -1,6 +1,6 @@
 """The bpf(2) system call for the few commands bcc's Python bindings do not wrap
-(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx), and probes of the kernel's BPF
-atomics and tcx links."""
+(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx and uprobe_multi links), and
+probes of the kernel's BPF atomics and tcx links."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ PROG_TEST_RUN = 10
 LINK_CREATE = 28
 ENABLE_STATS = 32
 PROG_TYPE_SOCKET_FILTER = 1
+PROG_TYPE_KPROBE = 2
 TCX_INGRESS = 46            # enum bpf_attach_type, Linux >= 6.6
 TCX_EGRESS = 47
+TRACE_UPROBE_MULTI = 48     # Linux >= 6.6
 F_BEFORE = 1 << 3           # BPF_F_BEFORE: with no relative program, first of all
+F_UPROBE_MULTI_RETURN = 1   # BPF_F_UPROBE_MULTI_RETURN: uretprobes
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -84,6 +87,30 @@ def has_tcx(prog_fd: int) -> bool:
     return True
 
 
+class UprobeMultiLinkAttr(ctypes.Structure):
+    """union bpf_attr, as BPF_LINK_CREATE reads it for an uprobe_multi link."""
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("path", ctypes.c_uint64), ("offsets", ctypes.c_uint64),
+                ("ref_ctr_offsets", ctypes.c_uint64), ("cookies", ctypes.c_uint64),
+                ("cnt", ctypes.c_uint32), ("multi_flags", ctypes.c_uint32),
+                ("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int], returns: bool) -> int:
+    """One link that runs a program (loaded with expected attach type TRACE_UPROBE_MULTI) at
+    each of `offsets` in the file at `path`, in every process that maps it; at their returns
+    with `returns`. The file descriptor that holds it: closing it removes every probe at once,
+    where a perf event per probe waits for an RCU grace period each."""
+    name = ctypes.create_string_buffer(path.encode(errors="surrogateescape"))
+    places = (ctypes.c_uint64 * len(offsets))(*offsets)
+    attr = UprobeMultiLinkAttr(prog_fd=prog_fd, attach_type=TRACE_UPROBE_MULTI,
+                               path=ctypes.addressof(name), offsets=ctypes.addressof(places),
+                               cnt=len(offsets),
+                               multi_flags=F_UPROBE_MULTI_RETURN if returns else 0)
+    return bpf(LINK_CREATE, attr, "BPF_LINK_CREATE uprobe_multi")
+
+
 class Insn(ctypes.Structure):
     """struct bpf_insn."""
     _fields_ = [("code", ctypes.c_uint8), ("regs", ctypes.c_uint8), ("off", ctypes.c_int16),
@@ -96,7 +123,47 @@ class ProgLoadAttr(ctypes.Structure):
                 ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
                 ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
                 ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
-                ("prog_flags", ctypes.c_uint32)]
+                ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16),
+                ("prog_ifindex", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32)]
+
+
+def load_uprobe_multi_program(insns: int, insn_bytes: int, license: bytes, name: str) -> int:
+    """Loads a kprobe-type program for uprobe_multi links (bcc's loader cannot set the expected
+    attach type): `insns` points at the instructions bcc compiled, map descriptors already in
+    them. OSError with the verifier's last words when the kernel refuses it."""
+    licensed = ctypes.create_string_buffer(license)
+    attr = ProgLoadAttr(prog_type=PROG_TYPE_KPROBE, insn_cnt=insn_bytes // ctypes.sizeof(Insn),
+                        insns=insns, license=ctypes.addressof(licensed),
+                        prog_name=name.encode()[:15], expected_attach_type=TRACE_UPROBE_MULTI)
+    try:
+        return bpf(PROG_LOAD, attr, f"BPF_PROG_LOAD {name}")
+    except OSError as error:
+        log = ctypes.create_string_buffer(1 << 20)
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        try:
+            return bpf(PROG_LOAD, attr, f"BPF_PROG_LOAD {name}")
+        except OSError:
+            last = [line for line in log.value.decode(errors="replace").splitlines() if line]
+            raise OSError(error.errno, f"{error.strerror}: {' / '.join(last[-2:])}") from None
+
+
+def has_uprobe_multi() -> bool:
+    """Whether the kernel has uprobe_multi links (Linux >= 6.6): a two-instruction program is
+    linked to "/", which a kernel with them refuses as no regular file (EBADF), and one
+    without as an unknown attach type (EINVAL)."""
+    program = (Insn * 2)(_insn(0xB7, dst=0), _insn(0x95))     # r0 = 0; exit
+    try:
+        fd = load_uprobe_multi_program(ctypes.addressof(program), ctypes.sizeof(program),
+                                       b"GPL", "uprobe_probe")
+    except OSError:
+        return False
+    try:
+        os.close(uprobe_multi_link(fd, "/", [0], False))      # cannot happen; never keep it
+    except OSError as e:
+        return e.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    return True
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> Insn:

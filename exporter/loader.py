@@ -98,6 +98,7 @@ class Program:
         self.source_file = source_file
         self.cflags = list(cflags)
         self.text = expand_source(bpf_dir() / source_file)
+        self._own_fds: list[int] = []       # programs loaded outside bcc
         self.bpf: Any = self._run("compile", self._compile)
 
     def _compile(self) -> Any:
@@ -125,6 +126,25 @@ class Program:
         return self._run(f"load {function}", self.bpf.load_func, function.encode(),
                          bcc.BPF.SCHED_CLS)
 
+    def load_uprobe_multi(self, function: str) -> int:
+        """The function loaded for uprobe_multi links (bcc's loader cannot set the expected
+        attach type they need): its descriptor, closed with the program."""
+        import bcc
+
+        from . import bpfsys
+
+        module, name = self.bpf.module, function.encode()
+        start = bcc.lib.bpf_function_start(module, name)
+        if not start:
+            raise LoadError(f"bpf program {self.name}: no function {function}")
+        try:
+            fd = bpfsys.load_uprobe_multi_program(start, bcc.lib.bpf_function_size(module, name),
+                                                  bcc.lib.bpf_module_license(module), function)
+        except OSError as e:
+            raise LoadError(f"bpf program {self.name}: {function}: {e}") from e
+        self._own_fds.append(fd)
+        return fd
+
     def load_probe(self, function: str) -> Any:
         """Loads a uprobe (or kprobe-type) function, so that attaching it later loads nothing."""
         import bcc
@@ -144,3 +164,6 @@ class Program:
 
     def close(self) -> None:
         self.bpf.cleanup()
+        for fd in self._own_fds:
+            os.close(fd)
+        self._own_fds = []

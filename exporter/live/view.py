@@ -117,11 +117,11 @@ class LiveView:
             return None
         tls = Program("live-https", "tls.c", flags)
         self.programs.append(tls)
-        tlsprobes.load(tls)
+        link_programs = tlsprobes.load(tls)
         self._sources.append(KernelHttpSource(tls, config.http.idle_timeout, paths=True,
                                               scheme="https"))
         tls.bpf[b"live_events"].open_ring_buffer(self._on_record)
-        return TlsWatch(tls, config.https.rescan_interval)
+        return TlsWatch(tls, link_programs, config.https.rescan_interval)
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
         # called from C: an exception here would be printed and dropped, so it is noted

@@ -137,10 +137,12 @@ def test_switched_off_the_programs_see_nothing_and_switched_on_all_again():
                 assert set(attachments_on(node, veths).values()) == {1}
                 node.tcp_transfer(node.a_ns, node.b_ns, node.b_ip, 7402, 1 << 16)
                 # four filters, at least inet_sock_set_state, tcp_probe and the resets, and the
-                # HTTPS program's tracepoints and uprobes on the libssl of nginx (HTTPS stream)
-                assert on == off >= 4 + 4 + 4 + 15
+                # HTTPS program's tracepoints, and its uprobes on the libssl of nginx (the HTTPS
+                # stream's): 11 uprobe_multi links (15 perf events on kernels without them)
+                assert on == off >= 4 + 4 + 4 + 11
                 assert switch.set(True) == switch.set(True, uprobes=True) == 0
-                assert switch.set(False) == off - 15 == switch.set(True)   # uprobes stay on
+                plain = switch.set(False)               # the uprobes stay on
+                assert plain == switch.set(True) and off - plain >= 11
                 scrape = exporter.wait_for(lambda s: seen(s, 7402)[1] == 1,
                                            "the connection made with the programs on")
                 assert seen(scrape, 7401) == (0, 0)
