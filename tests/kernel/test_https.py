@@ -234,6 +234,30 @@ def test_a_restarted_server_and_new_clients_are_seen(node: TestNode, web: TlsWeb
     assert gained == Counter({("GET", "201"): 3})
 
 
+def run_once_probed(node: TestNode, exporter: ExporterProcess, argv: list[str], kind: str,
+                    requests: int) -> list[str]:
+    """Starts a client that prints "ready" and waits for a line (the -w/--wait of the test
+    clients), waits until the exporter probes one more file of `kind` for it, lets it send its
+    requests, and returns their status codes once it exits."""
+    files = exporter.scrape().value("ebpf_net_exporter_tls_files", kind=kind)
+    client = node.spawn(node.a_ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind=kind) ==
+                          files + 1, f"the client's {kind} OpenSSL probed")
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        statuses = [client.stdout.readline().strip() for _ in range(requests)]
+        assert client.wait(timeout=10) == 0
+    finally:
+        node.stop(client)
+    # no process maps the file any more: the next full scan detaches it
+    exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind=kind) == files,
+                      f"the client's {kind} OpenSSL detached")
+    return statuses
+
+
 def test_a_libssl_reached_only_through_the_process_root_is_probed(node: TestNode, web: TlsWeb,
                                                                   exporter: ExporterProcess):
     """A container's own libssl: a copy on a tmpfs that only the client's mount namespace
@@ -244,24 +268,15 @@ def test_a_libssl_reached_only_through_the_process_root_is_probed(node: TestNode
               f"LD_LIBRARY_PATH={hidden} exec {sys.executable} {CLIENT} {node.b_ip} 443 "
               f"GET:/ok GET:/ok GET:/created --read-after 0.3 --wait")
     before = exporter.scrape()
-    shared = before.value("ebpf_net_exporter_tls_files", kind="shared")
-    client = node.spawn(node.a_ns, ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                                    script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                        text=True)
     try:
-        assert client.stdout.readline().strip() == "ready"
-        assert not any(hidden.iterdir()), "the copy is in the client's mount namespace only"
-        exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind="shared") ==
-                          shared + 1, "the client's own libssl probed")
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        assert [client.stdout.readline().strip() for _ in range(3)] == ["200", "200", "201"]
-        assert client.wait(timeout=10) == 0
-        expected = Counter({("GET", "200"): 2, ("GET", "201"): 1})
-        after = settled(exporter, before, node.a_ip, node.b_ip, expected)
+        statuses = run_once_probed(node, exporter, ["unshare", "-m", "--propagation",
+                                                    "private", "sh", "-c", script], "shared", 3)
+        assert not any(hidden.iterdir()), "the copy was in the client's mount namespace only"
     finally:
-        node.stop(client)
         hidden.rmdir()
+    assert statuses == ["200", "200", "201"]
+    expected = Counter({("GET", "200"): 2, ("GET", "201"): 1})
+    after = settled(exporter, before, node.a_ip, node.b_ip, expected)
     gained = requests_by(after, node.a_ip, node.b_ip) - requests_by(before, node.a_ip, node.b_ip)
     assert gained == expected
     count = duration(after, node.a_ip, node.b_ip)[0] - duration(before, node.a_ip, node.b_ip)[0]
@@ -269,9 +284,6 @@ def test_a_libssl_reached_only_through_the_process_root_is_probed(node: TestNode
         duration(before, node.a_ip, node.b_ip)[1]
     assert count == 3
     assert seconds >= 3 * 0.3, "measured by the client, through its own copy of libssl"
-    # no process maps the copy any more: the next full scan detaches it
-    exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind="shared") == shared,
-                      "the copy detached")
 
 
 def test_an_executable_with_openssl_linked_in_is_probed(node: TestNode, web: TlsWeb,
@@ -283,24 +295,11 @@ def test_an_executable_with_openssl_linked_in_is_probed(node: TestNode, web: Tls
     subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(STATIC_CLIENT), "-lssl",
                     "-lcrypto"], check=True, capture_output=True)
     before = exporter.scrape()
-    static = before.value("ebpf_net_exporter_tls_files", kind="static")
-    client = node.spawn(node.a_ns, [str(binary), "-w", node.b_ip, "443", "/ok", "/created",
-                                    "/error"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                        text=True)
-    try:
-        assert client.stdout.readline().strip() == "ready"
-        exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind="static") ==
-                          static + 1, "the executable probed")
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        assert [client.stdout.readline().strip() for _ in range(3)] == ["200", "201", "500"]
-        assert client.wait(timeout=10) == 0
-        expected = Counter({("GET", "200"): 1, ("GET", "201"): 1, ("GET", "500"): 1})
-        after = settled(exporter, before, node.a_ip, node.b_ip, expected)
-    finally:
-        node.stop(client)
+    statuses = run_once_probed(node, exporter, [str(binary), "-w", node.b_ip, "443", "/ok",
+                                                "/created", "/error"], "static", 3)
+    assert statuses == ["200", "201", "500"]
+    expected = Counter({("GET", "200"): 1, ("GET", "201"): 1, ("GET", "500"): 1})
+    after = settled(exporter, before, node.a_ip, node.b_ip, expected)
     gained = requests_by(after, node.a_ip, node.b_ip) - requests_by(before, node.a_ip, node.b_ip)
     assert gained == expected
     assert sides(after) - sides(before) == Counter({"client": 3})
-    exporter.wait_for(lambda s: s.value("ebpf_net_exporter_tls_files", kind="static") == static,
-                      "the executable detached once it exited")
