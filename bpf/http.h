@@ -43,6 +43,20 @@
 #define HTTP_METHOD_TRACE 9
 #define HTTP_METHOD_OTHER 10
 
+/* The protocol version travels with the method, in its high bits (method | version <<
+ * HTTP_VERSION_SHIFT), through the request queue and into the counters' keys: the version of
+ * the request line, or, when that line ran past HTTP_SCAN bytes, of the response's status line
+ * (HTTP_VERSION_1X when neither was read). A response's version travels the same way in its
+ * status (status | version << HTTP_STATUS_VERSION_SHIFT) as far as http_answer. */
+#define HTTP_VERSION_SHIFT 4
+#define HTTP_METHOD_MASK 15
+#define HTTP_VERSION_1X 0           /* HTTP/1, minor version not read */
+#define HTTP_VERSION_10 1
+#define HTTP_VERSION_11 2
+#define HTTP_VERSION_2 3
+#define HTTP_STATUS_VERSION_SHIFT 12
+#define HTTP_STATUS_MASK 0xfff
+
 /* status values below 100 are not HTTP codes but what happened to the request */
 #define HTTP_STATUS_NONE 0          /* the connection ended before a response */
 #define HTTP_STATUS_PIPELINED 1     /* beyond HTTP_PIPELINE outstanding requests */
@@ -147,8 +161,8 @@ struct http_server_end {
 };
 BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, http_clients,
           HTTP_CONN_CAPACITY);
-/* requests that found http_events full, by method */
-BPF_PERCPU_ARRAY(http_overflow, u64, 16);
+/* requests that found http_events full, by method and version */
+BPF_PERCPU_ARRAY(http_overflow, u64, 64);
 /* built here, not on the stack: 512 bytes of BPF stack do not hold them beside the parser */
 BPF_PERCPU_ARRAY(http_scratch, struct http_scratch, 1);
 
@@ -170,7 +184,7 @@ static __always_inline void http_count(struct http_key *key, u64 val)
     count_failure(FAILURE_HTTP_EVENTS);
     if (key->kind != HTTP_KIND_REQUEST)
         return;             /* the request is counted in overflow; its latency is not */
-    u32 idx = key->method & 15;
+    u32 idx = key->method & 63;
     count = http_overflow.lookup(&idx);
     if (count)
         *count += val;
@@ -260,9 +274,11 @@ static __always_inline int http_classify(struct http_scratch *s, u8 *method, u16
             !http_is_digit(head[9]) || !http_is_digit(head[10]) || !http_is_digit(head[11]) ||
             (head[12] != ' ' && head[12] != '\r'))
             return HTTP_MALFORMED;
-        *status = (head[9] - '0') * 100 + (head[10] - '0') * 10 + (head[11] - '0');
-        if (*status < 100 || *status > 599)
+        u16 code = (head[9] - '0') * 100 + (head[10] - '0') * 10 + (head[11] - '0');
+        if (code < 100 || code > 599)
             return HTTP_MALFORMED;
+        u16 version = head[7] == '0' ? HTTP_VERSION_10 : HTTP_VERSION_11;
+        *status = code | version << HTTP_STATUS_VERSION_SHIFT;
         return HTTP_RESPONSE;
     }
 
@@ -293,7 +309,7 @@ static __always_inline int http_classify(struct http_scratch *s, u8 *method, u16
         }
     }
     u32 cr = *(volatile u32 *)&s->cr;
-    if (cr == 0)
+    if (cr == 0)    /* the version is then the response's */
         return avail < HTTP_SCAN ? HTTP_MALFORMED : HTTP_REQUEST;
     if (cr < space + 11)                /* " / HTTP/1.x" at the least */
         return HTTP_MALFORMED;
@@ -303,6 +319,8 @@ static __always_inline int http_classify(struct http_scratch *s, u8 *method, u16
         head[(v + 6) & 127] != '1' || head[(v + 7) & 127] != '.' ||
         (head[(v + 8) & 127] != '0' && head[(v + 8) & 127] != '1'))
         return HTTP_MALFORMED;
+    u8 version = head[(v + 8) & 127] == '0' ? HTTP_VERSION_10 : HTTP_VERSION_11;
+    *method = m | version << HTTP_VERSION_SHIFT;
     return HTTP_REQUEST;
 }
 
@@ -434,7 +452,7 @@ static __always_inline void http_emit(const struct http_conn_key *ck, u8 method,
     __builtin_memcpy(ev->server, ck->server, 16);
     ev->latency_us = latency_us;
     ev->code = status;
-    ev->what = method;
+    ev->what = method & HTTP_METHOD_MASK;
 #ifdef HTTP_PATHS
     __builtin_memcpy(ev->name, s->key.path, HTTP_PATH_CAPTURE);
 #endif
@@ -457,6 +475,9 @@ static __always_inline void http_answer(struct http_scratch *s, const struct htt
     }
     u32 slot = conn->answered & (HTTP_PIPELINE - 1);
     u8 method = conn->method[slot];
+    if (!(method >> HTTP_VERSION_SHIFT))            /* the request line's was not read */
+        method |= (status >> HTTP_STATUS_VERSION_SHIFT) << HTTP_VERSION_SHIFT;
+    status &= HTTP_STATUS_MASK;
 #ifdef HTTP_PATHS
     __builtin_memcpy(s->key.path, conn->path + slot * HTTP_PATH_CAPTURE, HTTP_PATH_CAPTURE);
 #endif
@@ -479,6 +500,7 @@ static __always_inline void http_answer(struct http_scratch *s, const struct htt
  * final one follows; 101 Switching Protocols is final. */
 static __always_inline int http_interim(u16 status)
 {
+    status &= HTTP_STATUS_MASK;
     return status < 200 && status != 101;
 }
 

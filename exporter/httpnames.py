@@ -10,11 +10,23 @@ from cachetools import LRUCache
 METHODS = {1: "GET", 2: "HEAD", 3: "POST", 4: "PUT", 5: "DELETE", 6: "PATCH", 7: "OPTIONS",
            8: "CONNECT", 9: "TRACE"}
 # status values below 100 say what happened to a request without a response (bpf/http.h)
-OUTCOMES = {0: "none", 1: "pipelined", 2: "untracked"}
+OUTCOMES = {0: "none", 1: "pipelined", 2: "untracked", 3: "unknown"}
+# the kernel's method byte carries the protocol version in its high bits (HTTP_VERSION_SHIFT)
+VERSION_SHIFT = 4
+METHOD_MASK = 15
+VERSIONS = {0: "1.x", 1: "1.0", 2: "1.1", 3: "2"}
 
 
 def method_name(code: int) -> str:
-    return METHODS.get(int(code), "other")
+    """The method of a kernel method byte (its low bits)."""
+    return METHODS.get(int(code) & METHOD_MASK, "other")
+
+
+def version_label(code: int) -> str:
+    """The protocol version of a kernel method byte: 1.0, 1.1, 2, or 1.x when an HTTP/1
+    request's version was not read (its request line ran past the bytes examined and it got no
+    response)."""
+    return VERSIONS[(int(code) >> VERSION_SHIFT) & 3]
 
 
 def status_label(code: int) -> str:

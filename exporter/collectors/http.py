@@ -23,7 +23,7 @@ from .. import histogram, logs
 from ..cardinality import SeriesStore
 from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
 from ..exposition import StoreFamily, store_family
-from ..httpnames import PathLabel, method_name, status_label
+from ..httpnames import PathLabel, method_name, status_label, version_label
 from ..maps import BatchMap, CounterArray, Generation, older_than
 from ..selfmetrics import KernelStats
 from .base import PairCollector
@@ -83,7 +83,7 @@ class HttpBatch:
     keys: np.ndarray
     counts: np.ndarray
     unanswered: list[Unanswered] = field(default_factory=list)
-    overflow: np.ndarray = field(default_factory=lambda: np.zeros(16, dtype=np.uint64))
+    overflow: np.ndarray = field(default_factory=lambda: np.zeros(64, dtype=np.uint64))
     entries: int = 0
     capacity: int = 0
     conns: int = 0
@@ -170,7 +170,8 @@ class HttpCollector(PairCollector):
                  ttl_seconds: float, path_label: PathLabel | None = None) -> None:
         super().__init__(source, endpoints, ports, stats, max_series, ttl_seconds)
         self.path_label = path_label
-        extra = ["scheme", "method", "status_code", *(["path"] if path_label else [])]
+        extra = ["scheme", "version", "method", "status_code",
+                 *(["path"] if path_label else [])]
         self._requests = self.store("ebpf_net_http_requests_total", extra)
         self._duration = self.store("ebpf_net_http_request_duration_seconds", extra,
                                     width=histogram.WIDTH)
@@ -205,7 +206,8 @@ class HttpCollector(PairCollector):
         for key, count in zip(batch.keys, batch.counts, strict=True):
             labels = (*self._pair_of(int(key["family"]), key["client"].tobytes(),
                                      key["server"].tobytes(), int(key["server_port"])),
-                      scheme, method_name(key["method"]), status_label(key["status"]),
+                      scheme, version_label(key["method"]), method_name(key["method"]),
+                      status_label(key["status"]),
                       *self._path(key["path"].tobytes() if self.path_label else b""))
             if int(key["kind"]) == REQUEST:
                 requests[labels] += float(count)
@@ -217,13 +219,14 @@ class HttpCollector(PairCollector):
             pair = self._pair_of(conn.family, conn.client, conn.server, conn.server_port)
             paths = conn.paths or [b""] * len(conn.methods)
             for method, path in zip(conn.methods, paths, strict=True):
-                requests[(*pair, scheme, method_name(method), status_label(STATUS_NONE),
+                requests[(*pair, scheme, version_label(method), method_name(method),
+                          status_label(STATUS_NONE),
                           *self._path(path))] += 1
         overflow_pair = (OVERFLOW,) * len(self.pair_names)
         overflow_path = (OVERFLOW,) if self.path_label else ()
         for method in np.flatnonzero(batch.overflow):
-            requests[(*overflow_pair, scheme, method_name(method), OVERFLOW, *overflow_path)] += \
-                float(batch.overflow[method])
+            requests[(*overflow_pair, scheme, version_label(method), method_name(method),
+                      OVERFLOW, *overflow_path)] += float(batch.overflow[method])
         self.stats.record_map(f"{scheme}_events", batch.entries, batch.capacity)
         self.stats.record_map(f"{scheme}_conns", batch.conns, batch.conn_capacity)
 

@@ -158,6 +158,30 @@ def test_ipv6_and_a_16_kib_header(node: TestNode, web: ExporterProcess):
     assert http_value(s4, "requests_total", method="GET", status_code="204") == 2
 
 
+def test_the_version_is_the_request_lines_or_past_its_scan_the_responses(node: TestNode,
+                                                                         web: ExporterProcess):
+    before = web.scrape()
+    # "/missing" + 200 bytes of query: the request line runs past the 128 bytes examined
+    long_target = f"http://{node.b_ip}/missing?" + "q" * 200
+    assert curl(node, "--http1.0", f"http://{node.b_ip}/unavailable").strip() == "503"
+    assert curl(node, "--http1.0", long_target).strip() == "404"
+    assert curl(node, f"http://{node.b_ip}/unavailable").strip() == "503"
+
+    def versions(s: Scrape) -> Counter:
+        got: Counter = Counter()
+        for sample in s.select("ebpf_net_http_requests_total", src_ip=node.a_ip,
+                               dst_port="80", method="GET"):
+            if sample.labels["status_code"] in ("503", "404"):
+                got[(sample.labels["version"], sample.labels["status_code"])] += sample.value
+        return got
+
+    base = versions(before)
+    # nginx answers an HTTP/1.0 request with an HTTP/1.1 status line
+    expected = Counter({("1.0", "503"): 1, ("1.1", "404"): 1, ("1.1", "503"): 1})
+    scrape = web.wait_for(lambda s: versions(s) - base == expected, "3 requests by version")
+    assert versions(scrape) - base == expected
+
+
 def test_duration_histogram_agrees_with_the_client(node: TestNode, web: ExporterProcess):
     url = f"http://{node.b_ip}:{SLOW_PORT}/slow"
     measured = []

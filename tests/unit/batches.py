@@ -107,7 +107,8 @@ def timeout(client: str, server: str, qtype: int = 1, transport: int = 0, port: 
 
 
 def http_batch(rows: list[dict], swept=(), **extra):
-    """rows: kind, method, status, client, server, port, variant, count."""
+    """rows: kind, method, status, client, server, port, variant, count, and version (the
+    kernel's code: 2 is HTTP/1.1, the default)."""
     from exporter.collectors import http as httpmod
 
     keys = np.zeros(len(rows), dtype=httpmod.HTTP_KEY)
@@ -116,7 +117,7 @@ def http_batch(rows: list[dict], swept=(), **extra):
         family, client = _address(row.get("client", "10.0.0.1"))
         _, server = _address(row.get("server", "10.0.0.80"))
         keys[i]["kind"] = row["kind"]
-        keys[i]["method"] = row["method"]
+        keys[i]["method"] = row["method"] | row.get("version", 2) << 4
         keys[i]["status"] = row["status"]
         keys[i]["variant"] = row.get("variant", 0)
         keys[i]["family"] = family
@@ -127,12 +128,13 @@ def http_batch(rows: list[dict], swept=(), **extra):
     return httpmod.HttpBatch(keys, counts, list(swept), **extra)
 
 
-def unanswered(client: str, server: str, methods: list[int], port: int = 80):
+def unanswered(client: str, server: str, methods: list[int], port: int = 80, version: int = 2):
     from exporter.collectors.http import Unanswered
 
     family, client_raw = _address(client)
     _, server_raw = _address(server)
-    return Unanswered(family, client_raw.tobytes(), server_raw.tobytes(), port, methods)
+    return Unanswered(family, client_raw.tobytes(), server_raw.tobytes(), port,
+                      [m | version << 4 for m in methods])
 
 
 def drop_batch(rows: list[dict], **extra):

@@ -6,7 +6,7 @@ from exporter import histogram
 from exporter.collectors import http as httpmod
 from exporter.collectors.http import HttpCollector, queued_slots
 from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.httpnames import PathLabel, method_name, status_label, template
+from exporter.httpnames import PathLabel, method_name, status_label, template, version_label
 from exporter.maps import older_than
 from exporter.selfmetrics import KernelStats
 
@@ -21,8 +21,16 @@ def test_method_names(code, name):
     assert method_name(code) == name
 
 
+@pytest.mark.parametrize("byte,method,version", [(0x01, "GET", "1.x"), (0x13, "POST", "1.0"),
+                                                 (0x21, "GET", "1.1"), (0x34, "PUT", "2"),
+                                                 (0x2A, "other", "1.1")])
+def test_the_method_byte_carries_the_version(byte, method, version):
+    assert (method_name(byte), version_label(byte)) == (method, version)
+
+
 @pytest.mark.parametrize("code,label", [(200, "200"), (404, "404"), (599, "599"), (0, "none"),
-                                        (1, "pipelined"), (2, "untracked"), (700, "other")])
+                                        (1, "pipelined"), (2, "untracked"), (3, "unknown"),
+                                        (700, "other")])
 def test_status_labels(code, label):
     assert status_label(code) == label
 
@@ -38,8 +46,8 @@ def test_idle_connections_and_their_queued_requests():
 
 
 def test_requests_durations_unanswered_and_overflow():
-    overflow = np.zeros(16, dtype=np.uint64)
-    overflow[3] = 6                                    # POST requests that found the map full
+    overflow = np.zeros(64, dtype=np.uint64)
+    overflow[3 | 2 << 4] = 6                           # HTTP/1.1 POSTs that found the map full
     batch = http_batch([
         {"kind": httpmod.REQUEST, "method": 1, "status": 200, "count": 5},
         {"kind": httpmod.REQUEST, "method": 1, "status": 1, "count": 2},
@@ -47,6 +55,8 @@ def test_requests_durations_unanswered_and_overflow():
          "variant": histogram.slot_of(3000), "count": 5},
         {"kind": httpmod.LATENCY, "method": 1, "status": 200, "variant": histogram.SUM_SLOT,
          "count": 15000},
+        {"kind": httpmod.REQUEST, "method": 1, "status": 200, "count": 4, "version": 1},
+        {"kind": httpmod.REQUEST, "method": 1, "status": 0, "count": 1, "version": 0},
     ], swept=[unanswered("10.0.0.1", "10.0.0.80", [3, 1])],
         overflow=overflow)
     collector = HttpCollector(QueueSource([batch], http_batch([])),
@@ -54,17 +64,23 @@ def test_requests_durations_unanswered_and_overflow():
                               100, 300)
     registry = CollectorRegistry()
     registry.register(collector)
-    pair = {"src_ip": "10.0.0.1", "dst_ip": "10.0.0.80", "dst_port": "80", "scheme": "http"}
+    pair = {"src_ip": "10.0.0.1", "dst_ip": "10.0.0.80", "dst_port": "80", "scheme": "http",
+            "version": "1.1"}
     get = registry.get_sample_value
     assert get("ebpf_net_http_requests_total",
                {**pair, "method": "GET", "status_code": "200"}) == 5
+    assert get("ebpf_net_http_requests_total",
+               {**pair, "version": "1.0", "method": "GET", "status_code": "200"}) == 4
+    assert get("ebpf_net_http_requests_total",
+               {**pair, "version": "1.x", "method": "GET", "status_code": "none"}) == 1
     assert get("ebpf_net_http_requests_total",
                {**pair, "method": "GET", "status_code": "pipelined"}) == 2
     assert get("ebpf_net_http_requests_total",
                {**pair, "method": "POST", "status_code": "none"}) == 1
     assert get("ebpf_net_http_requests_total",
                {**pair, "method": "GET", "status_code": "none"}) == 1
-    over = {"src_ip": "overflow", "dst_ip": "overflow", "dst_port": "overflow", "scheme": "http"}
+    over = {"src_ip": "overflow", "dst_ip": "overflow", "dst_port": "overflow", "scheme": "http",
+            "version": "1.1"}
     assert get("ebpf_net_http_requests_total",
                {**over, "method": "POST", "status_code": "overflow"}) == 6
     labels = {**pair, "method": "GET", "status_code": "200"}
