@@ -18,14 +18,16 @@
 #define FAILURE_DNS_PENDING 2
 #define FAILURE_HTTP_EVENTS 3
 #define FAILURE_HTTP_CONNS 4
-#define FAILURE_COUNT 5
+#define FAILURE_H2_RECORDS 5
+#define FAILURE_COUNT 6
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 
 /* Indexes of parse_errors (named in exporter/classifier.py). */
 #define PARSE_ERROR_IP 0
 #define PARSE_ERROR_DNS 1
 #define PARSE_ERROR_HTTP 2
-#define PARSE_ERROR_COUNT 3
+#define PARSE_ERROR_HTTP2 3
+#define PARSE_ERROR_COUNT 4
 BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
 
 /* Each collector drains its own maps under its own generation (see common.h): one that two
@@ -84,7 +86,8 @@ static __always_inline int monitored(u32 ifindex, u32 *flags)
 #ifdef WITH_EVENTS
 #include "events.h"
 #endif
-/* each part is compiled in only when its collector is on: -DWITH_FLOWS, -DWITH_DNS, -DWITH_HTTP */
+/* each part is compiled in only when its collector is on: -DWITH_FLOWS, -DWITH_DNS, -DWITH_HTTP
+ * (and -DWITH_HTTP2 with it unless http.http2 is off) */
 #ifdef WITH_FLOWS
 #include "flows.h"
 #endif
@@ -98,7 +101,8 @@ static __always_inline int monitored(u32 ifindex, u32 *flags)
 /* indexes of parsers, filled by user space with the parse_* programs */
 #define PARSER_DNS 0
 #define PARSER_HTTP 1
-BPF_PROG_ARRAY(parsers, 2);
+#define PARSER_HTTP2 2
+BPF_PROG_ARRAY(parsers, 3);
 BPF_PERCPU_ARRAY(packet_scratch, struct packet, 1);
 
 static __always_inline int classify(struct __sk_buff *skb, int egress)
@@ -153,8 +157,13 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 #endif
 #ifdef WITH_HTTP
     /* only a segment that can matter to HTTP: most TCP segments are not copied and tail-called */
-    if (parser < 0 && pkt.protocol == IPPROTO_TCP && http_wanted(skb, &pkt))
-        parser = PARSER_HTTP;
+    if (parser < 0 && pkt.protocol == IPPROTO_TCP) {
+        int want = http_wanted(skb, &pkt);
+        if (want == HTTP_WANT_HTTP)
+            parser = PARSER_HTTP;
+        else if (want == HTTP_WANT_HTTP2)
+            parser = PARSER_HTTP2;
+    }
 #endif
     if (parser < 0)
         return TC_ACT_UNSPEC;
@@ -192,8 +201,23 @@ int parse_http(struct __sk_buff *skb)
 {
     u32 zero = 0;
     struct packet *pkt = packet_scratch.lookup(&zero);
-    if (pkt)
-        account_http(skb, pkt);
+    if (pkt && account_http(skb, pkt))
+        parsers.call(skb, PARSER_HTTP2);    /* an HTTP/2 preface: walk the frames after it */
+    return TC_ACT_UNSPEC;
+}
+#endif
+
+#ifdef WITH_HTTP2
+/* The frames of an HTTP/2 segment (bpf/http2.h); tail-calls itself while the segment has more
+ * than one run walks. */
+int parse_http2(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct packet *pkt = packet_scratch.lookup(&zero);
+    if (!pkt || !http2_segment(skb, pkt))
+        return TC_ACT_UNSPEC;
+    parsers.call(skb, PARSER_HTTP2);
+    h2_unwalked(skb, pkt);      /* the tail-call limit: the rest of the segment is not walked */
     return TC_ACT_UNSPEC;
 }
 #endif

@@ -141,24 +141,27 @@ static __always_inline int http_ends(const struct packet *pkt)
  * payload, when it cannot start a message, marks the direction as not HTTP for good. A
  * connection whose handshake was not seen (opened before the exporter) is looked at segment
  * by segment. Entries are indexed by a hash of the direction's endpoints and hold other bits
- * of it as a tag: [63..33] tag (never 0), [32] not HTTP, [31..0] the pending first payload's
- * sequence number. Direct-mapped and shared by the CPUs (the SYN and the data of a connection
+ * of it as a tag: [63..34] tag (bit 34 always set, so never 0), [33] HTTP/2 (its segments go
+ * to parse_http2, bpf/http2.h), [32] not HTTP, [31..0] the pending first payload's sequence
+ * number. Direct-mapped and shared by the CPUs (the SYN and the data of a connection
  * may be forwarded by different ones): a direction whose entry another connection took is
  * looked at segment by segment again, which costs time, never a count. 16384 entries (128 KiB)
  * keep the long-lived connections of a busy node; a pending entry lives from a SYN to the first
  * payload, a round trip. */
 #define HTTP_START_SLOTS 16384
 #define HTTP_START_NOT (1ULL << 32)
-#define HTTP_START_TAG_MASK (~0ULL << 33)
+#define HTTP_START_H2 (1ULL << 33)
+#define HTTP_START_TAG_BIT (1ULL << 34)
+#define HTTP_START_TAG_MASK (~0ULL << 34)
 BPF_ARRAY(http_starts, u64, HTTP_START_SLOTS);
 
 /* A hash of a direction's endpoints: the slot in its low bits, the tag in its high ones. */
-static __always_inline u64 http_direction_hash(const struct packet *pkt)
+static __always_inline u64 http_hash_of(u8 family, u16 sport, u16 dport, const u8 *saddr,
+                                        const u8 *daddr)
 {
-    const u64 *src = (const u64 *)pkt->saddr;
-    const u64 *dst = (const u64 *)pkt->daddr;
-    u64 h = ((u64)pkt->sport | (u64)pkt->dport << 16 | (u64)pkt->family << 32) *
-        0x9E3779B97F4A7C15ULL;
+    const u64 *src = (const u64 *)saddr;
+    const u64 *dst = (const u64 *)daddr;
+    u64 h = ((u64)sport | (u64)dport << 16 | (u64)family << 32) * 0x9E3779B97F4A7C15ULL;
     h ^= src[0] * 0xC2B2AE3D27D4EB4FULL;
     h ^= src[1] * 0x165667B19E3779F9ULL;
     h ^= dst[0] * 0xD6E8FEB86659FD93ULL;
@@ -166,8 +169,22 @@ static __always_inline u64 http_direction_hash(const struct packet *pkt)
     return h ^ (h >> 29);
 }
 
-/* Whether account_http() can do anything with this TCP segment; the classifier asks before it
- * copies the packet to packet_scratch and tail-calls parse_http, which most segments (ACKs,
+static __always_inline u64 http_direction_hash(const struct packet *pkt)
+{
+    return http_hash_of(pkt->family, pkt->sport, pkt->dport, pkt->saddr, pkt->daddr);
+}
+
+static __always_inline u64 http_start_tag(u64 h)
+{
+    return (h & HTTP_START_TAG_MASK) | HTTP_START_TAG_BIT;
+}
+
+#define HTTP_WANT_NONE 0
+#define HTTP_WANT_HTTP 1        /* for parse_http */
+#define HTTP_WANT_HTTP2 2       /* for parse_http2: a segment of an HTTP/2 direction */
+
+/* Which parser can do anything with this TCP segment (HTTP_WANT_*); the classifier asks before
+ * it copies the packet to packet_scratch and tail-calls one, which most segments (ACKs,
  * bodies, other protocols) then need not. Something happens only for a segment that ends the
  * connection (FIN, RST), or one of 8 bytes or more starting with three upper-case letters: a
  * method token (3 to 12 letters) or "HTTP/". Every other state (retransmission sequence
@@ -175,26 +192,31 @@ static __always_inline u64 http_direction_hash(const struct packet *pkt)
 static __always_inline int http_wanted(struct __sk_buff *skb, const struct packet *pkt)
 {
     if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
-        return 0;               /* the port check for http_look and http_ends too */
-    /* an ACK, or a payload too short for a message line, and no SYN, FIN or RST: nothing to
-     * note or look at (half of a bulk transfer's skbs), so no hash and no http_starts line */
+        return HTTP_WANT_NONE;  /* the port check for http_look and http_ends too */
+    /* an ACK and no SYN, FIN or RST: nothing to note or look at (half of a bulk transfer's
+     * skbs), so no hash and no http_starts line. Payloads of 1 to 7 bytes hold no HTTP/1
+     * message line, but may be a piece of an HTTP/2 frame. */
     u32 payload = http_payload_bytes(skb, pkt);
-    if (!(pkt->tcp_flags & (HTTP_TCP_SYN | HTTP_TCP_FIN | HTTP_TCP_RST)) && payload < 8)
-        return 0;
+    if (!(pkt->tcp_flags & (HTTP_TCP_SYN | HTTP_TCP_FIN | HTTP_TCP_RST)) && payload == 0)
+        return HTTP_WANT_NONE;
     u64 h = http_direction_hash(pkt);
     u32 index = h & (HTTP_START_SLOTS - 1);
-    u64 tag = (h & HTTP_START_TAG_MASK) | (1ULL << 33);
+    u64 tag = http_start_tag(h);
     u64 *start = http_starts.lookup(&index);
     u64 known = start ? *start : 0;
     if (start && (pkt->tcp_flags & HTTP_TCP_SYN))
         known = *start = tag | (u32)(pkt->tcp_seq + 1);  /* a new connection's first payload */
     else if (known == (tag | HTTP_START_NOT))
-        return http_ends(pkt);
+        return http_ends(pkt) ? HTTP_WANT_HTTP : HTTP_WANT_NONE;
+#ifdef WITH_HTTP2
+    else if (known == (tag | HTTP_START_H2))
+        return HTTP_WANT_HTTP2;
+#endif
     int look = http_look(skb, pkt, payload);
     if (start && look != HTTP_LOOK_NONE && known == (tag | pkt->tcp_seq))
         /* the direction's first payload: decided for good */
         *start = look == HTTP_LOOK_MESSAGE ? 0 : tag | HTTP_START_NOT;
-    return http_ends(pkt) || look == HTTP_LOOK_MESSAGE;
+    return http_ends(pkt) || look == HTTP_LOOK_MESSAGE ? HTTP_WANT_HTTP : HTTP_WANT_NONE;
 }
 
 /* Whether the client of this request or response is an address of another node whose exporter
@@ -216,25 +238,85 @@ static __always_inline int http_counted_elsewhere(const struct packet *pkt, int 
 #endif
 }
 
-static __always_inline void account_http(struct __sk_buff *skb, const struct packet *pkt)
+#ifdef WITH_HTTP2
+#include "http2.h"
+
+/* Writes `mark` (HTTP_START_H2, HTTP_START_NOT) in the http_starts entry of the packet's
+ * direction, or with `reverse` of the opposite one. */
+static __always_inline void http_mark_start(const struct packet *pkt, int reverse, u64 mark)
+{
+    u64 h = reverse ? http_hash_of(pkt->family, pkt->dport, pkt->sport, pkt->daddr, pkt->saddr)
+                    : http_direction_hash(pkt);
+    u32 index = h & (HTTP_START_SLOTS - 1);
+    u64 *start = http_starts.lookup(&index);
+    if (start)
+        *start = http_start_tag(h) | mark;
+}
+
+/* The client's preface, in the segment s->head holds: both directions become HTTP/2 (the
+ * server's even when its first payload, a SETTINGS frame, came by first and marked it not
+ * HTTP). 1 when the segment should go on to parse_http2. */
+static __always_inline int h2_begin(const struct packet *pkt, struct http_scratch *s)
+{
+#ifdef ONCE_PER_CLUSTER
+    if (counted_by_its_node(pkt->family, pkt->saddr)) {
+        /* another node's client: its node walks the connection */
+        http_mark_start(pkt, 0, HTTP_START_NOT);
+        http_mark_start(pkt, 1, HTTP_START_NOT);
+        return 0;
+    }
+#endif
+    struct h2_dir_key k = {};
+    struct h2_dir d = {};
+    d.last_seen_ns = bpf_ktime_get_ns();
+    d.state = H2_DIR_SYNCED;
+    d.next_seq = pkt->tcp_seq + H2_PREFACE_BYTES;
+    h2_key_of(&k, pkt, 0);
+    h2_dirs.update(&k, &d);
+    d.state = H2_DIR_UNSYNCED;
+    d.from_server = 1;
+    h2_key_of(&k, pkt, 1);
+    h2_dirs.update(&k, &d);
+    http_mark_start(pkt, 0, HTTP_START_H2);
+    http_mark_start(pkt, 1, HTTP_START_H2);
+    return 1;
+}
+
+/* A segment of an HTTP/2 direction; 1 when parse_http2 should be tail-called again. */
+static __always_inline int http2_segment(struct __sk_buff *skb, const struct packet *pkt)
+{
+    int res = h2_parse(skb, pkt);
+    if (res == H2_NO_STATE)
+        http_mark_start(pkt, 0, HTTP_START_NOT);
+    if (res == H2_ENDED) {
+        http_mark_start(pkt, 0, HTTP_START_NOT);
+        http_mark_start(pkt, 1, HTTP_START_NOT);
+    }
+    return res == H2_MORE;
+}
+#endif
+
+/* Counts what the segment holds of HTTP/1.x; 1 when it was the client's HTTP/2 preface and
+ * the segment should go on to parse_http2. */
+static __always_inline int account_http(struct __sk_buff *skb, const struct packet *pkt)
 {
     if (!(HTTP_PORT(pkt->sport) || HTTP_PORT(pkt->dport)))
-        return;
+        return 0;
     u32 avail = http_payload_bytes(skb, pkt);
     int ends = pkt->tcp_flags & (HTTP_TCP_FIN | HTTP_TCP_RST);
     if (avail < 8 && !ends)
-        return;             /* no message line fits in under 8 bytes: nothing to look at */
+        return 0;             /* no message line fits in under 8 bytes: nothing to look at */
 
     u32 zero = 0;
     struct http_scratch *s = http_scratch.lookup(&zero);
     if (!s)
-        return;
+        return 0;
     u32 *gen = http_generation.lookup(&zero);
 
     if (avail >= 8) {
         /* a cheap look at 8 bytes first: most segments are neither a request nor a response */
         if (bpf_skb_load_bytes(skb, pkt->payload_off, s->head, 8) < 0)
-            return;
+            return 0;
         u8 c0 = s->head[0];
         int maybe = (c0 >= 'A' && c0 <= 'Z') && (s->head[1] >= 'A' && s->head[1] <= 'Z');
         if (maybe) {
@@ -245,6 +327,10 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
             u8 method = 0;
             u16 status = 0;
             int kind = http_classify(s, &method, &status);
+#ifdef WITH_HTTP2
+            if (kind == HTTP_NOT_HTTP && h2_is_preface(s))
+                return h2_begin(pkt, s);
+#endif
             if (kind == HTTP_MALFORMED) {
                 count_parse_error(PARSE_ERROR_HTTP);
             } else if (kind != HTTP_NOT_HTTP && http_counted_elsewhere(pkt, kind)) {
@@ -262,17 +348,18 @@ static __always_inline void account_http(struct __sk_buff *skb, const struct pac
     }
 
     if (!ends)
-        return;
+        return 0;
     /* the server closing, or either end resetting, ends the exchange */
     struct http_conn_key ck = {};
     http_conn_key_of(&ck, pkt, 0);                 /* the sender as the server */
     if (!http_conn_find(&ck)) {
         if (!(pkt->tcp_flags & HTTP_TCP_RST))
-            return;                                 /* a client's FIN: responses may follow */
+            return 0;                                 /* a client's FIN: responses may follow */
         http_conn_key_of(&ck, pkt, 1);
     }
     http_key_of(&s->key, &ck, gen ? *gen : 0);
     http_flush(s, &ck);
+    return 0;
 }
 
 

@@ -35,11 +35,13 @@ from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
 from .collectors.flows import FlowsCollector, KernelFlowSource
+from .collectors.grpc import GrpcCollector
 from .collectors.http import HttpCollector, KernelHttpSource, SchemeSources
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
+from .http2source import GrpcCounts, Http2Source
 from .httpnames import PathLabel
 from .interfaces import Attacher, InterfaceMonitor, NameFilter, TcAttacher
 from .kubeauth import KubernetesAuth
@@ -212,6 +214,7 @@ class Exporter:
         self.label_sets: EndpointLabelSets | None = None
         self.counting: oncepercluster.ClusterCounting | None = None
         self.tls: TlsWatch | None = None
+        self.http2: Http2Source | None = None
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -279,7 +282,7 @@ class Exporter:
             collectors.append(bash)
             self.sweeping.append(bash)
         reporters = []
-        http_sources: list[KernelHttpSource] = []
+        http_sources: list[KernelHttpSource | Http2Source] = []
         once = False
         if classifier.wanted(config) or config.collectors.https:
             once, why = oncepercluster.wanted(config, self.kubernetes)
@@ -306,6 +309,16 @@ class Exporter:
             if config.collectors.http:
                 http_sources.append(KernelHttpSource(program, config.http.idle_timeout,
                                                      paths=bool(config.http.paths)))
+            if classifier.http2_wanted(config):
+                self.http2 = Http2Source(program, config.http.idle_timeout,
+                                         config.http.http2_streams,
+                                         config.maps.http2_conn_capacity,
+                                         paths=bool(config.http.paths))
+                http_sources.append(self.http2)
+                reporters.append(self.http2.report)
+                # gRPC calls carry the HTTP metrics' endpoint labels (labels.per_metric.http)
+                collectors.append(GrpcCollector(GrpcCounts(self.http2), labels.of("http"),
+                                                ports, *series))
             self.monitor = classifier.interface_monitor(
                 program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd),
                 self.counting)
@@ -340,6 +353,8 @@ class Exporter:
             self.monitor.start()
         if self.tls:        # its thread keeps what attaching uprobes later needs
             self.tls.start()
+        if self.http2:
+            self.http2.start()
         # programs loaded and attached: this thread, and the watches and sweepers it starts,
         # need nothing (the interface monitor's thread kept CAP_NET_ADMIN)
         dropped = privileges.keep_only(())
@@ -507,6 +522,8 @@ class Exporter:
             self.counting.stop()
         if self.tls:
             self.tls.stop()
+        if self.http2:
+            self.http2.stop()
         if self.monitor and self.monitor.stop():
             log.info("detached from every interface")
         for program in self.programs:

@@ -20,10 +20,11 @@ from .oncepercluster import ClusterCounting
 from .selfmetrics import KernelStats
 
 # indexes of map_update_failures and parse_errors in bpf/classifier.c
-FAILURE_MAPS = ["flows", "dns_events", "dns_pending", "http_events", "http_conns"]
-PARSE_ERROR_PROTOCOLS = ["ip", "dns", "http"]
+FAILURE_MAPS = ["flows", "dns_events", "dns_pending", "http_events", "http_conns",
+                "http2_records"]
+PARSE_ERROR_PROTOCOLS = ["ip", "dns", "http", "http2"]
 # indexes of the parsers tail-call array
-PARSERS = {"dns": 0, "http": 1}
+PARSERS = {"dns": 0, "http": 1, "http2": 2}
 
 
 def cflags(config: Config, once_per_cluster: bool = False) -> list[str]:
@@ -43,6 +44,9 @@ def cflags(config: Config, once_per_cluster: bool = False) -> list[str]:
                   f"-DHTTP_EVENT_CAPACITY={config.maps.http_event_capacity}"]
         if config.http.paths:
             flags.append("-DHTTP_PATHS")
+        if config.http.http2:
+            flags += ["-DWITH_HTTP2",
+                      f"-DH2_DIR_CAPACITY={2 * config.maps.http2_conn_capacity}"]
         if config.http.ports:
             ports = "||".join(f"(p)=={port}" for port in config.http.ports)
             flags.append(f"-DHTTP_PORT(p)=({ports})")
@@ -53,6 +57,16 @@ def wanted(config: Config) -> bool:
     return config.collectors.flows or config.collectors.dns or config.collectors.http
 
 
+def parser_wanted(config: Config, name: str) -> bool:
+    if name == "http2":
+        return http2_wanted(config)
+    return bool(getattr(config.collectors, name))
+
+
+def http2_wanted(config: Config) -> bool:
+    return config.collectors.http and config.http.http2
+
+
 def load(program: Program, config: Config) -> tuple[Any, Any]:
     """Loads the TC entry points and the protocol parsers they tail-call; returns the
     ingress and egress functions."""
@@ -60,7 +74,7 @@ def load(program: Program, config: Config) -> tuple[Any, Any]:
     egress = program.load_tc("classify_egress")
     parsers = program.table("parsers")
     for name, index in PARSERS.items():
-        if getattr(config.collectors, name):
+        if parser_wanted(config, name):
             parser = program.load_tc(f"parse_{name}")
             parsers[ctypes.c_int(index)] = ctypes.c_int(parser.fd)
     return ingress, egress

@@ -387,6 +387,7 @@ class MapsConfig:
     dns_event_capacity: int = _spec(parse_capacity)
     http_conn_capacity: int = _spec(parse_capacity)
     http_event_capacity: int = _spec(parse_capacity)
+    http2_conn_capacity: int = _spec(parse_capacity)
     drop_capacity: int = _spec(parse_capacity)
     cluster_address_capacity: int = _spec(parse_capacity)
 
@@ -410,6 +411,8 @@ class HttpConfig:
     idle_timeout: float = _spec(parse_duration)
     paths: tuple[str, ...] = _spec(list_of(parse_path_prefix))
     path_max_length: int = _spec(parse_path_length)
+    http2: bool = _spec(parse_bool)
+    http2_streams: int = _spec(parse_positive_int)
 
 
 @dataclass(frozen=True)

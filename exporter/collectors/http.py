@@ -89,6 +89,7 @@ class HttpBatch:
     conns: int = 0
     conn_capacity: int = 0
     scheme: str = "http"
+    name: str = ""          # of its maps in the self-metrics; the scheme's when empty
 
 
 def queued_slots(conn: np.void) -> list[int]:
@@ -227,8 +228,10 @@ class HttpCollector(PairCollector):
         for method in np.flatnonzero(batch.overflow):
             requests[(*overflow_pair, scheme, version_label(method), method_name(method),
                       OVERFLOW, *overflow_path)] += float(batch.overflow[method])
-        self.stats.record_map(f"{scheme}_events", batch.entries, batch.capacity)
-        self.stats.record_map(f"{scheme}_conns", batch.conns, batch.conn_capacity)
+        name = batch.name or scheme
+        if batch.capacity:
+            self.stats.record_map(f"{name}_events", batch.entries, batch.capacity)
+        self.stats.record_map(f"{name}_conns", batch.conns, batch.conn_capacity)
 
     def _families(self) -> list[StoreFamily]:
         requests = store_family(

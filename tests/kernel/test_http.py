@@ -336,7 +336,7 @@ def _http_start(pid: int, src: str, sport: int, dst: str, dport: int) -> tuple[i
     """The direction's tag and what its slot of http_starts holds."""
     h = _direction_hash(src, sport, dst, dport)
     index = h & (HTTP_START_SLOTS - 1)
-    tag = (h & (_U64 << 33) & _U64) | 1 << 33
+    tag = (h & (_U64 << 34) & _U64) | 1 << 34     # HTTP_START_TAG_MASK, HTTP_START_TAG_BIT
     for key, (value, *_) in bpf_map_dump(pid, "http_starts"):
         if int.from_bytes(key, "little") == index:
             return tag, int.from_bytes(value, "little")

@@ -1,0 +1,417 @@
+"""HTTP/2 and gRPC from the frames the classifier hands over (bpf/http2.h): header blocks
+decoded with each connection direction's HPACK table, streams paired into requests.
+
+Rules (docs/metrics.md says them to users):
+- A client HEADERS opens a request (its :method, :path, and whether its content-type is
+  application/grpc). Past `max_streams` awaiting a response on a connection, a request is
+  counted at once with status "untracked".
+- The first final (non-1xx) server HEADERS of the stream answers it: the HTTP request is
+  counted with its :status, and its latency is time to first byte (request HEADERS to response
+  HEADERS, both stamped in the kernel).
+- A gRPC call ends with the server's HEADERS carrying END_STREAM (trailers, or a trailers-only
+  response): counted with its grpc-status and the whole call's latency (request HEADERS to
+  trailers). Trailers without grpc-status count "none".
+- A stream reset (RST_STREAM from either side), left unprocessed by a GOAWAY, or open when the
+  connection ends or idles out counts status_code "none" (and grpc_status "none").
+- A block that cannot be decoded (a record lost, a frame past the kernel's capture, an HPACK
+  error) leaves the connection's tables unknown: the connection's open and later requests count
+  "unknown" (grpc_status "unparsed") and one parse error each, never a guessed value. A server
+  HEADERS on a stream with no request seen is a parse error too.
+
+Decoding is the cost: hpack takes some 13 us for a 9-header gRPC block. Repeated blocks that
+leave the table as it was (a steady client's requests, a server's responses) are decoded once
+per table state and then taken from a cache keyed by the block's bytes."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from hpack import Decoder
+from hpack.exceptions import HPACKError
+from hpack.table import HeaderTable
+
+from . import histogram, logs
+
+log = logs.get("http2")
+
+CHUNK = 256                         # H2_CHUNK in bpf/http2.h
+RECORD = np.dtype({
+    "names": ["time_ns", "kind", "family", "from_server", "frame_type", "frame_flags",
+              "lost_before", "chunk_len", "client_port", "server_port", "stream", "frame_len",
+              "chunk_offset", "capture_len", "client", "server", "data"],
+    "formats": ["<u8", "u1", "u1", "u1", "u1", "u1", "u1", "<u2", "<u2", "<u2", "<u4", "<u4",
+                "<u4", "<u4", ("u1", 16), ("u1", 16), ("u1", CHUNK)],
+    "offsets": [0, 8, 9, 10, 11, 12, 13, 14, 16, 18, 20, 24, 28, 32, 40, 56, 72],
+    "itemsize": 328,
+})
+RECORD_FRAME, RECORD_LOST, RECORD_END = 1, 2, 3
+SIDE_UNKNOWN = 2
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
+GOAWAY, CONTINUATION = 7, 9
+END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
+SETTINGS_HEADER_TABLE_SIZE = 1
+
+# the kernel's method codes (bpf/http.h) with HTTP_VERSION_2 in the high bits
+VERSION_2 = 3 << 4
+METHOD_CODES = {b"GET": 1, b"HEAD": 2, b"POST": 3, b"PUT": 4, b"DELETE": 5, b"PATCH": 6,
+                b"OPTIONS": 7, b"CONNECT": 8, b"TRACE": 9}
+METHOD_OTHER = 10
+# status values below 100 (bpf/http.h, exporter/httpnames.py)
+STATUS_NONE, STATUS_UNTRACKED, STATUS_UNKNOWN = 0, 2, 3
+
+GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+              "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+              "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+              "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+GRPC_NONE = "none"              # the call ended without a grpc-status
+GRPC_UNPARSED = "unparsed"      # its headers could not be decoded
+GRPC_UNTRACKED = "untracked"    # past the streams tracked per connection
+GRPC_OTHER = "other"            # a grpc-status outside the codes above
+
+REQUEST, LATENCY = 0, 1         # kinds, as in the kernel's HTTP keys
+CACHE_ENTRIES = 256
+
+# (family, client, client_port, server, server_port)
+ConnKey = tuple[int, bytes, int, bytes, int]
+# (family, client, server, server_port, kind, method, status, variant, path)
+HttpKey = tuple[int, bytes, bytes, int, int, int, int, int, bytes]
+# (family, client, server, server_port, kind, grpc_status, variant)
+GrpcKey = tuple[int, bytes, bytes, int, int, str, int]
+
+
+def grpc_status_name(value: bytes | None) -> str:
+    if value is None:
+        return GRPC_NONE
+    try:
+        code = int(value)
+    except ValueError:
+        return GRPC_OTHER
+    return GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else GRPC_OTHER
+
+
+class CountingTable(HeaderTable):
+    """hpack's dynamic table, with a version that changes whenever its contents may have."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        super().__init__()
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
+        super().add(name, value)
+
+    @HeaderTable.maxsize.setter  # type: ignore[attr-defined,untyped-decorator]
+    def maxsize(self, newmax: int) -> None:
+        self.version += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
+class BlockDecoder:
+    """One direction's HPACK decoder, with the cache of blocks that left its table alone."""
+
+    def __init__(self) -> None:
+        self.decoder = Decoder()
+        self.table = CountingTable()
+        self.decoder.header_table = self.table
+        self._cache: dict[bytes, dict[bytes, bytes]] = {}
+        self._cached_version = 0
+
+    def decode(self, block: bytes) -> dict[bytes, bytes]:
+        """The block's headers (the last value of a repeated name); raises HPACKError."""
+        version = self.table.version
+        if version != self._cached_version:
+            self._cache.clear()
+            self._cached_version = version
+        headers = self._cache.get(block)
+        if headers is not None:
+            return headers
+        headers = dict(self.decoder.decode(block, raw=True))  # type: ignore[arg-type]
+        if self.table.version == version:
+            if len(self._cache) >= CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[block] = headers
+        return headers
+
+
+@dataclass
+class Stream:
+    method: int
+    started_ns: int
+    grpc: bool
+    path: bytes
+    answered: bool = False
+
+
+@dataclass
+class Frame:
+    """A handed-over frame being put together from its records."""
+    type: int
+    flags: int
+    stream: int
+    length: int
+    captured: int
+    payload: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class Block:
+    """A header block being put together from HEADERS (or PUSH_PROMISE) and CONTINUATION."""
+    type: int
+    flags: int
+    stream: int
+    time_ns: int
+    fragment: bytearray
+
+
+class Connection:
+    def __init__(self, key: ConnKey) -> None:
+        self.key = key
+        self.decoders = (BlockDecoder(), BlockDecoder())    # client's, server's
+        self.frames: list[Frame | None] = [None, None]
+        self.blocks: list[Block | None] = [None, None]
+        self.streams: dict[int, Stream] = {}
+        self.lost = False
+        self.last_ns = 0
+
+
+class Http2Tracker:
+    """Follows HTTP/2 connections through their records; counts accumulate until drained."""
+
+    def __init__(self, max_streams: int, idle_ns: int, paths: bool = False) -> None:
+        self.max_streams = max_streams
+        self.idle_ns = idle_ns
+        self.paths = paths
+        self.conns: dict[ConnKey, Connection] = {}
+        self.http: dict[HttpKey, int] = {}
+        self.grpc: dict[GrpcKey, int] = {}
+        self.parse_errors = 0
+        self.lost_connections = 0
+
+    # -- records ---------------------------------------------------------------------------
+
+    def feed(self, records: np.ndarray) -> None:
+        for record in records:
+            self._record(record)
+
+    def _record(self, r: np.void) -> None:
+        kind, side = int(r["kind"]), int(r["from_server"])
+        key: ConnKey = (int(r["family"]), r["client"].tobytes(), int(r["client_port"]),
+                        r["server"].tobytes(), int(r["server_port"]))
+        if side == SIDE_UNKNOWN:        # the kernel's state was gone: either way round
+            flipped = (key[0], key[3], key[4], key[1], key[2])
+            conn = self.conns.get(key) or self.conns.get(flipped)
+            if conn is not None:
+                self._end(conn, lost=kind == RECORD_LOST)
+            return
+        conn = self.conns.get(key)
+        if conn is None:
+            if kind != RECORD_FRAME:
+                return
+            conn = self.conns[key] = Connection(key)
+        conn.last_ns = int(r["time_ns"])
+        if kind == RECORD_END:
+            self._end(conn, lost=False)
+            return
+        if conn.lost:
+            return
+        if kind == RECORD_LOST or r["lost_before"]:
+            self._lose(conn)
+            return
+        self._chunk(conn, side, r)
+
+    def _chunk(self, conn: Connection, side: int, r: np.void) -> None:
+        offset, length = int(r["chunk_offset"]), int(r["chunk_len"])
+        frame = conn.frames[side]
+        if offset == 0:
+            frame = conn.frames[side] = Frame(int(r["frame_type"]), int(r["frame_flags"]),
+                                              int(r["stream"]), int(r["frame_len"]),
+                                              int(r["capture_len"]))
+        elif frame is None or offset != len(frame.payload):
+            self._lose(conn)            # a piece missing in between
+            return
+        frame.payload += r["data"][:length].tobytes()
+        if len(frame.payload) >= frame.captured:
+            conn.frames[side] = None
+            self._frame(conn, side, frame, int(r["time_ns"]))
+
+    def _frame(self, conn: Connection, side: int, frame: Frame, now: int) -> None:
+        if frame.type in (HEADERS, PUSH_PROMISE, CONTINUATION):
+            if frame.captured < frame.length:       # past the kernel's capture: undecodable
+                self._lose(conn)
+                return
+            self._block_frame(conn, side, frame, now)
+        elif frame.type == SETTINGS:
+            self._settings(conn, side, bytes(frame.payload))
+        elif frame.type == RST_STREAM:
+            self._reset(conn, frame.stream)
+        elif frame.type == GOAWAY and side == 1 and len(frame.payload) >= 4:
+            last = struct.unpack_from(">I", frame.payload)[0] & 0x7FFFFFFF
+            for stream_id in [s for s in conn.streams if s > last]:
+                self._reset(conn, stream_id)
+
+    def _settings(self, conn: Connection, side: int, payload: bytes) -> None:
+        # a side's HEADER_TABLE_SIZE bounds the table of the blocks sent to it
+        for at in range(0, len(payload) - 5, 6):
+            ident, value = struct.unpack_from(">HI", payload, at)
+            if ident == SETTINGS_HEADER_TABLE_SIZE:
+                conn.decoders[1 - side].decoder.max_allowed_table_size = value
+
+    def _block_frame(self, conn: Connection, side: int, frame: Frame, now: int) -> None:
+        payload = frame.payload
+        if frame.type == CONTINUATION:
+            block = conn.blocks[side]
+            if block is None or block.stream != frame.stream:
+                self._lose(conn)
+                return
+            block.fragment += payload
+        else:
+            start, pad = 0, 0
+            if frame.flags & PADDED:
+                pad = payload[0] if payload else 0
+                start = 1
+            if frame.type == HEADERS and frame.flags & PRIORITY_FLAG:
+                start += 5
+            if frame.type == PUSH_PROMISE:
+                start += 4
+            if start + pad > len(payload):
+                self._lose(conn)
+                return
+            block = conn.blocks[side] = Block(frame.type, frame.flags, frame.stream, now,
+                                              payload[start:len(payload) - pad])
+        if frame.flags & END_HEADERS:
+            conn.blocks[side] = None
+            try:
+                headers = conn.decoders[side].decode(bytes(block.fragment))
+            except (HPACKError, ValueError, IndexError) as e:
+                log.debug("undecodable header block", extra={"error": str(e)})
+                self._lose(conn)
+                return
+            if block.type == HEADERS:
+                (self._response if side else self._request)(conn, block, headers)
+
+    # -- pairing ---------------------------------------------------------------------------
+
+    def _request(self, conn: Connection, block: Block, headers: dict[bytes, bytes]) -> None:
+        if block.stream in conn.streams:
+            return                      # the request's trailers
+        method = METHOD_CODES.get(headers.get(b":method", b""), METHOD_OTHER) | VERSION_2
+        grpc = headers.get(b"content-type", b"").startswith(b"application/grpc")
+        path = headers.get(b":path", b"")
+        if len(conn.streams) >= self.max_streams:
+            self._count_http(conn, method, STATUS_UNTRACKED, None, path)
+            if grpc:
+                self._count_grpc(conn, GRPC_UNTRACKED, None)
+            return
+        conn.streams[block.stream] = Stream(method, block.time_ns, grpc, path)
+
+    def _response(self, conn: Connection, block: Block, headers: dict[bytes, bytes]) -> None:
+        stream = conn.streams.get(block.stream)
+        if stream is None:
+            if block.stream % 2 == 1:
+                self.parse_errors += 1  # a response to no request seen
+            return                      # even: a pushed stream
+        status = headers.get(b":status")
+        if not stream.answered:
+            if status is None:
+                if not (block.flags & END_STREAM):
+                    self.parse_errors += 1
+                    return
+            else:
+                code = int(status) if status.isdigit() else 0
+                if 100 <= code < 200 and code != 101:
+                    return              # interim: the final one follows
+                if not 100 <= code <= 599:
+                    self.parse_errors += 1
+                    code = STATUS_UNKNOWN
+                stream.answered = True
+                self._count_http(conn, stream.method, code, block.time_ns - stream.started_ns,
+                                 stream.path)
+        if not stream.grpc:
+            del conn.streams[block.stream]
+        elif block.flags & END_STREAM:
+            del conn.streams[block.stream]
+            if not stream.answered:     # trailers before any response headers
+                stream.answered = True
+                self._count_http(conn, stream.method, STATUS_UNKNOWN, None, stream.path)
+            self._count_grpc(conn, grpc_status_name(headers.get(b"grpc-status")),
+                             block.time_ns - stream.started_ns)
+
+    def _reset(self, conn: Connection, stream_id: int) -> None:
+        stream = conn.streams.pop(stream_id, None)
+        if stream is not None:
+            self._unfinished(conn, stream, STATUS_NONE, GRPC_NONE)
+
+    def _unfinished(self, conn: Connection, stream: Stream, status: int, grpc: str) -> None:
+        if not stream.answered:
+            self._count_http(conn, stream.method, status, None, stream.path)
+        if stream.grpc:
+            self._count_grpc(conn, grpc, None)
+
+    def _lose(self, conn: Connection) -> None:
+        """The connection's tables can no longer be followed: its requests are unknown."""
+        if conn.lost:
+            return
+        conn.lost = True
+        self.lost_connections += 1
+        self.parse_errors += 1
+        for stream in conn.streams.values():
+            self._unfinished(conn, stream, STATUS_UNKNOWN, GRPC_UNPARSED)
+        conn.streams.clear()
+
+    def _end(self, conn: Connection, lost: bool) -> None:
+        if lost:
+            self._lose(conn)
+        for stream in conn.streams.values():
+            self._unfinished(conn, stream, STATUS_NONE, GRPC_NONE)
+        del self.conns[conn.key]
+
+    def sweep(self, now_ns: int) -> None:
+        """Ends the connections idle for idle_ns (their last record's time)."""
+        for conn in [c for c in self.conns.values() if now_ns - c.last_ns > self.idle_ns]:
+            self._end(conn, lost=False)
+
+    # -- counts ----------------------------------------------------------------------------
+
+    def _count_http(self, conn: Connection, method: int, status: int, latency_ns: int | None,
+                    path: bytes) -> None:
+        family, client, _, server, port = conn.key
+        kept = path[:64] if self.paths else b""
+        _add(self.http, (family, client, server, port, REQUEST, method, status, 0, kept), 1)
+        if latency_ns is not None:
+            _observe(lambda variant: (family, client, server, port, LATENCY, method, status,
+                                      variant, kept), self.http, latency_ns)
+
+    def _count_grpc(self, conn: Connection, status: str, latency_ns: int | None) -> None:
+        family, client, _, server, port = conn.key
+        _add(self.grpc, (family, client, server, port, REQUEST, status, 0), 1)
+        if latency_ns is not None:
+            _observe(lambda variant: (family, client, server, port, LATENCY, status, variant),
+                     self.grpc, latency_ns)
+
+    def take_http(self) -> dict[HttpKey, int]:
+        http, self.http = self.http, {}
+        return http
+
+    def take_grpc(self) -> dict[GrpcKey, int]:
+        grpc, self.grpc = self.grpc, {}
+        return grpc
+
+    def take_parse_errors(self) -> int:
+        errors, self.parse_errors = self.parse_errors, 0
+        return errors
+
+
+def _add(counts: dict, key: tuple, value: int) -> None:  # type: ignore[type-arg]
+    counts[key] = counts.get(key, 0) + value
+
+
+def _observe(key_of: Callable[[int], tuple], counts: dict,  # type: ignore[type-arg]
+             latency_ns: int) -> None:
+    """A latency as the kernel files one: its log2 slot, and its microseconds in the sum."""
+    micros = max(latency_ns, 0) // 1000
+    _add(counts, key_of(histogram.slot_of(micros)), 1)
+    _add(counts, key_of(histogram.SUM_SLOT), micros)

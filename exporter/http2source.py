@@ -1,0 +1,113 @@
+"""The classifier's HTTP/2 records, read from their ring buffer by a thread of their own and
+followed by an Http2Tracker; the HTTP and gRPC collectors drain the counts at scrape time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from . import logs
+from .collectors.http import HTTP_KEY, HTTP_KEY_PATHS, HttpBatch
+from .http2 import RECORD, GrpcKey, Http2Tracker
+from .ringbuf import FixedRecordRing, RingError
+from .selfmetrics import KernelStats
+
+log = logs.get("http2")
+
+# The kernel writes records without waking anyone (BPF_RB_NO_WAKEUP); the ring is read on this
+# period. At 20,000 gRPC calls a second some 60,000 records (20 MB) a second arrive: the ring
+# (H2_RING_PAGES) holds 0.4 s of them.
+POLL_SECONDS = 0.05
+SWEEP_SECONDS = 5.0
+RING_BYTES = 2048 * 4096        # H2_RING_PAGES pages in bpf/http2.h
+
+
+class Http2Source:
+    def __init__(self, program: object, idle_seconds: float, max_streams: int,
+                 conn_capacity: int, paths: bool = False) -> None:
+        table = program.table("h2_records")  # type: ignore[attr-defined]
+        self.ring = FixedRecordRing(table.get_fd(), RING_BYTES, RECORD)
+        self.tracker = Http2Tracker(max_streams, int(idle_seconds * 1e9), paths)
+        self.paths = paths
+        self.conn_capacity = conn_capacity
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sweep = time.monotonic()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="http2-records", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self.ring.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                self.poll()
+            except RingError as e:      # a layout mismatch: every later read would fail too
+                log.error("HTTP/2 records cannot be read", extra={"error": str(e)})
+                return
+            except Exception as e:      # keep reading; the failure is logged once per kind
+                log.warning("HTTP/2 records: a batch failed", extra={"error": str(e)},
+                            exc_info=True)
+
+    def poll(self) -> None:
+        """Reads and follows every record the kernel committed, and sweeps idle connections."""
+        records = self.ring.read()
+        with self._lock:
+            if len(records):
+                self.tracker.feed(records)
+            if time.monotonic() - self._last_sweep >= SWEEP_SECONDS:
+                self._last_sweep = time.monotonic()
+                self.tracker.sweep(time.monotonic_ns())
+
+    def sweep(self) -> None:
+        """The HTTP collector's sweep: idle connections go in poll()."""
+
+    def drain(self) -> HttpBatch:
+        """The HTTP counts since the last drain, in the shape of the kernel's."""
+        with self._lock:
+            http = self.tracker.take_http()
+            conns = len(self.tracker.conns)
+        dtype = HTTP_KEY_PATHS if self.paths else HTTP_KEY
+        keys = np.zeros(len(http), dtype=dtype)
+        counts = np.zeros(len(http), dtype=np.uint64)
+        for row, (key, value) in enumerate(http.items()):
+            family, client, server, port, kind, method, status, variant, path = key
+            keys[row]["family"], keys[row]["server_port"] = family, port
+            keys[row]["client"] = np.frombuffer(client, dtype=np.uint8)
+            keys[row]["server"] = np.frombuffer(server, dtype=np.uint8)
+            keys[row]["kind"], keys[row]["method"] = kind, method
+            keys[row]["status"], keys[row]["variant"] = status, variant
+            if self.paths and path:
+                keys[row]["path"][:len(path)] = np.frombuffer(path, dtype=np.uint8)
+            counts[row] = value
+        return HttpBatch(keys, counts, conns=conns, conn_capacity=self.conn_capacity,
+                         scheme="http", name="http2")
+
+    def drain_grpc(self) -> dict[GrpcKey, int]:
+        """The gRPC counts since the last call."""
+        with self._lock:
+            return self.tracker.take_grpc()
+
+    def report(self, stats: KernelStats) -> None:
+        with self._lock:
+            errors = self.tracker.take_parse_errors()
+        stats.add_parse_errors("http2", float(errors))
+
+
+class GrpcCounts:
+    """The gRPC side of an Http2Source, as the gRPC collector's source."""
+
+    def __init__(self, source: Http2Source) -> None:
+        self.source = source
+
+    def drain(self) -> dict[GrpcKey, int]:
+        return self.source.drain_grpc()
