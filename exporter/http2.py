@@ -48,6 +48,9 @@ RECORD = np.dtype({
     "itemsize": 328,
 })
 RECORD_FRAME, RECORD_LOST, RECORD_END = 1, 2, 3
+_COLUMNS = ("kind", "family", "from_server", "frame_type", "frame_flags", "lost_before",
+            "chunk_len", "client_port", "server_port", "stream", "frame_len", "chunk_offset",
+            "capture_len", "time_ns")
 SIDE_UNKNOWN = 2
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
@@ -194,49 +197,62 @@ class Http2Tracker:
     # -- records ---------------------------------------------------------------------------
 
     def feed(self, records: np.ndarray) -> None:
-        for record in records:
-            self._record(record)
+        # columns as Python lists first: a field of a numpy record costs more to read than
+        # the rest of a record's handling
+        columns = [records[name].tolist() for name in _COLUMNS]
+        clients, servers = records["client"].tobytes(), records["server"].tobytes()
+        data = records["data"].tobytes()
+        for row, (kind, family, side, ftype, flags, lost_before, chunk_len, client_port,
+                  server_port, stream, frame_len, chunk_offset, capture_len,
+                  time_ns) in enumerate(zip(*columns, strict=True)):
+            at = row * 16
+            key: ConnKey = (family, clients[at:at + 16], client_port, servers[at:at + 16],
+                            server_port)
+            conn = self._connection(key, kind, side, time_ns, lost_before)
+            if conn is None:
+                continue
+            start = row * CHUNK
+            self._chunk(conn, side, Frame(ftype, flags, stream, frame_len, capture_len),
+                        chunk_offset, data[start:start + chunk_len], time_ns)
 
-    def _record(self, r: np.void) -> None:
-        kind, side = int(r["kind"]), int(r["from_server"])
-        key: ConnKey = (int(r["family"]), r["client"].tobytes(), int(r["client_port"]),
-                        r["server"].tobytes(), int(r["server_port"]))
+    def _connection(self, key: ConnKey, kind: int, side: int, time_ns: int,
+                    lost_before: int) -> Connection | None:
+        """The connection a frame record goes on with; None when the record is done with."""
         if side == SIDE_UNKNOWN:        # the kernel's state was gone: either way round
             flipped = (key[0], key[3], key[4], key[1], key[2])
             conn = self.conns.get(key) or self.conns.get(flipped)
             if conn is not None:
                 self._end(conn, lost=kind == RECORD_LOST)
-            return
+            return None
         conn = self.conns.get(key)
         if conn is None:
             if kind != RECORD_FRAME:
-                return
+                return None
             conn = self.conns[key] = Connection(key)
-        conn.last_ns = int(r["time_ns"])
+        conn.last_ns = time_ns
         if kind == RECORD_END:
             self._end(conn, lost=False)
-            return
+            return None
         if conn.lost:
-            return
-        if kind == RECORD_LOST or r["lost_before"]:
+            return None
+        if kind == RECORD_LOST or lost_before:
             self._lose(conn)
-            return
-        self._chunk(conn, side, r)
+            return None
+        return conn
 
-    def _chunk(self, conn: Connection, side: int, r: np.void) -> None:
-        offset, length = int(r["chunk_offset"]), int(r["chunk_len"])
+    def _chunk(self, conn: Connection, side: int, header: Frame, offset: int, piece: bytes,
+               time_ns: int) -> None:
+        """A piece of a frame's payload; `header` describes its frame."""
         frame = conn.frames[side]
         if offset == 0:
-            frame = conn.frames[side] = Frame(int(r["frame_type"]), int(r["frame_flags"]),
-                                              int(r["stream"]), int(r["frame_len"]),
-                                              int(r["capture_len"]))
+            frame = conn.frames[side] = header
         elif frame is None or offset != len(frame.payload):
             self._lose(conn)            # a piece missing in between
             return
-        frame.payload += r["data"][:length].tobytes()
+        frame.payload += piece
         if len(frame.payload) >= frame.captured:
             conn.frames[side] = None
-            self._frame(conn, side, frame, int(r["time_ns"]))
+            self._frame(conn, side, frame, time_ns)
 
     def _frame(self, conn: Connection, side: int, frame: Frame, now: int) -> None:
         if frame.type in (HEADERS, PUSH_PROMISE, CONTINUATION):
@@ -365,6 +381,8 @@ class Http2Tracker:
     def _end(self, conn: Connection, lost: bool) -> None:
         if lost:
             self._lose(conn)
+        elif not conn.lost and (any(conn.frames) or any(conn.blocks)):
+            self.parse_errors += 1      # a frame or header block cut short by the end
         for stream in conn.streams.values():
             self._unfinished(conn, stream, STATUS_NONE, GRPC_NONE)
         del self.conns[conn.key]

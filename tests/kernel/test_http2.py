@@ -4,6 +4,8 @@ with http2 and curl --http2-prior-knowledge, and a grpcio server and client."""
 from __future__ import annotations
 
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -12,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hpack import Encoder
 
 from tests.exporter_process import ExporterProcess, Scrape, wait_until
-from tests.testnode import TestNode, nginx_config
+from tests.testnode import TestNode, in_netns, nginx_config
 
 pytestmark = pytest.mark.kernel
 
@@ -26,7 +29,8 @@ PEER = str(Path(__file__).with_name("grpc_peer.py"))
 @pytest.fixture(scope="module")
 def h2(node: TestNode) -> Iterator[ExporterProcess]:
     root = Path(tempfile.mkdtemp(prefix=f"{node.prefix}-nginx2-"))
-    config = nginx_config(str(root), [f"{node.b_ip}:{H2_PORT} http2"], LOCATIONS)
+    config = nginx_config(str(root), [f"{node.b_ip}:{H2_PORT} http2",
+                                      f"[{node.b_ip6}]:{H2_PORT} http2"], LOCATIONS)
     (root / "nginx.conf").write_text(config)
     node.spawn(node.b_ns, ["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)])
     grpc_server = node.spawn(node.b_ns, [sys.executable, PEER, "serve", node.b_ip,
@@ -116,6 +120,17 @@ def test_nginx_h2c_requests_are_counted_exactly_with_version_2(node: TestNode,
         before.value("ebpf_net_exporter_parse_errors_total", protocol="http2")
 
 
+def test_nginx_h2c_over_ipv6(node: TestNode, h2: ExporterProcess):
+    def created(s: Scrape) -> float:
+        return s.value("ebpf_net_http_requests_total", src_ip=node.a_ip6, dst_ip=node.b_ip6,
+                       dst_port=str(H2_PORT), version="2", method="GET", status_code="201")
+
+    before = h2.scrape()
+    assert curl(node, f"http://[{node.b_ip6}]:{H2_PORT}/created") == ["201"]
+    after = h2.wait_for(lambda s: created(s) > created(before), "the IPv6 request")
+    assert created(after) - created(before) == 1
+
+
 def test_grpc_calls_by_status_exactly(node: TestNode, h2: ExporterProcess):
     before = h2.scrape()
     seen = grpc_calls(node, "unary:OK", "unary:NOT_FOUND", "unary:UNAVAILABLE", "unary:OK",
@@ -165,3 +180,67 @@ def test_many_streams_on_one_connection_and_dynamic_table_reuse(node: TestNode,
     assert _grpc_delta(after, before, node, "OK") == 350
     assert _grpc_delta(after, before, node, "NOT_FOUND") == 150
     assert _grpc_delta(after, before, node, "unparsed") == 0
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HEADERS, SETTINGS = 1, 4
+END_STREAM, END_HEADERS = 0x1, 0x4
+
+
+def _frame(ftype: int, flags: int, stream: int, payload: bytes, length: int | None = None) -> bytes:
+    size = len(payload) if length is None else length
+    return struct.pack(">I", size)[1:] + struct.pack(">BBI", ftype, flags, stream) + payload
+
+
+def _raw_h2(node: TestNode, frames: bytes) -> bytes:
+    """A connection to nginx that sends the preface, an empty SETTINGS and `frames`, then
+    reads what nginx answers until it closes or goes quiet."""
+    with in_netns(node.a_ns):
+        sock = socket.create_connection((node.b_ip, H2_PORT), timeout=5)
+    with sock:
+        sock.sendall(PREFACE + _frame(SETTINGS, 0, 0, b"") + frames)
+        received = b""
+        sock.settimeout(1)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+        return received
+
+
+def _get(path: str) -> bytes:
+    block = Encoder().encode([(":method", "GET"), (":scheme", "http"), (":path", path),
+                              (":authority", "b")])
+    return _frame(HEADERS, END_HEADERS | END_STREAM, 1, block)
+
+
+def test_malformed_frames_are_parse_errors_and_nothing_else(node: TestNode, h2: ExporterProcess):
+    """A HEADERS frame whose length runs past what was sent, and a header block cut short
+    (its last literal promises more bytes than the block holds), are parse errors and count no
+    request; a frame of an unknown type is ignored (RFC 9113 5.5), and the request after it
+    counts as usual. The exporter stays up and keeps counting. nginx answers the first with a
+    400 on the stream whose request could not be read: a second parse error (a response to no
+    request seen), three in all."""
+    before = h2.scrape()
+    _raw_h2(node, _frame(HEADERS, END_HEADERS, 1, b"\x82" * 20, length=0xFFFFFF))
+    block = Encoder().encode([(":method", "GET"), (":path", "/" + "x" * 40)])
+    _raw_h2(node, _frame(HEADERS, END_HEADERS | END_STREAM, 1, block[:-10]))
+    answered = _raw_h2(node, _frame(0x42, 0, 0, b"hello") + _get("/ok"))
+    assert answered, "nginx answered the request after the unknown frame"
+
+    def errors(s: Scrape) -> float:
+        return s.value("ebpf_net_exporter_parse_errors_total", protocol="http2")
+
+    after = h2.wait_for(lambda s: errors(s) - errors(before) >= 3 and http_value(
+        s, "requests_total", node, H2_PORT, version="2", method="GET", status_code="200")
+        > http_value(before, "requests_total", node, H2_PORT, version="2", method="GET",
+                     status_code="200"), "three parse errors and one request")
+    assert errors(after) - errors(before) == 3
+    counted = {(s.labels["method"], s.labels["status_code"]): s.value
+               for s in after.select("ebpf_net_http_requests_total", dst_port=str(H2_PORT))}
+    was = {(s.labels["method"], s.labels["status_code"]): s.value
+           for s in before.select("ebpf_net_http_requests_total", dst_port=str(H2_PORT))}
+    assert {k: v - was.get(k, 0) for k, v in counted.items() if v != was.get(k, 0)} == {
+        ("GET", "200"): 1}
+    assert after.value("ebpf_net_exporter_scrape_collector_success", collector="http") == 1

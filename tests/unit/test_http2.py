@@ -10,11 +10,30 @@ import pytest
 from hpack import Encoder
 
 from exporter import histogram
-from exporter.http2 import (CHUNK, CONTINUATION, END_HEADERS, END_STREAM, GOAWAY, HEADERS,
-                            LATENCY, PADDED, RECORD, RECORD_END, RECORD_FRAME, RECORD_LOST,
-                            REQUEST, RST_STREAM, SETTINGS, SIDE_UNKNOWN, STATUS_NONE,
-                            STATUS_UNKNOWN, STATUS_UNTRACKED, VERSION_2, Http2Tracker,
-                            grpc_status_name)
+from exporter.http2 import (
+    CHUNK,
+    CONTINUATION,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    LATENCY,
+    PADDED,
+    RECORD,
+    RECORD_END,
+    RECORD_FRAME,
+    RECORD_LOST,
+    REQUEST,
+    RST_STREAM,
+    SETTINGS,
+    SIDE_UNKNOWN,
+    STATUS_NONE,
+    STATUS_UNKNOWN,
+    STATUS_UNTRACKED,
+    VERSION_2,
+    Http2Tracker,
+    grpc_status_name,
+)
 
 CLIENT, SERVER = bytes([10, 0, 0, 1]) + bytes(12), bytes([10, 0, 0, 2]) + bytes(12)
 GET, POST = 1 | VERSION_2, 3 | VERSION_2
@@ -269,3 +288,11 @@ def test_a_larger_table_size_setting_is_followed():
     t.feed(np.concatenate([request(peer, 1), response(peer, 1)]))
     assert requests(t) == {(GET, 200): 1}
     assert t.take_parse_errors() == 0
+
+
+def test_a_header_block_cut_short_by_the_end_is_a_parse_error():
+    t, peer = tracker(), Peer()
+    block = peer.encoders[0].encode([(":method", "GET"), (":path", "/")])
+    t.feed(np.concatenate([peer.frame(0, HEADERS, 0, 1, block), peer.record(RECORD_END)]))
+    assert requests(t) == {}
+    assert t.take_parse_errors() == 1
