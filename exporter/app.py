@@ -42,7 +42,7 @@ from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
 from .http2source import GrpcCounts, Http2Source
-from .httpnames import PathLabel
+from .httpnames import GrpcMethodLabel, PathLabel
 from .interfaces import Attacher, InterfaceMonitor, NameFilter, TcAttacher
 from .kubeauth import KubernetesAuth
 from .loader import LoadError, Program
@@ -313,12 +313,16 @@ class Exporter:
                 self.http2 = Http2Source(program, config.http.idle_timeout,
                                          config.http.http2_streams,
                                          config.maps.http2_conn_capacity,
-                                         paths=bool(config.http.paths))
+                                         paths=bool(config.http.paths),
+                                         grpc_methods=bool(config.http.grpc_services))
                 http_sources.append(self.http2)
                 reporters.append(self.http2.report)
                 # gRPC calls carry the HTTP metrics' endpoint labels (labels.per_metric.http)
-                collectors.append(GrpcCollector(GrpcCounts(self.http2), labels.of("http"),
-                                                ports, *series))
+                services = config.http.grpc_services
+                grpc = GrpcCollector(GrpcCounts(self.http2), labels.of("http"), ports, *series,
+                                     GrpcMethodLabel(services) if services else None)
+                collectors.append(grpc)
+                self.sweeping.append(grpc)
             self.monitor = classifier.interface_monitor(
                 program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd),
                 self.counting)
@@ -393,6 +397,10 @@ class Exporter:
             if isinstance(collector, HttpCollector) and collector.path_label and new.http.paths:
                 collector.path_label = PathLabel(new.http.paths, new.http.path_max_length)
                 applied |= {"http.paths", "http.path_max_length"}
+            if isinstance(collector, GrpcCollector) and collector.method_label and \
+                    new.http.grpc_services:
+                collector.method_label = GrpcMethodLabel(new.http.grpc_services)
+                applied.add("http.grpc_services")
         changed = [path for path in field_paths() if _value(old, path) != _value(new, path)]
         self.config = new
         return [path for path in changed if path not in applied]

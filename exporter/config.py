@@ -413,6 +413,7 @@ class HttpConfig:
     path_max_length: int = _spec(parse_path_length)
     http2: bool = _spec(parse_bool)
     http2_streams: int = _spec(parse_positive_int)
+    grpc_services: tuple[str, ...] = _spec(list_of(parse_glob))
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,8 @@ CACHE_ENTRIES = 256
 ConnKey = tuple[int, bytes, int, bytes, int]
 # (family, client, server, server_port, kind, method, status, variant, path)
 HttpKey = tuple[int, bytes, bytes, int, int, int, int, int, bytes]
-# (family, client, server, server_port, kind, grpc_status, variant)
-GrpcKey = tuple[int, bytes, bytes, int, int, str, int]
+# (family, client, server, server_port, kind, grpc_status, variant, path: with grpc_methods)
+GrpcKey = tuple[int, bytes, bytes, int, int, str, int, bytes]
 
 
 def grpc_status_name(value: bytes | None) -> str:
@@ -184,10 +184,12 @@ class Connection:
 class Http2Tracker:
     """Follows HTTP/2 connections through their records; counts accumulate until drained."""
 
-    def __init__(self, max_streams: int, idle_ns: int, paths: bool = False) -> None:
+    def __init__(self, max_streams: int, idle_ns: int, paths: bool = False,
+                 grpc_methods: bool = False) -> None:
         self.max_streams = max_streams
         self.idle_ns = idle_ns
-        self.paths = paths
+        self.paths = paths                  # keep :path for the HTTP metrics' path label
+        self.grpc_methods = grpc_methods    # ... and for gRPC's grpc_method label
         self.conns: dict[ConnKey, Connection] = {}
         self.http: dict[HttpKey, int] = {}
         self.grpc: dict[GrpcKey, int] = {}
@@ -320,7 +322,7 @@ class Http2Tracker:
         if len(conn.streams) >= self.max_streams:
             self._count_http(conn, method, STATUS_UNTRACKED, None, path)
             if grpc:
-                self._count_grpc(conn, GRPC_UNTRACKED, None)
+                self._count_grpc(conn, GRPC_UNTRACKED, None, path)
             return
         conn.streams[block.stream] = Stream(method, block.time_ns, grpc, path)
 
@@ -354,7 +356,7 @@ class Http2Tracker:
                 stream.answered = True
                 self._count_http(conn, stream.method, STATUS_UNKNOWN, None, stream.path)
             self._count_grpc(conn, grpc_status_name(headers.get(b"grpc-status")),
-                             block.time_ns - stream.started_ns)
+                             block.time_ns - stream.started_ns, stream.path)
 
     def _reset(self, conn: Connection, stream_id: int) -> None:
         stream = conn.streams.pop(stream_id, None)
@@ -365,7 +367,7 @@ class Http2Tracker:
         if not stream.answered:
             self._count_http(conn, stream.method, status, None, stream.path)
         if stream.grpc:
-            self._count_grpc(conn, grpc, None)
+            self._count_grpc(conn, grpc, None, stream.path)
 
     def _lose(self, conn: Connection) -> None:
         """The connection's tables can no longer be followed: its requests are unknown."""
@@ -403,12 +405,14 @@ class Http2Tracker:
             _observe(lambda variant: (family, client, server, port, LATENCY, method, status,
                                       variant, kept), self.http, latency_ns)
 
-    def _count_grpc(self, conn: Connection, status: str, latency_ns: int | None) -> None:
+    def _count_grpc(self, conn: Connection, status: str, latency_ns: int | None,
+                    path: bytes) -> None:
         family, client, _, server, port = conn.key
-        _add(self.grpc, (family, client, server, port, REQUEST, status, 0), 1)
+        kept = path if self.grpc_methods else b""
+        _add(self.grpc, (family, client, server, port, REQUEST, status, 0, kept), 1)
         if latency_ns is not None:
-            _observe(lambda variant: (family, client, server, port, LATENCY, status, variant),
-                     self.grpc, latency_ns)
+            _observe(lambda variant: (family, client, server, port, LATENCY, status, variant,
+                                      kept), self.grpc, latency_ns)
 
     def take_http(self) -> dict[HttpKey, int]:
         http, self.http = self.http, {}

@@ -26,10 +26,10 @@ RING_BYTES = 2048 * 4096        # H2_RING_PAGES pages in bpf/http2.h
 
 class Http2Source:
     def __init__(self, program: object, idle_seconds: float, max_streams: int,
-                 conn_capacity: int, paths: bool = False) -> None:
+                 conn_capacity: int, paths: bool = False, grpc_methods: bool = False) -> None:
         table = program.table("h2_records")  # type: ignore[attr-defined]
         self.ring = FixedRecordRing(table.get_fd(), RING_BYTES, RECORD)
-        self.tracker = Http2Tracker(max_streams, int(idle_seconds * 1e9), paths)
+        self.tracker = Http2Tracker(max_streams, int(idle_seconds * 1e9), paths, grpc_methods)
         self.paths = paths
         self.conn_capacity = conn_capacity
         self._lock = threading.Lock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Sequence
 
@@ -76,3 +77,28 @@ class PathLabel:
             return OTHER
         path = template(path)[:self.max_length]
         return path if path.startswith(self.prefixes) else OTHER
+
+
+class GrpcMethodLabel:
+    """The opt-in `grpc_method` label: a call's :path (/package.Service/Method) when its
+    service matches one of the globs, `other` for the rest and for paths of another shape."""
+
+    def __init__(self, services: Sequence[str]) -> None:
+        self._services = re.compile("|".join(fnmatch.translate(s) for s in services))
+        self._cache: LRUCache[bytes, str] = LRUCache(maxsize=65536)
+
+    def __call__(self, path: bytes) -> str:
+        label = self._cache.get(path)
+        if label is None:
+            label = self._cache[path] = self._label(path)
+        return label
+
+    def _label(self, path: bytes) -> str:
+        try:
+            text = path.decode("ascii")
+        except UnicodeDecodeError:
+            return OTHER
+        parts = text.split("/")
+        if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
+            return OTHER
+        return text if self._services.fullmatch(parts[1]) else OTHER

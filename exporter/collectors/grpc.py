@@ -12,6 +12,7 @@ from ..cardinality import SeriesStore
 from ..endpoints import EndpointLabels, PortFolder
 from ..exposition import StoreFamily, store_family
 from ..http2 import LATENCY, REQUEST, GrpcKey
+from ..httpnames import GrpcMethodLabel
 from ..selfmetrics import KernelStats
 from .base import PairCollector
 
@@ -20,10 +21,13 @@ class GrpcCollector(PairCollector):
     name = "grpc"
 
     def __init__(self, source: object, endpoints: EndpointLabels, ports: PortFolder,
-                 stats: KernelStats, max_series: int, ttl_seconds: float) -> None:
+                 stats: KernelStats, max_series: int, ttl_seconds: float,
+                 method_label: GrpcMethodLabel | None = None) -> None:
         super().__init__(source, endpoints, ports, stats, max_series, ttl_seconds)
-        self._calls = self.store("ebpf_net_grpc_requests_total", ["grpc_status"])
-        self._duration = self.store("ebpf_net_grpc_request_duration_seconds", ["grpc_status"],
+        self.method_label = method_label
+        extra = ["grpc_status", *(["grpc_method"] if method_label else [])]
+        self._calls = self.store("ebpf_net_grpc_requests_total", extra)
+        self._duration = self.store("ebpf_net_grpc_request_duration_seconds", extra,
                                     width=histogram.WIDTH)
 
     def stores(self) -> Sequence[SeriesStore]:
@@ -33,8 +37,10 @@ class GrpcCollector(PairCollector):
         calls: defaultdict[tuple[str, ...], float] = defaultdict(float)
         duration: defaultdict[tuple[str, ...], list[float]] = defaultdict(
             lambda: [0.0] * histogram.WIDTH)
-        for (family, client, server, port, kind, status, variant), value in counts.items():
-            labels = (*self._pair(family, client, server, port), status)
+        for (family, client, server, port, kind, status, variant, path), value in \
+                counts.items():
+            labels = (*self._pair(family, client, server, port), status,
+                      *((self.method_label(path),) if self.method_label else ()))
             if kind == REQUEST:
                 calls[labels] += value
             elif kind == LATENCY:

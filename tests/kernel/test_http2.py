@@ -37,7 +37,8 @@ def h2(node: TestNode) -> Iterator[ExporterProcess]:
                                          str(GRPC_PORT)], stdout=subprocess.PIPE, text=True)
     assert grpc_server.stdout is not None and grpc_server.stdout.readline().strip() == "ready"
     wait_until(lambda: curl(node, f"http://{node.b_ip}:{H2_PORT}/ok") == ["200"], 10, "nginx")
-    process = ExporterProcess(node, config={"http": {"paths": ["/ok", "/test.Echo/"]}})
+    process = ExporterProcess(node, config={"http": {"paths": ["/ok", "/test.Echo/"],
+                                                     "grpc_services": ["test.*"]}})
     try:
         yield process.wait_ready()
     finally:
@@ -140,6 +141,12 @@ def test_grpc_calls_by_status_exactly(node: TestNode, h2: ExporterProcess):
     after = _wait_grpc(h2, node, before, expected)
     for status, n in expected.items():
         assert _grpc_delta(after, before, node, status) == n, status
+    # the opt-in grpc_method label, and the path label of the HTTP metrics, from :path
+    assert grpc_value(after, "requests_total", node, grpc_status="NOT_FOUND",
+                      grpc_method="/test.Echo/Unary") == \
+        grpc_value(after, "requests_total", node, grpc_status="NOT_FOUND")
+    assert http_value(after, "requests_total", node, GRPC_PORT, version="2",
+                      path="/test.Echo/Stream") >= 1
     # the client gave up on the deadline: reset before the answer, or the server's own
     # DEADLINE_EXCEEDED, whichever came first on the wire; counted once either way
     late = h2.wait_for(lambda s: _grpc_delta(s, before, node, "DEADLINE_EXCEEDED")

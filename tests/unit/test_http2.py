@@ -34,6 +34,7 @@ from exporter.http2 import (
     Http2Tracker,
     grpc_status_name,
 )
+from exporter.httpnames import GrpcMethodLabel
 
 CLIENT, SERVER = bytes([10, 0, 0, 1]) + bytes(12), bytes([10, 0, 0, 2]) + bytes(12)
 GET, POST = 1 | VERSION_2, 3 | VERSION_2
@@ -296,3 +297,21 @@ def test_a_header_block_cut_short_by_the_end_is_a_parse_error():
     t.feed(np.concatenate([peer.frame(0, HEADERS, 0, 1, block), peer.record(RECORD_END)]))
     assert requests(t) == {}
     assert t.take_parse_errors() == 1
+
+
+@pytest.mark.parametrize("path, label", [
+    (b"/shop.v1.Cart/Add", "/shop.v1.Cart/Add"), (b"/grpc.health.v1.Health/Check", "other"),
+    (b"/shop.v1.Cart", "other"), (b"/shop.v1.Cart/Add/x", "other"), (b"/\xff/x", "other"),
+    (b"", "other")])
+def test_the_grpc_method_label_names_allowlisted_services(path: bytes, label: str):
+    assert GrpcMethodLabel(["shop.*", "billing.Invoices"])(path) == label
+
+
+def test_grpc_counts_keep_the_path_only_with_the_method_label():
+    peer = Peer()
+    for methods, kept in [(False, b""), (True, b"/test.Echo/Unary")]:
+        t = Http2Tracker(max_streams=10, idle_ns=10**12, grpc_methods=methods)
+        t.feed(np.concatenate([request(peer, 1, grpc=True), response(peer, 1, grpc=True),
+                               trailers(peer, 1, 0)]))
+        assert {key[7] for key in t.take_grpc()} == {kept}
+        peer = Peer()
