@@ -24,13 +24,14 @@ DASHBOARD_UIDS = {
     "tcp-health.json": "ebpf-net-tcp",
     "dns.json": "ebpf-net-dns",
     "http.json": "ebpf-net-http",
+    "grpc.json": "ebpf-net-grpc",
     "exporter-health.json": "ebpf-net-exporter",
     "drops.json": "ebpf-net-drops",
 }
 # the dashboards with namespace and workload variables (drops.json selects nodes)
 WORKLOAD_DASHBOARDS = tuple(name for name in DASHBOARD_UIDS if name != "drops.json")
-RULE_FILES = ("tcp.yaml", "dns.yaml", "http.yaml", "exporter.yaml", "kubernetes.yaml",
-              "drops.yaml")
+RULE_FILES = ("tcp.yaml", "dns.yaml", "http.yaml", "grpc.yaml", "exporter.yaml",
+              "kubernetes.yaml", "drops.yaml")
 # served only when their collector is switched on
 OPT_IN_METRICS = {"ebpf_net_drops_total", "ebpf_net_bash_commands_total"}
 # served only when counting once per cluster (tests/e2e/test_prometheus_cluster.py reads them)
@@ -101,7 +102,8 @@ def variable_query(variable: dict[str, Any]) -> tuple[str, str]:
 def fill(expr: str, values: dict[str, str] | None = None, rate_interval: str = "15s",
          time_range: str = "1m") -> str:
     """The query Grafana would send: variables replaced (default: All)."""
-    values = {"namespace": ALL, "workload": ALL, "instance": ALL, "scheme": ALL, **(values or {})}
+    values = {"namespace": ALL, "workload": ALL, "instance": ALL, "scheme": ALL, "version": ALL,
+              **(values or {})}
     expr = expr.replace("$__rate_interval", rate_interval).replace("$__range", time_range)
     for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)

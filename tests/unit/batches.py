@@ -137,6 +137,18 @@ def unanswered(client: str, server: str, methods: list[int], port: int = 80, ver
                       [m | version << 4 for m in methods])
 
 
+def grpc_counts(rows: list[dict]) -> dict:
+    """gRPC counts as the HTTP/2 tracker takes them (exporter/http2.py GrpcKey)."""
+    counts: dict = {}
+    for row in rows:
+        family, client = _address(row["client"])
+        _, server = _address(row["server"])
+        key = (family, client.tobytes(), server.tobytes(), row.get("port", 50051),
+               row["kind"], row["status"], row.get("variant", 0), row.get("path", b""))
+        counts[key] = counts.get(key, 0) + row["count"]
+    return counts
+
+
 def drop_batch(rows: list[dict], **extra):
     """rows: reason, src, dst (absent: not IP), sport, dport, protocol (number), count."""
     from exporter.collectors import drops as dropsmod

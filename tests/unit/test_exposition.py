@@ -21,6 +21,7 @@ from exporter.collectors.bash import BashCollector, CommandLog
 from exporter.collectors.dns import DnsCollector
 from exporter.collectors.drops import DropsCollector
 from exporter.collectors.flows import FlowsCollector
+from exporter.collectors.grpc import GrpcCollector
 from exporter.collectors.http import HttpCollector, SchemeSources
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
@@ -41,6 +42,7 @@ from .batches import (
     dns_batch,
     drop_batch,
     flow_batch,
+    grpc_counts,
     http_batch,
     tcp_batch,
     timeout,
@@ -88,6 +90,15 @@ HTTP = [
     {"client": "10.1.0.5", "server": "10.1.1.7", "port": 8080, "kind": httpmod.LATENCY,
      "method": 1, "status": 200, "variant": histogram.SUM_SLOT, "count": 3500},
 ]
+GRPC_ENDS = {"client": "10.1.0.5", "server": "10.1.1.7", "port": 50051}
+GRPC = [
+    {**GRPC_ENDS, "kind": httpmod.REQUEST, "status": "OK", "count": 9},
+    {**GRPC_ENDS, "kind": httpmod.REQUEST, "status": "UNAVAILABLE", "count": 1},
+    {**GRPC_ENDS, "kind": httpmod.LATENCY, "status": "OK", "variant": histogram.slot_of(2500),
+     "count": 9},
+    {**GRPC_ENDS, "kind": httpmod.LATENCY, "status": "OK", "variant": histogram.SUM_SLOT,
+     "count": 21000},
+]
 DROPS = [
     {"reason": 12, "src": "10.1.0.5", "sport": 40522, "dst": "10.1.1.7", "dport": 8080,
      "protocol": 6, "count": 2},
@@ -117,12 +128,13 @@ def collectors(stats: KernelStats) -> list:
         QueueSource([http_batch(https, entries=3, capacity=16384, conns=0, conn_capacity=65536,
                                 scheme="https")], http_batch([], scheme="https"))]),
         endpoints, ports, stats, 100, 300)
+    grpc = GrpcCollector(QueueSource([grpc_counts(GRPC)], {}), endpoints, ports, stats, 100, 300)
     drops = DropsCollector(QueueSource([drop_batch(DROPS, entries=2, capacity=16384)],
                                        drop_batch([])), endpoints, ports, stats, 100, 300,
                            reasons=DROP_REASONS)
     bash = BashCollector(BashSource([bash_record(b"ls -l", uid=0)]), CommandLog(os.devnull),
                          stats, 100, 300)
-    return [flows, tcp, dns, http, drops, bash]
+    return [flows, tcp, dns, http, grpc, drops, bash]
 
 
 def test_exposition_matches_the_golden_file():
