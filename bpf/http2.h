@@ -101,7 +101,9 @@ struct h2_dir {
     u8 state;               /* H2_DIR_* */
     u8 from_server;
     u8 records_lost;        /* a record could not be reserved since the last one sent */
-    u8 pad[2];
+    u8 pad;
+    u16 server_port;        /* the server as the client addressed it (before a DNAT) */
+    u8 server[16];
     u8 header[16];          /* H2_FRAME_HEADER_BYTES used */
 };
 
@@ -134,6 +136,12 @@ struct h2_walk {
 };
 
 BPF_TABLE("lru_hash", struct h2_dir_key, struct h2_dir, h2_dirs, H2_DIR_CAPACITY);
+/* The server each client end opened an HTTP/2 connection to, as the client addressed it: the
+ * replies of a connection to a Service's ClusterIP whose backend is on this node (or whose
+ * replies cross a monitored network interface) come from the backend's address, before the
+ * DNAT is undone. Their direction is adopted by h2_adopt_reply when its first payload passes. */
+BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, h2_clients,
+          H2_DIR_CAPACITY / 2);
 BPF_PERCPU_ARRAY(h2_walks, struct h2_walk, 1);
 BPF_RINGBUF_OUTPUT(h2_records, H2_RING_PAGES);
 
@@ -177,11 +185,18 @@ static __always_inline int h2_emit(struct __sk_buff *skb, const struct h2_dir_ke
     r->frame_len = d->frame_len;
     r->chunk_offset = chunk_offset;
     r->capture_len = chunk_offset + d->capture_left;
-    int server = d->from_server == 1;
-    r->client_port = server ? k->dport : k->sport;
-    r->server_port = server ? k->sport : k->dport;
-    __builtin_memcpy(r->client, server ? k->daddr : k->saddr, 16);
-    __builtin_memcpy(r->server, server ? k->saddr : k->daddr, 16);
+    if (d->from_server == H2_SIDE_UNKNOWN) {     /* the sender's view */
+        r->client_port = k->sport;
+        r->server_port = k->dport;
+        __builtin_memcpy(r->client, k->saddr, 16);
+        __builtin_memcpy(r->server, k->daddr, 16);
+    } else {
+        int server = d->from_server == 1;
+        r->client_port = server ? k->dport : k->sport;
+        r->server_port = d->server_port;
+        __builtin_memcpy(r->client, server ? k->daddr : k->saddr, 16);
+        __builtin_memcpy(r->server, d->server, 16);
+    }
     if (len > 0 && len <= H2_CHUNK) {
         u32 n = h2_masked(len - 1, H2_CHUNK - 1) + 1;      /* 1 to H2_CHUNK */
         if (bpf_skb_load_bytes(skb, at, r->data, n) < 0) {
@@ -390,15 +405,16 @@ static __always_inline int h2_parse(struct __sk_buff *skb, const struct packet *
     }
     if (!http_ends(pkt))
         return H2_DONE;
-    /* the connection ends: one END, from whichever direction's delete succeeds first */
+    /* the connection ends: END from the direction whose delete succeeds (the other, keyed by
+     * other addresses after a DNAT, may still be there: user space takes the first END) */
     struct h2_dir ending = {};
     __builtin_memcpy(&ending, d, sizeof(ending));
     if (h2_dirs.delete(&k) != 0)
         return H2_ENDED;
     struct h2_dir_key other = {};
     h2_key_of(&other, pkt, 1);
-    if (h2_dirs.delete(&other) == 0)    /* else the other direction ended it already */
-        h2_emit(skb, &k, &ending, H2_RECORD_END, 0, 0, 0, now);
+    h2_dirs.delete(&other);
+    h2_emit(skb, &k, &ending, H2_RECORD_END, 0, 0, 0, now);
     return H2_ENDED;
 }
 
@@ -414,6 +430,52 @@ static __always_inline void h2_unwalked(struct __sk_buff *skb, const struct pack
     struct h2_dir *d = h2_dirs.lookup(&k);
     if (d && d->state != H2_DIR_LOST)
         h2_lose(skb, &k, d, bpf_ktime_get_ns());
+}
+
+/* The first payload of a direction that cannot be HTTP/1: when it goes to a client end that
+ * opened an HTTP/2 connection to another address (a Service's ClusterIP), it is that
+ * connection's server, seen before the DNAT is undone: its direction gets a walk state that
+ * names the server as the client addressed it. 1 when adopted. */
+static __always_inline int h2_adopt_reply(const struct packet *pkt)
+{
+    struct http_client_end client = {};
+    client.family = pkt->family;
+    client.port = pkt->dport;
+    __builtin_memcpy(client.addr, pkt->daddr, 16);
+    struct http_server_end *addressed = h2_clients.lookup(&client);
+    if (!addressed)
+        return 0;
+    const u64 *was = (const u64 *)addressed->addr, *is = (const u64 *)pkt->saddr;
+    if (addressed->port == pkt->sport && was[0] == is[0] && was[1] == is[1])
+        return 0;               /* no DNAT: the preface made this direction's state */
+    struct h2_dir_key k = {};
+    k.family = pkt->family;
+    k.sport = pkt->dport;
+    k.dport = addressed->port;
+    __builtin_memcpy(k.saddr, pkt->daddr, 16);
+    __builtin_memcpy(k.daddr, addressed->addr, 16);
+    if (!h2_dirs.lookup(&k))
+        return 0;               /* its client's direction is gone */
+    struct h2_dir d = {};
+    d.last_seen_ns = bpf_ktime_get_ns();
+    d.state = H2_DIR_UNSYNCED;
+    d.from_server = 1;
+    d.server_port = addressed->port;
+    __builtin_memcpy(d.server, addressed->addr, 16);
+    h2_key_of(&k, pkt, 0);
+    return h2_dirs.update(&k, &d) == 0;
+}
+
+/* Whether the segment starts with what an HTTP/2 server sends first: a SETTINGS frame on
+ * stream 0, not an acknowledgement. */
+static __always_inline int h2_server_preface(struct __sk_buff *skb, const struct packet *pkt)
+{
+    u8 h[H2_FRAME_HEADER_BYTES];
+    if (bpf_skb_load_bytes(skb, pkt->payload_off, h, H2_FRAME_HEADER_BYTES) < 0)
+        return 0;
+    u32 len = (u32)h[0] << 16 | (u32)h[1] << 8 | h[2];
+    return h[3] == H2_FRAME_SETTINGS && h[4] == 0 && len % 6 == 0 && len <= 6 * 16 &&
+           h[5] == 0 && h[6] == 0 && h[7] == 0 && h[8] == 0;
 }
 
 /* Whether s->head (s->avail bytes) starts with the client's connection preface. */

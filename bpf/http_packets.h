@@ -135,6 +135,10 @@ static __always_inline int http_ends(const struct packet *pkt)
     return pkt->tcp_flags & (HTTP_TCP_FIN | HTTP_TCP_RST);
 }
 
+#ifdef WITH_HTTP2
+#include "http2.h"
+#endif
+
 /* How each direction of a TCP connection started, so that one known not to be HTTP skips
  * http_look. An HTTP/1.x connection's first payload in each direction is a request or a status
  * line: a SYN or SYN+ACK notes where its sender's first payload will start (pending), and that
@@ -142,8 +146,8 @@ static __always_inline int http_ends(const struct packet *pkt)
  * connection whose handshake was not seen (opened before the exporter) is looked at segment
  * by segment. Entries are indexed by a hash of the direction's endpoints and hold other bits
  * of it as a tag: [63..34] tag (bit 34 always set, so never 0), [33] HTTP/2 (its segments go
- * to parse_http2, bpf/http2.h), [32] not HTTP, [31..0] the pending first payload's sequence
- * number. Direct-mapped and shared by the CPUs (the SYN and the data of a connection
+ * to parse_http2, bpf/http2.h), [32] not HTTP (with [33]: an HTTP/2 server's direction waiting
+ * for its client's preface), [31..0] the pending first payload's sequence number. Direct-mapped and shared by the CPUs (the SYN and the data of a connection
  * may be forwarded by different ones): a direction whose entry another connection took is
  * looked at segment by segment again, which costs time, never a count. 16384 entries (128 KiB)
  * keep the long-lived connections of a busy node; a pending entry lives from a SYN to the first
@@ -151,6 +155,9 @@ static __always_inline int http_ends(const struct packet *pkt)
 #define HTTP_START_SLOTS 16384
 #define HTTP_START_NOT (1ULL << 32)
 #define HTTP_START_H2 (1ULL << 33)
+/* both: a server's direction that began with an HTTP/2 SETTINGS frame before its client's
+ * preface passed; not HTTP/1, and each of its segments asks whether the preface has come */
+#define HTTP_START_H2_CANDIDATE (HTTP_START_H2 | HTTP_START_NOT)
 #define HTTP_START_TAG_BIT (1ULL << 34)
 #define HTTP_START_TAG_MASK (~0ULL << 34)
 BPF_ARRAY(http_starts, u64, HTTP_START_SLOTS);
@@ -211,11 +218,30 @@ static __always_inline int http_wanted(struct __sk_buff *skb, const struct packe
 #ifdef WITH_HTTP2
     else if (known == (tag | HTTP_START_H2))
         return HTTP_WANT_HTTP2;
+    else if (known == (tag | HTTP_START_H2_CANDIDATE)) {
+        if (payload && h2_adopt_reply(pkt)) {
+            *start = tag | HTTP_START_H2;
+            return HTTP_WANT_HTTP2;
+        }
+        return http_ends(pkt) ? HTTP_WANT_HTTP : HTTP_WANT_NONE;
+    }
 #endif
     int look = http_look(skb, pkt, payload);
-    if (start && look != HTTP_LOOK_NONE && known == (tag | pkt->tcp_seq))
+    if (start && look != HTTP_LOOK_NONE && known == (tag | pkt->tcp_seq)) {
+#ifdef WITH_HTTP2
+        if (look == HTTP_LOOK_OTHER && h2_adopt_reply(pkt)) {
+            *start = tag | HTTP_START_H2;       /* an HTTP/2 server's, after a DNAT */
+            return HTTP_WANT_HTTP2;
+        }
+        if (look == HTTP_LOOK_OTHER && h2_server_preface(skb, pkt)) {
+            /* an HTTP/2 server that spoke before its client's preface passed */
+            *start = tag | HTTP_START_H2_CANDIDATE;
+            return http_ends(pkt) ? HTTP_WANT_HTTP : HTTP_WANT_NONE;
+        }
+#endif
         /* the direction's first payload: decided for good */
         *start = look == HTTP_LOOK_MESSAGE ? 0 : tag | HTTP_START_NOT;
+    }
     return http_ends(pkt) || look == HTTP_LOOK_MESSAGE ? HTTP_WANT_HTTP : HTTP_WANT_NONE;
 }
 
@@ -239,8 +265,6 @@ static __always_inline int http_counted_elsewhere(const struct packet *pkt, int 
 }
 
 #ifdef WITH_HTTP2
-#include "http2.h"
-
 /* Writes `mark` (HTTP_START_H2, HTTP_START_NOT) in the http_starts entry of the packet's
  * direction, or with `reverse` of the opposite one. */
 static __always_inline void http_mark_start(const struct packet *pkt, int reverse, u64 mark)
@@ -271,8 +295,18 @@ static __always_inline int h2_begin(const struct packet *pkt, struct http_scratc
     d.last_seen_ns = bpf_ktime_get_ns();
     d.state = H2_DIR_SYNCED;
     d.next_seq = pkt->tcp_seq + H2_PREFACE_BYTES;
+    d.server_port = pkt->dport;
+    __builtin_memcpy(d.server, pkt->daddr, 16);
     h2_key_of(&k, pkt, 0);
     h2_dirs.update(&k, &d);
+    struct http_client_end client = {};
+    client.family = pkt->family;
+    client.port = pkt->sport;
+    __builtin_memcpy(client.addr, pkt->saddr, 16);
+    struct http_server_end server = {};
+    server.port = pkt->dport;
+    __builtin_memcpy(server.addr, pkt->daddr, 16);
+    h2_clients.update(&client, &server);
     d.state = H2_DIR_UNSYNCED;
     d.from_server = 1;
     h2_key_of(&k, pkt, 1);

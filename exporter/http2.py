@@ -12,7 +12,8 @@ Rules (docs/metrics.md says them to users):
   response): counted with its grpc-status and the whole call's latency (request HEADERS to
   trailers). Trailers without grpc-status count "none".
 - A stream reset (RST_STREAM from either side), left unprocessed by a GOAWAY, or open when the
-  connection ends or idles out counts status_code "none" (and grpc_status "none").
+  connection ends or idles out counts status_code "none" (and grpc_status "none"); but when no
+  record of the server's direction came at all (it was not followed), "unknown".
 - A block that cannot be decoded (a record lost, a frame past the kernel's capture, an HPACK
   error) leaves the connection's tables unknown: the connection's open and later requests count
   "unknown" (grpc_status "unparsed") and one parse error each, never a guessed value. A server
@@ -178,6 +179,7 @@ class Connection:
         self.blocks: list[Block | None] = [None, None]
         self.streams: dict[int, Stream] = {}
         self.lost = False
+        self.server_seen = False    # a record from the server's direction came
         self.last_ns = 0
 
 
@@ -232,6 +234,7 @@ class Http2Tracker:
                 return None
             conn = self.conns[key] = Connection(key)
         conn.last_ns = time_ns
+        conn.server_seen |= side == 1
         if kind == RECORD_END:
             self._end(conn, lost=False)
             return None
@@ -381,7 +384,9 @@ class Http2Tracker:
         conn.streams.clear()
 
     def _end(self, conn: Connection, lost: bool) -> None:
-        if lost:
+        if lost or (conn.streams and not conn.server_seen):
+            # a server always speaks first (its SETTINGS): never hearing it means its direction
+            # was not followed, and what it answered is unknown
             self._lose(conn)
         elif not conn.lost and (any(conn.frames) or any(conn.blocks)):
             self.parse_errors += 1      # a frame or header block cut short by the end

@@ -22,6 +22,9 @@ DAEMONSET = "ebpf-net-exporter"
 WORKLOADS = {"pod-1a": ("shop", "frontend"), "pod-1b": ("shop", "worker"),
              "pod-2a": ("shop", "web"), "pod-2b": ("infra", "dns")}
 WEB_VIP, DNS_VIP = 10, 53           # the Services' ClusterIPs: hosts of the service CIDR
+# a Service whose selector matches no pod: only its ClusterIP is named after it (its backend,
+# the gRPC server on pod-2a, keeps the name the web Service gives it)
+GRPC_VIP = 11
 # interfaces facing the network in each routing mode: the uplink (a route through a gateway
 # to the other node's pods, or the route to the other node's address), and the VXLAN device
 # (the overlay's route through the other node's gateway address)
@@ -53,6 +56,8 @@ def register(api: KubeAPI, cluster: TestCluster) -> None:
                                            cluster.service_ip(WEB_VIP)))
     api.create("services", kubeapi.service("infra", "dns", {"app": "dns"},
                                            cluster.service_ip(DNS_VIP)))
+    api.create("services", kubeapi.service("shop", "grpc", {"app": "grpc"},
+                                           cluster.service_ip(GRPC_VIP)))
 
 
 def ends(client: ClusterPod, server: ClusterPod) -> dict[str, str]:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.clusterexporters import (
     ADDRESSES_PER_NODE,
     DNS_VIP,
+    GRPC_VIP,
     WEB_VIP,
     ClusterExporters,
     cluster_exporters,
@@ -36,6 +40,8 @@ DATAGRAMS = [300] * 50
 NGINX_PORT, DOWNLOAD_PORT, IPERF_PORT, NODE_PORT = 80, 8080, 5201, 30080
 LOCATIONS = {"/ok": 200, "/created": 201, "/error": 500, "/unavailable": 503}
 DNS_TIMEOUT = 1.0
+GRPC_PORT = 50051
+GRPC_PEER = str(Path(__file__).with_name("grpc_peer.py"))
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +329,48 @@ def test_http_is_counted_once_by_the_clients_node(
     # node 1's clients on node 1, node 2's (the neighbour) on node 2
     assert delta.by_node(latency) == [len(plan) - 2, 2]
     assert delta.value("ebpf_net_exporter_parse_errors_total", protocol="http") == 0
+
+
+@pytest.fixture(scope="module")
+def grpc_server(cluster: TestCluster) -> Iterator[ClusterPod]:
+    """A gRPC server on pod-2a, also behind a ClusterIP."""
+    web = cluster.pod("pod-2a")
+    server = cluster.spawn(web.ns, [sys.executable, GRPC_PEER, "serve", web.ip, str(GRPC_PORT)],
+                           stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    cluster.add_cluster_ip(cluster.service_ip(GRPC_VIP), GRPC_PORT, web.ip, GRPC_PORT)
+    yield web
+    cluster.stop(server)
+
+
+def test_grpc_is_counted_once_by_the_clients_node_through_pod_ips_and_cluster_ips(
+        cluster: TestCluster, grpc_server: ClusterPod, exporters: ClusterExporters,
+        mode: str) -> None:
+    """HTTP/2 connections from a pod on the server's node and from one on the other node, to
+    the server's pod address and to a ClusterIP (whose replies come from the backend's address
+    before the DNAT is undone): every call counted once, by its client's node."""
+    web, vip = grpc_server, cluster.service_ip(GRPC_VIP)
+    frontend, neighbour = cluster.pod("pod-1a"), cluster.pod("pod-2b")
+    plan = ["unary:OK"] * 3 + ["unary:NOT_FOUND"]
+    delta = Delta(exporters)
+    for client in (frontend, neighbour):
+        for address in (web.ip, vip):
+            seen = cluster.run(client.ns, [sys.executable, GRPC_PEER, "call", address,
+                                           str(GRPC_PORT), *plan], timeout=60).stdout.split()
+            assert seen == ["OK"] * 3 + ["NOT_FOUND"]
+    calls = "ebpf_net_grpc_requests_total"
+    delta.wait(lambda d: d.value(calls) >= 16, "the gRPC calls")
+    assert {status: delta.value(calls, grpc_status=status)
+            for status in ("OK", "NOT_FOUND")} == {"OK": 12, "NOT_FOUND": 4}
+    assert delta.value(calls) == 16
+    # each client's node alone: frontend's on node 1, the neighbour's on node 2
+    assert delta.by_node(calls) == [8, 8]
+    # through the ClusterIP, named as the client addressed it
+    assert delta.value(calls, dst_service="grpc") == 8
+    assert delta.value(calls, dst_port=str(GRPC_PORT), **ends(frontend, web)) == 4
+    assert delta.value("ebpf_net_http_requests_total", version="2", method="POST",
+                       status_code="200") == 16
+    assert delta.value("ebpf_net_exporter_parse_errors_total", protocol="http2") == 0
 
 
 def test_vxlan_outer_packets_are_node_traffic_counted_by_the_sender(

@@ -171,6 +171,7 @@ def test_grpc_status_names(value: bytes | None, name: str):
 
 def test_reset_streams_goaway_and_the_end_count_none():
     t, peer = tracker(), Peer()
+    t.feed(peer.frame(1, SETTINGS, 0, 0, b""))
     rst = peer.frame(0, RST_STREAM, 0, 1, struct.pack(">I", 8))
     goaway = peer.frame(1, GOAWAY, 0, 0, struct.pack(">II", 3, 0))
     t.feed(np.concatenate([request(peer, 1), rst, request(peer, 3), request(peer, 5, grpc=True),
@@ -272,7 +273,8 @@ def test_streams_past_the_bound_count_untracked():
 
 def test_idle_connections_are_swept():
     t, peer = Http2Tracker(max_streams=10, idle_ns=5 * MS), Peer()
-    t.feed(request(peer, 1, time_ns=1 * MS))
+    t.feed(np.concatenate([peer.frame(1, SETTINGS, 0, 0, b"", time_ns=1 * MS),
+                           request(peer, 1, time_ns=1 * MS)]))
     t.sweep(4 * MS)
     assert requests(t) == {}
     t.sweep(7 * MS)
@@ -315,3 +317,12 @@ def test_grpc_counts_keep_the_path_only_with_the_method_label():
                                trailers(peer, 1, 0)]))
         assert {key[7] for key in t.take_grpc()} == {kept}
         peer = Peer()
+
+
+def test_requests_of_a_connection_whose_server_never_spoke_are_unknown():
+    """The server's direction was not followed (its replies came from an address the kernel
+    could not tie to the connection): its answers are unknown, not none."""
+    t, peer = tracker(), Peer()
+    t.feed(np.concatenate([request(peer, 1), peer.record(RECORD_END)]))
+    assert requests(t) == {(GET, STATUS_UNKNOWN): 1}
+    assert t.take_parse_errors() == 1
