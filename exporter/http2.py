@@ -142,6 +142,18 @@ class BlockDecoder:
 
 
 @dataclass
+class Exchange:
+    """An answered HTTP/2 request (kind "http2", status the :status) or a finished gRPC call
+    (kind "grpc", status the grpc_status name), for the live view."""
+    kind: str
+    key: ConnKey
+    method: int
+    status: int | str
+    path: bytes
+    latency_ns: int
+
+
+@dataclass
 class Stream:
     method: int
     started_ns: int
@@ -193,6 +205,8 @@ class Http2Tracker:
         self.paths = paths                  # keep :path for the HTTP metrics' path label
         self.grpc_methods = grpc_methods    # ... and for gRPC's grpc_method label
         self.conns: dict[ConnKey, Connection] = {}
+        # the live view's: each answered request and finished gRPC call, when set to a list
+        self.exchanges: list[Exchange] | None = None
         self.http: dict[HttpKey, int] = {}
         self.grpc: dict[GrpcKey, int] = {}
         self.parse_errors = 0
@@ -351,6 +365,10 @@ class Http2Tracker:
                 stream.answered = True
                 self._count_http(conn, stream.method, code, block.time_ns - stream.started_ns,
                                  stream.path)
+                if self.exchanges is not None:
+                    self.exchanges.append(Exchange("http2", conn.key, stream.method, code,
+                                                   stream.path,
+                                                   block.time_ns - stream.started_ns))
         if not stream.grpc:
             del conn.streams[block.stream]
         elif block.flags & END_STREAM:
@@ -358,8 +376,11 @@ class Http2Tracker:
             if not stream.answered:     # trailers before any response headers
                 stream.answered = True
                 self._count_http(conn, stream.method, STATUS_UNKNOWN, None, stream.path)
-            self._count_grpc(conn, grpc_status_name(headers.get(b"grpc-status")),
-                             block.time_ns - stream.started_ns, stream.path)
+            status = grpc_status_name(headers.get(b"grpc-status"))
+            self._count_grpc(conn, status, block.time_ns - stream.started_ns, stream.path)
+            if self.exchanges is not None:
+                self.exchanges.append(Exchange("grpc", conn.key, stream.method, status,
+                                               stream.path, block.time_ns - stream.started_ns))
 
     def _reset(self, conn: Connection, stream_id: int) -> None:
         stream = conn.streams.pop(stream_id, None)

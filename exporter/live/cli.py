@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for kind in KINDS:
         what = {"tcp": "TCP flows", "udp": "UDP flows", "dns": "DNS exchanges",
-                "http": "HTTP and HTTPS exchanges"}[kind]
+                "http": "HTTP, HTTPS, HTTP/2 and gRPC exchanges"}[kind]
         parser.add_argument(f"--{kind}", action="store_true",
                             help=f"show {what} (without any of --tcp --udp --dns --http: "
                                  "everything)")

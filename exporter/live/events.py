@@ -32,7 +32,8 @@ class End:
 
 @dataclass
 class Exchange:
-    """A DNS, HTTP or HTTPS exchange (kind "dns", "http" or "https") as it completed."""
+    """A DNS, HTTP, HTTPS, HTTP/2 or gRPC exchange (kind "dns", "http", "https", "http2" or
+    "grpc") as it completed."""
     kind: str
     family: int
     client: End
@@ -43,6 +44,7 @@ class Exchange:
     name: bytes             # DNS question (wire format) or HTTP target, NUL padded
     transport: int = 0      # DNS: 0 udp, 1 tcp
     timed_out: bool = False
+    status_name: str = ""   # gRPC: the grpc_status
 
 
 @dataclass

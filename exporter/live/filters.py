@@ -42,8 +42,9 @@ class LineFilter:
         return {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}.get(protocol, "other")
 
     def wants(self, kind: str, ends: Sequence[End]) -> bool:
-        # --http selects HTTPS exchanges too
-        if self.kinds and ("http" if kind == "https" else kind) not in self.kinds:
+        # --http selects HTTPS, HTTP/2 and gRPC exchanges too
+        if self.kinds and ("http" if kind in ("https", "http2", "grpc") else kind) \
+                not in self.kinds:
             return False
         if self.hosts and not any(ipaddress.ip_address(end.ip) in net
                                   for end in ends for net in self.hosts):

@@ -69,9 +69,15 @@ class Formatter:
                 else rcode_name(ex.code),
                 "latency_seconds": None if ex.timed_out else ex.latency_us / 1e6})
             detail = f"{record['qtype']} {record['query']} {record['rcode']}"
+        elif ex.kind == "grpc":
+            record.update({"method": http_target(ex.name), "grpc_status": ex.status_name,
+                           "latency_seconds": ex.latency_us / 1e6})
+            detail = f"{record['method']} {ex.status_name}"
         else:
             record.update({"method": method_name(ex.what), "path": http_target(ex.name),
                            "status": ex.code, "latency_seconds": ex.latency_us / 1e6})
+            if ex.kind == "http2":
+                record["version"] = "2"
             detail = f"{record['method']} {record['path']} {ex.code}"
         if self.as_json:
             return json.dumps(record)

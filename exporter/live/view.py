@@ -31,8 +31,11 @@ from ..collectors.http import KernelHttpSource
 from ..collectors.tcp import KernelTcpSource
 from ..config import Config
 from ..endpoints import PortFolder, address_text, read_ephemeral_floor
+from ..http2 import RECORD, Http2Tracker
+from ..http2source import RING_BYTES
 from ..interfaces import InterfaceMonitor
 from ..loader import Program
+from ..ringbuf import FixedRecordRing
 from ..tlsprobes import TlsWatch
 from .attach import LiveAttacher, LiveTcxAttacher
 from .events import End, Exchange, TcpClose, decode
@@ -68,6 +71,10 @@ class LiveView:
         self._flows: KernelFlowSource | None = None
         self._dns: KernelDnsSource | None = None
         self.tls: TlsWatch | None = None
+        self._h2_ring: FixedRecordRing | None = None
+        self._h2 = Http2Tracker(config.http.http2_streams, int(config.http.idle_timeout * 1e9),
+                                paths=True, grpc_methods=True)
+        self._h2.exchanges = []
 
     def start(self) -> None:
         environment.prepare()
@@ -79,6 +86,9 @@ class LiveView:
         self._dns = KernelDnsSource(packets, config.dns.timeout, query_names=True)
         self._sources = [KernelHttpSource(packets, config.http.idle_timeout, paths=True)]
         packets.bpf[b"live_events"].open_ring_buffer(self._on_record)
+        if classifier.http2_wanted(config):
+            self._h2_ring = FixedRecordRing(packets.table("h2_records").get_fd(), RING_BYTES,
+                                            RECORD)
         if not _missing_tracepoints(TCP_TRACEPOINTS):
             # the process of each connection where the kernel gives it
             process = not _missing_tracepoints(PROCESS_TRACEPOINTS)
@@ -137,6 +147,24 @@ class LiveView:
         elif isinstance(record, Exchange):
             self._exchange(record)
 
+    def _http2(self) -> None:
+        """HTTP/2 requests and gRPC calls completed since the last poll, as exchanges."""
+        if self._h2_ring is None:
+            return
+        self._h2.feed(self._h2_ring.read())
+        done, self._h2.exchanges = self._h2.exchanges or [], []
+        for ex in done:
+            family, client, client_port, server, server_port = ex.key
+            try:
+                self._exchange(Exchange(
+                    ex.kind, family, End(address_text(family, client), client_port),
+                    End(address_text(family, server), server_port), max(ex.latency_ns, 0) // 1000,
+                    ex.status if isinstance(ex.status, int) else 0, ex.method, ex.path,
+                    status_name=ex.status if isinstance(ex.status, str) else ""))
+            except BrokenPipeError:
+                self._output_closed = True
+                return
+
     def _exchange(self, exchange: Exchange) -> None:
         if self.filter.wants(exchange.kind, (exchange.client, exchange.server)):
             self.write(self.formatter.exchange(exchange, time.time()))
@@ -146,6 +174,7 @@ class LiveView:
         while not stop.is_set():
             for program in self.programs:
                 program.bpf.ring_buffer_poll(POLL_MILLISECONDS)
+            self._http2()
             if self._output_closed:
                 raise BrokenPipeError("the output was closed")
             now = time.monotonic()

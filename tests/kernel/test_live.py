@@ -4,6 +4,8 @@ exporter running beside it on the same interfaces whose counts must stay exact."
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +131,36 @@ def test_https_exchanges_show_like_http_ones(node: TestNode,
     assert 0 < line["latency_seconds"] < 1
     assert scrape.value("ebpf_net_http_requests_total", dst_port=str(port), scheme="https",
                         status_code="200") == 1
+
+
+def test_http2_requests_and_grpc_calls_show_with_their_status(
+        node: TestNode, pair: tuple[ExporterProcess, LiveProcess]):
+    """A gRPC call over h2c is one http2 line (POST, 200) and one grpc line (its method and
+    grpc_status); the exporter beside the view counts it once."""
+    exporter, live = pair
+    peer = str(Path(__file__).with_name("grpc_peer.py"))
+    port = 7651
+    server = node.spawn(node.b_ns, [sys.executable, peer, "serve", node.b_ip, str(port)],
+                        stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        seen = node.run(node.a_ns, [sys.executable, peer, "call", node.b_ip, str(port),
+                                    "unary:NOT_FOUND"], timeout=60).stdout.split()
+        assert seen == ["NOT_FOUND"]
+        (call,) = live.wait_for(lambda x: x["type"] == "grpc", "the gRPC call")
+        (request,) = live.wait_for(lambda x: x["type"] == "http2", "the HTTP/2 request")
+        scrape = exporter.wait_for(
+            lambda s: s.value("ebpf_net_grpc_requests_total", dst_port=str(port)) >= 1,
+            "the exporter to count the call")
+    finally:
+        node.stop(server)
+    assert ends(call, node.a_ip, node.b_ip, port) and ends(request, node.a_ip, node.b_ip, port)
+    assert (call["method"], call["grpc_status"]) == ("/test.Echo/Unary", "NOT_FOUND")
+    assert (request["method"], request["path"], request["status"], request["version"]) == \
+        ("POST", "/test.Echo/Unary", 200, "2")
+    assert 0 < request["latency_seconds"] <= call["latency_seconds"] < 1
+    assert scrape.value("ebpf_net_grpc_requests_total", dst_port=str(port),
+                        grpc_status="NOT_FOUND") == 1
 
 
 def test_filters_keep_only_the_chosen_lines(node: TestNode,
