@@ -15,14 +15,12 @@ its position modulo the data size."""
 from __future__ import annotations
 
 import mmap
-import struct
 
 import numpy as np
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_BYTES = 8
-_POSITION = struct.Struct("<Q")
 
 
 class RingError(Exception):
@@ -44,12 +42,18 @@ class FixedRecordRing:
         self._producer = mmap.mmap(map_fd, page + 2 * data_bytes, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=page)
         self._data = memoryview(self._producer)[page:]
+        # the positions as one aligned 8-byte word each, read and written with one load or
+        # store: struct packs and unpacks byte by byte, and the kernel reading a consumer
+        # position half written (a 16 MiB boundary crossed, its high byte still old) saw
+        # the ring full and dropped a record
+        self._consumer_pos = np.frombuffer(self._consumer, dtype=np.uint64, count=1)
+        self._producer_pos = np.frombuffer(self._producer, dtype=np.uint64, count=1)
         self.discarded = 0
 
     def read(self) -> np.ndarray:
         """Every record committed since the last read, oldest first (a copy)."""
-        consumer = _POSITION.unpack_from(self._consumer, 0)[0]
-        producer = _POSITION.unpack_from(self._producer, 0)[0]
+        consumer = int(self._consumer_pos[0])
+        producer = int(self._producer_pos[0])
         count = (producer - consumer) // self.stride
         if count == 0:
             return np.empty(0, dtype=self.record)
@@ -66,10 +70,11 @@ class FixedRecordRing:
                             f"bytes, expected {self.record.itemsize}")
         kept = (headers & DISCARD_BIT) == 0
         self.discarded += int(len(framed) - np.count_nonzero(kept))
-        _POSITION.pack_into(self._consumer, 0, consumer + len(framed) * self.stride)
+        self._consumer_pos[0] = consumer + len(framed) * self.stride
         return framed["record"][kept]
 
     def close(self) -> None:
+        del self._consumer_pos, self._producer_pos
         self._data.release()
         self._producer.close()
         self._consumer.close()
