@@ -10,13 +10,15 @@
  *
  * A walk follows TCP sequence numbers: a segment that ends before next_seq (a
  * retransmission) is skipped, one that overlaps is walked from next_seq on, and one that starts
- * past it (bytes the node never saw) loses the direction: an H2_RECORD_LOST goes to user space,
- * which stops decoding the connection (its HPACK table can no longer be followed) and counts
- * its open streams "unknown". Frames split across segments and many frames in one segment are
+ * past it (bytes the node never saw) loses the direction's place (h2_lose): an H2_RECORD_LOST
+ * goes to user space, which stops decoding that direction (its HPACK table can no longer be
+ * followed) but still counts its streams, and the walk starts again at a later segment that
+ * begins with a plausible frame header. Frames split across segments and many frames in one segment are
  * walked alike: a frame header cut by a segment's end is kept byte by byte in the state, a
  * payload's remainder in frame_left.
  *
- * Handed over (struct h2_record, one per H2_CHUNK bytes of payload at most): HEADERS,
+ * Handed over (struct h2_record of 200 bytes, one per H2_CHUNK bytes of payload at most, so
+ * that a steady connection's blocks, mostly table references, take one each): HEADERS,
  * CONTINUATION and PUSH_PROMISE payloads up to H2_BLOCK_CAPTURE bytes per frame (a block past
  * it cannot be decoded and user space says so), SETTINGS (for the HPACK table size),
  * RST_STREAM's error code and GOAWAY's last stream id. DATA, PING, WINDOW_UPDATE and PRIORITY
@@ -27,9 +29,9 @@
  * A run walks H2_STEPS frame steps (a frame header, or up to H2_CHUNK bytes of a handed-over
  * payload, or the whole skipped payload in the segment); for more, parse_http2 tail-calls
  * itself with the position in h2_walks. A segment still not walked when the kernel's tail-call
- * limit stops it (some 2000 steps: 700 small frames in one GSO skb) loses the direction, counted as a
- * parse error. The including program provides count_failure(), count_parse_error(),
- * FAILURE_H2_RECORDS and PARSE_ERROR_HTTP2. */
+ * limit stops it (some 2000 steps: 700 small frames in one GSO skb) loses the direction's
+ * place, counted as a parse error. The including program provides count_failure(),
+ * count_parse_error(), FAILURE_H2_RECORDS and PARSE_ERROR_HTTP2. */
 #ifndef EBPF_NET_HTTP2_H
 #define EBPF_NET_HTTP2_H
 
@@ -44,7 +46,7 @@
 
 #define H2_PREFACE_BYTES 24
 #define H2_FRAME_HEADER_BYTES 9
-#define H2_CHUNK 256
+#define H2_CHUNK 128
 #define H2_BLOCK_CAPTURE 16384
 #define H2_STEPS 64
 
@@ -63,7 +65,7 @@
 
 #define H2_DIR_UNSYNCED 0       /* the server's: waiting for its first segment */
 #define H2_DIR_SYNCED 1
-#define H2_DIR_LOST 2
+#define H2_DIR_LOST 2           /* lost its place: each segment's start is tried again */
 
 #define H2_SIDE_UNKNOWN 2       /* from_server of a record whose direction had no state */
 
@@ -72,9 +74,9 @@
 #ifndef H2_DIR_CAPACITY
 #define H2_DIR_CAPACITY 16384
 #endif
-/* pages of 4 KiB for h2_records (a power of two) */
+/* pages of 4 KiB for h2_records (a power of two; maps.http2_ring_mib) */
 #ifndef H2_RING_PAGES
-#define H2_RING_PAGES 2048
+#define H2_RING_PAGES 4096
 #endif
 
 /* a direction, as its segments' sender sees it */
@@ -211,23 +213,49 @@ static __always_inline int h2_emit(struct __sk_buff *skb, const struct h2_dir_ke
     return 0;
 }
 
+/* The direction lost its place in the bytes (a gap, a segment not walked to its end, a
+ * server's first segment that did not start with a frame): user space is told, and the walk
+ * starts again at the start of a later segment that holds a plausible frame header (senders
+ * write whole frames, so most segments start with one). */
 static __always_inline void h2_lose(struct __sk_buff *skb, const struct h2_dir_key *k,
                                     struct h2_dir *d, u64 now)
 {
     d->state = H2_DIR_LOST;
+    d->frame_left = 0;
+    d->capture_left = 0;
+    d->header_have = 0;
     count_parse_error(PARSE_ERROR_HTTP2);
     h2_emit(skb, k, d, H2_RECORD_LOST, 0, 0, 0, now);
 }
 
-/* Whether the first frame header walked in the server's direction can be one: its preface is
- * a SETTINGS frame, and a frame header at the start of a later segment is what servers write. */
-static __always_inline int h2_plausible_first(u32 len, u8 type, u32 stream)
+/* Whether 9 bytes can be a frame header where a walk (re)starts: a known type with its own
+ * flags, stream and length rules (RFC 9113 6), within the default maximum frame size. Random
+ * bytes pass about once in 10^7. A CONTINUATION cannot start a walk: its HEADERS came before. */
+static __always_inline int h2_plausible(u32 len, u8 type, u8 flags, u32 stream, u8 reserved)
 {
-    if (type >= H2_FRAME_TYPES || len > (1 << 14))
+    if (type >= H2_FRAME_CONTINUATION || len > (1 << 14) || (reserved & 0x80))
         return 0;
-    if (type == H2_FRAME_SETTINGS)
-        return stream == 0 && len % 6 == 0;
-    return 1;
+    switch (type) {
+    case 0:                                     /* DATA: END_STREAM, PADDED */
+        return stream != 0 && !(flags & ~0x09);
+    case H2_FRAME_HEADERS:                      /* END_STREAM, END_HEADERS, PADDED, PRIORITY */
+        return stream != 0 && !(flags & ~0x2d);
+    case H2_FRAME_PUSH_PROMISE:                 /* END_HEADERS, PADDED */
+        return stream != 0 && !(flags & ~0x0c);
+    case H2_FRAME_SETTINGS:
+        return stream == 0 && len % 6 == 0 && !(flags & ~H2_FLAG_ACK) &&
+               (!(flags & H2_FLAG_ACK) || len == 0);
+    case 6:                                     /* PING */
+        return stream == 0 && len == 8 && !(flags & ~H2_FLAG_ACK);
+    case H2_FRAME_GOAWAY:
+        return stream == 0 && len >= 8 && flags == 0;
+    case 8:                                     /* WINDOW_UPDATE */
+        return len == 4 && flags == 0;
+    case H2_FRAME_RST_STREAM:
+        return stream != 0 && len == 4 && flags == 0;
+    default:                                    /* PRIORITY */
+        return stream != 0 && len == 5 && flags == 0;
+    }
 }
 
 /* Bytes of the current frame's payload to hand over. */
@@ -255,18 +283,20 @@ static __always_inline int h2_handed_over(u8 type, u8 flags)
            type == H2_FRAME_GOAWAY || (type == H2_FRAME_SETTINGS && !(flags & H2_FLAG_ACK));
 }
 
-/* Takes the frame header in d->header as the current frame's. */
-static __always_inline void h2_take_header(struct __sk_buff *skb, const struct h2_dir_key *k,
-                                           struct h2_dir *d, u64 now)
+/* Takes the frame header in d->header as the current frame's; 0 when the walk stops here (a
+ * direction not in step whose segment does not start with a plausible header). */
+static __always_inline int h2_take_header(struct __sk_buff *skb, const struct h2_dir_key *k,
+                                          struct h2_dir *d, u64 now)
 {
     const u8 *h = d->header;
     u32 len = (u32)h[0] << 16 | (u32)h[1] << 8 | h[2];
     u8 type = h[3], flags = h[4];
     u32 stream = ((u32)h[5] & 0x7f) << 24 | (u32)h[6] << 16 | (u32)h[7] << 8 | h[8];
-    if (d->state == H2_DIR_UNSYNCED) {
-        if (!h2_plausible_first(len, type, stream)) {
-            h2_lose(skb, k, d, now);
-            return;
+    if (d->state != H2_DIR_SYNCED) {
+        if (!h2_plausible(len, type, flags, stream, h[5])) {
+            if (d->state == H2_DIR_UNSYNCED)
+                h2_lose(skb, k, d, now);        /* the server's first segment: said once */
+            return 0;
         }
         d->state = H2_DIR_SYNCED;
     }
@@ -278,6 +308,7 @@ static __always_inline void h2_take_header(struct __sk_buff *skb, const struct h
     d->capture_left = h2_capture_of(type, flags, len);
     if (d->capture_left == 0 && h2_handed_over(type, flags))
         h2_emit(skb, k, d, H2_RECORD_FRAME, 0, 0, 0, now);        /* an empty payload */
+    return 1;
 }
 
 /* Copies bytes of the packet at [off, end) into d->header after the header_have held, up to a
@@ -313,7 +344,10 @@ static __always_inline void h2_walk_steps(struct __sk_buff *skb, const struct pa
             return;
         }
         d->header_have = 0;
-        h2_take_header(skb, k, d, now);
+        if (!h2_take_header(skb, k, d, now)) {
+            w->off = end;
+            return;
+        }
     }
     /* the position lives in w->off, read back each step: in a register, each path through a
      * step would leave it with other bounds, and the verifier would follow every combination */
@@ -321,7 +355,7 @@ static __always_inline void h2_walk_steps(struct __sk_buff *skb, const struct pa
 #pragma clang loop unroll(disable)
     for (int i = 0; i < H2_STEPS; i++) {
         u32 at = *(volatile u32 *)&w->off;
-        if (at >= end || d->state == H2_DIR_LOST)
+        if (at >= end)
             break;
         u32 avail = end - at;
         u32 left = d->frame_left;
@@ -345,11 +379,14 @@ static __always_inline void h2_walk_steps(struct __sk_buff *skb, const struct pa
                                H2_FRAME_HEADER_BYTES) < 0)
             break;
         *(volatile u32 *)&w->off = at + H2_FRAME_HEADER_BYTES;
-        h2_take_header(skb, k, d, now);
+        if (!h2_take_header(skb, k, d, now)) {
+            *(volatile u32 *)&w->off = end;     /* not in step: the next segment, maybe */
+            break;
+        }
     }
     off = *(volatile u32 *)&w->off;
     if (off < end && end - off < H2_FRAME_HEADER_BYTES && !d->frame_left &&
-        d->state != H2_DIR_LOST)
+        d->state == H2_DIR_SYNCED)
         off = h2_gather_header(skb, pkt, d, off, end);     /* a header cut by the end */
     w->off = off;
 }
@@ -381,16 +418,19 @@ static __always_inline int h2_parse(struct __sk_buff *skb, const struct packet *
         return H2_NO_STATE;
     }
     d->last_seen_ns = now;
-    if (!resumed && d->state != H2_DIR_LOST && payload > 0) {
+    if (!resumed && payload > 0) {
         u32 seq = pkt->tcp_seq;
-        if (d->state == H2_DIR_UNSYNCED)
+        if (d->state != H2_DIR_SYNCED) {        /* (re)start at this segment's start */
             d->next_seq = seq;
+            d->header_have = 0;
+        }
         s32 ahead = (s32)(seq - d->next_seq);
         if ((s32)(seq + payload - d->next_seq) <= 0) {
             w->off = payload;                   /* a retransmission: all walked before */
         } else if (ahead > 0) {
             h2_lose(skb, &k, d, now);           /* bytes before it never came by */
-            w->off = payload;
+            w->off = 0;                         /* ... this one may start a frame */
+            d->next_seq = seq + payload;
         } else {
             w->off = (u32)(-ahead);
             d->next_seq = seq + payload;
@@ -399,7 +439,7 @@ static __always_inline int h2_parse(struct __sk_buff *skb, const struct packet *
         w->off = payload;
     }
     h2_walk_steps(skb, pkt, &k, d, w, payload, now);
-    if (w->off < payload && d->state != H2_DIR_LOST) {
+    if (w->off < payload) {
         w->resume = 1;
         return H2_MORE;
     }
@@ -428,7 +468,7 @@ static __always_inline void h2_unwalked(struct __sk_buff *skb, const struct pack
     struct h2_dir_key k = {};
     h2_key_of(&k, pkt, 0);
     struct h2_dir *d = h2_dirs.lookup(&k);
-    if (d && d->state != H2_DIR_LOST)
+    if (d)
         h2_lose(skb, &k, d, bpf_ktime_get_ns());
 }
 

@@ -46,7 +46,8 @@ def cflags(config: Config, once_per_cluster: bool = False) -> list[str]:
             flags.append("-DHTTP_PATHS")
         if config.http.http2:
             flags += ["-DWITH_HTTP2",
-                      f"-DH2_DIR_CAPACITY={2 * config.maps.http2_conn_capacity}"]
+                      f"-DH2_DIR_CAPACITY={2 * config.maps.http2_conn_capacity}",
+                      f"-DH2_RING_PAGES={config.maps.http2_ring_mib * 256}"]
         if config.http.ports:
             ports = "||".join(f"(p)=={port}" for port in config.http.ports)
             flags.append(f"-DHTTP_PORT(p)=({ports})")

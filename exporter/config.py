@@ -137,6 +137,13 @@ def parse_capacity(value: Any) -> int:
     return capacity
 
 
+def parse_ring_mib(value: Any) -> int:
+    mib = parse_positive_int(value)
+    if mib & (mib - 1) or mib > 1024:
+        raise _fail("a power of two from 1 to 1024 (MiB)", value)
+    return mib
+
+
 def parse_ephemeral_floor(value: Any) -> int | None:
     if value is None or value == "auto":
         return None
@@ -388,6 +395,7 @@ class MapsConfig:
     http_conn_capacity: int = _spec(parse_capacity)
     http_event_capacity: int = _spec(parse_capacity)
     http2_conn_capacity: int = _spec(parse_capacity)
+    http2_ring_mib: int = _spec(parse_ring_mib)
     drop_capacity: int = _spec(parse_capacity)
     cluster_address_capacity: int = _spec(parse_capacity)
 

@@ -26,7 +26,6 @@ per table state and then taken from a cache keyed by the block's bytes."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +37,7 @@ from . import histogram, logs
 
 log = logs.get("http2")
 
-CHUNK = 256                         # H2_CHUNK in bpf/http2.h
+CHUNK = 128                         # H2_CHUNK in bpf/http2.h
 RECORD = np.dtype({
     "names": ["time_ns", "kind", "family", "from_server", "frame_type", "frame_flags",
               "lost_before", "chunk_len", "client_port", "server_port", "stream", "frame_len",
@@ -46,7 +45,7 @@ RECORD = np.dtype({
     "formats": ["<u8", "u1", "u1", "u1", "u1", "u1", "u1", "<u2", "<u2", "<u2", "<u4", "<u4",
                 "<u4", "<u4", ("u1", 16), ("u1", 16), ("u1", CHUNK)],
     "offsets": [0, 8, 9, 10, 11, 12, 13, 14, 16, 18, 20, 24, 28, 32, 40, 56, 72],
-    "itemsize": 328,
+    "itemsize": 72 + CHUNK,
 })
 RECORD_FRAME, RECORD_LOST, RECORD_END = 1, 2, 3
 _COLUMNS = ("kind", "family", "from_server", "frame_type", "frame_flags", "lost_before",
@@ -58,6 +57,8 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
 GOAWAY, CONTINUATION = 7, 9
 END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE = 1
+# flags a HEADERS frame may carry to take the fast path: END_HEADERS alone, END_STREAM aside
+_WHOLE_MASK = END_HEADERS | PADDED | PRIORITY_FLAG
 
 # the kernel's method codes (bpf/http.h) with HTTP_VERSION_2 in the high bits
 VERSION_2 = 3 << 4
@@ -156,7 +157,7 @@ class Exchange:
 @dataclass
 class Stream:
     method: int
-    started_ns: int
+    started_ns: int | None      # None: its request was not seen (lost with its records)
     grpc: bool
     path: bytes
     answered: bool = False
@@ -190,7 +191,10 @@ class Connection:
         self.frames: list[Frame | None] = [None, None]
         self.blocks: list[Block | None] = [None, None]
         self.streams: dict[int, Stream] = {}
-        self.lost = False
+        # per direction: its HPACK table can no longer be followed (records lost, a block
+        # past the capture, an HPACK error); its frames are still counted, undecoded
+        self.lost = [False, False]
+        self.grpc = False           # a request carried application/grpc
         self.server_seen = False    # a record from the server's direction came
         self.last_ns = 0
 
@@ -210,7 +214,6 @@ class Http2Tracker:
         self.http: dict[HttpKey, int] = {}
         self.grpc: dict[GrpcKey, int] = {}
         self.parse_errors = 0
-        self.lost_connections = 0
 
     # -- records ---------------------------------------------------------------------------
 
@@ -218,6 +221,7 @@ class Http2Tracker:
         # columns as Python lists first: a field of a numpy record costs more to read than
         # the rest of a record's handling
         columns = [records[name].tolist() for name in _COLUMNS]
+        conns = self.conns
         clients, servers = records["client"].tobytes(), records["server"].tobytes()
         data = records["data"].tobytes()
         for row, (kind, family, side, ftype, flags, lost_before, chunk_len, client_port,
@@ -226,12 +230,33 @@ class Http2Tracker:
             at = row * 16
             key: ConnKey = (family, clients[at:at + 16], client_port, servers[at:at + 16],
                             server_port)
+            start = row * CHUNK
+            conn = conns.get(key)
+            if (conn is not None and kind == RECORD_FRAME and not lost_before
+                    and side != SIDE_UNKNOWN and not conn.lost[side] and ftype == HEADERS
+                    and chunk_offset == 0 and chunk_len == frame_len
+                    and (flags & _WHOLE_MASK) == END_HEADERS and conn.frames[side] is None):
+                # the common record: a whole HEADERS frame, one block, not padded
+                conn.last_ns = time_ns
+                conn.server_seen |= side == 1
+                try:
+                    headers = conn.decoders[side].decode(data[start:start + chunk_len])
+                except (HPACKError, ValueError, IndexError) as e:
+                    log.debug("undecodable header block", extra={"error": str(e)})
+                    self._lose(conn, side)
+                    continue
+                (self._response if side else self._request)(conn, stream, flags, time_ns,
+                                                            headers)
+                continue
             conn = self._connection(key, kind, side, time_ns, lost_before)
             if conn is None:
                 continue
-            start = row * CHUNK
-            self._chunk(conn, side, Frame(ftype, flags, stream, frame_len, capture_len),
-                        chunk_offset, data[start:start + chunk_len], time_ns)
+            header = Frame(ftype, flags, stream, frame_len, capture_len)
+            piece = data[start:start + chunk_len]
+            if conn.lost[side]:
+                self._undecoded(conn, side, header, chunk_offset, piece, time_ns)
+            else:
+                self._chunk(conn, side, header, chunk_offset, piece, time_ns)
 
     def _connection(self, key: ConnKey, kind: int, side: int, time_ns: int,
                     lost_before: int) -> Connection | None:
@@ -252,11 +277,11 @@ class Http2Tracker:
         if kind == RECORD_END:
             self._end(conn, lost=False)
             return None
-        if conn.lost:
+        if kind == RECORD_LOST:         # bytes the kernel could not walk
+            self._lose(conn, side)
             return None
-        if kind == RECORD_LOST or lost_before:
-            self._lose(conn)
-            return None
+        if lost_before:                 # records that found the ring full
+            self._lose(conn, side)
         return conn
 
     def _chunk(self, conn: Connection, side: int, header: Frame, offset: int, piece: bytes,
@@ -266,7 +291,7 @@ class Http2Tracker:
         if offset == 0:
             frame = conn.frames[side] = header
         elif frame is None or offset != len(frame.payload):
-            self._lose(conn)            # a piece missing in between
+            self._lose(conn, side)      # a piece missing in between
             return
         frame.payload += piece
         if len(frame.payload) >= frame.captured:
@@ -276,7 +301,8 @@ class Http2Tracker:
     def _frame(self, conn: Connection, side: int, frame: Frame, now: int) -> None:
         if frame.type in (HEADERS, PUSH_PROMISE, CONTINUATION):
             if frame.captured < frame.length:       # past the kernel's capture: undecodable
-                self._lose(conn)
+                self._undecoded(conn, side, frame, 0, b"", now)
+                self._lose(conn, side)
                 return
             self._block_frame(conn, side, frame, now)
         elif frame.type == SETTINGS:
@@ -284,9 +310,13 @@ class Http2Tracker:
         elif frame.type == RST_STREAM:
             self._reset(conn, frame.stream)
         elif frame.type == GOAWAY and side == 1 and len(frame.payload) >= 4:
-            last = struct.unpack_from(">I", frame.payload)[0] & 0x7FFFFFFF
-            for stream_id in [s for s in conn.streams if s > last]:
-                self._reset(conn, stream_id)
+            self._goaway(conn, bytes(frame.payload))
+
+    def _goaway(self, conn: Connection, payload: bytes) -> None:
+        """The server's streams past the GOAWAY's last one were never processed."""
+        last = struct.unpack_from(">I", payload)[0] & 0x7FFFFFFF
+        for stream_id in [s for s in conn.streams if s > last]:
+            self._reset(conn, stream_id)
 
     def _settings(self, conn: Connection, side: int, payload: bytes) -> None:
         # a side's HEADER_TABLE_SIZE bounds the table of the blocks sent to it
@@ -300,7 +330,7 @@ class Http2Tracker:
         if frame.type == CONTINUATION:
             block = conn.blocks[side]
             if block is None or block.stream != frame.stream:
-                self._lose(conn)
+                self._lose(conn, side)
                 return
             block.fragment += payload
         else:
@@ -313,7 +343,7 @@ class Http2Tracker:
             if frame.type == PUSH_PROMISE:
                 start += 4
             if start + pad > len(payload):
-                self._lose(conn)
+                self._lose(conn, side)      # malformed: no request or answer in it
                 return
             block = conn.blocks[side] = Block(frame.type, frame.flags, frame.stream, now,
                                               payload[start:len(payload) - pad])
@@ -322,65 +352,93 @@ class Http2Tracker:
             try:
                 headers = conn.decoders[side].decode(bytes(block.fragment))
             except (HPACKError, ValueError, IndexError) as e:
+                # malformed: no request or answer in it, and the table is unknown after it
                 log.debug("undecodable header block", extra={"error": str(e)})
-                self._lose(conn)
+                self._lose(conn, side)
                 return
             if block.type == HEADERS:
-                (self._response if side else self._request)(conn, block, headers)
+                (self._response if side else self._request)(conn, block.stream, block.flags,
+                                                            block.time_ns, headers)
+
+    def _undecoded(self, conn: Connection, side: int, header: Frame, offset: int,
+                   piece: bytes, now: int) -> None:
+        """A record of a direction whose table is lost: its frames still open, answer, end
+        and reset streams, without the headers' values."""
+        if offset != 0:
+            return
+        if header.type == HEADERS:
+            (self._response if side else self._request)(conn, header.stream, header.flags, now,
+                                                        None)
+        elif header.type == RST_STREAM:
+            self._reset(conn, header.stream)
+        elif header.type == GOAWAY and side == 1 and len(piece) >= 4:
+            self._goaway(conn, piece)
 
     # -- pairing ---------------------------------------------------------------------------
 
-    def _request(self, conn: Connection, block: Block, headers: dict[bytes, bytes]) -> None:
-        if block.stream in conn.streams:
+    def _request(self, conn: Connection, stream_id: int, flags: int, time_ns: int,
+                 headers: dict[bytes, bytes] | None) -> None:
+        """A client HEADERS; headers None when its direction's table is lost: the method reads
+        other, and the call is gRPC when the connection carried gRPC before."""
+        if stream_id in conn.streams:
             return                      # the request's trailers
-        method = METHOD_CODES.get(headers.get(b":method", b""), METHOD_OTHER) | VERSION_2
-        grpc = headers.get(b"content-type", b"").startswith(b"application/grpc")
-        path = headers.get(b":path", b"")
+        if headers is None:
+            method, grpc, path = METHOD_OTHER | VERSION_2, conn.grpc, b""
+        else:
+            method = METHOD_CODES.get(headers.get(b":method", b""), METHOD_OTHER) | VERSION_2
+            grpc = headers.get(b"content-type", b"").startswith(b"application/grpc")
+            path = headers.get(b":path", b"")
+            conn.grpc |= grpc
         if len(conn.streams) >= self.max_streams:
             self._count_http(conn, method, STATUS_UNTRACKED, None, path)
             if grpc:
                 self._count_grpc(conn, GRPC_UNTRACKED, None, path)
             return
-        conn.streams[block.stream] = Stream(method, block.time_ns, grpc, path)
+        conn.streams[stream_id] = Stream(method, time_ns, grpc, path)
 
-    def _response(self, conn: Connection, block: Block, headers: dict[bytes, bytes]) -> None:
-        stream = conn.streams.get(block.stream)
+    def _response(self, conn: Connection, stream_id: int, flags: int, time_ns: int,
+                  headers: dict[bytes, bytes] | None) -> None:
+        """A server HEADERS: the response's, or a gRPC call's trailers; headers None when the
+        server's table is lost (status unknown, grpc_status unparsed)."""
+        stream = conn.streams.get(stream_id)
         if stream is None:
-            if block.stream % 2 == 1:
+            if stream_id % 2 == 0 or conn.lost[1]:
+                return                  # a pushed stream; one counted when the server's went
+            if not conn.lost[0]:
                 self.parse_errors += 1  # a response to no request seen
-            return                      # even: a pushed stream
-        status = headers.get(b":status")
+                return
+            # its request went with the client's lost records: counted now, method unknown
+            stream = conn.streams[stream_id] = Stream(METHOD_OTHER | VERSION_2, None,
+                                                      conn.grpc, b"")
+        since = None if stream.started_ns is None else time_ns - stream.started_ns
         if not stream.answered:
-            if status is None:
-                if not (block.flags & END_STREAM):
-                    self.parse_errors += 1
-                    return
-            else:
+            code = STATUS_UNKNOWN
+            status = headers.get(b":status") if headers is not None else None
+            if status is not None:
                 code = int(status) if status.isdigit() else 0
                 if 100 <= code < 200 and code != 101:
                     return              # interim: the final one follows
                 if not 100 <= code <= 599:
                     self.parse_errors += 1
                     code = STATUS_UNKNOWN
-                stream.answered = True
-                self._count_http(conn, stream.method, code, block.time_ns - stream.started_ns,
-                                 stream.path)
-                if self.exchanges is not None:
-                    self.exchanges.append(Exchange("http2", conn.key, stream.method, code,
-                                                   stream.path,
-                                                   block.time_ns - stream.started_ns))
+            elif headers is not None and not flags & END_STREAM:
+                self.parse_errors += 1  # response headers without :status
+                return
+            stream.answered = True
+            self._count_http(conn, stream.method, code, since, stream.path)
+            if self.exchanges is not None and since is not None:
+                self.exchanges.append(Exchange("http2", conn.key, stream.method, code,
+                                               stream.path, since))
         if not stream.grpc:
-            del conn.streams[block.stream]
-        elif block.flags & END_STREAM:
-            del conn.streams[block.stream]
-            if not stream.answered:     # trailers before any response headers
-                stream.answered = True
-                self._count_http(conn, stream.method, STATUS_UNKNOWN, None, stream.path)
-            status = grpc_status_name(headers.get(b"grpc-status"))
-            self._count_grpc(conn, status, block.time_ns - stream.started_ns, stream.path)
-            if self.exchanges is not None:
-                self.exchanges.append(Exchange("grpc", conn.key, stream.method, status,
-                                               stream.path, block.time_ns - stream.started_ns))
+            del conn.streams[stream_id]
+        elif flags & END_STREAM:
+            del conn.streams[stream_id]
+            grpc_status = GRPC_UNPARSED if headers is None else \
+                grpc_status_name(headers.get(b"grpc-status"))
+            self._count_grpc(conn, grpc_status, since, stream.path)
+            if self.exchanges is not None and since is not None:
+                self.exchanges.append(Exchange("grpc", conn.key, stream.method, grpc_status,
+                                               stream.path, since))
 
     def _reset(self, conn: Connection, stream_id: int) -> None:
         stream = conn.streams.pop(stream_id, None)
@@ -393,23 +451,26 @@ class Http2Tracker:
         if stream.grpc:
             self._count_grpc(conn, grpc, None, stream.path)
 
-    def _lose(self, conn: Connection) -> None:
-        """The connection's tables can no longer be followed: its requests are unknown."""
-        if conn.lost:
-            return
-        conn.lost = True
-        self.lost_connections += 1
+    def _lose(self, conn: Connection, side: int) -> None:
+        """A direction's HPACK table can no longer be followed (or records of it are gone):
+        one parse error each time. Requests waiting for a response when the server's
+        records went count unknown now (their answers may have been among them); the
+        client's lost requests show as responses to streams not seen."""
         self.parse_errors += 1
-        for stream in conn.streams.values():
-            self._unfinished(conn, stream, STATUS_UNKNOWN, GRPC_UNPARSED)
-        conn.streams.clear()
+        conn.lost[side] = True
+        conn.frames[side] = conn.blocks[side] = None
+        if side == 1:
+            for stream in conn.streams.values():
+                self._unfinished(conn, stream, STATUS_UNKNOWN, GRPC_UNPARSED)
+            conn.streams.clear()
 
     def _end(self, conn: Connection, lost: bool) -> None:
         if lost or (conn.streams and not conn.server_seen):
-            # a server always speaks first (its SETTINGS): never hearing it means its direction
-            # was not followed, and what it answered is unknown
-            self._lose(conn)
-        elif not conn.lost and (any(conn.frames) or any(conn.blocks)):
+            # the kernel's state went (LRU) with answers unseen; or the server's direction
+            # was never followed (a server always speaks first, its SETTINGS): what it
+            # answered is unknown
+            self._lose(conn, 1)
+        elif not any(conn.lost) and (any(conn.frames) or any(conn.blocks)):
             self.parse_errors += 1      # a frame or header block cut short by the end
         for stream in conn.streams.values():
             self._unfinished(conn, stream, STATUS_NONE, GRPC_NONE)
@@ -426,19 +487,33 @@ class Http2Tracker:
                     path: bytes) -> None:
         family, client, _, server, port = conn.key
         kept = path[:64] if self.paths else b""
-        _add(self.http, (family, client, server, port, REQUEST, method, status, 0, kept), 1)
+        counts = self.http
+        key = (family, client, server, port, REQUEST, method, status, 0, kept)
+        counts[key] = counts.get(key, 0) + 1
         if latency_ns is not None:
-            _observe(lambda variant: (family, client, server, port, LATENCY, method, status,
-                                      variant, kept), self.http, latency_ns)
+            micros = max(latency_ns, 0) // 1000
+            key = (family, client, server, port, LATENCY, method, status,
+                   histogram.slot_of(micros), kept)
+            counts[key] = counts.get(key, 0) + 1
+            key = (family, client, server, port, LATENCY, method, status, histogram.SUM_SLOT,
+                   kept)
+            counts[key] = counts.get(key, 0) + micros
 
     def _count_grpc(self, conn: Connection, status: str, latency_ns: int | None,
                     path: bytes) -> None:
         family, client, _, server, port = conn.key
         kept = path if self.grpc_methods else b""
-        _add(self.grpc, (family, client, server, port, REQUEST, status, 0, kept), 1)
+        counts = self.grpc
+        key = (family, client, server, port, REQUEST, status, 0, kept)
+        counts[key] = counts.get(key, 0) + 1
         if latency_ns is not None:
-            _observe(lambda variant: (family, client, server, port, LATENCY, status, variant,
-                                      kept), self.grpc, latency_ns)
+            # a latency as the kernel files one: its log2 slot, and its microseconds in the sum
+            micros = max(latency_ns, 0) // 1000
+            key = (family, client, server, port, LATENCY, status, histogram.slot_of(micros),
+                   kept)
+            counts[key] = counts.get(key, 0) + 1
+            key = (family, client, server, port, LATENCY, status, histogram.SUM_SLOT, kept)
+            counts[key] = counts.get(key, 0) + micros
 
     def take_http(self) -> dict[HttpKey, int]:
         http, self.http = self.http, {}
@@ -451,15 +526,3 @@ class Http2Tracker:
     def take_parse_errors(self) -> int:
         errors, self.parse_errors = self.parse_errors, 0
         return errors
-
-
-def _add(counts: dict, key: tuple, value: int) -> None:  # type: ignore[type-arg]
-    counts[key] = counts.get(key, 0) + value
-
-
-def _observe(key_of: Callable[[int], tuple], counts: dict,  # type: ignore[type-arg]
-             latency_ns: int) -> None:
-    """A latency as the kernel files one: its log2 slot, and its microseconds in the sum."""
-    micros = max(latency_ns, 0) // 1000
-    _add(counts, key_of(histogram.slot_of(micros)), 1)
-    _add(counts, key_of(histogram.SUM_SLOT), micros)

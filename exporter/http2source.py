@@ -17,18 +17,17 @@ from .selfmetrics import KernelStats
 log = logs.get("http2")
 
 # The kernel writes records without waking anyone (BPF_RB_NO_WAKEUP); the ring is read on this
-# period. At 20,000 gRPC calls a second some 60,000 records (20 MB) a second arrive: the ring
-# (H2_RING_PAGES) holds 0.4 s of them.
+# period. At 20,000 gRPC calls a second some 60,000 records (12 MB) a second arrive: the ring
+# (maps.http2_ring_mib, 16 MiB) holds 1.3 s of them.
 POLL_SECONDS = 0.05
 SWEEP_SECONDS = 5.0
-RING_BYTES = 2048 * 4096        # H2_RING_PAGES pages in bpf/http2.h
 
 
 class Http2Source:
     def __init__(self, program: object, idle_seconds: float, max_streams: int,
                  conn_capacity: int, paths: bool = False, grpc_methods: bool = False) -> None:
         table = program.table("h2_records")  # type: ignore[attr-defined]
-        self.ring = FixedRecordRing(table.get_fd(), RING_BYTES, RECORD)
+        self.ring = FixedRecordRing(table.get_fd(), int(table.max_entries), RECORD)
         self.tracker = Http2Tracker(max_streams, int(idle_seconds * 1e9), paths, grpc_methods)
         self.paths = paths
         self.conn_capacity = conn_capacity

@@ -24,7 +24,7 @@ arch=$(dpkg --print-architecture)
 runtime="python3 python3-venv python3-pip python3-bpfcc linux-headers-$arch"
 packages="$runtime
 iproute2 bpftool nftables procps util-linux curl iperf3 prometheus bind9-dnsutils
-dnsmasq-base nginx-light tmux openssl gcc libc6-dev libssl-dev"
+dnsmasq-base nginx-light tmux openssl gcc libc6-dev libssl-dev nghttp2-client"
 $image && packages="$runtime"
 
 missing=""

@@ -32,7 +32,6 @@ from ..collectors.tcp import KernelTcpSource
 from ..config import Config
 from ..endpoints import PortFolder, address_text, read_ephemeral_floor
 from ..http2 import RECORD, Http2Tracker
-from ..http2source import RING_BYTES
 from ..interfaces import InterfaceMonitor
 from ..loader import Program
 from ..ringbuf import FixedRecordRing
@@ -87,8 +86,8 @@ class LiveView:
         self._sources = [KernelHttpSource(packets, config.http.idle_timeout, paths=True)]
         packets.bpf[b"live_events"].open_ring_buffer(self._on_record)
         if classifier.http2_wanted(config):
-            self._h2_ring = FixedRecordRing(packets.table("h2_records").get_fd(), RING_BYTES,
-                                            RECORD)
+            ring = packets.table("h2_records")
+            self._h2_ring = FixedRecordRing(ring.get_fd(), int(ring.max_entries), RECORD)
         if not _missing_tracepoints(TCP_TRACEPOINTS):
             # the process of each connection where the kernel gives it
             process = not _missing_tracepoints(PROCESS_TRACEPOINTS)

@@ -18,6 +18,7 @@ from exporter.http2 import (
     GOAWAY,
     HEADERS,
     LATENCY,
+    METHOD_OTHER,
     PADDED,
     RECORD,
     RECORD_END,
@@ -215,24 +216,51 @@ def test_the_dynamic_table_carries_across_requests_and_the_cache_keeps_it_exact(
     assert requests(t) == {(GET, 200): 60, (5 | VERSION_2, 204): 40}
 
 
-def test_a_lost_record_makes_open_and_later_streams_unknown_never_guessed():
+def test_lost_client_records_stop_decoding_requests_but_not_counting_them():
+    """Records of the client's direction found the ring full: its table is unknown from then
+    on. Its later requests still count, method other, and on a connection that carried gRPC
+    as gRPC calls; the server's direction still decodes their answers."""
     t, peer = tracker(), Peer()
-    t.feed(np.concatenate([request(peer, 1), request(peer, 3, grpc=True)]))
-    lost = request(peer, 5)
-    lost["lost_before"] = 1
-    t.feed(lost)
-    t.feed(np.concatenate([response(peer, 1), request(peer, 7), peer.record(RECORD_END)]))
-    assert requests(t) == {(GET, STATUS_UNKNOWN): 1, (POST, STATUS_UNKNOWN): 1}
-    assert calls(t) == {"unparsed": 1}
+    t.feed(np.concatenate([peer.frame(1, SETTINGS, 0, 0, b""), request(peer, 1),
+                           request(peer, 3, grpc=True)]))
+    later = request(peer, 5, grpc=True)
+    later["lost_before"] = 1
+    t.feed(np.concatenate([later, response(peer, 1), response(peer, 5, grpc=True),
+                           trailers(peer, 5, 14), response(peer, 7, "503", end_stream=True),
+                           peer.record(RECORD_END)]))
+    other = METHOD_OTHER | VERSION_2
+    # 1: decoded both ways; 3: never answered; 5: its request undecoded, its answer decoded;
+    # 7: its request lost with the records, its answer seen
+    assert requests(t) == {(GET, 200): 1, (POST, STATUS_NONE): 1, (other, 200): 1,
+                           (other, 503): 1}
+    # 7 is a gRPC call too (the connection carries gRPC), ended without a grpc-status
+    assert calls(t) == {"none": 2, "UNAVAILABLE": 1}
     assert t.take_parse_errors() == 1
 
 
-def test_a_block_past_the_kernels_capture_loses_the_connection():
+def test_lost_server_records_make_waiting_and_later_answers_unknown():
+    t, peer = tracker(), Peer()
+    t.feed(np.concatenate([peer.frame(1, SETTINGS, 0, 0, b""), request(peer, 1, grpc=True),
+                           request(peer, 3)]))
+    gap = peer.record(RECORD_LOST, 1)
+    t.feed(np.concatenate([gap, request(peer, 5, grpc=True), response(peer, 5, grpc=True),
+                           trailers(peer, 5, 0, time_ns=2 * MS), peer.record(RECORD_END)]))
+    # 1 and 3 were waiting when the server's records went: unknown; 5 was answered, how is
+    # unknown, but when is known
+    assert requests(t) == {(POST, STATUS_UNKNOWN): 2, (GET, STATUS_UNKNOWN): 1}
+    assert calls(t) == {"unparsed": 2}
+    assert t.take_parse_errors() == 1
+
+
+def test_a_block_past_the_kernels_capture_stops_decoding_its_direction():
     t, peer = tracker(), Peer()
     block = peer.encoders[0].encode([(":method", "GET"), ("x-big", "z" * 2000)])
+    t.feed(peer.frame(1, SETTINGS, 0, 0, b""))
     t.feed(peer.frame(0, HEADERS, END_HEADERS, 1, block, capture=1024))
-    t.feed(np.concatenate([request(peer, 3), peer.record(RECORD_END)]))
-    assert requests(t) == {}
+    t.feed(np.concatenate([request(peer, 3), response(peer, 1, "204"), response(peer, 3),
+                           peer.record(RECORD_END)]))
+    other = METHOD_OTHER | VERSION_2
+    assert requests(t) == {(other, 204): 1, (other, 200): 1}
     assert t.take_parse_errors() == 1
 
 
