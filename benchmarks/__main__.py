@@ -1,5 +1,5 @@
 """python -m benchmarks [--quick | --long] [--out docs/benchmarks.md]: builds a test node, runs
-the five measurements, prints the headline table and writes the results document."""
+the measurements, prints the headline table and writes the results document."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.testnode import TestNode
 
-from . import cluster_rule, connections, interleaved, pairs, part1, pool, scrape
+from . import cluster_rule, connections, grpc_load, interleaved, pairs, part1, pool, scrape
 from .document import POOLED_HEADER, Results, headlines, markdown
 from .machine import NICENESS, Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         starts, window, kernel_seconds, repetitions = 1, 0.5, 1.0, 1
         pairs_of = dict.fromkeys(STREAMS, 4)
         sizes, scrape_rounds = [1_000, 10_000], {1_000: 3, 10_000: 3}
+        grpc_repetitions, grpc_calls = 1, 20_000
     else:
         # 12 repetitions: the first count whose median interval leaves out the two lowest and
         # the two highest (9 left out one of each, and one noisy spell decided a verdict)
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs_of = {"tcp": 300, "udp": 240, "connections": 400, "tls": 200}
         sizes = [10_000, 100_000, 1_000_000]
         scrape_rounds = {10_000: 20, 100_000: 12, 1_000_000: 8}
+        grpc_repetitions, grpc_calls = 3, 200_000
     ports_per_source = 10
 
     began = time.monotonic()
@@ -82,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 pooled = (record.datapath, pool.pooled_rows(pairs.load_all(), record.datapath))
         _say("3. scrape cost")
         scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
+        _say("7. HTTP/2 and gRPC in user space")
+        grpc = grpc_load.runs(node, grpc_repetitions, grpc_calls, _say)
     results = Results(Machine.describe(), args.quick, args.long, load_before, load_average(),
                       window, measured.kernel, measured.per_connection, rounds_result, scrapes,
-                      ports_per_source, time.monotonic() - began, pooled, measured.rule)
+                      ports_per_source, time.monotonic() - began, pooled, measured.rule, grpc)
     _say("")
     _say(text_table(HEADLINE_HEADER, headline_rows(headlines(results))))
     if pooled is not None:

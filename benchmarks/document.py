@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import grpc_load
 from .cluster_rule import RULE_TARGET, RuleCosts, pod_facing_twins, uplink_extra
+from .grpc_load import TARGET_CALLS_PER_SECOND, TARGET_CORES, GrpcLoad
 from .interleaved import Rounds
 from .kernel_cost import TC_PROGRAMS, ConnectionCost, WorkloadCost
 from .machine import Machine
@@ -49,6 +51,8 @@ class Results:
     pooled: tuple[str, list[list[str]]] | None = None
     # part 1 with the counting rule on, per repetition (paired with `kernel`'s); empty: not run
     rule: list[RuleCosts] = field(default_factory=list)
+    # part 7: runs at the target rate, then one unpaced; empty: not run
+    grpc: list[GrpcLoad] = field(default_factory=list)
 
 
 def _ratios(rounds: Rounds, name: str) -> Summary:
@@ -153,7 +157,42 @@ def headlines(r: Results) -> list[Headline]:
                             f"{(1 - ratio.median_high) * 100:.1f} to "
                             f"{(1 - ratio.median_low) * 100:.1f}%)", "< 5%",
                             against(ratio.median_low, ratio.median_high, RATIO_TARGETS["tls"])))
+    paced = [g for g in r.grpc if g.rate]
+    if paced:
+        worst = max(paced, key=lambda g: g.cores)
+        exact = all(g.counted == g.calls for g in paced)
+        out.append(Headline(
+            f"exporter CPU at {TARGET_CALLS_PER_SECOND:,} gRPC calls/s",
+            f"{worst.cores:.2f} cores, worst of {len(paced)} ({worst.us_per_call:.0f} us a "
+            f"call); every call counted: {'yes' if exact else 'no'}",
+            f"< {TARGET_CORES} core, exact", worst.cores < TARGET_CORES and exact))
     return out
+
+
+def _grpc_section(r: Results) -> str:
+    if not r.grpc:
+        return ""
+    rows = [[f"{g.rate:,}/s" if g.rate else "unpaced", f"{g.calls:,}",
+             f"{g.calls_per_second:,.0f}", f"{g.counted:,.0f}", f"{g.other_statuses:,.0f}",
+             f"{g.records_lost:,.0f}", f"{g.cpu_seconds:.2f}", f"{g.cores:.2f}",
+             f"{g.us_per_call:.1f}"] for g in r.grpc]
+    table = markdown_table(["h2load", "calls", "calls/s", "counted OK", "other", "records lost",
+                            "exporter CPU s", "cores", "us a call"], rows)
+    return f"""
+## 7. HTTP/2 and gRPC in user space
+
+h2load (nghttp2, C) sends unary calls with `content-type: application/grpc` on
+{grpc_load.CONNECTIONS} connections of up to {grpc_load.STREAMS} streams each from pod a to an
+nginx on pod b that answers each as a gRPC server does
+(response HEADERS, DATA, trailers with `grpc-status: 0`, and a RST_STREAM NO_ERROR): three
+or four records per call to the exporter's user space, which decodes their headers. The
+exporter's CPU time over the load (its threads only: the kernel walks the frames in the
+senders' context) and what it counted. Target: {TARGET_CALLS_PER_SECOND:,} calls a second
+within {TARGET_CORES} of a core, every call counted. The unpaced run shows where user space
+stops keeping up on this machine (h2load, nginx and the exporter share its cores).
+
+{table}
+"""
 
 
 def _kernel_section(r: Results) -> str:
@@ -428,5 +467,5 @@ scrapes, p99 is close to the slowest one.
 ## 4. Start-up
 
 {_startup_section(r)}
-
+{_grpc_section(r)}
 {notes}"""

@@ -19,9 +19,8 @@ Rules (docs/metrics.md says them to users):
   "unknown" (grpc_status "unparsed") and one parse error each, never a guessed value. A server
   HEADERS on a stream with no request seen is a parse error too.
 
-Decoding is the cost: hpack takes some 13 us for a 9-header gRPC block. Repeated blocks that
-leave the table as it was (a steady client's requests, a server's responses) are decoded once
-per table state and then taken from a cache keyed by the block's bytes."""
+Decoding is the cost: hpack takes some 13 us for a 9-header gRPC block. Repeated blocks are
+decoded once and then taken from caches keyed by their bytes (BlockDecoder)."""
 
 from __future__ import annotations
 
@@ -99,34 +98,70 @@ def grpc_status_name(value: bytes | None) -> str:
 
 
 class CountingTable(HeaderTable):
-    """hpack's dynamic table, with a version that changes whenever its contents may have."""
+    """hpack's dynamic table, with a version that changes whenever its contents may have, a
+    log of the changes a decode makes, and whether the decode read a dynamic entry."""
+
+    STATIC_ENTRIES = len(HeaderTable.STATIC_TABLE)
 
     def __init__(self) -> None:
         self.version = 0
+        self.changes: list[tuple[bytes | None, bytes | int]] | None = None
+        self.read_dynamic = False
         super().__init__()
 
     def add(self, name: bytes, value: bytes) -> None:
         self.version += 1
+        if self.changes is not None:
+            self.changes.append((name, value))
         super().add(name, value)
 
     @HeaderTable.maxsize.setter  # type: ignore[attr-defined,untyped-decorator]
     def maxsize(self, newmax: int) -> None:
         self.version += 1
+        if self.changes is not None:
+            self.changes.append((None, newmax))
         HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+    def get_by_index(self, index: int) -> tuple[bytes, bytes]:
+        if index > self.STATIC_ENTRIES:
+            self.read_dynamic = True
+        return super().get_by_index(index)
+
+
+# A decoded block: its headers, and the changes it made to its direction's table (an entry
+# added: (name, value); the size updated: (None, size)).
+Decoded = tuple[dict[bytes, bytes], list[tuple[bytes | None, bytes | int]]]
 
 
 class BlockDecoder:
-    """One direction's HPACK decoder, with the cache of blocks that left its table alone."""
+    """One direction's HPACK decoder, with two caches keyed by a block's bytes.
+
+    A block that read no dynamic entry (static references and literals only) decodes to the
+    same headers whatever the table holds, and changes it the same way: it is decoded once,
+    and later copies replay its changes (servers that add every response header to the table
+    and never refer to it, as nginx does, send only such blocks). A block that read dynamic
+    entries and changed nothing (a steady client's requests, all references) is kept for as
+    long as the table stays as it was."""
 
     def __init__(self) -> None:
         self.decoder = Decoder()
         self.table = CountingTable()
         self.decoder.header_table = self.table
+        self._independent: dict[bytes, Decoded] = {}
         self._cache: dict[bytes, dict[bytes, bytes]] = {}
         self._cached_version = 0
 
     def decode(self, block: bytes) -> dict[bytes, bytes]:
         """The block's headers (the last value of a repeated name); raises HPACKError."""
+        known = self._independent.get(block)
+        if known is not None:
+            headers, changes = known
+            for name, value in changes:
+                if name is None:
+                    self.decoder.header_table_size = value  # type: ignore[assignment]
+                else:
+                    self.table.add(name, value)  # type: ignore[arg-type]
+            return headers
         version = self.table.version
         if version != self._cached_version:
             self._cache.clear()
@@ -134,8 +169,18 @@ class BlockDecoder:
         headers = self._cache.get(block)
         if headers is not None:
             return headers
-        headers = dict(self.decoder.decode(block, raw=True))  # type: ignore[arg-type]
-        if self.table.version == version:
+        table = self.table
+        table.changes, table.read_dynamic = [], False
+        try:
+            headers = dict(self.decoder.decode(block, raw=True))  # type: ignore[arg-type]
+            changes = table.changes
+        finally:
+            table.changes = None
+        if not table.read_dynamic:
+            if len(self._independent) >= CACHE_ENTRIES:
+                self._independent.clear()
+            self._independent[block] = (headers, changes)
+        elif table.version == version:
             if len(self._cache) >= CACHE_ENTRIES:
                 self._cache.clear()
             self._cache[block] = headers

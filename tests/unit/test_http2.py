@@ -354,3 +354,25 @@ def test_requests_of_a_connection_whose_server_never_spoke_are_unknown():
     t.feed(np.concatenate([request(peer, 1), peer.record(RECORD_END)]))
     assert requests(t) == {(GET, STATUS_UNKNOWN): 1}
     assert t.take_parse_errors() == 1
+
+
+def test_blocks_that_read_no_dynamic_entry_replay_their_table_changes():
+    """A server that adds each response header to its table and never refers to it (nginx):
+    the same block again is taken from the cache, and its additions still reach the table, so
+    a block that refers to them decodes right."""
+    t, peer = tracker(), Peer()
+    # :status 200 (static), then content-type: application/grpc as a literal with incremental
+    # indexing, its name by static index 31, its value a plain string
+    value = b"application/grpc"
+    literal = bytes([0x88, 0x40 | 31, len(value)]) + value
+    for stream in (1, 3, 5):
+        t.feed(np.concatenate([request(peer, stream), peer.frame(1, HEADERS, END_HEADERS,
+                                                                  stream, literal)]))
+    assert requests(t) == {(GET, 200): 3}
+    decoder = next(iter(t.conns.values())).decoders[1]
+    assert list(decoder._independent) == [literal]          # decoded once
+    assert len(decoder.table.dynamic_entries) == 3          # added three times
+    # index 62, the newest entry, and 64, the oldest: both content-type
+    assert decoder.decode(bytes([0x88, 0x80 | 62, 0x80 | 64])) == {
+        b":status": b"200", b"content-type": value}
+    assert t.take_parse_errors() == 0
