@@ -76,7 +76,7 @@
 #endif
 /* pages of 4 KiB for h2_records (a power of two; maps.http2_ring_mib) */
 #ifndef H2_RING_PAGES
-#define H2_RING_PAGES 4096
+#define H2_RING_PAGES 2048
 #endif
 
 /* a direction, as its segments' sender sees it */

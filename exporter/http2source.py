@@ -17,8 +17,8 @@ from .selfmetrics import KernelStats
 log = logs.get("http2")
 
 # The kernel writes records without waking anyone (BPF_RB_NO_WAKEUP); the ring is read on this
-# period. At 20,000 gRPC calls a second some 60,000 records (12 MB) a second arrive: the ring
-# (maps.http2_ring_mib, 16 MiB) holds 1.3 s of them.
+# period. At 20,000 gRPC calls a second some 60,000 to 80,000 records (12 to 16 MB) a second
+# arrive: the ring (maps.http2_ring_mib, 8 MiB) holds half a second of them.
 POLL_SECONDS = 0.05
 SWEEP_SECONDS = 5.0
 

@@ -6,11 +6,12 @@ as for thousands. It needs no bcc, only the map's file descriptor.
 
 The kernel's layout (kernel/bpf/ringbuf.c): at offset 0 of the map's file a page holding the
 consumer position, which the reader writes; at offset one page, read-only, a page holding the
-producer position followed by the data area mapped twice in a row, so that a record that wraps
-around the end reads as one run of bytes. Each record starts with an 8-byte header, its length
-in the low 30 bits of the first word (bit 31: still being written; bit 30: discarded), and
-takes its length plus the header rounded up to 8 bytes. Positions only grow; a record's place is
-its position modulo the data size."""
+producer position followed by the data area, which the kernel offers twice in a row so that a
+record wrapping around the end reads as one run of bytes. This reader maps it once (the
+second copy would count in the process's RSS again) and joins a wrapped run itself. Each
+record starts with an 8-byte header, its length in the low 30 bits of the first word (bit 31:
+still being written; bit 30: discarded), and takes its length plus the header rounded up to 8
+bytes. Positions only grow; a record's place is its position modulo the data size."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class FixedRecordRing:
                                 "offsets": [0, HEADER_BYTES], "itemsize": self.stride})
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(map_fd, page + 2 * data_bytes, mmap.MAP_SHARED,
+        self._producer = mmap.mmap(map_fd, page + data_bytes, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=page)
         self._data = memoryview(self._producer)[page:]
         # the positions as one aligned 8-byte word each, read and written with one load or
@@ -57,9 +58,12 @@ class FixedRecordRing:
         count = (producer - consumer) // self.stride
         if count == 0:
             return np.empty(0, dtype=self.record)
-        start = consumer % self.data_bytes
-        framed = np.frombuffer(self._data[start:start + count * self.stride],
-                               dtype=self.framed).copy()
+        start, size = consumer % self.data_bytes, count * self.stride
+        if start + size <= self.data_bytes:
+            raw = self._data[start:start + size].tobytes()
+        else:                           # wrapped around the end
+            raw = self._data[start:].tobytes() + self._data[:start + size - self.data_bytes]
+        framed = np.frombuffer(raw, dtype=self.framed)
         headers = framed["header"]
         busy = np.flatnonzero(headers & BUSY_BIT)
         if busy.size:                   # reserved, not yet committed: read from there next time
