@@ -56,7 +56,7 @@ def parse_bool(value: Any) -> bool:
 
 def parse_positive_int(value: Any) -> int:
     if isinstance(value, str) and value.strip().isdecimal():
-        value = int(value)
+        value = int(value.strip())      # int() strips less than str.strip() (not \x1f)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail("a positive integer", value)
     return value
@@ -64,7 +64,7 @@ def parse_positive_int(value: Any) -> int:
 
 def parse_port(value: Any) -> int:
     if isinstance(value, str) and value.strip().isdecimal():
-        value = int(value)
+        value = int(value.strip())      # int() strips less than str.strip() (not \x1f)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise _fail("a port number 1-65535", value)
     return value
