@@ -29,15 +29,17 @@
 #include <uapi/linux/ptrace.h>
 #include "common.h"
 
-/* Indexes of map_update_failures (named in exporter/collectors/https.py). */
+/* Indexes of map_update_failures (named in exporter/tlsprobes.py). */
 #define FAILURE_HTTP_EVENTS 0
 #define FAILURE_HTTP_CONNS 1
 #define FAILURE_TLS_CALLS 2
-#define FAILURE_COUNT 3
+#define FAILURE_H2_RECORDS 3
+#define FAILURE_COUNT 4
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 
 #define PARSE_ERROR_HTTP 0
-BPF_PERCPU_ARRAY(parse_errors, u64, 1);
+#define PARSE_ERROR_HTTP2 1
+BPF_PERCPU_ARRAY(parse_errors, u64, 2);
 
 #include "counters.h"
 #include "sock.h"
@@ -56,6 +58,11 @@ BPF_PERCPU_ARRAY(parse_errors, u64, 1);
 #define TLS_OP_HANDSHAKE 0
 #define TLS_OP_READ 1
 #define TLS_OP_WRITE 2
+
+/* a write's kind (tls_call.kind) beside enum http_line: HTTP/2's client preface, and the
+ * bytes of a connection HTTP/2 follows */
+#define TLS_KIND_H2_PREFACE 7
+#define TLS_KIND_H2 8
 
 /* which side of a connection counts it (http_conn.seen) */
 #define TLS_SIDE_CLIENT HTTP_SEEN_CLIENT
@@ -423,6 +430,152 @@ static __always_inline void tls_response(struct http_scratch *s, u64 ssl, u32 si
     http_answer(s, &ck, conn, status, at);
 }
 
+#ifdef WITH_HTTP2
+/* HTTP/2 inside TLS: the frames of each SSL object's plaintext, walked as the calls hand it
+ * over (bpf/http2_walk.h) and handed to user space as the classifier's are, scheme "https".
+ * A call's buffer is one piece of its direction's bytes, in order: no sequence numbers, no
+ * retransmissions. A connection is HTTP/2 from the client's preface: written by this process
+ * (its client) or read by it (its server). Counted once: the client claims the connection by
+ * its end (address and port, the same on both sides of a DNAT) when its preface goes out,
+ * before the server can read it; a server on this node then leaves it alone. A call with more
+ * frames than one walk takes (H2_STEPS) loses its direction's place until a later call starts
+ * with a frame header. */
+#define H2_STEPS 32
+#define H2_LOAD(src, off, dst, len) \
+    bpf_probe_read_user(dst, len, (const void *)((src)->base + (off)))
+#include "http2_walk.h"
+
+#ifndef H2_TLS_CAPACITY
+#define H2_TLS_CAPACITY 16384
+#endif
+struct h2_tls_key {
+    u64 ssl;
+    u32 tgid;
+    u32 written;            /* 1: the bytes this process writes; 0: those it reads */
+};
+BPF_TABLE("lru_hash", struct h2_tls_key, struct h2_dir, h2_tls_dirs, H2_TLS_CAPACITY);
+/* the side (TLS_SIDE_*) that follows each HTTP/2 connection, by its client's end */
+BPF_TABLE("lru_hash", struct http_client_end, u32, h2_tls_claims, H2_TLS_CAPACITY);
+
+/* Whether this process's SSL object has an HTTP/2 direction followed: its written bytes, or
+ * its read ones. Its pieces are then not looked at as HTTP/1. */
+static __always_inline int h2_tls_followed(u64 ssl, u32 written)
+{
+    struct h2_tls_key k = {};
+    k.ssl = ssl;
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.written = written;
+    return h2_tls_dirs.lookup(&k) != 0;
+}
+
+/* The connection an SSL object's records name, seen from `side` (this process's). */
+static __always_inline void h2_tls_ends(struct h2_ends *e, u64 ssl, u32 side)
+{
+    struct http_conn_key ck = {};
+    tls_conn_key(&ck, ssl, side);
+    e->family = ck.family;
+    e->client_port = ck.client_port;
+    e->server_port = ck.server_port;
+    __builtin_memcpy(e->client, ck.client, 16);
+    __builtin_memcpy(e->server, ck.server, 16);
+}
+
+static __always_inline void h2_tls_claim_key(struct http_client_end *ce, const struct h2_ends *e)
+{
+    ce->family = e->family;
+    ce->port = e->client_port;
+    __builtin_memcpy(ce->addr, e->client, 16);
+}
+
+/* The preface, written (side: the client) or read (the server) by this process: its two
+ * directions get walk states unless the other side on this node follows the connection, or
+ * (counting once per cluster) its client is another node's. 1 when they did. */
+static __always_inline int h2_tls_begin(u64 ssl, u32 side, u64 now)
+{
+    struct h2_ends e = {};
+    h2_tls_ends(&e, ssl, side);
+    struct http_client_end ce = {};
+    h2_tls_claim_key(&ce, &e);
+    u32 *claim = h2_tls_claims.lookup(&ce);
+    if (claim && *claim != side)
+        return 0;
+#ifdef ONCE_PER_CLUSTER
+    if (!claim && side == TLS_SIDE_SERVER && e.family && counted_by_its_node(e.family, e.client))
+        return 0;
+#endif
+    if (!claim)
+        h2_tls_claims.update(&ce, &side);
+    struct h2_tls_key k = {};
+    k.ssl = ssl;
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    struct h2_dir d = {};
+    d.last_seen_ns = now;
+    /* the client's bytes are walked from the preface on; the server's from the start of the
+     * next piece, which must start with a frame (a SETTINGS it sent first may be past) */
+    d.state = H2_DIR_SYNCED;
+    d.from_server = 0;
+    k.written = side == TLS_SIDE_CLIENT;
+    h2_tls_dirs.update(&k, &d);
+    d.state = H2_DIR_UNSYNCED;
+    d.from_server = 1;
+    k.written = side != TLS_SIDE_CLIENT;
+    h2_tls_dirs.update(&k, &d);
+    return 1;
+}
+
+/* `len` bytes of plaintext at `buf` that this process wrote (or read), from `skip` on. */
+static __always_inline void h2_tls_bytes(u64 ssl, u32 written, u64 buf, u32 len, u32 skip,
+                                         u64 now)
+{
+    struct h2_tls_key k = {};
+    k.ssl = ssl;
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.written = written;
+    struct h2_dir *d = h2_tls_dirs.lookup(&k);
+    u32 zero = 0;
+    struct h2_walk *w = h2_walks.lookup(&zero);
+    if (!d || !w)
+        return;
+    d->last_seen_ns = now;
+    /* this process's side: the client writes the client's bytes */
+    u32 side = (d->from_server == 0) == (written == 1) ? TLS_SIDE_CLIENT : TLS_SIDE_SERVER;
+    struct h2_ends e = {};
+    h2_tls_ends(&e, ssl, side);
+    struct h2_src src = {.skb = 0, .base = buf};
+    if (d->state != H2_DIR_SYNCED)
+        d->header_have = 0;                 /* (re)start at this piece's start */
+    w->off = skip;
+    h2_walk_steps(&src, &e, d, w, len, now);
+    if (w->off < len)
+        h2_lose(&src, &e, d, now);          /* more frames than one walk takes */
+}
+
+/* SSL_free: the connection's end, sent once, by the side that followed it. */
+static __always_inline void h2_tls_free(u64 ssl)
+{
+    struct h2_tls_key k = {};
+    k.ssl = ssl;
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.written = 1;
+    struct h2_dir *d = h2_tls_dirs.lookup(&k);
+    if (!d)
+        return;
+    struct h2_dir ending = {};
+    __builtin_memcpy(&ending, d, sizeof(ending));
+    u32 side = ending.from_server == 0 ? TLS_SIDE_CLIENT : TLS_SIDE_SERVER;
+    struct h2_ends e = {};
+    h2_tls_ends(&e, ssl, side);
+    struct h2_src src = {};
+    h2_emit(&src, &e, &ending, H2_RECORD_END, 0, 0, 0, bpf_ktime_get_ns());
+    h2_tls_dirs.delete(&k);
+    k.written = 0;
+    h2_tls_dirs.delete(&k);
+    struct http_client_end ce = {};
+    h2_tls_claim_key(&ce, &e);
+    h2_tls_claims.delete(&ce);
+}
+#endif
+
 static __always_inline int tls_write_entry(struct pt_regs *ctx, u64 ssl, u64 buf, u32 len,
                                            u64 size_out)
 {
@@ -435,9 +588,19 @@ static __always_inline int tls_write_entry(struct pt_regs *ctx, u64 ssl, u64 buf
     call->size_out = size_out;
     u8 method = 0;
     u16 status = 0;
+#ifdef WITH_HTTP2
+    if (h2_tls_followed(ssl, 1)) {
+        call->kind = TLS_KIND_H2;
+        return 0;
+    }
+#endif
     call->kind = tls_classify(s, buf, len, &method, &status);
     call->method = method;
     call->status = status;
+#ifdef WITH_HTTP2
+    if (call->kind == HTTP_NOT_HTTP && len >= H2_PREFACE_BYTES && h2_is_preface(s))
+        call->kind = TLS_KIND_H2_PREFACE;
+#endif
     if (call->kind != HTTP_REQUEST)
         return 0;
     http_take_path(s);
@@ -462,6 +625,14 @@ static __always_inline int tls_write_return(struct pt_regs *ctx, int written)
     struct tls_call *call = tls_returning(ctx, &thread);
     if (!call)
         return 0;
+#ifdef WITH_HTTP2
+    if (written > 0 && call->kind == TLS_KIND_H2_PREFACE) {
+        if (h2_tls_begin(call->ssl, TLS_SIDE_CLIENT, call->start_ns))
+            h2_tls_bytes(call->ssl, 1, call->buf, written, H2_PREFACE_BYTES, call->start_ns);
+    } else if (written > 0 && call->kind == TLS_KIND_H2) {
+        h2_tls_bytes(call->ssl, 1, call->buf, written, 0, call->start_ns);
+    }
+#endif
     struct http_scratch *s = tls_scratch();
     if (s && written > 0 && !call->skip) {
         if (call->kind == HTTP_REQUEST) {
@@ -487,7 +658,19 @@ static __always_inline int tls_read_return(struct pt_regs *ctx, struct tls_call 
         u64 now = bpf_ktime_get_ns();
         u8 method = 0;
         u16 status = 0;
+#ifdef WITH_HTTP2
+        if (h2_tls_followed(call->ssl, 0)) {
+            h2_tls_bytes(call->ssl, 0, call->buf, got, 0, now);
+            tls_leave(thread);
+            return 0;
+        }
+#endif
         int kind = tls_classify(s, call->buf, got, &method, &status);
+#ifdef WITH_HTTP2
+        if (kind == HTTP_NOT_HTTP && got >= H2_PREFACE_BYTES && h2_is_preface(s) &&
+            h2_tls_begin(call->ssl, TLS_SIDE_SERVER, now))
+            h2_tls_bytes(call->ssl, 0, call->buf, got, H2_PREFACE_BYTES, now);
+#endif
         if (kind == HTTP_REQUEST) {
             http_take_path(s);
             tls_request(s, call->ssl, TLS_SIDE_SERVER, method, now);
@@ -519,7 +702,12 @@ int ssl_write_ex_entry(struct pt_regs *ctx)
 
 int ssl_write_ex_return(struct pt_regs *ctx)
 {
-    return tls_write_return(ctx, (int)PT_REGS_RC(ctx) == 1 ? 1 : 0);
+    u64 written = 0;
+    u64 thread = bpf_get_current_pid_tgid();
+    struct tls_call *call = tls_calls.lookup(&thread);
+    if ((int)PT_REGS_RC(ctx) == 1 && call && call->size_out)
+        bpf_probe_read_user(&written, sizeof(written), (const void *)call->size_out);
+    return tls_write_return(ctx, written > 0x7fffffff ? 0x7fffffff : (int)written);
 }
 
 /* int SSL_read(SSL *ssl, void *buf, int num) */
@@ -605,6 +793,9 @@ int ssl_free_entry(struct pt_regs *ctx)
         tls_key(s, &ck);
         http_flush(s, &ck);
     }
+#ifdef WITH_HTTP2
+    h2_tls_free(ssl);
+#endif
     struct tls_conn_id id = tls_conn_id_of(ssl);
     tls_sockets.delete(&id);
     return 0;

@@ -214,7 +214,7 @@ class Exporter:
         self.label_sets: EndpointLabelSets | None = None
         self.counting: oncepercluster.ClusterCounting | None = None
         self.tls: TlsWatch | None = None
-        self.http2: Http2Source | None = None
+        self.http2: list[Http2Source] = []       # h2c, and HTTP/2 inside TLS
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -310,19 +310,7 @@ class Exporter:
                 http_sources.append(KernelHttpSource(program, config.http.idle_timeout,
                                                      paths=bool(config.http.paths)))
             if classifier.http2_wanted(config):
-                self.http2 = Http2Source(program, config.http.idle_timeout,
-                                         config.http.http2_streams,
-                                         config.maps.http2_conn_capacity,
-                                         paths=bool(config.http.paths),
-                                         grpc_methods=bool(config.http.grpc_services))
-                http_sources.append(self.http2)
-                reporters.append(self.http2.report)
-                # gRPC calls carry the HTTP metrics' endpoint labels (labels.per_metric.http)
-                services = config.http.grpc_services
-                grpc = GrpcCollector(GrpcCounts(self.http2), labels.of("http"), ports, *series,
-                                     GrpcMethodLabel(services) if services else None)
-                collectors.append(grpc)
-                self.sweeping.append(grpc)
+                self.http2.append(self._http2_source(program, "http"))
             self.monitor = classifier.interface_monitor(
                 program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd),
                 self.counting)
@@ -333,6 +321,17 @@ class Exporter:
                                                      paths=bool(config.http.paths),
                                                      scheme="https"))
                 reporters.append(self.tls.report)
+                if config.http.http2:
+                    self.http2.append(self._http2_source(self.tls.program, "https"))
+        if self.http2:
+            http_sources += self.http2
+            reporters += [source.report for source in self.http2]
+            # gRPC calls carry the HTTP metrics' endpoint labels (labels.per_metric.http)
+            services = config.http.grpc_services
+            grpc = GrpcCollector(GrpcCounts(self.http2), labels.of("http"), ports, *series,
+                                 GrpcMethodLabel(services) if services else None)
+            collectors.append(grpc)
+            self.sweeping.append(grpc)
         if http_sources:
             paths = config.http.paths
             http = HttpCollector(
@@ -357,8 +356,8 @@ class Exporter:
             self.monitor.start()
         if self.tls:        # its thread keeps what attaching uprobes later needs
             self.tls.start()
-        if self.http2:
-            self.http2.start()
+        for source in self.http2:
+            source.start()
         # programs loaded and attached: this thread, and the watches and sweepers it starts,
         # need nothing (the interface monitor's thread kept CAP_NET_ADMIN)
         dropped = privileges.keep_only(())
@@ -477,6 +476,12 @@ class Exporter:
             self._count_once(program)
         return TlsWatch(program, link_programs, self.config.https.rescan_interval)
 
+    def _http2_source(self, program: Program, scheme: str) -> Http2Source:
+        config = self.config
+        return Http2Source(program, config.http.idle_timeout, config.http.http2_streams,
+                           config.maps.http2_conn_capacity, paths=bool(config.http.paths),
+                           grpc_methods=bool(config.http.grpc_services), scheme=scheme)
+
     def _program(self, name: str, source: str, cflags: list[str]) -> Program:
         program = Program(name, source, cflags)
         self.programs.append(program)
@@ -530,8 +535,8 @@ class Exporter:
             self.counting.stop()
         if self.tls:
             self.tls.stop()
-        if self.http2:
-            self.http2.stop()
+        for source in self.http2:
+            source.stop()
         if self.monitor and self.monitor.stop():
             log.info("detached from every interface")
         for program in self.programs:

@@ -1,5 +1,6 @@
-"""The classifier's HTTP/2 records, read from their ring buffer by a thread of their own and
-followed by an Http2Tracker; the HTTP and gRPC collectors drain the counts at scrape time."""
+"""A program's HTTP/2 records (the classifier's, the HTTPS program's), read from their ring
+buffer by a thread of their own and followed by an Http2Tracker; the HTTP and gRPC
+collectors drain the counts at scrape time."""
 
 from __future__ import annotations
 
@@ -24,8 +25,15 @@ SWEEP_SECONDS = 5.0
 
 
 class Http2Source:
+    """The HTTP/2 records of one program: the classifier's (scheme "http", h2c) or the HTTPS
+    program's ("https", HTTP/2 inside TLS)."""
+
     def __init__(self, program: object, idle_seconds: float, max_streams: int,
-                 conn_capacity: int, paths: bool = False, grpc_methods: bool = False) -> None:
+                 conn_capacity: int, paths: bool = False, grpc_methods: bool = False,
+                 scheme: str = "http") -> None:
+        self.scheme = scheme
+        # its maps' name in the self-metrics
+        self.name = "http2" if scheme == "http" else f"{scheme}_http2"
         table = program.table("h2_records")  # type: ignore[attr-defined]
         self.ring = FixedRecordRing(table.get_fd(), int(table.max_entries), RECORD)
         self.tracker = Http2Tracker(max_streams, int(idle_seconds * 1e9), paths, grpc_methods)
@@ -37,7 +45,8 @@ class Http2Source:
         self._last_sweep = time.monotonic()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="http2-records", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-records",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -53,7 +62,7 @@ class Http2Source:
             except RingError as e:      # a layout mismatch: every later read would fail too
                 log.error("HTTP/2 records cannot be read", extra={"error": str(e)})
                 return
-            except Exception as e:      # keep reading; the failure is logged once per kind
+            except Exception as e:      # keep reading; each failed batch is logged
                 log.warning("HTTP/2 records: a batch failed", extra={"error": str(e)},
                             exc_info=True)
 
@@ -89,7 +98,7 @@ class Http2Source:
                 keys[row]["path"][:len(path)] = np.frombuffer(path, dtype=np.uint8)
             counts[row] = value
         return HttpBatch(keys, counts, conns=conns, conn_capacity=self.conn_capacity,
-                         scheme="http", name="http2")
+                         scheme=self.scheme, name=self.name)
 
     def drain_grpc(self) -> dict[GrpcKey, int]:
         """The gRPC counts since the last call."""
@@ -103,10 +112,15 @@ class Http2Source:
 
 
 class GrpcCounts:
-    """The gRPC side of an Http2Source, as the gRPC collector's source."""
+    """The gRPC side of the Http2Sources (h2c, and HTTP/2 inside TLS), as the gRPC
+    collector's source."""
 
-    def __init__(self, source: Http2Source) -> None:
-        self.source = source
+    def __init__(self, sources: list[Http2Source]) -> None:
+        self.sources = sources
 
     def drain(self) -> dict[GrpcKey, int]:
-        return self.source.drain_grpc()
+        counts: dict[GrpcKey, int] = {}
+        for source in self.sources:
+            for key, value in source.drain_grpc().items():
+                counts[key] = counts.get(key, 0) + value
+        return counts

@@ -47,7 +47,7 @@ PROBES = (
     ("SSL_free", "ssl_free_entry", None, False),
 )
 # indexes of map_update_failures and parse_errors in bpf/tls.c
-FAILURE_MAPS = ["https_events", "https_conns", "tls_calls"]
+FAILURE_MAPS = ["https_events", "https_conns", "tls_calls", "https_http2_records"]
 # bcc refuses more than 1000 probes per process unless told otherwise: 15 per file, so some
 # 66 files (images with their own libssl) would reach it
 PROBE_LIMIT = "100000"
@@ -64,6 +64,9 @@ def program_flags(config: Config, once_per_cluster: bool) -> list[str]:
              f"-DHTTP_EVENT_CAPACITY={config.maps.http_event_capacity}"]
     if config.http.paths:
         flags.append("-DHTTP_PATHS")
+    if config.http.http2:
+        flags += ["-DWITH_HTTP2", f"-DH2_TLS_CAPACITY={2 * config.maps.http2_conn_capacity}",
+                  f"-DH2_RING_PAGES={config.maps.http2_ring_mib * 256}"]
     if once_per_cluster:
         flags += oncepercluster.cflags(config)
     return flags
@@ -286,6 +289,7 @@ class TlsWatch:
         for index, name in enumerate(FAILURE_MAPS):
             stats.add_failures(name, float(map_failures[index]))
         stats.add_parse_errors("https", float(parse_errors[0]))
+        stats.add_parse_errors("http2", float(parse_errors[1]))
 
 
 class HttpsMetrics:

@@ -42,7 +42,7 @@ class Exchange:
     code: int               # rcode or status
     what: int               # qtype or method
     name: bytes             # DNS question (wire format) or HTTP target, NUL padded
-    transport: int = 0      # DNS: 0 udp, 1 tcp
+    transport: int = 0      # DNS: 0 udp, 1 tcp; HTTP/2 and gRPC: 0 in clear, 1 inside TLS
     timed_out: bool = False
     status_name: str = ""   # gRPC: the grpc_status
 

@@ -71,13 +71,14 @@ class Formatter:
             detail = f"{record['qtype']} {record['query']} {record['rcode']}"
         elif ex.kind == "grpc":
             record.update({"method": http_target(ex.name), "grpc_status": ex.status_name,
+                           "scheme": "https" if ex.transport else "http",
                            "latency_seconds": ex.latency_us / 1e6})
             detail = f"{record['method']} {ex.status_name}"
         else:
             record.update({"method": method_name(ex.what), "path": http_target(ex.name),
                            "status": ex.code, "latency_seconds": ex.latency_us / 1e6})
             if ex.kind == "http2":
-                record["version"] = "2"
+                record.update({"version": "2", "scheme": "https" if ex.transport else "http"})
             detail = f"{record['method']} {record['path']} {ex.code}"
         if self.as_json:
             return json.dumps(record)

@@ -70,10 +70,8 @@ class LiveView:
         self._flows: KernelFlowSource | None = None
         self._dns: KernelDnsSource | None = None
         self.tls: TlsWatch | None = None
-        self._h2_ring: FixedRecordRing | None = None
-        self._h2 = Http2Tracker(config.http.http2_streams, int(config.http.idle_timeout * 1e9),
-                                paths=True, grpc_methods=True)
-        self._h2.exchanges = []
+        # HTTP/2 records: the classifier's (transport 0) and the HTTPS program's (1)
+        self._h2: list[tuple[FixedRecordRing, Http2Tracker, int]] = []
 
     def start(self) -> None:
         environment.prepare()
@@ -86,8 +84,7 @@ class LiveView:
         self._sources = [KernelHttpSource(packets, config.http.idle_timeout, paths=True)]
         packets.bpf[b"live_events"].open_ring_buffer(self._on_record)
         if classifier.http2_wanted(config):
-            ring = packets.table("h2_records")
-            self._h2_ring = FixedRecordRing(ring.get_fd(), int(ring.max_entries), RECORD)
+            self._follow_http2(packets, 0)
         if not _missing_tracepoints(TCP_TRACEPOINTS):
             # the process of each connection where the kernel gives it
             process = not _missing_tracepoints(PROCESS_TRACEPOINTS)
@@ -130,7 +127,18 @@ class LiveView:
         self._sources.append(KernelHttpSource(tls, config.http.idle_timeout, paths=True,
                                               scheme="https"))
         tls.bpf[b"live_events"].open_ring_buffer(self._on_record)
+        if config.http.http2:
+            self._follow_http2(tls, 1)
         return TlsWatch(tls, link_programs, config.https.rescan_interval)
+
+    def _follow_http2(self, program: Program, transport: int) -> None:
+        ring = program.table("h2_records")
+        tracker = Http2Tracker(self.config.http.http2_streams,
+                               int(self.config.http.idle_timeout * 1e9), paths=True,
+                               grpc_methods=True)
+        tracker.exchanges = []
+        self._h2.append((FixedRecordRing(ring.get_fd(), int(ring.max_entries), RECORD), tracker,
+                         transport))
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
         # called from C: an exception here would be printed and dropped, so it is noted
@@ -148,21 +156,21 @@ class LiveView:
 
     def _http2(self) -> None:
         """HTTP/2 requests and gRPC calls completed since the last poll, as exchanges."""
-        if self._h2_ring is None:
-            return
-        self._h2.feed(self._h2_ring.read())
-        done, self._h2.exchanges = self._h2.exchanges or [], []
-        for ex in done:
-            family, client, client_port, server, server_port = ex.key
-            try:
-                self._exchange(Exchange(
-                    ex.kind, family, End(address_text(family, client), client_port),
-                    End(address_text(family, server), server_port), max(ex.latency_ns, 0) // 1000,
-                    ex.status if isinstance(ex.status, int) else 0, ex.method, ex.path,
-                    status_name=ex.status if isinstance(ex.status, str) else ""))
-            except BrokenPipeError:
-                self._output_closed = True
-                return
+        for ring, tracker, transport in self._h2:
+            tracker.feed(ring.read())
+            done, tracker.exchanges = tracker.exchanges or [], []
+            for ex in done:
+                family, client, client_port, server, server_port = ex.key
+                try:
+                    self._exchange(Exchange(
+                        ex.kind, family, End(address_text(family, client), client_port),
+                        End(address_text(family, server), server_port),
+                        max(ex.latency_ns, 0) // 1000,
+                        ex.status if isinstance(ex.status, int) else 0, ex.method, ex.path,
+                        transport, status_name=ex.status if isinstance(ex.status, str) else ""))
+                except BrokenPipeError:
+                    self._output_closed = True
+                    return
 
     def _exchange(self, exchange: Exchange) -> None:
         if self.filter.wants(exchange.kind, (exchange.client, exchange.server)):

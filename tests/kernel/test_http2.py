@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from hpack import Encoder
 
+from tests.certs import make_certs
 from tests.exporter_process import ExporterProcess, Scrape, wait_until
 from tests.testnode import TestNode, in_netns, nginx_config
 
 pytestmark = pytest.mark.kernel
 
-H2_PORT, GRPC_PORT = 8090, 50051
+H2_PORT, GRPC_PORT, H2_TLS_PORT = 8090, 50051, 8453
 LOCATIONS = {"/ok": 200, "/created": 201, "/error": 500}
 PEER = str(Path(__file__).with_name("grpc_peer.py"))
 
@@ -29,8 +30,12 @@ PEER = str(Path(__file__).with_name("grpc_peer.py"))
 @pytest.fixture(scope="module")
 def h2(node: TestNode) -> Iterator[ExporterProcess]:
     root = Path(tempfile.mkdtemp(prefix=f"{node.prefix}-nginx2-"))
+    certs = make_certs(root / "certs")
     config = nginx_config(str(root), [f"{node.b_ip}:{H2_PORT} http2",
-                                      f"[{node.b_ip6}]:{H2_PORT} http2"], LOCATIONS)
+                                      f"[{node.b_ip6}]:{H2_PORT} http2",
+                                      f"{node.b_ip}:{H2_TLS_PORT} ssl http2"], LOCATIONS,
+                          http_extra=f"ssl_certificate {certs.server_cert}; "
+                                     f"ssl_certificate_key {certs.server_key};")
     (root / "nginx.conf").write_text(config)
     node.spawn(node.b_ns, ["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)])
     grpc_server = node.spawn(node.b_ns, [sys.executable, PEER, "serve", node.b_ip,
@@ -56,6 +61,13 @@ def curl(node: TestNode, *urls: str) -> list[str]:
     requests on one connection come from the gRPC client."""
     return [node.run(node.a_ns, ["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null",
                                  "-w", "%{http_code}", url]).stdout for url in urls]
+
+
+def curl_tls(node: TestNode, *urls: str) -> list[str]:
+    """Status codes of the URLs over HTTP/2 inside TLS (ALPN h2), on one connection."""
+    out = ["-o", "/dev/null"] * len(urls)
+    return node.run(node.a_ns, ["curl", "-sk", "--http2", *out, "-w",
+                                "%{http_code} %{http_version} ", *urls]).stdout.split()
 
 
 def grpc_calls(node: TestNode, *plan: str) -> list[str]:
@@ -251,3 +263,27 @@ def test_malformed_frames_are_parse_errors_and_nothing_else(node: TestNode, h2: 
     assert {k: v - was.get(k, 0) for k, v in counted.items() if v != was.get(k, 0)} == {
         ("GET", "200"): 1}
     assert after.value("ebpf_net_exporter_scrape_collector_success", collector="http") == 1
+
+
+def test_http2_inside_tls_is_read_from_openssl_and_counted_once(node: TestNode,
+                                                                h2: ExporterProcess):
+    """curl and nginx, both OpenSSL, ALPN h2: the requests are read from the plaintext of
+    both, and counted once, by the client, as scheme https, version 2."""
+    def count(s: Scrape, code: str) -> float:
+        return s.value("ebpf_net_http_requests_total", src_ip=node.a_ip, dst_ip=node.b_ip,
+                       dst_port=str(H2_TLS_PORT), scheme="https", version="2", method="GET",
+                       status_code=code)
+
+    before = h2.scrape()
+    base = f"https://{node.b_ip}:{H2_TLS_PORT}"
+    seen = curl_tls(node, base + "/ok", base + "/created", base + "/missing", base + "/ok")
+    assert seen[::2] == ["200", "201", "404", "200"] and set(seen[1::2]) == {"2"}
+    expected = {"200": 2, "201": 1, "404": 1}
+    after = h2.wait_for(lambda s: all(count(s, c) - count(before, c) >= n
+                                      for c, n in expected.items()), "the HTTP/2 requests in TLS")
+    assert {c: count(after, c) - count(before, c) for c in expected} == expected
+    # nothing else on that port, in clear or in TLS, as HTTP/1 or 2
+    assert after.value("ebpf_net_http_requests_total", dst_port=str(H2_TLS_PORT)) - \
+        before.value("ebpf_net_http_requests_total", dst_port=str(H2_TLS_PORT)) == 4
+    assert after.value("ebpf_net_exporter_parse_errors_total", protocol="http2") == \
+        before.value("ebpf_net_exporter_parse_errors_total", protocol="http2")

@@ -156,8 +156,9 @@ def test_http2_requests_and_grpc_calls_show_with_their_status(
         node.stop(server)
     assert ends(call, node.a_ip, node.b_ip, port) and ends(request, node.a_ip, node.b_ip, port)
     assert (call["method"], call["grpc_status"]) == ("/test.Echo/Unary", "NOT_FOUND")
-    assert (request["method"], request["path"], request["status"], request["version"]) == \
-        ("POST", "/test.Echo/Unary", 200, "2")
+    assert (request["method"], request["path"], request["status"], request["version"],
+            request["scheme"], call["scheme"]) == \
+        ("POST", "/test.Echo/Unary", 200, "2", "http", "http")
     assert 0 < request["latency_seconds"] <= call["latency_seconds"] < 1
     assert scrape.value("ebpf_net_grpc_requests_total", dst_port=str(port),
                         grpc_status="NOT_FOUND") == 1
