@@ -109,6 +109,8 @@ class Http2Source:
         with self._lock:
             errors = self.tracker.take_parse_errors()
         stats.add_parse_errors("http2", float(errors))
+        # the ring: records waiting at its last read, of the records it holds
+        stats.record_map(f"{self.name}_records", self.ring.pending, self.ring.capacity)
 
 
 class GrpcCounts:

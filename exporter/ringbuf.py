@@ -50,12 +50,15 @@ class FixedRecordRing:
         self._consumer_pos = np.frombuffer(self._consumer, dtype=np.uint64, count=1)
         self._producer_pos = np.frombuffer(self._producer, dtype=np.uint64, count=1)
         self.discarded = 0
+        self.capacity = data_bytes // self.stride   # records it holds
+        self.pending = 0                            # records waiting at the last read
 
     def read(self) -> np.ndarray:
         """Every record committed since the last read, oldest first (a copy)."""
         consumer = int(self._consumer_pos[0])
         producer = int(self._producer_pos[0])
         count = (producer - consumer) // self.stride
+        self.pending = count
         if count == 0:
             return np.empty(0, dtype=self.record)
         start, size = consumer % self.data_bytes, count * self.stride

@@ -126,6 +126,9 @@ def test_nginx_h2c_requests_are_counted_exactly_with_version_2(node: TestNode,
                  - http_value(before, "requests_total", node, H2_PORT, version="2",
                               method=method, status_code=code))
         assert delta == n, (method, code)
+    # the ring's size, in records of 200 bytes and their 8-byte headers
+    assert after.value("ebpf_net_exporter_bpf_map_capacity", map="http2_records") == \
+        8 * 1024 * 1024 // 208
     # nothing read as HTTP/1 on that port, and no parse error
     assert after.value("ebpf_net_http_requests_total", dst_port=str(H2_PORT),
                        version="1.1") == 0
