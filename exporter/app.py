@@ -356,8 +356,6 @@ class Exporter:
             self.monitor.start()
         if self.tls:        # its thread keeps what attaching uprobes later needs
             self.tls.start()
-        for source in self.http2:
-            source.start()
         # programs loaded and attached: this thread, and the watches and sweepers it starts,
         # need nothing (the interface monitor's thread kept CAP_NET_ADMIN)
         dropped = privileges.keep_only(())
@@ -365,6 +363,8 @@ class Exporter:
             log.info("capabilities dropped", extra={"dropped": privileges.names(
                 dropped & privileges.EXPORTER_CAPABILITIES), "kept_by_interface_monitor":
                 "CAP_NET_ADMIN"})
+        for source in self.http2:   # the rings are mapped: reading them needs nothing
+            source.start()
         # the watches start once the programs load: a start-up that fails on the kernel side
         # never loads the API server with a cluster-wide list
         if self.kubernetes:
