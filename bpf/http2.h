@@ -178,6 +178,14 @@ static __always_inline void h2_unwalked(struct __sk_buff *skb, const struct pack
     h2_lose(&src, &e, d, bpf_ktime_get_ns());
 }
 
+/* Whether the walk follows the packet's direction. */
+static __always_inline int h2_followed(const struct packet *pkt)
+{
+    struct h2_dir_key k = {};
+    h2_key_of(&k, pkt, 0);
+    return h2_dirs.lookup(&k) != 0;
+}
+
 /* The first payload of a direction that cannot be HTTP/1: when it goes to a client end that
  * opened an HTTP/2 connection to another address (a Service's ClusterIP), it is that
  * connection's server, seen before the DNAT is undone: its direction gets a walk state that

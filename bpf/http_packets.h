@@ -145,11 +145,13 @@ static __always_inline int http_ends(const struct packet *pkt)
  * payload, when it cannot start a message, marks the direction as not HTTP for good. A
  * connection whose handshake was not seen (opened before the exporter) is looked at segment
  * by segment. Entries are indexed by a hash of the direction's endpoints and hold other bits
- * of it as a tag: [63..34] tag (bit 34 always set, so never 0), [33] HTTP/2 (its segments go
- * to parse_http2, bpf/http2.h), [32] not HTTP (with [33]: an HTTP/2 server's direction waiting
- * for its client's preface), [31..0] the pending first payload's sequence number. Direct-mapped and shared by the CPUs (the SYN and the data of a connection
- * may be forwarded by different ones): a direction whose entry another connection took is
- * looked at segment by segment again, which costs time, never a count. 16384 entries (128 KiB)
+ * of it as a tag: [63..35] tag (bit 35 always set, so never 0), [34] HTTP/1 (decided: looked
+ * at segment by segment), [33] HTTP/2 (its segments go to parse_http2, bpf/http2.h), [32] not
+ * HTTP (with [33]: an HTTP/2 server's direction waiting for its client's preface), [31..0] the
+ * pending first payload's sequence number. Direct-mapped and shared by the CPUs (the SYN and
+ * the data of a connection may be forwarded by different ones): a direction whose entry
+ * another connection took is looked at segment by segment again, which costs time, never a
+ * count; an HTTP/2 direction that the walk follows takes its entry back (h2_followed). 16384 entries (128 KiB)
  * keep the long-lived connections of a busy node; a pending entry lives from a SYN to the first
  * payload, a round trip. */
 #define HTTP_START_SLOTS 16384
@@ -158,8 +160,9 @@ static __always_inline int http_ends(const struct packet *pkt)
 /* both: a server's direction that began with an HTTP/2 SETTINGS frame before its client's
  * preface passed; not HTTP/1, and each of its segments asks whether the preface has come */
 #define HTTP_START_H2_CANDIDATE (HTTP_START_H2 | HTTP_START_NOT)
-#define HTTP_START_TAG_BIT (1ULL << 34)
-#define HTTP_START_TAG_MASK (~0ULL << 34)
+#define HTTP_START_HTTP1 (1ULL << 34)
+#define HTTP_START_TAG_BIT (1ULL << 35)
+#define HTTP_START_TAG_MASK (~0ULL << 35)
 BPF_ARRAY(http_starts, u64, HTTP_START_SLOTS);
 
 /* A hash of a direction's endpoints: the slot in its low bits, the tag in its high ones. */
@@ -240,8 +243,19 @@ static __always_inline int http_wanted(struct __sk_buff *skb, const struct packe
         }
 #endif
         /* the direction's first payload: decided for good */
-        *start = look == HTTP_LOOK_MESSAGE ? 0 : tag | HTTP_START_NOT;
+        *start = tag | (look == HTTP_LOOK_MESSAGE ? HTTP_START_HTTP1 : HTTP_START_NOT);
     }
+#ifdef WITH_HTTP2
+    /* another connection's SYN took this direction's entry (its tag is not ours): a direction
+     * the HTTP/2 walk follows takes it back, or its segments would go unwalked. Only then: a
+     * direction whose entry is its own, or empty, costs no lookup here. */
+    if (look != HTTP_LOOK_MESSAGE && payload && known &&
+        (known & HTTP_START_TAG_MASK) != (tag & HTTP_START_TAG_MASK) && h2_followed(pkt)) {
+        if (start)
+            *start = tag | HTTP_START_H2;
+        return HTTP_WANT_HTTP2;
+    }
+#endif
     return http_ends(pkt) || look == HTTP_LOOK_MESSAGE ? HTTP_WANT_HTTP : HTTP_WANT_NONE;
 }
 

@@ -293,13 +293,26 @@ def has_clsact(node: TestNode, device: str) -> bool:
     return "clsact" in out
 
 
-def bpf_map_dump(pid: int, name: str) -> list[tuple[bytes, list[bytes]]]:
-    """The entries of the process's BPF map `name` as bpftool dumps them: each key with its
-    value, or for a per-CPU map its value on every CPU, raw bytes."""
+def bpf_map_id(pid: int, name: str) -> int:
+    """The id of the process's BPF map `name`."""
     ids = {int(info["map_id"]) for info in fd_infos(pid) if "map_id" in info}
     shown = json.loads(subprocess.run(["bpftool", "map", "show", "--json"], check=True,
                                       capture_output=True, text=True).stdout)
     (map_id,) = [m["id"] for m in shown if m["id"] in ids and m.get("name") == name]
+    return int(map_id)
+
+
+def bpf_map_write(pid: int, name: str, key: bytes, value: bytes) -> None:
+    """Writes one entry of the process's BPF map `name` (bpftool map update)."""
+    subprocess.run(["bpftool", "map", "update", "id", str(bpf_map_id(pid, name)), "key", "hex",
+                    *(f"{b:02x}" for b in key), "value", "hex", *(f"{b:02x}" for b in value)],
+                   check=True, capture_output=True, text=True)
+
+
+def bpf_map_dump(pid: int, name: str) -> list[tuple[bytes, list[bytes]]]:
+    """The entries of the process's BPF map `name` as bpftool dumps them: each key with its
+    value, or for a per-CPU map its value on every CPU, raw bytes."""
+    map_id = bpf_map_id(pid, name)
     dumped = json.loads(subprocess.run(["bpftool", "map", "dump", "id", str(map_id), "--json"],
                                        check=True, capture_output=True, text=True).stdout)
 

@@ -1,5 +1,5 @@
-"""End to end: the exporter on a test node with real traffic (HTTP, DNS, TCP bulk, refused
-connections) and Kubernetes labels (the node's pods registered in a test API server), a real
+"""End to end: the exporter on a test node with real traffic (HTTP, gRPC, DNS, TCP bulk,
+refused connections) and Kubernetes labels (the node's pods registered in a test API server), a real
 Prometheus scraping it every second with the rule files of alerts/ loaded
 (`for` shortened to 2 s and 5 m windows to 10 s), then
 
@@ -7,7 +7,8 @@ Prometheus scraping it every second with the rule files of alerts/ loaded
 - faults on purpose, one at a time, each making exactly its alert go pending and then
   firing, no other alert active meanwhile:
   nftables dropping a share of a bulk transfer's packets (retransmits), a DNS server answering
-  ServFail, an HTTP server answering 500, a forbidden Kubernetes watch, the exporter stopped;
+  ServFail, an HTTP server answering 500, a gRPC server answering UNAVAILABLE, a forbidden
+  Kubernetes watch, the exporter stopped;
 - every dashboard panel query (variables filled in: All, and one workload) and every rule
   expression evaluated through Prometheus's HTTP API: no error, and data; every template
   variable lists the test's namespaces and workloads.
@@ -20,9 +21,12 @@ import contextlib
 import http.client
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +40,8 @@ from tests.testnode import TestNode, connect_refused, in_netns, tcp_transfer
 pytestmark = pytest.mark.kernel
 
 JOB = "ebpf-net-exporter"
-HTTP_PORT, HTTP_500_PORT, BULK_PORT, CLOSED_PORT = 8080, 8081, 5001, 9
+HTTP_PORT, HTTP_500_PORT, BULK_PORT, CLOSED_PORT, GRPC_PORT = 8080, 8081, 5001, 9, 50051
+GRPC_PEER = str(Path(__file__).parents[1] / "kernel" / "grpc_peer.py")
 BULK_BYTES = 8 << 20
 RATE_INTERVAL = "10s"        # what Grafana's $__rate_interval would be at a 1 s scrape, roughly
 RULE_WINDOW = "10s"          # the rules' 5 m windows, so a fault shows (and clears) in seconds
@@ -52,13 +57,16 @@ THRESHOLD = re.compile(r"\s*(?:>|==)\s*[0-9.]+\b")
 @dataclass
 class Traffic:
     """Loops of real traffic from pod a to pod b (and the node) until stopped. `faults` adds
-    traffic to the faulty servers: "dns" (ServFail), "http" (500)."""
+    traffic to the faulty servers: "dns" (ServFail), "http" (500), "grpc" (UNAVAILABLE: a
+    gRPC client of its own in pod a calls on its own loop, and asks for it while `fault_file`
+    exists)."""
 
     node: TestNode
     faults: set[str] = field(default_factory=set)
     errors: list[BaseException] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     iterations: int = 0
+    fault_file: Path | None = None
 
     def start(self) -> None:
         for loop in (self._requests, self._bulk):
@@ -112,6 +120,11 @@ class Traffic:
                 assert self._http_get(HTTP_500_PORT, "/") == 500
             if "dns" in self.faults:
                 self._dns(node.node_ip_b, "ok.test", (i + 1) & 0xFFFF)
+            if self.fault_file is not None:
+                if "grpc" in self.faults:
+                    self.fault_file.touch()
+                else:
+                    self.fault_file.unlink(missing_ok=True)
             if i % 40 == 0:
                 connect_refused(node.a_ns, node.b_ip, CLOSED_PORT, 1)
 
@@ -222,14 +235,20 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
         stack.callback(servfail.close)
         errors = RawServer(node.b_ns, node.b_ip, HTTP_500_PORT, HTTP_500)
         stack.callback(errors.close)
+        grpc_server = node.spawn(node.b_ns, [sys.executable, GRPC_PEER, "serve", node.b_ip,
+                                             str(GRPC_PORT)], stdout=subprocess.PIPE, text=True)
+        assert grpc_server.stdout is not None and grpc_server.stdout.readline().strip() == "ready"
         exporter = stack.enter_context(ExporterProcess(
             node, ["--kubeconfig", str(api.kubeconfig), "--node-name", NODE_NAME]))
         exporter.wait_ready()
         prometheus = Prometheus(node, node.node_ns, JOB, [f"127.0.0.1:{exporter.port}"],
                                 rules).wait_ready()
-        traffic = Traffic(node)
+        traffic = Traffic(node, fault_file=tmp_path_factory.mktemp("grpc") / "unavailable")
         traffic.start()
         stack.callback(traffic.stop.set)
+        # gRPC (HTTP/2 in clear) from pod a, on a loop of its own; stopped with the node
+        node.spawn(node.a_ns, [sys.executable, GRPC_PEER, "loop", node.b_ip, str(GRPC_PORT),
+                               str(traffic.fault_file)])
         wait_until(prometheus.targets_up, 30, "Prometheus to scrape the exporter", interval=0.5)
         yield Stack(node, exporter, prometheus, traffic, api)
 
@@ -268,7 +287,9 @@ table inet ebpf_net_e2e {{
      'sum(ebpf_net_dns_responses_total{rcode="ServFail"})'),
     ("http", "EbpfNetHTTPErrorRatioHigh", SERVER_LABELS,
      'sum(ebpf_net_http_requests_total{status_code="500"})'),
-], ids=["dns-servfail", "http-500"])
+    ("grpc", "EbpfNetGRPCErrorRatioHigh", SERVER_LABELS,
+     'sum(ebpf_net_grpc_requests_total{grpc_status="UNAVAILABLE"})'),
+], ids=["dns-servfail", "http-500", "grpc-unavailable"])
 def test_error_responses_fire_their_error_alert_only(stack, fault, alert, labels, errors):
     stack.traffic.faults.add(fault)
     try:

@@ -314,6 +314,7 @@ def test_allowlisted_paths_become_the_path_label_with_ids_templated(node: TestNo
 # hash's high bits as a tag, a not-HTTP bit and, while pending, its first payload's sequence
 HTTP_START_SLOTS = 16384
 HTTP_START_NOT = 1 << 32
+HTTP_START_HTTP1 = 1 << 34       # bpf/http_packets.h
 TLS_CLIENT_HELLO_START = bytes.fromhex("160301020001000200fc0303")
 _U64 = (1 << 64) - 1
 
@@ -336,7 +337,7 @@ def _http_start(pid: int, src: str, sport: int, dst: str, dport: int) -> tuple[i
     """The direction's tag and what its slot of http_starts holds."""
     h = _direction_hash(src, sport, dst, dport)
     index = h & (HTTP_START_SLOTS - 1)
-    tag = (h & (_U64 << 34) & _U64) | 1 << 34     # HTTP_START_TAG_MASK, HTTP_START_TAG_BIT
+    tag = (h & (_U64 << 35) & _U64) | 1 << 35     # HTTP_START_TAG_MASK, HTTP_START_TAG_BIT
     for key, (value, *_) in bpf_map_dump(pid, "http_starts"):
         if int.from_bytes(key, "little") == index:
             return tag, int.from_bytes(value, "little")
@@ -345,13 +346,14 @@ def _http_start(pid: int, src: str, sport: int, dst: str, dport: int) -> tuple[i
 
 @pytest.mark.parametrize("first, decided", [
     (TLS_CLIENT_HELLO_START, "not http"),
-    (b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n", "cleared"),
+    (b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n", "http/1"),
 ], ids=["not-http", "request"])
 def test_a_connections_first_payload_decides_whether_its_segments_are_looked_at(
         node: TestNode, web: ExporterProcess, first: bytes, decided: str):
     """The SYN leaves where the client's first payload starts in the direction's http_starts
     entry; that payload, when it cannot start an HTTP message, marks the direction as not HTTP
-    (its later segments skip the look at their payload), and when it can, clears the entry."""
+    (its later segments skip the look at their payload), and when it can, as HTTP/1 (each of
+    its segments is looked at)."""
     port = 8085
     with _to_a_reader(node, port) as client:
         sport = client.getsockname()[1]
@@ -362,7 +364,7 @@ def test_a_connections_first_payload_decides_whether_its_segments_are_looked_at(
         tag, pending = start()
         assert pending & ~0xFFFFFFFF == tag     # the SYN's: the tag, no verdict yet
         client.sendall(first)
-        expected = tag | HTTP_START_NOT if decided == "not http" else 0
+        expected = tag | (HTTP_START_NOT if decided == "not http" else HTTP_START_HTTP1)
         wait_until(lambda: start()[1] == expected, 5, f"the entry to be {decided}")
 
 

@@ -17,12 +17,19 @@ import pytest
 from hpack import Encoder
 
 from tests.certs import make_certs
-from tests.exporter_process import ExporterProcess, Scrape, wait_until
+from tests.exporter_process import ExporterProcess, Scrape, bpf_map_write, wait_until
+from tests.kernel.test_http import (
+    HTTP_START_HTTP1,
+    HTTP_START_SLOTS,
+    _direction_hash,
+    _http_start,
+)
 from tests.testnode import TestNode, in_netns, nginx_config
 
 pytestmark = pytest.mark.kernel
 
 H2_PORT, GRPC_PORT, H2_TLS_PORT = 8090, 50051, 8453
+HTTP_START_H2 = 1 << 33            # bpf/http_packets.h
 LOCATIONS = {"/ok": 200, "/created": 201, "/error": 500}
 PEER = str(Path(__file__).with_name("grpc_peer.py"))
 
@@ -290,3 +297,43 @@ def test_http2_inside_tls_is_read_from_openssl_and_counted_once(node: TestNode,
         before.value("ebpf_net_http_requests_total", dst_port=str(H2_TLS_PORT)) == 4
     assert after.value("ebpf_net_exporter_parse_errors_total", protocol="http2") == \
         before.value("ebpf_net_exporter_parse_errors_total", protocol="http2")
+
+
+def test_a_direction_whose_entry_another_connection_took_is_still_walked(node: TestNode,
+                                                                         h2: ExporterProcess):
+    """http_starts is direct-mapped: a new connection whose hash lands on a long-lived HTTP/2
+    connection's slot overwrites its mark. The walk must go on: the direction takes its entry
+    back at its next segment. Forced here by writing another connection's entry into both
+    slots between calls on one channel."""
+    before = h2.scrape()
+    client = node.spawn(node.a_ns, [sys.executable, PEER, "call", node.b_ip, str(GRPC_PORT),
+                                    "unary:OK", "pause", "unary:OK", "unary:NOT_FOUND",
+                                    "unary:OK", "pause"], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True)
+    assert client.stdin is not None and client.stdout is not None
+    assert client.stdout.readline().strip() == "OK"
+    # the channel's connection: the client's end of the one established to the server's port
+    lines = node.run(node.a_ns, ["ss", "-Htn", "dst", f"{node.b_ip}:{GRPC_PORT}"]).stdout
+    (line,) = [x for x in lines.splitlines() if "ESTAB" in x]
+    sport = int(line.split()[3].rsplit(":", 1)[1])
+    directions = ((node.a_ip, sport, node.b_ip, GRPC_PORT), (node.b_ip, GRPC_PORT, node.a_ip,
+                                                              sport))
+    for direction in directions:
+        tag, value = _http_start(h2.proc.pid, *direction)
+        assert value == tag | HTTP_START_H2
+        other = (tag ^ (1 << 40)) | HTTP_START_HTTP1       # another connection's, decided
+        index = _direction_hash(*direction) & (HTTP_START_SLOTS - 1)
+        bpf_map_write(h2.proc.pid, "http_starts", index.to_bytes(4, "little"),
+                      other.to_bytes(8, "little"))
+    client.stdin.write("\n")
+    client.stdin.flush()
+    assert [client.stdout.readline().strip() for _ in range(3)] == ["OK", "NOT_FOUND", "OK"]
+    after = _wait_grpc(h2, node, before, Counter({"OK": 3, "NOT_FOUND": 1}))
+    assert _grpc_delta(after, before, node, "OK") == 3
+    assert _grpc_delta(after, before, node, "NOT_FOUND") == 1
+    for direction in directions:          # the marks are back (the connection still open)
+        tag, value = _http_start(h2.proc.pid, *direction)
+        assert value == tag | HTTP_START_H2
+    client.stdin.write("\n")
+    client.stdin.flush()
+    assert client.wait(timeout=30) == 0
