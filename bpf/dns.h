@@ -98,22 +98,12 @@ struct dns_key {
 #endif
 };
 
-/* the packet's own direction: (addresses, ports) as they appear in it */
-struct dns_stream_key {
-    u8 family;
-    u8 pad;
-    u16 sport;
-    u16 dport;
-    u16 pad2;
-    u8 saddr[16];
-    u8 daddr[16];
-};
 
 BPF_ARRAY(dns_generation, u32, 1);
 BPF_HASH(dns_pending, struct dns_pending_key, struct dns_pending_value, DNS_PENDING_CAPACITY);
 BPF_PERCPU_HASH(dns_events, struct dns_key, u64, DNS_EVENT_CAPACITY);
 /* next expected message start (sequence number) per direction of a TCP DNS connection */
-BPF_TABLE("lru_hash", struct dns_stream_key, u32, dns_tcp_streams, DNS_TCP_STREAMS);
+BPF_TABLE("lru_hash", struct packet_direction, u32, dns_tcp_streams, DNS_TCP_STREAMS);
 /* counts that found dns_events full: index kind * 16 + rcode (requests: rcode 0) */
 BPF_PERCPU_ARRAY(dns_overflow, u64, 3 * 16);
 
@@ -368,12 +358,8 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
 static __always_inline void dns_tcp(struct __sk_buff *skb, const struct packet *pkt,
                                     u32 generation)
 {
-    struct dns_stream_key stream = {};
-    stream.family = pkt->family;
-    stream.sport = pkt->sport;
-    stream.dport = pkt->dport;
-    __builtin_memcpy(stream.saddr, pkt->saddr, 16);
-    __builtin_memcpy(stream.daddr, pkt->daddr, 16);
+    struct packet_direction stream = {};
+    direction_of(&stream, pkt, 0);
 
     if (pkt->tcp_flags & TCPHDR_SYN) {
         u32 first = pkt->tcp_seq + 1;

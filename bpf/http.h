@@ -159,6 +159,21 @@ struct http_server_end {
     u16 pad;
     u8 addr[16];
 };
+static __always_inline void http_client_end_of(struct http_client_end *end, u8 family, u16 port,
+                                               const u8 *addr)
+{
+    end->family = family;
+    end->port = port;
+    __builtin_memcpy(end->addr, addr, 16);
+}
+
+static __always_inline void http_server_end_of(struct http_server_end *end, u16 port,
+                                               const u8 *addr)
+{
+    end->port = port;
+    __builtin_memcpy(end->addr, addr, 16);
+}
+
 BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, http_clients,
           HTTP_CONN_CAPACITY);
 /* requests that found http_events full, by method and version */
@@ -342,9 +357,7 @@ static __always_inline struct http_conn *http_conn_find(struct http_conn_key *ck
     if (conn)
         return conn;
     struct http_client_end client = {};
-    client.family = ck->family;
-    client.port = ck->client_port;
-    __builtin_memcpy(client.addr, ck->client, 16);
+    http_client_end_of(&client, ck->family, ck->client_port, ck->client);
     struct http_server_end *server = http_clients.lookup(&client);
     if (!server)
         return 0;
@@ -402,12 +415,9 @@ static __always_inline struct http_conn *http_conn_open(struct http_scratch *s,
         return 0;
     }
     struct http_client_end client = {};
-    client.family = ck->family;
-    client.port = ck->client_port;
-    __builtin_memcpy(client.addr, ck->client, 16);
+    http_client_end_of(&client, ck->family, ck->client_port, ck->client);
     struct http_server_end server = {};
-    server.port = ck->server_port;
-    __builtin_memcpy(server.addr, ck->server, 16);
+    http_server_end_of(&server, ck->server_port, ck->server);
     http_clients.update(&client, &server);
     return conn;
 }

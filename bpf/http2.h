@@ -41,18 +41,8 @@
 #define H2_DIR_CAPACITY 16384
 #endif
 
-/* a direction, as its segments' sender sees it */
-struct h2_dir_key {
-    u8 family;
-    u8 pad;
-    u16 sport;
-    u16 dport;
-    u16 pad2;
-    u8 saddr[16];
-    u8 daddr[16];
-};
 
-BPF_TABLE("lru_hash", struct h2_dir_key, struct h2_dir, h2_dirs, H2_DIR_CAPACITY);
+BPF_TABLE("lru_hash", struct packet_direction, struct h2_dir, h2_dirs, H2_DIR_CAPACITY);
 /* The server each client end opened an HTTP/2 connection to, as the client addressed it: the
  * replies of a connection to a Service's ClusterIP whose backend is on this node (or whose
  * replies cross a monitored network interface) come from the backend's address, before the
@@ -60,18 +50,10 @@ BPF_TABLE("lru_hash", struct h2_dir_key, struct h2_dir, h2_dirs, H2_DIR_CAPACITY
 BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, h2_clients,
           H2_DIR_CAPACITY / 2);
 
-static __always_inline void h2_key_of(struct h2_dir_key *k, const struct packet *pkt, int reverse)
-{
-    k->family = pkt->family;
-    k->sport = reverse ? pkt->dport : pkt->sport;
-    k->dport = reverse ? pkt->sport : pkt->dport;
-    __builtin_memcpy(k->saddr, reverse ? pkt->daddr : pkt->saddr, 16);
-    __builtin_memcpy(k->daddr, reverse ? pkt->saddr : pkt->daddr, 16);
-}
 
 /* The connection a direction's records name: the client and the server as the client
  * addressed it (d->server, before a DNAT); for a direction with no state, the sender's view. */
-static __always_inline void h2_ends_of(struct h2_ends *e, const struct h2_dir_key *k,
+static __always_inline void h2_ends_of(struct http_conn_key *e, const struct packet_direction *k,
                                        const struct h2_dir *d)
 {
     e->family = k->family;
@@ -100,12 +82,12 @@ static __always_inline int h2_parse(struct __sk_buff *skb, const struct packet *
         return H2_DONE;
     int resumed = w->resume;
     w->resume = 0;
-    struct h2_dir_key k = {};
-    h2_key_of(&k, pkt, 0);
+    struct packet_direction k = {};
+    direction_of(&k, pkt, 0);
     u64 now = bpf_ktime_get_ns();
     u32 payload = http_payload_bytes(skb, pkt);
     struct h2_src src = {.skb = skb, .base = pkt->payload_off};
-    struct h2_ends e = {};
+    struct http_conn_key e = {};
     struct h2_dir *d = h2_dirs.lookup(&k);
     if (!d) {
         /* the state went to newer connections (LRU): user space finds the connection either
@@ -153,8 +135,8 @@ static __always_inline int h2_parse(struct __sk_buff *skb, const struct packet *
     __builtin_memcpy(&ending, d, sizeof(ending));
     if (h2_dirs.delete(&k) != 0)
         return H2_ENDED;
-    struct h2_dir_key other = {};
-    h2_key_of(&other, pkt, 1);
+    struct packet_direction other = {};
+    direction_of(&other, pkt, 1);
     h2_dirs.delete(&other);
     h2_emit(&src, &e, &ending, H2_RECORD_END, 0, 0, 0, now);
     return H2_ENDED;
@@ -167,13 +149,13 @@ static __always_inline void h2_unwalked(struct __sk_buff *skb, const struct pack
     struct h2_walk *w = h2_walks.lookup(&zero);
     if (w)
         w->resume = 0;
-    struct h2_dir_key k = {};
-    h2_key_of(&k, pkt, 0);
+    struct packet_direction k = {};
+    direction_of(&k, pkt, 0);
     struct h2_dir *d = h2_dirs.lookup(&k);
     if (!d)
         return;
     struct h2_src src = {.skb = skb, .base = pkt->payload_off};
-    struct h2_ends e = {};
+    struct http_conn_key e = {};
     h2_ends_of(&e, &k, d);
     h2_lose(&src, &e, d, bpf_ktime_get_ns());
 }
@@ -181,8 +163,8 @@ static __always_inline void h2_unwalked(struct __sk_buff *skb, const struct pack
 /* Whether the walk follows the packet's direction. */
 static __always_inline int h2_followed(const struct packet *pkt)
 {
-    struct h2_dir_key k = {};
-    h2_key_of(&k, pkt, 0);
+    struct packet_direction k = {};
+    direction_of(&k, pkt, 0);
     return h2_dirs.lookup(&k) != 0;
 }
 
@@ -193,16 +175,14 @@ static __always_inline int h2_followed(const struct packet *pkt)
 static __always_inline int h2_adopt_reply(const struct packet *pkt)
 {
     struct http_client_end client = {};
-    client.family = pkt->family;
-    client.port = pkt->dport;
-    __builtin_memcpy(client.addr, pkt->daddr, 16);
+    http_client_end_of(&client, pkt->family, pkt->dport, pkt->daddr);
     struct http_server_end *addressed = h2_clients.lookup(&client);
     if (!addressed)
         return 0;
     const u64 *was = (const u64 *)addressed->addr, *is = (const u64 *)pkt->saddr;
     if (addressed->port == pkt->sport && was[0] == is[0] && was[1] == is[1])
         return 0;               /* no DNAT: the preface made this direction's state */
-    struct h2_dir_key k = {};
+    struct packet_direction k = {};
     k.family = pkt->family;
     k.sport = pkt->dport;
     k.dport = addressed->port;
@@ -216,7 +196,7 @@ static __always_inline int h2_adopt_reply(const struct packet *pkt)
     d.from_server = 1;
     d.server_port = addressed->port;
     __builtin_memcpy(d.server, addressed->addr, 16);
-    h2_key_of(&k, pkt, 0);
+    direction_of(&k, pkt, 0);
     return h2_dirs.update(&k, &d) == 0;
 }
 

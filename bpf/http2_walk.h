@@ -17,13 +17,15 @@
  * piece that does not start with a frame) says so in an H2_RECORD_LOST and starts again at a
  * later piece that begins with a plausible frame header.
  *
- * The including program defines H2_LOAD(src, off, dst, len) (< 0 when the bytes cannot be
- * read), H2_STEPS, and provides count_failure(), count_parse_error(), FAILURE_H2_RECORDS and
+ * A direction's records name their connection as HTTP/1's are keyed (struct http_conn_key:
+ * the client, and the server as the client addressed it). The including program defines
+ * H2_LOAD(src, off, dst, len) (< 0 when the bytes cannot be read), H2_STEPS, and provides count_failure(), count_parse_error(), FAILURE_H2_RECORDS and
  * PARSE_ERROR_HTTP2. */
 #ifndef EBPF_NET_HTTP2_WALK_H
 #define EBPF_NET_HTTP2_WALK_H
 
 #include "common.h"
+#include "http.h"
 
 #define H2_PREFACE_BYTES 24
 #define H2_FRAME_HEADER_BYTES 9
@@ -96,17 +98,6 @@ struct h2_walk {
     u32 resume;             /* set before a tail call, cleared by the run it starts */
 };
 
-/* the connection a direction's records name */
-struct h2_ends {
-    u8 family;
-    u8 pad;
-    u16 client_port;
-    u16 server_port;
-    u16 pad2;
-    u8 client[16];
-    u8 server[16];
-};
-
 /* where a direction's bytes are read from: a packet (skb, the payload's offset in it) or a
  * TLS call's plaintext (skb unused, the buffer's address); H2_LOAD reads them */
 struct h2_src {
@@ -132,7 +123,7 @@ static __always_inline u32 h2_masked(u32 v, u32 mask)
 /* Sends a record of `kind` for the direction, of the connection `e`; for a frame, `len` bytes
  * of the source at `at` (at most H2_CHUNK) that start `chunk_offset` bytes into the current
  * frame's payload. */
-static __always_inline int h2_emit(const struct h2_src *src, const struct h2_ends *e,
+static __always_inline int h2_emit(const struct h2_src *src, const struct http_conn_key *e,
                                    struct h2_dir *d, u8 kind, u32 at, u32 len,
                                    u32 chunk_offset, u64 now)
 {
@@ -175,7 +166,7 @@ static __always_inline int h2_emit(const struct h2_src *src, const struct h2_end
  * server's first segment that did not start with a frame): user space is told, and the walk
  * starts again at the start of a later segment that holds a plausible frame header (senders
  * write whole frames, so most segments start with one). */
-static __always_inline void h2_lose(const struct h2_src *src, const struct h2_ends *e,
+static __always_inline void h2_lose(const struct h2_src *src, const struct http_conn_key *e,
                                     struct h2_dir *d, u64 now)
 {
     d->state = H2_DIR_LOST;
@@ -243,7 +234,7 @@ static __always_inline int h2_handed_over(u8 type, u8 flags)
 
 /* Takes the frame header in d->header as the current frame's; 0 when the walk stops here (a
  * direction not in step whose segment does not start with a plausible header). */
-static __always_inline int h2_take_header(const struct h2_src *src, const struct h2_ends *e,
+static __always_inline int h2_take_header(const struct h2_src *src, const struct http_conn_key *e,
                                           struct h2_dir *d, u64 now)
 {
     const u8 *h = d->header;
@@ -290,7 +281,7 @@ static __always_inline u32 h2_gather_header(const struct h2_src *src, struct h2_
 /* Walks the source's bytes [w->off, end) for up to H2_STEPS steps; leaves w->off where it
  * stopped. A frame header the last piece cut is finished first, and one this piece cuts is
  * kept last: byte by byte, outside the loop, whose every step the verifier follows. */
-static __always_inline void h2_walk_steps(const struct h2_src *src, const struct h2_ends *e,
+static __always_inline void h2_walk_steps(const struct h2_src *src, const struct http_conn_key *e,
                                           struct h2_dir *d, struct h2_walk *w, u32 end,
                                           u64 now)
 {

@@ -304,26 +304,23 @@ static __always_inline int h2_begin(const struct packet *pkt, struct http_scratc
         return 0;
     }
 #endif
-    struct h2_dir_key k = {};
+    struct packet_direction k = {};
     struct h2_dir d = {};
     d.last_seen_ns = bpf_ktime_get_ns();
     d.state = H2_DIR_SYNCED;
     d.next_seq = pkt->tcp_seq + H2_PREFACE_BYTES;
     d.server_port = pkt->dport;
     __builtin_memcpy(d.server, pkt->daddr, 16);
-    h2_key_of(&k, pkt, 0);
+    direction_of(&k, pkt, 0);
     h2_dirs.update(&k, &d);
     struct http_client_end client = {};
-    client.family = pkt->family;
-    client.port = pkt->sport;
-    __builtin_memcpy(client.addr, pkt->saddr, 16);
+    http_client_end_of(&client, pkt->family, pkt->sport, pkt->saddr);
     struct http_server_end server = {};
-    server.port = pkt->dport;
-    __builtin_memcpy(server.addr, pkt->daddr, 16);
+    http_server_end_of(&server, pkt->dport, pkt->daddr);
     h2_clients.update(&client, &server);
     d.state = H2_DIR_UNSYNCED;
     d.from_server = 1;
-    h2_key_of(&k, pkt, 1);
+    direction_of(&k, pkt, 1);
     h2_dirs.update(&k, &d);
     http_mark_start(pkt, 0, HTTP_START_H2);
     http_mark_start(pkt, 1, HTTP_START_H2);

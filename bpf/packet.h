@@ -45,6 +45,29 @@ struct packet {
     u32 hdr_len;            /* L3 + L4 header bytes, repeated in every segment of a GSO skb */
 };
 
+/* A packet's direction, (addresses, ports) as they appear in it: a key of maps that follow a
+ * TCP stream one way (DNS over TCP, HTTP/2). */
+struct packet_direction {
+    u8 family;
+    u8 pad;
+    u16 sport;
+    u16 dport;
+    u16 pad2;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
+/* The packet's direction, or with `reverse` the opposite one. */
+static __always_inline void direction_of(struct packet_direction *k, const struct packet *pkt,
+                                         int reverse)
+{
+    k->family = pkt->family;
+    k->sport = reverse ? pkt->dport : pkt->sport;
+    k->dport = reverse ? pkt->sport : pkt->dport;
+    __builtin_memcpy(k->saddr, reverse ? pkt->daddr : pkt->saddr, 16);
+    __builtin_memcpy(k->daddr, reverse ? pkt->saddr : pkt->daddr, 16);
+}
+
 struct vlan_tag {
     __be16 tci;
     __be16 encapsulated_proto;

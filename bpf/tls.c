@@ -468,34 +468,16 @@ static __always_inline int h2_tls_followed(u64 ssl, u32 written)
     return h2_tls_dirs.lookup(&k) != 0;
 }
 
-/* The connection an SSL object's records name, seen from `side` (this process's). */
-static __always_inline void h2_tls_ends(struct h2_ends *e, u64 ssl, u32 side)
-{
-    struct http_conn_key ck = {};
-    tls_conn_key(&ck, ssl, side);
-    e->family = ck.family;
-    e->client_port = ck.client_port;
-    e->server_port = ck.server_port;
-    __builtin_memcpy(e->client, ck.client, 16);
-    __builtin_memcpy(e->server, ck.server, 16);
-}
-
-static __always_inline void h2_tls_claim_key(struct http_client_end *ce, const struct h2_ends *e)
-{
-    ce->family = e->family;
-    ce->port = e->client_port;
-    __builtin_memcpy(ce->addr, e->client, 16);
-}
 
 /* The preface, written (side: the client) or read (the server) by this process: its two
  * directions get walk states unless the other side on this node follows the connection, or
  * (counting once per cluster) its client is another node's. 1 when they did. */
 static __always_inline int h2_tls_begin(u64 ssl, u32 side, u64 now)
 {
-    struct h2_ends e = {};
-    h2_tls_ends(&e, ssl, side);
+    struct http_conn_key e = {};
+    tls_conn_key(&e, ssl, side);
     struct http_client_end ce = {};
-    h2_tls_claim_key(&ce, &e);
+    http_client_end_of(&ce, e.family, e.client_port, e.client);
     u32 *claim = h2_tls_claims.lookup(&ce);
     if (claim && *claim != side)
         return 0;
@@ -539,8 +521,8 @@ static __always_inline void h2_tls_bytes(u64 ssl, u32 written, u64 buf, u32 len,
     d->last_seen_ns = now;
     /* this process's side: the client writes the client's bytes */
     u32 side = (d->from_server == 0) == (written == 1) ? TLS_SIDE_CLIENT : TLS_SIDE_SERVER;
-    struct h2_ends e = {};
-    h2_tls_ends(&e, ssl, side);
+    struct http_conn_key e = {};
+    tls_conn_key(&e, ssl, side);
     struct h2_src src = {.skb = 0, .base = buf};
     if (d->state != H2_DIR_SYNCED)
         d->header_have = 0;                 /* (re)start at this piece's start */
@@ -563,15 +545,15 @@ static __always_inline void h2_tls_free(u64 ssl)
     struct h2_dir ending = {};
     __builtin_memcpy(&ending, d, sizeof(ending));
     u32 side = ending.from_server == 0 ? TLS_SIDE_CLIENT : TLS_SIDE_SERVER;
-    struct h2_ends e = {};
-    h2_tls_ends(&e, ssl, side);
+    struct http_conn_key e = {};
+    tls_conn_key(&e, ssl, side);
     struct h2_src src = {};
     h2_emit(&src, &e, &ending, H2_RECORD_END, 0, 0, 0, bpf_ktime_get_ns());
     h2_tls_dirs.delete(&k);
     k.written = 0;
     h2_tls_dirs.delete(&k);
     struct http_client_end ce = {};
-    h2_tls_claim_key(&ce, &e);
+    http_client_end_of(&ce, e.family, e.client_port, e.client);
     h2_tls_claims.delete(&ce);
 }
 #endif
