@@ -50,11 +50,10 @@ BPF_TABLE("lru_hash", struct packet_direction, struct h2_dir, h2_dirs, H2_DIR_CA
 BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, h2_clients,
           H2_DIR_CAPACITY / 2);
 
-
 /* The connection a direction's records name: the client and the server as the client
  * addressed it (d->server, before a DNAT); for a direction with no state, the sender's view. */
-static __always_inline void h2_ends_of(struct http_conn_key *e, const struct packet_direction *k,
-                                       const struct h2_dir *d)
+static __always_inline void h2_ends_of(struct http_conn_key *e,
+                                       const struct packet_direction *k, const struct h2_dir *d)
 {
     e->family = k->family;
     if (d->from_server == H2_SIDE_UNKNOWN) {
