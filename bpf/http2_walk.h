@@ -19,8 +19,8 @@
  *
  * A direction's records name their connection as HTTP/1's are keyed (struct http_conn_key:
  * the client, and the server as the client addressed it). The including program defines
- * H2_LOAD(src, off, dst, len) (< 0 when the bytes cannot be read), H2_STEPS, and provides count_failure(), count_parse_error(), FAILURE_H2_RECORDS and
- * PARSE_ERROR_HTTP2. */
+ * H2_LOAD(src, off, dst, len) (< 0 when the bytes cannot be read) and H2_STEPS, and provides
+ * count_failure(), count_parse_error(), FAILURE_H2_RECORDS and PARSE_ERROR_HTTP2. */
 #ifndef EBPF_NET_HTTP2_WALK_H
 #define EBPF_NET_HTTP2_WALK_H
 

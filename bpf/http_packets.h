@@ -151,9 +151,9 @@ static __always_inline int http_ends(const struct packet *pkt)
  * pending first payload's sequence number. Direct-mapped and shared by the CPUs (the SYN and
  * the data of a connection may be forwarded by different ones): a direction whose entry
  * another connection took is looked at segment by segment again, which costs time, never a
- * count; an HTTP/2 direction that the walk follows takes its entry back (h2_followed). 16384 entries (128 KiB)
- * keep the long-lived connections of a busy node; a pending entry lives from a SYN to the first
- * payload, a round trip. */
+ * count; an HTTP/2 direction that the walk follows takes its entry back (h2_followed). 16384
+ * entries (128 KiB) keep the long-lived connections of a busy node; a pending entry lives from
+ * a SYN to the first payload, a round trip. */
 #define HTTP_START_SLOTS 16384
 #define HTTP_START_NOT (1ULL << 32)
 #define HTTP_START_H2 (1ULL << 33)
