@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -337,3 +338,86 @@ def test_a_direction_whose_entry_another_connection_took_is_still_walked(node: T
     client.stdin.write("\n")
     client.stdin.flush()
     assert client.wait(timeout=30) == 0
+
+
+UPGRADE_PORT = 8094
+
+
+class UpgradeServer:
+    """Answers one HTTP/1.1 Upgrade: h2c as a server does: 101 and its first HTTP/2 frames at
+    once (SETTINGS, and the upgraded request's answer, which adds an entry to its HPACK
+    table), then, to the client's next request (stream 3), an answer that refers to that
+    entry."""
+
+    def __init__(self, node: TestNode) -> None:
+        with in_netns(node.b_ns):
+            self.sock = socket.create_server((node.b_ip, UPGRADE_PORT))
+        self.sock.settimeout(10)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        encoder = Encoder()
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(10)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(4096)
+            first = encoder.encode([(":status", "200"), ("x-added", "to the table")])
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: h2c\r\n\r\n" + _frame(SETTINGS, 0, 0, b"")
+                         + _frame(HEADERS, END_HEADERS | END_STREAM, 1, first))
+            received = b""
+            while len(received) < len(PREFACE) + 9 + 9 + 4:   # the preface, SETTINGS, HEADERS
+                received += conn.recv(4096)
+            later = encoder.encode([(":status", "200"), ("x-added", "to the table")])
+            assert later[-1:] == bytes([0x80 | 62])           # a reference to that entry
+            conn.sendall(_frame(HEADERS, END_HEADERS | END_STREAM, 3, later))
+            while conn.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def test_an_upgraded_connection_counts_its_requests_and_guesses_no_status(node: TestNode,
+                                                                          h2: ExporterProcess):
+    """HTTP/1.1 Upgrade: h2c: the upgrade request counts as HTTP/1.1 101, and the request after
+    the client's preface is counted. The server's answer refers to a table entry its first
+    frames added before the preface, which the exporter never saw: the answer cannot be
+    decoded, and the request counts "unknown", never a guessed status."""
+    def count(s: Scrape, version: str, code: str) -> float:
+        return s.value("ebpf_net_http_requests_total", dst_port=str(UPGRADE_PORT),
+                       version=version, method="GET", status_code=code)
+
+    before = h2.scrape()
+    server = UpgradeServer(node)
+    try:
+        with in_netns(node.a_ns):
+            sock = socket.create_connection((node.b_ip, UPGRADE_PORT), timeout=5)
+        with sock:
+            sock.sendall(b"GET /up HTTP/1.1\r\nHost: b\r\nConnection: Upgrade, HTTP2-Settings"
+                         b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(4096)
+            assert received.startswith(b"HTTP/1.1 101")
+            block = Encoder().encode([(":method", "GET"), (":scheme", "http"),
+                                      (":path", "/after"), (":authority", "b")])
+            sock.sendall(PREFACE + _frame(SETTINGS, 0, 0, b"")
+                         + _frame(HEADERS, END_HEADERS | END_STREAM, 3, block))
+            received = b""
+            while len(received) < 9 + 2:                   # the answer to stream 3: 2 bytes
+                received += sock.recv(4096)
+    finally:
+        server.close()
+    after = h2.wait_for(lambda s: count(s, "1.1", "101") > count(before, "1.1", "101")
+                        and count(s, "2", "unknown") > count(before, "2", "unknown"),
+                        "the upgrade and the request after it")
+    assert count(after, "1.1", "101") - count(before, "1.1", "101") == 1
+    assert count(after, "2", "unknown") - count(before, "2", "unknown") == 1
+    assert after.value("ebpf_net_http_requests_total", dst_port=str(UPGRADE_PORT),
+                       version="2") - before.value("ebpf_net_http_requests_total",
+                                                   dst_port=str(UPGRADE_PORT), version="2") == 1
