@@ -49,13 +49,10 @@ def template(path: str) -> str:
                     for p in path.split("/"))
 
 
-class PathLabel:
-    """The opt-in `path` label: the request target up to its query string, ids templated, cut
-    at max_length, kept when it starts with an allowlisted prefix; `other` for the rest."""
+class CachedLabel:
+    """A label worked out from captured bytes by _label(), each value once."""
 
-    def __init__(self, prefixes: Sequence[str], max_length: int) -> None:
-        self.prefixes = tuple(prefixes)
-        self.max_length = max_length
+    def __init__(self) -> None:
         self._cache: LRUCache[bytes, str] = LRUCache(maxsize=65536)
 
     def __call__(self, captured: bytes) -> str:
@@ -63,6 +60,19 @@ class PathLabel:
         if label is None:
             label = self._cache[captured] = self._label(captured)
         return label
+
+    def _label(self, captured: bytes) -> str:
+        raise NotImplementedError
+
+
+class PathLabel(CachedLabel):
+    """The opt-in `path` label: the request target up to its query string, ids templated, cut
+    at max_length, kept when it starts with an allowlisted prefix; `other` for the rest."""
+
+    def __init__(self, prefixes: Sequence[str], max_length: int) -> None:
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+        self.max_length = max_length
 
     def _label(self, captured: bytes) -> str:
         end = _TARGET_END.search(captured)
@@ -79,19 +89,13 @@ class PathLabel:
         return path if path.startswith(self.prefixes) else OTHER
 
 
-class GrpcMethodLabel:
+class GrpcMethodLabel(CachedLabel):
     """The opt-in `grpc_method` label: a call's :path (/package.Service/Method) when its
     service matches one of the globs, `other` for the rest and for paths of another shape."""
 
     def __init__(self, services: Sequence[str]) -> None:
+        super().__init__()
         self._services = re.compile("|".join(fnmatch.translate(s) for s in services))
-        self._cache: LRUCache[bytes, str] = LRUCache(maxsize=65536)
-
-    def __call__(self, path: bytes) -> str:
-        label = self._cache.get(path)
-        if label is None:
-            label = self._cache[path] = self._label(path)
-        return label
 
     def _label(self, path: bytes) -> str:
         try:
