@@ -457,14 +457,19 @@ BPF_TABLE("lru_hash", struct h2_tls_key, struct h2_dir, h2_tls_dirs, H2_TLS_CAPA
 /* the side (TLS_SIDE_*) that follows each HTTP/2 connection, by its client's end */
 BPF_TABLE("lru_hash", struct http_client_end, u32, h2_tls_claims, H2_TLS_CAPACITY);
 
+static __always_inline void h2_tls_key_of(struct h2_tls_key *k, u64 ssl, u32 written)
+{
+    k->ssl = ssl;
+    k->tgid = bpf_get_current_pid_tgid() >> 32;
+    k->written = written;
+}
+
 /* Whether this process's SSL object has an HTTP/2 direction followed: its written bytes, or
  * its read ones. Its pieces are then not looked at as HTTP/1. */
 static __always_inline int h2_tls_followed(u64 ssl, u32 written)
 {
     struct h2_tls_key k = {};
-    k.ssl = ssl;
-    k.tgid = bpf_get_current_pid_tgid() >> 32;
-    k.written = written;
+    h2_tls_key_of(&k, ssl, written);
     return h2_tls_dirs.lookup(&k) != 0;
 }
 
@@ -488,8 +493,7 @@ static __always_inline int h2_tls_begin(u64 ssl, u32 side, u64 now)
     if (!claim)
         h2_tls_claims.update(&ce, &side);
     struct h2_tls_key k = {};
-    k.ssl = ssl;
-    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    h2_tls_key_of(&k, ssl, 0);
     struct h2_dir d = {};
     d.last_seen_ns = now;
     /* the client's bytes are walked from the preface on; the server's from the start of the
@@ -505,19 +509,20 @@ static __always_inline int h2_tls_begin(u64 ssl, u32 side, u64 now)
     return 1;
 }
 
-/* `len` bytes of plaintext at `buf` that this process wrote (or read), from `skip` on. */
-static __always_inline void h2_tls_bytes(u64 ssl, u32 written, u64 buf, u32 len, u32 skip,
-                                         u64 now)
+/* `len` bytes of plaintext at `buf` that this process wrote (or read), from `skip` on; 0 when
+ * HTTP/2 does not follow that direction (the bytes are then HTTP/1's to look at). */
+static __always_inline int h2_tls_bytes(u64 ssl, u32 written, u64 buf, u32 len, u32 skip,
+                                        u64 now)
 {
     struct h2_tls_key k = {};
-    k.ssl = ssl;
-    k.tgid = bpf_get_current_pid_tgid() >> 32;
-    k.written = written;
+    h2_tls_key_of(&k, ssl, written);
     struct h2_dir *d = h2_tls_dirs.lookup(&k);
+    if (!d)
+        return 0;
     u32 zero = 0;
     struct h2_walk *w = h2_walks.lookup(&zero);
-    if (!d || !w)
-        return;
+    if (!w)
+        return 1;
     d->last_seen_ns = now;
     /* this process's side: the client writes the client's bytes */
     u32 side = (d->from_server == 0) == (written == 1) ? TLS_SIDE_CLIENT : TLS_SIDE_SERVER;
@@ -530,15 +535,14 @@ static __always_inline void h2_tls_bytes(u64 ssl, u32 written, u64 buf, u32 len,
     h2_walk_steps(&src, &e, d, w, len, now);
     if (w->off < len)
         h2_lose(&src, &e, d, now);          /* more frames than one walk takes */
+    return 1;
 }
 
 /* SSL_free: the connection's end, sent once, by the side that followed it. */
 static __always_inline void h2_tls_free(u64 ssl)
 {
     struct h2_tls_key k = {};
-    k.ssl = ssl;
-    k.tgid = bpf_get_current_pid_tgid() >> 32;
-    k.written = 1;
+    h2_tls_key_of(&k, ssl, 1);
     struct h2_dir *d = h2_tls_dirs.lookup(&k);
     if (!d)
         return;
@@ -641,8 +645,7 @@ static __always_inline int tls_read_return(struct pt_regs *ctx, struct tls_call 
         u8 method = 0;
         u16 status = 0;
 #ifdef WITH_HTTP2
-        if (h2_tls_followed(call->ssl, 0)) {
-            h2_tls_bytes(call->ssl, 0, call->buf, got, 0, now);
+        if (h2_tls_bytes(call->ssl, 0, call->buf, got, 0, now)) {
             tls_leave(thread);
             return 0;
         }
