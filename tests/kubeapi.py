@@ -82,11 +82,23 @@ def service(namespace: str, name: str, selector: Mapping[str, str],
                      "clusterIPs": [cluster_ip]}}
 
 
-def node(name: str, ips: list[str], pod_cidrs: list[str] | None = None) -> dict[str, Any]:
+def node(name: str, ips: list[str], pod_cidrs: list[str] | None = None,
+         zone: str = "") -> dict[str, Any]:
     spec = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}
-    return {"metadata": {"name": name}, "spec": spec,
+    labels = {"topology.kubernetes.io/zone": zone} if zone else {}
+    return {"metadata": {"name": name, "labels": labels}, "spec": spec,
             "status": {"addresses": [{"type": "InternalIP", "address": ip} for ip in ips]
                        + [{"type": "Hostname", "address": name}]}}
+
+
+def _selects(selector: str, obj: dict[str, Any]) -> bool:
+    """A label selector of `key` (exists) and `key=value` requirements, comma-separated."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for requirement in selector.split(","):
+        key, _, value = requirement.partition("=")
+        if key not in labels or (value and labels[key] != value):
+            return False
+    return True
 
 
 class KubeAPI:
@@ -306,6 +318,9 @@ class _Handler(BaseHTTPRequestHandler):
         with api._changed:
             items = [api.objects[kind][key] for key in sorted(api.objects[kind])]
             version = api.version
+        selector = query.get("labelSelector", [""])[0]
+        if selector:
+            items = [item for item in items if _selects(selector, item)]
         start = int(query.get("continue", ["0"])[0] or 0)
         limit = int(query.get("limit", ["0"])[0] or 0) or len(items)
         page = items[start:start + limit]

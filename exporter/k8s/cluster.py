@@ -22,6 +22,8 @@ EXTERNAL = "external"       # an address no cluster object has
 UNKNOWN = "unknown"         # an address not resolvable now: the API server is not synced
 TERMINAL_PHASES = ("Succeeded", "Failed")
 DELETED_POD_MEMORY = 65536  # deleted pods remembered at once (each a few hundred bytes)
+# a node's availability zone: the well-known label, then the one deprecated in Kubernetes 1.17
+ZONE_LABELS = ("topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Identity:
     service: str = ""
     pod: str = ""
     node: str = ""
+    zone: str = ""            # the availability zone of its node
 
 
 UNKNOWN_IDENTITY = Identity(workload=UNKNOWN)
@@ -72,6 +75,7 @@ class Node:
     name: str
     addresses: tuple[str, ...]
     pod_cidrs: tuple[str, ...] = ()
+    zone: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,12 @@ def node_from(raw: Mapping[str, Any]) -> Node:
     addresses = (raw.get("status") or {}).get("addresses") or []
     spec = raw.get("spec") or {}
     cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    labels = _meta(raw).get("labels") or {}
+    zone = next((labels[key] for key in ZONE_LABELS if labels.get(key)), "")
     return Node(_meta(raw).get("name", ""),
                 tuple(a["address"] for a in addresses
                       if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address")),
-                tuple(cidr for cidr in cidrs if cidr))
+                tuple(cidr for cidr in cidrs if cidr), zone)
 
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -234,9 +240,12 @@ class ClusterState:
             for ip in service.cluster_ips:
                 self._service_ips[ip] = key
         elif kind == NODES:
+            old = self._nodes.get(key[1])
             self._remove_node(key[1])
             node = node_from(raw)
             self._forget_addresses(node.addresses)
+            if node.zone != (old.zone if old else ""):
+                self._changed()             # every identity on the node has a new zone
             self._nodes[node.name] = node
             for ip in node.addresses:
                 self._host_ips[ip] = node.name
@@ -252,6 +261,8 @@ class ClusterState:
         elif kind == SERVICES:
             self._remove_service(key)
         elif kind == NODES:
+            if self._nodes.get(key[1], Node("", ())).zone:
+                self._changed()             # its pods' identities lose their zone
             self._remove_node(key[1])
         elif kind == REPLICASETS:
             self._replicaset_owners.pop(key, None)
@@ -303,6 +314,15 @@ class ClusterState:
 
     # --- readers (scrapes) ---
 
+    def has_zones(self) -> bool:
+        """Whether any node carries a zone label."""
+        with self._lock:
+            return any(node.zone for node in self._nodes.values())
+
+    def _zone_of(self, node: str) -> str:
+        known = self._nodes.get(node)
+        return known.zone if known else ""
+
     def topology(self, exporter_pod: tuple[str, str]) -> Topology:
         """Nodes, pod addresses and the nodes that run the exporter: those with a ready pod of
         the same controller (the DaemonSet) as `exporter_pod` (namespace, name)."""
@@ -346,7 +366,8 @@ class ClusterState:
             return self._pod_identity(newest)
         node = self._host_ips.get(ip) or self._host_pod_ips.get(ip) or self._local_ips.get(ip)
         if node:
-            return Identity(workload=node, workload_kind="Node", node=node)
+            return Identity(workload=node, workload_kind="Node", node=node,
+                            zone=self._zone_of(node))
         service = self._service_ips.get(ip)
         if service:
             return self._service_identity(self._services[service])
@@ -354,7 +375,8 @@ class ClusterState:
 
     def _pod_identity(self, pod: Pod) -> Identity:
         kind, name = self._workload(pod)
-        return Identity(pod.namespace, name, kind, self._service_of(pod), pod.name)
+        return Identity(pod.namespace, name, kind, self._service_of(pod), pod.name,
+                        zone=self._zone_of(pod.node))
 
     def _workload(self, pod: Pod) -> tuple[str, str]:
         owner = pod.owner
@@ -384,10 +406,14 @@ class ClusterState:
         return names[0] if names else ""
 
     def _service_identity(self, service: Service) -> Identity:
-        """A ClusterIP: its service, and the workload behind it when there is only one."""
-        workloads = {self._workload(pod) for pod in self._pods_in.get(service.namespace,
-                                                                      {}).values()
-                     if pod.running and service.selector and selects(service.selector,
-                                                                     pod.labels)}
+        """A ClusterIP: its service, and the workload behind it when there is only one; its
+        zone when every backend is in one (which backend a connection reached is known only
+        from the backend's own address, which the replies carry)."""
+        backends = [pod for pod in self._pods_in.get(service.namespace, {}).values()
+                    if pod.running and service.selector and selects(service.selector,
+                                                                    pod.labels)]
+        workloads = {self._workload(pod) for pod in backends}
+        zones = {self._zone_of(pod.node) for pod in backends}
         kind, name = workloads.pop() if len(workloads) == 1 else ("Service", service.name)
-        return Identity(service.namespace, name, kind, service.name)
+        return Identity(service.namespace, name, kind, service.name,
+                        zone=zones.pop() if len(zones) == 1 else "")

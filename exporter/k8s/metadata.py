@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kubernetes import client as kube_client
+from kubernetes.client.rest import ApiException
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from .. import logs
 from .cluster import (
     EXTERNAL_IDENTITY,
     JOBS,
@@ -18,11 +20,14 @@ from .cluster import (
     REPLICASETS,
     SERVICES,
     UNKNOWN_IDENTITY,
+    ZONE_LABELS,
     ClusterState,
     Identity,
 )
 from .health import Health
-from .watch import Backoff, Reflector
+from .watch import CONNECT_TIMEOUT, Backoff, Reflector
+
+log = logs.get("k8s")
 
 
 class KubernetesMetadata:
@@ -39,6 +44,7 @@ class KubernetesMetadata:
                  NODES: core.list_node,
                  REPLICASETS: apps.list_replica_set_for_all_namespaces,
                  JOBS: batch.list_job_for_all_namespaces}
+        self._core = core
         self.reflectors = [Reflector(kind, calls[kind], self.state, self.health,
                                      backoff or Backoff()) for kind in KINDS]
 
@@ -55,6 +61,25 @@ class KubernetesMetadata:
         if identity is not None:
             return identity
         return EXTERNAL_IDENTITY if self.health.complete() else UNKNOWN_IDENTITY
+
+    def has_zones(self) -> bool | None:
+        """Whether any node carries a zone label, asked of the API server before the watches
+        start (one node at most per label); None when it cannot be asked."""
+        for label in ZONE_LABELS:
+            try:
+                found = self._core.list_node(label_selector=label, limit=1,
+                                             _request_timeout=(CONNECT_TIMEOUT, 10.0))
+            except ApiException as e:
+                log.warning("cannot list nodes to learn whether they carry zones",
+                            extra={"status": e.status, "reason": e.reason})
+                return None
+            except Exception as e:      # unreachable, timed out, bad JSON
+                log.warning("cannot list nodes to learn whether they carry zones",
+                            extra={"error": str(e).splitlines()[0] if str(e) else repr(e)})
+                return None
+            if found.items:
+                return True
+        return False
 
     def version(self) -> tuple[int, bool]:
         """Changes whenever resolve() may answer differently (endpoints.Resolver)."""

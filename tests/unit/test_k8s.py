@@ -264,3 +264,44 @@ def test_unusable_kubeconfig_is_one_line_naming_the_file(tmp_path, content) -> N
     with pytest.raises(KubernetesConfigError, match=rf"^kubeconfig {path}: ") as caught:
         connect(str(path))
     assert "\n" not in str(caught.value)
+
+
+def test_zones_of_nodes_label_their_pods_and_addresses(api: KubeAPI) -> None:
+    meta = metadata_for(api)
+    assert meta.has_zones() is False            # asked before the watches start
+    api.update("nodes", kubeapi.node("node-1", ["192.168.0.10"], zone="eu-1a"))
+    api.create("nodes", kubeapi.node("node-3", ["192.168.0.13"], zone="eu-1b"))
+    api.create("pods", kubeapi.pod("shop", "cart-0", ["10.0.4.1"], owner=("StatefulSet", "cart"),
+                                   node="node-3"))
+    assert meta.has_zones() is True
+    meta.start()
+    try:
+        api.wait_for(lambda: meta.resolve("10.0.4.1").zone == "eu-1b")
+        assert meta.resolve("10.0.4.1") == Identity("shop", "cart", "StatefulSet", "", "cart-0",
+                                                    zone="eu-1b")
+        assert meta.resolve("192.168.0.10").zone == "eu-1a"     # a node: its own zone
+        # a ClusterIP: the zone of its backends when they are all in one
+        cart_ip = "10.96.0.20"
+        api.create("services", kubeapi.service("shop", "cart", {"app": "cart"}, cart_ip))
+        api.update("pods", kubeapi.pod("shop", "cart-0", ["10.0.4.1"], labels={"app": "cart"},
+                                       owner=("StatefulSet", "cart"), node="node-3"))
+        api.wait_for(lambda: meta.resolve("10.0.4.1").service == "cart")
+        assert meta.resolve(cart_ip).zone == "eu-1b"
+        api.create("pods", kubeapi.pod("shop", "cart-1", ["10.0.4.2"], labels={"app": "cart"},
+                                       owner=("StatefulSet", "cart"), node="node-1"))
+        api.wait_for(lambda: meta.resolve("10.0.4.2").zone == "eu-1a")
+        assert meta.resolve(cart_ip).zone == ""                 # backends in two zones
+        assert meta.resolve("8.8.8.8").zone == ""               # outside the cluster
+        # a node moved to another zone: its pods' cached identities follow
+        api.update("nodes", kubeapi.node("node-3", ["192.168.0.13"], zone="eu-1c"))
+        api.wait_for(lambda: meta.resolve("10.0.4.1").zone == "eu-1c")
+        api.delete("nodes", "", "node-3")
+        api.wait_for(lambda: meta.resolve("10.0.4.1").zone == "")
+    finally:
+        meta.stop()
+
+
+def test_zones_unknown_when_the_api_server_cannot_be_asked(api: KubeAPI) -> None:
+    meta = metadata_for(api)
+    api.stop()
+    assert meta.has_zones() is None
