@@ -19,7 +19,8 @@
 #define FAILURE_HTTP_EVENTS 3
 #define FAILURE_HTTP_CONNS 4
 #define FAILURE_H2_RECORDS 5
-#define FAILURE_COUNT 6
+#define FAILURE_DNS_ANSWERS 6
+#define FAILURE_COUNT 7
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 
 /* Indexes of parse_errors (named in exporter/classifier.py). */

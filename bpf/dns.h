@@ -13,6 +13,12 @@
  * connection that began before the exporter, segments are parsed only if they look like a
  * message start, and a failure is not counted as an error.
  *
+ * With external names on (-DDNS_ANSWERS), a response with answers to a query of this node's
+ * client is copied, up to DNS_ANSWER_CAPTURE bytes, to the ring buffer dns_answers: user
+ * space (exporter/dnsanswers.py) reads its A, AAAA and CNAME records and names the addresses
+ * the client resolved. The kernel only copies: a name with compression pointers, chained
+ * through CNAMEs, is far easier to follow safely in Python, and answers are few next to packets.
+ *
  * Packets that only look like DNS (truncated header, question past the end of the message,
  * a compression pointer or over-long name in the question, qdcount other than 1) and responses
  * with no pending query are skipped and counted in parse_errors[PARSE_ERROR_DNS]. */
@@ -122,9 +128,62 @@ struct dns_message {
     u8 is_response;
     u8 rcode;
     u16 qtype;
+    u16 ancount;
     u16 name_len;           /* bytes of the question name, its final zero included */
     u32 name_off;
 };
+
+#ifdef DNS_ANSWERS
+/* Bytes of a response kept: a query's answers with a few CNAMEs fit in far less, and a cut
+ * message keeps the records that fit (user space reads those and counts the cut). */
+#define DNS_ANSWER_CAPTURE 512
+/* pages of 4 KiB for dns_answers (a power of two; maps.dns_answer_ring_mib) */
+#ifndef DNS_ANSWER_PAGES
+#define DNS_ANSWER_PAGES 512
+#endif
+struct dns_answer_record {
+    u8 family;
+    u8 cut;                 /* the message is longer than the bytes kept */
+    u16 length;             /* bytes of message kept */
+    u32 pad;
+    u8 client[16];          /* the address that asked */
+    u8 message[DNS_ANSWER_CAPTURE];
+};
+BPF_RINGBUF_OUTPUT(dns_answers, DNS_ANSWER_PAGES);
+
+/* Copies the response in [off, end) of the packet, `message_len` bytes long in all (more than
+ * end - off when a TCP message continues in later segments), for user space. */
+static __always_inline void dns_answers_emit(struct __sk_buff *skb, const u8 *client,
+                                             u8 family, u32 off, u32 end, u32 message_len)
+{
+    u32 len = end - off;
+    if (len < DNS_HEADER_LEN || len > 0xffff)
+        return;
+    struct dns_answer_record *r = dns_answers.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        count_failure(FAILURE_DNS_ANSWERS);
+        return;
+    }
+    r->cut = message_len > len || len > DNS_ANSWER_CAPTURE;
+    if (len > DNS_ANSWER_CAPTURE)
+        len = DNS_ANSWER_CAPTURE;
+    r->family = family;
+    r->length = len;
+    r->pad = 0;
+    __builtin_memcpy(r->client, client, 16);
+    /* the same length, in bounds the verifier can see: [1, DNS_ANSWER_CAPTURE] in the
+     * register that sizes the copy (the compiler would drop a mask it has proved useless) */
+    u32 size = len - 1;
+    asm volatile("" : "+r"(size));
+    size = (size & (DNS_ANSWER_CAPTURE - 1)) + 1;
+    if (bpf_skb_load_bytes(skb, off, r->message, size) < 0) {
+        dns_answers.ringbuf_discard(r, BPF_RB_NO_WAKEUP);
+        return;
+    }
+    /* user space reads the ring on a timer: no wake-up per answer */
+    dns_answers.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+#endif
 
 /* The key, the pending value and the parsed message live here rather than on the stack: with
  * query names they would not fit in the 512 bytes of BPF stack beside the packet parser's; and
@@ -158,6 +217,7 @@ static __always_inline int dns_parse_message(struct __sk_buff *skb, u32 off, u32
     msg->id = bpf_ntohs(hdr.id);
     msg->is_response = flags >> 15;
     msg->rcode = flags & 0xf;
+    msg->ancount = bpf_ntohs(hdr.ancount);
 
     /* walk the question name: length-prefixed labels up to a zero byte; no compression
      * pointer is allowed in a question (that is also what rules out pointer loops) */
@@ -245,8 +305,8 @@ static __always_inline void dns_emit(const struct dns_pending_key *pending,
 
 /* Handles one DNS message of the packet; the ends are oriented by the QR bit. */
 static __always_inline void dns_handle(struct __sk_buff *skb, const struct packet *pkt,
-                                       u8 transport, u32 off, u32 end, u32 generation,
-                                       int count_errors)
+                                       u8 transport, u32 off, u32 end, u32 message_len,
+                                       u32 generation, int count_errors)
 {
     u32 zero = 0;
     struct dns_scratch *scratch = dns_scratch.lookup(&zero);
@@ -334,6 +394,10 @@ static __always_inline void dns_handle(struct __sk_buff *skb, const struct packe
     /* delete first: if user space's timeout sweep got here before us, it counted a timeout */
     if (dns_pending.delete(&pending) != 0)
         return;
+#ifdef DNS_ANSWERS
+    if (msg->rcode == 0 && msg->ancount)
+        dns_answers_emit(skb, pkt->daddr, pkt->family, off, end, message_len);
+#endif
     u64 latency_us = (bpf_ktime_get_ns() - queried_ns) / 1000;
     key->kind = DNS_KIND_RESPONSE;
     key->rcode = msg->rcode;
@@ -388,7 +452,7 @@ static __always_inline void dns_tcp(struct __sk_buff *skb, const struct packet *
         *next = pkt->tcp_seq + 2 + length;
     u32 start = pkt->payload_off + 2;
     u32 end = start + length < segment_end ? start + length : segment_end;
-    dns_handle(skb, pkt, DNS_TRANSPORT_TCP, start, end, generation, next != 0);
+    dns_handle(skb, pkt, DNS_TRANSPORT_TCP, start, end, length, generation, next != 0);
 }
 
 static __always_inline void account_dns(struct __sk_buff *skb, const struct packet *pkt)
@@ -400,7 +464,9 @@ static __always_inline void account_dns(struct __sk_buff *skb, const struct pack
         u32 end = pkt->l3_off + pkt->ip_len;
         if (end > skb->len)
             end = skb->len;
-        dns_handle(skb, pkt, DNS_TRANSPORT_UDP, pkt->payload_off, end, generation, 1);
+        u32 whole = pkt->l3_off + pkt->ip_len;     /* the datagram, beyond a short skb */
+        dns_handle(skb, pkt, DNS_TRANSPORT_UDP, pkt->payload_off, end,
+                   whole - pkt->payload_off, generation, 1);
     } else if (pkt->protocol == IPPROTO_TCP) {
         dns_tcp(skb, pkt, generation);
     }

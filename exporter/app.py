@@ -40,7 +40,14 @@ from .collectors.http import HttpCollector, KernelHttpSource, SchemeSources
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config, field_paths
 from .dnsnames import QueryLabel
-from .endpoints import KUBERNETES_LABELS, EndpointLabels, PortFolder, read_ephemeral_floor
+from .endpoints import (
+    KUBERNETES_LABELS,
+    EndpointLabels,
+    ExternalNamer,
+    PortFolder,
+    read_ephemeral_floor,
+)
+from .externalnames import ExternalNames, NameTable
 from .http2source import GrpcCounts, Http2Source
 from .httpnames import GrpcMethodLabel, PathLabel
 from .interfaces import Attacher, InterfaceMonitor, NameFilter, TcAttacher
@@ -141,10 +148,13 @@ class EndpointLabelSets:
     """The endpoint labels of each metric family: labels.endpoint (or its auto choice), per
     family and side as labels.per_metric says, with the names folded by the allowlists."""
 
-    def __init__(self, config: Config, kubernetes: KubernetesMetadata | None) -> None:
+    def __init__(self, config: Config, kubernetes: KubernetesMetadata | None,
+                 external: ExternalNamer | None = None) -> None:
         settings = config.labels
         self.resolver = kubernetes
+        self.external = external
         self.policy = self._policy(config)
+        self.auto = settings.endpoint is None
         self.default = self._names(settings.endpoint, settings.pod_namespaces)
         self.per_metric = settings.per_metric
         self.handed_out: list[EndpointLabels] = []
@@ -189,11 +199,28 @@ class EndpointLabelSets:
             names = tuple(n for n in names if n not in KUBERNETES_LABELS)
         return names
 
+    def _flow_default(self) -> tuple[str, ...]:
+        """The auto labels of the flow metrics: the default, with zone where the nodes carry
+        zones, and dns_name with external names."""
+        names = self.default
+        has_zones = getattr(self.resolver, "has_zones", None)
+        if has_zones is not None:
+            zones = has_zones()
+            if zones is None:
+                log.warning("zone labels on without knowing whether nodes carry zones",
+                            extra={"labels": "src_zone,dst_zone"})
+            if zones is not False:
+                names += ("zone",)
+        if self.external is not None:
+            names += ("dns_name",)
+        return names
+
     def of(self, family: str) -> EndpointLabels:
         sides = self.per_metric.get(family, {})
+        default = self._flow_default() if family == "flows" and self.auto else self.default
         src, dst = (self._names(sides[side], self.policy.pod_namespaces)
-                    if sides.get(side) is not None else self.default for side in ("src", "dst"))
-        labels = EndpointLabels(src, dst, self.resolver, self.policy)
+                    if sides.get(side) is not None else default for side in ("src", "dst"))
+        labels = EndpointLabels(src, dst, self.resolver, self.policy, self.external)
         self.handed_out.append(labels)
         return labels
 
@@ -215,6 +242,7 @@ class Exporter:
         self.counting: oncepercluster.ClusterCounting | None = None
         self.tls: TlsWatch | None = None
         self.http2: list[Http2Source] = []       # h2c, and HTTP/2 inside TLS
+        self.external: ExternalNames | None = None  # the dns_name label's DNS answers
         self._ready = threading.Event()
 
     def ready(self) -> bool:
@@ -248,7 +276,11 @@ class Exporter:
         floor = config.ports.ephemeral_floor or read_ephemeral_floor()
         ports = PortFolder(floor, config.ports.server)
         self.kubernetes = self._kubernetes()
-        labels = self.label_sets = EndpointLabelSets(config, self.kubernetes)
+        if config.labels.external_names:
+            table = NameTable(config.maps.dns_name_capacity, config.dns.name_min_ttl,
+                              config.dns.name_max_ttl)
+            self.external = ExternalNames(table, config.labels.external_names, self.stats)
+        labels = self.label_sets = EndpointLabelSets(config, self.kubernetes, self.external)
         series = (self.stats, config.series.max_per_metric, config.series.ttl)
         collectors: list[SignalCollector] = []
 
@@ -298,6 +330,9 @@ class Exporter:
             if config.collectors.flows:
                 collectors.append(FlowsCollector(KernelFlowSource(program), labels.of("flows"),
                                                  ports, *series))
+            if self.external:
+                self.external.read_from(program)
+                reporters.append(self.external.report)
             if config.collectors.dns:
                 names = config.dns.query_names
                 dns = DnsCollector(
@@ -349,6 +384,8 @@ class Exporter:
             self.registry.register(self.counting)
         if self.tls:
             self.registry.register(self.tls.metrics)
+        if self.external:
+            self.registry.register(self.external)
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
@@ -365,6 +402,8 @@ class Exporter:
                 "CAP_NET_ADMIN"})
         for source in self.http2:   # the rings are mapped: reading them needs nothing
             source.start()
+        if self.external:
+            self.external.start()
         # the watches start once the programs load: a start-up that fails on the kernel side
         # never loads the API server with a cluster-wide list
         if self.kubernetes:
@@ -388,6 +427,10 @@ class Exporter:
         logs.set_level(new.log.level)
         if self.label_sets:
             applied |= self.label_sets.reload(new)
+        if self.external and new.labels.external_names:
+            self.external.set_patterns(new.labels.external_names)
+            self.external.table.set_ttls(new.dns.name_min_ttl, new.dns.name_max_ttl)
+            applied |= {"labels.external_names", "dns.name_min_ttl", "dns.name_max_ttl"}
         for collector in self.sweeping:
             if isinstance(collector, DnsCollector) and collector.query_label and \
                     new.dns.query_names:
@@ -537,6 +580,8 @@ class Exporter:
             self.tls.stop()
         for source in self.http2:
             source.stop()
+        if self.external:
+            self.external.stop()
         if self.monitor and self.monitor.stop():
             log.info("detached from every interface")
         for program in self.programs:

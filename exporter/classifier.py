@@ -21,7 +21,7 @@ from .selfmetrics import KernelStats
 
 # indexes of map_update_failures and parse_errors in bpf/classifier.c
 FAILURE_MAPS = ["flows", "dns_events", "dns_pending", "http_events", "http_conns",
-                "http2_records"]
+                "http2_records", "dns_answers"]
 PARSE_ERROR_PROTOCOLS = ["ip", "dns", "http", "http2"]
 # indexes of the parsers tail-call array
 PARSERS = {"dns": 0, "http": 1, "http2": 2}
@@ -39,6 +39,9 @@ def cflags(config: Config, once_per_cluster: bool = False) -> list[str]:
         flags += ["-DWITH_DNS", f"-DDNS_PORT(p)=({ports})"]
         if config.dns.query_names:
             flags.append("-DDNS_QUERY_NAMES")
+        if config.labels.external_names:
+            flags += ["-DDNS_ANSWERS",
+                      f"-DDNS_ANSWER_PAGES={config.maps.dns_answer_ring_mib * 256}"]
     if config.collectors.http:
         flags += ["-DWITH_HTTP", f"-DHTTP_CONN_CAPACITY={config.maps.http_conn_capacity}",
                   f"-DHTTP_EVENT_CAPACITY={config.maps.http_event_capacity}"]

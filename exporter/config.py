@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "EBPF_NET_"
-ENDPOINT_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node", "ip",
-                   "ip_type", "port")    # endpoints.ENDPOINT_LABELS: the order labels appear
+ENDPOINT_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node", "zone",
+                   "ip", "ip_type", "dns_name", "port")  # endpoints.ENDPOINT_LABELS, in order
 KUBERNETES_MODES = ("auto", "true", "false")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
@@ -361,6 +361,7 @@ class LabelsConfig:
     service_allow: tuple[str, ...] = _spec(list_of(parse_glob))
     service_deny: tuple[str, ...] = _spec(list_of(parse_glob))
     pod_namespaces: tuple[str, ...] = _spec(list_of(parse_glob))
+    external_names: tuple[str, ...] = _spec(list_of(parse_glob))
 
 
 @dataclass(frozen=True)
@@ -396,6 +397,8 @@ class MapsConfig:
     http_event_capacity: int = _spec(parse_capacity)
     http2_conn_capacity: int = _spec(parse_capacity)
     http2_ring_mib: int = _spec(parse_ring_mib)
+    dns_answer_ring_mib: int = _spec(parse_ring_mib)
+    dns_name_capacity: int = _spec(parse_capacity)
     drop_capacity: int = _spec(parse_capacity)
     cluster_address_capacity: int = _spec(parse_capacity)
 
@@ -411,6 +414,8 @@ class DnsConfig:
     ports: tuple[int, ...] = _spec(list_of(parse_port, min_items=1))
     timeout: float = _spec(parse_duration)
     query_names: tuple[str, ...] = _spec(list_of(parse_glob))
+    name_min_ttl: float = _spec(parse_duration)
+    name_max_ttl: float = _spec(parse_duration)
 
 
 @dataclass(frozen=True)
@@ -570,7 +575,25 @@ def build(flat: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> 
                 raise ConfigError(f"{path}{where}: {e}") from e
         return cls(**kwargs)
 
-    return make(Config, "")
+    config = make(Config, "")
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Config) -> None:
+    """Fields valid alone but not with each other."""
+    if config.labels.external_names and not config.collectors.dns:
+        raise ConfigError("labels.external_names: names come from the DNS answers the dns "
+                          "collector parses; turn collectors.dns on or leave this empty")
+    if config.dns.name_min_ttl > config.dns.name_max_ttl:
+        raise ConfigError(f"dns.name_min_ttl ({config.dns.name_min_ttl:g}s) is above "
+                          f"dns.name_max_ttl ({config.dns.name_max_ttl:g}s)")
+    wanted = set(config.labels.endpoint or ()) | {
+        name for sides in config.labels.per_metric.values() for names in sides.values()
+        for name in names or ()}
+    if "dns_name" in wanted and not config.labels.external_names:
+        raise ConfigError("labels: dns_name needs labels.external_names, the globs of names to "
+                          "keep (e.g. [\"*.amazonaws.com\"], or [\"*\"] for every name)")
 
 
 def load(path: str | None, environ: Mapping[str, str], overrides: Mapping[str, Any],

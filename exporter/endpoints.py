@@ -21,8 +21,8 @@ from .k8s.cluster import Identity
 from .namepolicy import NamePolicy
 
 # the endpoint label vocabulary, in the order labels appear
-KUBERNETES_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node")
-ENDPOINT_LABELS = (*KUBERNETES_LABELS, "ip", "ip_type", "port")
+KUBERNETES_LABELS = ("namespace", "workload", "workload_kind", "service", "pod", "node", "zone")
+ENDPOINT_LABELS = (*KUBERNETES_LABELS, "ip", "ip_type", "dns_name", "port")
 CACHE_SECONDS = 60.0        # endpoint values are recomputed at least this often
 CACHE_SIZE = 1 << 20        # ... and when this many are cached
 
@@ -268,23 +268,41 @@ class Resolver(Protocol):
         ...
 
 
+class ExternalNamer(Protocol):
+    """The dns_name of an address for the client at the other end (externalnames.py)."""
+
+    def label(self, client: str, address: str, since: float) -> str: ...
+
+    def poll(self) -> None: ...
+
+
 class EndpointLabels:
     """Label names and values of the two ends of a pair, from the configured vocabulary
     (METRICS.md, "Endpoint labels"). Each side may carry its own subset: a metric family can
     keep, say, only the destination's names. Kubernetes names come from `resolver` (an address
-    to its Identity) folded by `policy` (allowlists, pod namespaces)."""
+    to its Identity) folded by `policy` (allowlists, pod namespaces); an outside end's
+    dns_name from `external`, by the pair of addresses."""
 
     def __init__(self, names: Sequence[str], dst_names: Sequence[str] | None = None,
-                 resolver: Resolver | None = None, policy: NamePolicy | None = None) -> None:
+                 resolver: Resolver | None = None, policy: NamePolicy | None = None,
+                 external: ExternalNamer | None = None) -> None:
         self.names = {"src": _in_order(names),
                       "dst": _in_order(names if dst_names is None else dst_names)}
         wanted = set(self.names["src"]) | set(self.names["dst"])
         if resolver is None and wanted & set(KUBERNETES_LABELS):
             raise ValueError(f"labels {sorted(wanted & set(KUBERNETES_LABELS))} need "
                              "Kubernetes metadata")
+        if external is None and "dns_name" in wanted:
+            raise ValueError("the dns_name label needs external names (DNS answers)")
         self.resolver = resolver
         self.policy = policy or NamePolicy()
+        self.external = external
         self._with_port = {side: "port" in names for side, names in self.names.items()}
+        # where dns_name sits among a side's values, if it has one
+        self._dns_index = {side: names.index("dns_name") if "dns_name" in names else None
+                           for side, names in self.names.items()}
+        # traffic drained now happened since the previous refresh (external names' expiry)
+        self._since = self._refreshed = time.monotonic()
         # (side, address) -> values but the port (always last); see refresh()
         self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
         self._cache_key: Hashable = None
@@ -300,8 +318,11 @@ class EndpointLabels:
     def refresh(self) -> None:
         """Called once per scrape: forgets cached values if identities may have changed
         (a watch event), and at least once a minute (deleted pods expire by time)."""
-        key = (self.resolver.version() if self.resolver else None,
-               int(time.monotonic() // CACHE_SECONDS))
+        now = time.monotonic()
+        self._since, self._refreshed = self._refreshed, now
+        if self.external is not None:
+            self.external.poll()        # answers before the traffic they name
+        key = (self.resolver.version() if self.resolver else None, int(now // CACHE_SECONDS))
         if key != self._cache_key or len(self._cache) > CACHE_SIZE:
             self._cache.clear()
             self._cache_key = key
@@ -315,15 +336,41 @@ class EndpointLabels:
             return (*values, port)
         return values
 
+    def pair(self, src: str, src_port: str | None, dst: str,
+             dst_port: str | None) -> tuple[str, ...]:
+        """Label values of both ends (src's, then dst's); a port None when that end carries
+        none."""
+        src_values = self.values("src", src, src_port)
+        dst_values = self.values("dst", dst, dst_port)
+        index = self._dns_index["src"]
+        if index is not None and src_values[index] is None:
+            src_values = self._with_name(src_values, index, dst, src)
+        index = self._dns_index["dst"]
+        if index is not None and dst_values[index] is None:
+            dst_values = self._with_name(dst_values, index, src, dst)
+        return src_values + dst_values
+
+    def _with_name(self, values: tuple[str, ...], index: int, client: str,
+                   address: str) -> tuple[str, ...]:
+        assert self.external is not None
+        name = self.external.label(client, address, self._since)
+        return (*values[:index], name, *values[index + 1:])
+
     def _address_values(self, side: str, address: str) -> tuple[str, ...]:
+        """Values but the port; an outside end's dns_name is None, filled in by pair()."""
         names = self.names[side]
-        identity = self.policy.apply(self.resolver.resolve(address)) if self.resolver else None
-        values: list[str] = []
+        raw = self.resolver.resolve(address) if self.resolver else None
+        identity = self.policy.apply(raw) if raw is not None else None
+        values: list = []
         for name in names:
             if name == "ip":
                 values.append(address)
             elif name == "ip_type":
                 values.append(ip_type(ipaddress.ip_address(address)))
+            elif name == "dns_name":
+                # the cluster's own ends (pods, nodes, Services) are named by the other labels
+                inside = raw is not None and bool(raw.namespace or raw.workload_kind)
+                values.append("" if inside else None)
             elif name != "port":
                 values.append(getattr(identity, name))
         return tuple(values)

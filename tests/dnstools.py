@@ -25,6 +25,17 @@ def message(qid: int, name: str, qtype: int = QTYPE_A, response: bool = False, r
         struct.pack("!HH", qtype, 1)
 
 
+def record(owner: bytes, rtype: int, ttl: int, rdata: bytes) -> bytes:
+    """A resource record of class IN; `owner` in wire format (a name or a pointer)."""
+    return owner + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+
+
+def response(qid: int, name: str, answers: list[bytes], qtype: int = QTYPE_A) -> bytes:
+    """A NoError response to `name` with the given answer records."""
+    header = struct.pack("!HHHHHH", qid, 0x8180, 1, len(answers), 0, 0)
+    return header + encode_name(name) + struct.pack("!HH", qtype, 1) + b"".join(answers)
+
+
 def question(query: bytes) -> tuple[int, bytes]:
     """(id, question section) of a query."""
     qid = struct.unpack("!H", query[:2])[0]
@@ -39,8 +50,10 @@ class Upstream:
     seconds, with one A record when the rcode is NoError."""
 
     def __init__(self, ns: str, addr: str, port: int, rcode: int = 0, delay: float = 0.0,
-                 answer: str = "192.0.2.1") -> None:
+                 answer: str = "192.0.2.1", answers: tuple[int, bytes] | None = None) -> None:
+        """answers: (ancount, the answer section as bytes) in place of the one A record."""
         self.rcode, self.delay, self.answer = rcode, delay, socket.inet_aton(answer)
+        self.answers = answers
         with in_netns(ns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((addr, port))
@@ -53,10 +66,13 @@ class Upstream:
         time.sleep(self.delay)
         qid, section = question(query)
         answers = 1 if self.rcode == 0 else 0
-        header = struct.pack("!HHHHHH", qid, 0x8180 | self.rcode, 1, answers, 0, 0)
         body = section
-        if answers:
+        if self.answers is not None:
+            answers, raw = self.answers
+            body += raw
+        elif answers:
             body += b"\xc0\x0c" + struct.pack("!HHIH", QTYPE_A, 1, 60, 4) + self.answer
+        header = struct.pack("!HHHHHH", qid, 0x8180 | self.rcode, 1, answers, 0, 0)
         self.sock.sendto(header + body, peer)
 
     def _serve(self) -> None:

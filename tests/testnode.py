@@ -688,6 +688,20 @@ class NetnsProcesses:
             with contextlib.suppress(ValueError):
                 self._procs.remove(proc)
 
+    @contextlib.contextmanager
+    def nameserver(self, ns: str, addr: str) -> Iterator[None]:
+        """The C library resolver of programs run in ``ns`` asks ``addr`` (``ip netns exec``
+        binds /etc/netns/NS/resolv.conf over /etc/resolv.conf) while the block runs."""
+        resolv = os.path.join("/etc/netns", ns, "resolv.conf")
+        os.makedirs(os.path.dirname(resolv), exist_ok=True)
+        with open(resolv, "w") as fh:
+            fh.write(f"nameserver {addr}\noptions attempts:1 timeout:2\n")
+        try:
+            yield
+        finally:
+            os.unlink(resolv)
+            os.rmdir(os.path.dirname(resolv))
+
     def nft(self, ns: str, ruleset: str) -> None:
         """Load an nftables ruleset (``nft -f -``) into namespace ``ns``."""
         self.run(ns, ["nft", "-f", "-"], input=ruleset)

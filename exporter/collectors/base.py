@@ -70,8 +70,7 @@ class PairCollector:
         """Label values of a client and a server (with its port, remembered as a server's)."""
         server_text = address_text(family, server)
         self.ports.learn_server(server_text, port)
-        return (self.endpoints.values("src", address_text(family, client), None)
-                + self.endpoints.values("dst", server_text, str(port)))
+        return self.endpoints.pair(address_text(family, client), None, server_text, str(port))
 
     def start(self) -> None:
         sweep = getattr(self.source, "sweep", None)

@@ -127,7 +127,7 @@ class DropsCollector:
         src = address_text(family, key["saddr"].tobytes())
         dst = address_text(family, key["daddr"].tobytes())
         sport, dport = self.ports.fold(src, int(key["sport"]), dst, int(key["dport"]))
-        return self.endpoints.values("src", src, sport) + self.endpoints.values("dst", dst, dport)
+        return self.endpoints.pair(src, sport, dst, dport)
 
     @staticmethod
     def _protocol(key: np.void) -> str:

@@ -230,7 +230,7 @@ class FlowsCollector:
         packet_sums = np.bincount(inverse, weights=values["packets"].astype(np.float64))
         # one Python iteration per label set: over lists, since indexing numpy arrays row by
         # row makes a numpy scalar of every field
-        endpoint = self.endpoints.values
+        pair = self.endpoints.pair
         ports = _TextCache(port_text)
         kinds = _TextCache(lambda code: (protocol_name(code >> 8), family_name(code & 0xFF)))
         kind = (protocol[firsts] << 8 | keys["family"][firsts]).tolist()
@@ -238,8 +238,7 @@ class FlowsCollector:
                 src[firsts].tolist(), s_code[firsts].tolist(), dst[firsts].tolist(),
                 d_code[firsts].tolist(), kind, byte_sums.tolist(), packet_sums.tolist(),
                 strict=True):
-            labels = (endpoint("src", texts[s], ports[sp]) + endpoint("dst", texts[d], ports[dp])
-                      + kinds[k])
+            labels = pair(texts[s], ports[sp], texts[d], ports[dp]) + kinds[k]
             delta = deltas[labels]
             delta[0] += byte_count
             delta[1] += packet_count

@@ -131,8 +131,7 @@ class TcpCollector(PairCollector):
             client, server, port = local, remote, rport
         else:
             client, server, port = remote, local, lport
-        return (self.endpoints.values("src", client, None)
-                + self.endpoints.values("dst", server, str(port))), role
+        return self.endpoints.pair(client, None, server, str(port)), role
 
     def _process(self, key: np.void) -> tuple[str, ...]:
         if not self.process_label:

@@ -8,7 +8,6 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -112,14 +111,8 @@ def test_exact_counts_per_rcode_qtype_transport_and_family(node: TestNode,
 
 def test_the_c_library_resolver_is_counted(node: TestNode, dns: ExporterProcess):
     before = dns.scrape()
-    resolv = Path("/etc/netns") / node.a_ns / "resolv.conf"     # ip netns exec binds it
-    resolv.parent.mkdir(parents=True, exist_ok=True)
-    resolv.write_text(f"nameserver {node.b_ip}\noptions attempts:1 timeout:2\n")
-    try:
+    with node.nameserver(node.a_ns, node.b_ip):
         out = node.run(node.a_ns, ["getent", "ahosts", "ok.test"]).stdout
-    finally:
-        resolv.unlink()
-        resolv.parent.rmdir()
     assert node.b_ip in out
     for qtype in ("A", "AAAA"):         # getaddrinfo asks both
         scrape = dns.wait_for(

@@ -25,6 +25,7 @@ from exporter.collectors.grpc import GrpcCollector
 from exporter.collectors.http import HttpCollector, SchemeSources
 from exporter.collectors.tcp import TcpCollector
 from exporter.endpoints import EndpointLabels, PortFolder
+from exporter.externalnames import ExternalNames, NameTable
 from exporter.k8s.metadata import KubernetesMetadata
 from exporter.kubeauth import KubernetesAuth
 from exporter.logs import LogFailuresCollector
@@ -158,6 +159,7 @@ def full_exposition() -> str:
     registry.register(ClusterCounting(cluster_map, config.load(None, {}, {}), None, stats))
     registry.register(KubernetesAuth(ApiClient(), "/metrics", 60.0))  # asks nothing unasked
     registry.register(HttpsMetrics())
+    registry.register(ExternalNames(NameTable(65536, 60, 3600), ["*"], stats))
     stats.add_failures("flows", 0)
     stats.add_parse_errors("ip", 0)
     stats.add_parse_errors("dns", 0)

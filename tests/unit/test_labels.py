@@ -38,6 +38,9 @@ class StateResolver:
     def version(self) -> int:
         return self.state.version
 
+    def has_zones(self) -> bool:
+        return self.state.has_zones()
+
 
 def test_globs_match_names_or_namespace_slash_name() -> None:
     globs = Globs(["shop/*", "api-*"], ["*/canary"])
@@ -145,10 +148,15 @@ def test_kubeconfig_and_node_name_come_from_the_usual_variables() -> None:
 
 # --- the README's worked example -------------------------------------------------------------
 
-def example_cluster() -> tuple[ClusterState, list[dict]]:
-    """4 namespaces, 10 workloads, 43 pods on 4 nodes, and the flows of one scrape interval:
-    each client pod talks to every pod of its servers, and some to the internet."""
+def example_cluster(zones: bool = False) -> tuple[ClusterState, list[dict]]:
+    """4 namespaces, 10 workloads, 43 pods on 4 nodes (with `zones`, two in each of two zones),
+    and the flows of one scrape interval: each client pod talks to every pod of its servers,
+    and some to the internet."""
     state = ClusterState(60)
+    for index in range(4):
+        state.apply("nodes", "ADDED", kubeapi.node(
+            f"node-{index}", [f"192.168.0.{index + 1}"], zone=f"zone-{'ab'[index // 2]}"
+            if zones else ""))
     workloads = {  # (namespace, name, kind, pods, servers it calls, port)
         "frontend": ("shop", "StatefulSet", 8, ["cart"], 8080),
         "cart": ("shop", "StatefulSet", 6, ["db", "api"], 0),
@@ -190,9 +198,10 @@ def example_cluster() -> tuple[ClusterState, list[dict]]:
     return state, rows
 
 
-EXAMPLE_CONTROLS = {   # README row -> (Kubernetes on, labels settings, series cap)
+EXAMPLE_CONTROLS = {   # README row -> (Kubernetes on, labels settings, series cap, zones)
     "Kubernetes off (`ip`, `ip_type`, `port`)": (False, {}, 10000),
     "Kubernetes on, defaults": (True, {}, 10000),
+    "+ nodes in 2 zones (`zone` joins by auto)": (True, {}, 10000, True),
     "+ `pod_namespaces: [shop]`": (True, {"pod_namespaces": ["shop"]}, 10000),
     "+ `namespace_allow: [shop, payments]`": (True, {"namespace_allow": ["shop", "payments"]},
                                               10000),
@@ -204,9 +213,10 @@ EXAMPLE_CONTROLS = {   # README row -> (Kubernetes on, labels settings, series c
 }
 
 
-def example_series(kubernetes: bool, labels: dict, cap: int) -> tuple[int, float]:
+def example_series(kubernetes: bool, labels: dict, cap: int,
+                   zones: bool = False) -> tuple[int, float]:
     """Series of ebpf_net_flow_bytes_total after one scrape, and their sum."""
-    state, rows = example_cluster()
+    state, rows = example_cluster(zones)
     resolver = StateResolver(state) if kubernetes else None
     endpoints = EndpointLabelSets(load(**labels), resolver).of("flows")  # type: ignore[arg-type]
     collector = FlowsCollector(QueueSource([flow_batch(rows)], flow_batch([])), endpoints,
@@ -227,8 +237,8 @@ def readme_example_table() -> dict[str, int]:
 
 def test_readme_worked_example_matches_what_the_controls_do() -> None:
     computed, totals = {}, set()
-    for row, (kubernetes, labels, cap) in EXAMPLE_CONTROLS.items():
-        computed[row], total = example_series(kubernetes, labels, cap)
+    for row, control in EXAMPLE_CONTROLS.items():
+        computed[row], total = example_series(*control)  # type: ignore[arg-type]
         totals.add(total)
     assert len(totals) == 1, "a control changed the total bytes"
     assert readme_example_table() == computed
