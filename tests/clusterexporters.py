@@ -32,6 +32,8 @@ FACING = {"routed": 1, "vxlan": 2}
 # a node's entries in the cluster-address map: InternalIP, pod CIDR and two pods, each in both
 # families
 ADDRESSES_PER_NODE = 8
+# the availability zone of each node, in node order
+ZONES = ("zone-a", "zone-b")
 
 
 def exporter_pod_name(node: ClusterNode) -> str:
@@ -39,10 +41,10 @@ def exporter_pod_name(node: ClusterNode) -> str:
 
 
 def register(api: KubeAPI, cluster: TestCluster) -> None:
-    for node in cluster.nodes:
+    for node, zone in zip(cluster.nodes, ZONES, strict=True):
         # dual stack: an IPv4 and an IPv6 address and pod CIDR each
         api.create("nodes", kubeapi.node(node.name, [node.internal_ip, node.internal_ip6],
-                                         [node.pod_cidr, node.pod_cidr6]))
+                                         [node.pod_cidr, node.pod_cidr6], zone=zone))
         api.create("pods", kubeapi.pod(EXPORTER_NAMESPACE, exporter_pod_name(node),
                                        [node.internal_ip, node.internal_ip6],
                                        owner=("DaemonSet", DAEMONSET),

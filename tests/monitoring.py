@@ -31,7 +31,7 @@ DASHBOARD_UIDS = {
 # the dashboards with namespace and workload variables (drops.json selects nodes)
 WORKLOAD_DASHBOARDS = tuple(name for name in DASHBOARD_UIDS if name != "drops.json")
 RULE_FILES = ("tcp.yaml", "dns.yaml", "http.yaml", "grpc.yaml", "exporter.yaml",
-              "kubernetes.yaml", "drops.yaml")
+              "kubernetes.yaml", "drops.yaml", "zones.yaml")
 # served only when their collector is switched on
 OPT_IN_METRICS = {"ebpf_net_drops_total", "ebpf_net_bash_commands_total"}
 # served only when counting once per cluster (tests/e2e/test_prometheus_cluster.py reads them)

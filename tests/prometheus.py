@@ -38,6 +38,21 @@ def shortened_rules(sources: Sequence[Path], into: Path, hold: str = "2s",
     return out
 
 
+THRESHOLD_LINE = re.compile(r"^(\s*>\s*)[0-9.]+(\s*#.*)?$", re.MULTILINE)
+
+
+def set_threshold(rule_file: Path, alert: str, value: float) -> None:
+    """Sets the threshold of `alert` in a (copied) rule file: the number on its `> N` line."""
+    text = rule_file.read_text()
+    start = text.index(f"alert: {alert}")
+    end = text.find("- alert:", start + 1)
+    end = len(text) if end < 0 else end
+    number = f"{value:f}".rstrip("0").rstrip(".")        # plain digits, as the rules write it
+    part, count = THRESHOLD_LINE.subn(rf"\g<1>{number}\g<2>", text[start:end], count=1)
+    assert count == 1, f"no `> N` threshold line in {alert}"
+    rule_file.write_text(text[:start] + part + text[end:])
+
+
 class Prometheus:
     """prometheus in namespace `ns`, listening on its 127.0.0.1; stopped with the node."""
 

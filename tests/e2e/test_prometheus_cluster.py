@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +23,12 @@ from tests.clusterexporters import (
     DNS_VIP,
     WEB_VIP,
     WORKLOADS,
+    ZONES,
     ClusterExporters,
     cluster_exporters,
 )
 from tests.exporter_process import ExporterProcess, wait_until
-from tests.prometheus import Prometheus
+from tests.prometheus import Prometheus, set_threshold, shortened_rules
 from tests.testcluster import TestCluster
 from tests.testnode import udp_send
 
@@ -37,6 +39,11 @@ DATAGRAMS = [400] * 30
 UDP_PORT, NGINX_PORT = 7401, 80
 RATE = re.compile(r"rate\((.+?)\[\$__rate_interval\]\)")
 OVERVIEW, DNS_DASHBOARD, HTTP_DASHBOARD = "network-overview.json", "dns.json", "http.json"
+RULE_WINDOW = "10s"
+RULE_RATE = re.compile(r"rate\((.+?)\[" + RULE_WINDOW + r"\]\)", re.DOTALL)
+CROSS_ZONE_ALERT = "EbpfNetCrossZoneTrafficHigh"
+CROSS_ZONE_THRESHOLD = 300_000      # bytes/s over the 10 s window: 3 MB in it
+BURST = [1200] * 8000               # 9.8 MB of datagrams, sent as fast as they go
 
 
 def counts(expr: str) -> str:
@@ -79,9 +86,14 @@ def stack(cluster: TestCluster) -> Iterator[Stack]:
     # node 2's exporter listens on its InternalIP: Prometheus, on node 1, scrapes it across
     # the uplink as it would scrape any node
     hosts = ["127.0.0.1", cluster.nodes[1].internal_ip]
+    # the zone rules, their 5 m windows and `for` shortened, the alert's threshold lowered
+    rules = shortened_rules([monitoring.ALERTS / "zones.yaml"], Path(cluster.tmpdir),
+                            window=RULE_WINDOW)
+    set_threshold(rules[0], CROSS_ZONE_ALERT, CROSS_ZONE_THRESHOLD)
     with cluster_exporters(cluster, hosts=hosts) as exporters:
         targets = [f"{p.host}:{p.port}" for p in exporters.processes]
-        prometheus = Prometheus(cluster, cluster.nodes[0].ns, JOB, targets).wait_ready()
+        prometheus = Prometheus(cluster, cluster.nodes[0].ns, JOB, targets,
+                                rules).wait_ready()
         wait_until(prometheus.targets_up, 30, "Prometheus to scrape both exporters",
                    interval=0.5)
         yield Stack(exporters, prometheus)
@@ -187,9 +199,18 @@ def test_the_http_panels_show_each_request_once(stack: Stack,
 
 def test_the_exporters_say_what_they_left_to_each_other(stack: Stack,
                                                         traffic: dict[str, Any]) -> None:
-    left = stack.values('sum by (instance, signal) '
-                        '(ebpf_net_exporter_counted_elsewhere_total)', "instance", "signal")
     node2 = stack.instance(1)
+
+    def left_by_node2() -> dict[tuple[str, ...], float] | None:
+        """Once node 2's latest scrape holds the test's last exchanges (it may lag node 1's
+        by a scrape)."""
+        left = stack.values('sum by (instance, signal) '
+                            '(ebpf_net_exporter_counted_elsewhere_total)', "instance", "signal")
+        done = left.get((node2, "dns_queries"), 0) >= sum(traffic["rcodes"].values()) and \
+            left.get((node2, "http_requests"), 0) >= sum(traffic["statuses"].values())
+        return left if done else None
+
+    left = wait_until(left_by_node2, 30, "node 2 to say what it left to node 1")
     # node 2 saw node 1's packets arrive, and its clients' queries and requests (Prometheus's
     # scrapes of node 2's exporter among them: HTTP from node 1)
     assert left[(node2, "flow_packets")] >= traffic["datagrams"]
@@ -214,3 +235,62 @@ def test_the_exporter_health_panels_of_the_rule_return_data(
     by_instance = {r["metric"]["instance"] for r in
                    stack.prometheus.query(monitoring.fill(left.expr, rate_interval="1h"))}
     assert by_instance == {stack.instance(0), stack.instance(1)}
+
+
+def rule_counts(record: str) -> str:
+    """A recording rule's expression over counts since start instead of rates (the rules it
+    reads, recorded by Prometheus, stay rates: here they only select pairs)."""
+    expr = next(r.spec["expr"] for r in monitoring.rules() if r.name == record)
+    return RULE_RATE.sub(r"\1", expr.replace("[5m]", f"[{RULE_WINDOW}]"))
+
+
+def test_the_cross_zone_rules_and_panels_show_the_bytes_sent_across_zones_once(
+        stack: Stack, traffic: dict[str, Any]) -> None:
+    expected = traffic["datagrams"] * (DATAGRAMS[0] + 28)
+    pair = ("infra", "dns", ZONES[1], "shop", "frontend", ZONES[0])
+    labels = ("src_namespace", "src_workload", "src_zone", "dst_namespace", "dst_workload",
+              "dst_zone")
+    by_workload = rule_counts("ebpf_net:flow_bytes_cross_zone_by_workload:rate5m")
+    wait_until(lambda: stack.values(by_workload, *labels).get(pair) == expected, 30,
+               f"the cross-zone pair {pair} to read {expected} bytes")
+    # what crossed zones is between the two nodes' ends only: no pair within one zone
+    pairs = stack.values(by_workload, *labels)
+    assert all(src_zone != dst_zone for _, _, src_zone, _, _, dst_zone in pairs), pairs
+    # the panel of the zone pairs, narrowed to the dns workload, reads the sum of its pairs
+    # (the datagrams, and its answers to the worker's queries)
+    panel = panel_expr(OVERVIEW, "Cross-zone traffic by zone pair", namespace="infra",
+                       workload="dns")
+    from_dns = sum(value for key, value in pairs.items() if key[:2] == ("infra", "dns"))
+    assert stack.values(panel, "src_zone", "dst_zone") == {(ZONES[1], ZONES[0]): from_dns}
+    assert from_dns > expected
+    # node 2 sent them: the sum over both exporters is node 2's count, not twice it
+    by_instance = stack.values(
+        'sum by (instance) (ebpf_net_flow_bytes_total{src_workload="dns", '
+        f'dst_workload="frontend", src_zone="{ZONES[1]}", dst_zone="{ZONES[0]}"}})',
+        "instance")
+    assert by_instance == {(stack.instance(1),): expected}
+
+
+def test_the_cross_zone_alert_fires_past_its_threshold_and_not_before(
+        stack: Stack, traffic: dict[str, Any]) -> None:
+    cluster = stack.cluster
+    frontend, dns = cluster.pod("pod-1a"), cluster.pod("pod-2b")
+    ours = {"src_namespace": "infra", "src_workload": "dns", "src_zone": ZONES[1],
+            "dst_namespace": "shop", "dst_workload": "frontend", "dst_zone": ZONES[0]}
+
+    def ours_active() -> list[dict[str, Any]]:
+        return [a for a in stack.prometheus.active_alerts()
+                if a["labels"].get("alertname") == CROSS_ZONE_ALERT
+                and all(a["labels"].get(k) == v for k, v in ours.items())]
+
+    rate = 'ebpf_net:flow_bytes_cross_zone_by_workload:rate5m{src_workload="dns"}'
+    wait_until(lambda: stack.prometheus.query(rate), 30, "the recorded cross-zone rate")
+    # the test's datagrams so far are far below the threshold: nothing pending or firing
+    assert float(stack.prometheus.query(rate)[0]["value"][1]) < CROSS_ZONE_THRESHOLD
+    assert ours_active() == []
+    assert udp_send(dns.ns, frontend.ns, frontend.ip, UDP_PORT, BURST) == len(BURST)
+    wait_until(lambda: any(a["state"] == "firing" for a in ours_active()), 30,
+               f"{CROSS_ZONE_ALERT} to fire for dns -> frontend")
+    (alert,) = ours_active()
+    assert alert["labels"]["severity"] == "info"
+    assert float(alert["value"]) > CROSS_ZONE_THRESHOLD
