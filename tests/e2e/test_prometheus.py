@@ -51,6 +51,9 @@ CLIENT, SERVER = ("web", "front"), ("shop", "api")
 SERVER_LABELS = {"dst_namespace": SERVER[0], "dst_workload": SERVER[1]}
 NODE_NAME = "test-node"
 OTHER_NODE = "test-node-b"
+# a name pod a resolves, for an address outside the cluster it then sends a datagram to (the
+# node has no route there: the datagram is counted leaving pod a, then dropped)
+EXTERNAL_NAME, EXTERNAL_IP, EXTERNAL_PORT = "ok.test", "192.0.2.1", 443
 OURS = (CLIENT[1], SERVER[1], NODE_NAME)
 THRESHOLD = re.compile(r"\s*(?:>|==)\s*[0-9.]+\b")
 
@@ -116,7 +119,10 @@ class Traffic:
         while not self.stop.wait(0.05):
             i = self.iterations = self.iterations + 1
             assert self._http_get(HTTP_PORT, "/index.html") == 200
-            self._dns(node.b_ip, "nx.test" if i % 5 == 0 else "ok.test", i & 0xFFFF)
+            self._dns(node.b_ip, "nx.test" if i % 5 == 0 else EXTERNAL_NAME, i & 0xFFFF)
+            if i % 10 == 1:
+                with in_netns(node.a_ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                    out.sendto(b"ping", (EXTERNAL_IP, EXTERNAL_PORT))
             if "http" in self.faults:
                 assert self._http_get(HTTP_500_PORT, "/") == 500
             if "dns" in self.faults:
@@ -238,7 +244,7 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
         # thousands of short client connections a minute: reuse TIME_WAIT ports
         node.run(node.a_ns, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
         node.http_server(node.b_ns, node.b_ip, HTTP_PORT)
-        node.dns_server(node.b_ns, node.b_ip, {"ok.test": "192.0.2.1", "nx.test": ""})
+        node.dns_server(node.b_ns, node.b_ip, {EXTERNAL_NAME: EXTERNAL_IP, "nx.test": ""})
         servfail = dnstools.Upstream(node.node_ns, node.node_ip_b, 53, rcode=2)
         stack.callback(servfail.close)
         errors = RawServer(node.b_ns, node.b_ip, HTTP_500_PORT, HTTP_500)
@@ -247,7 +253,8 @@ def stack(kernel_ready, tmp_path_factory) -> Iterator[Stack]:
                                              str(GRPC_PORT)], stdout=subprocess.PIPE, text=True)
         assert grpc_server.stdout is not None and grpc_server.stdout.readline().strip() == "ready"
         exporter = stack.enter_context(ExporterProcess(
-            node, ["--kubeconfig", str(api.kubeconfig), "--node-name", NODE_NAME]))
+            node, ["--kubeconfig", str(api.kubeconfig), "--node-name", NODE_NAME],
+            config={"labels": {"external_names": [EXTERNAL_NAME]}}))
         exporter.wait_ready()
         prometheus = Prometheus(node, node.node_ns, JOB, [f"127.0.0.1:{exporter.port}"],
                                 rules).wait_ready()
