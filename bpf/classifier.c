@@ -126,6 +126,13 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 
     u32 zero = 0;
 #ifdef WITH_FLOWS
+#ifdef WITH_ANSWERING_SERVERS
+    /* before the once-per-cluster skip: the SYN+ACK of this node's client is sent by the
+     * server's node, and arrives here from the network */
+    if (pkt.protocol == IPPROTO_TCP &&
+        (pkt.tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) == (TCPHDR_SYN | TCPHDR_ACK))
+        remember_answering_server(&pkt);
+#endif
 #ifdef ONCE_PER_CLUSTER
     /* arrived from the network (on ingress of an interface facing it, or forwarded to this
      * egress from an interface not monitored, such as an uplink left out of

@@ -54,6 +54,38 @@ static __always_inline u64 handshake_bits(u8 tcp_flags)
 BPF_PERCPU_HASH(flows_0, struct flow_key, struct flow_value, FLOW_CAPACITY);
 BPF_PERCPU_HASH(flows_1, struct flow_key, struct flow_value, FLOW_CAPACITY);
 
+#ifdef WITH_ANSWERING_SERVERS
+/* The server that answered each client's SYN, by the client's end: a connection to a
+ * Service's ClusterIP is counted as the client addressed it (the node's DNAT comes after TC),
+ * and its SYN+ACK, seen here before the DNAT is undone, names the backend it reached. User space
+ * reads it for the zone of such connections (exporter/collectors/flows.py). LRU: the oldest
+ * connections go first; 65536 covers the connections a busy node opens in a scrape interval. */
+struct client_end {
+    u8 family;
+    u8 pad;
+    u16 port;
+    u8 addr[16];
+};
+struct answering_server {
+    u8 addr[16];
+    u16 port;
+    u16 pad;
+};
+BPF_TABLE("lru_hash", struct client_end, struct answering_server, answering_servers, 65536);
+
+static __always_inline void remember_answering_server(const struct packet *pkt)
+{
+    struct client_end client = {};
+    client.family = pkt->family;
+    client.port = pkt->dport;
+    __builtin_memcpy(client.addr, pkt->daddr, 16);
+    struct answering_server server = {};
+    __builtin_memcpy(server.addr, pkt->saddr, 16);
+    server.port = pkt->sport;
+    answering_servers.update(&client, &server);
+}
+#endif
+
 /* index = family_index * 4 + protocol_index (tcp, udp, icmp, other); handshake bits ignored */
 BPF_PERCPU_ARRAY(flow_overflow, struct flow_value, 8);
 

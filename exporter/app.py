@@ -321,15 +321,17 @@ class Exporter:
             log.info(f"counting once per {'cluster' if once else 'node'}",
                      extra={"because": why})
         if classifier.wanted(config):
+            flow_labels = labels.of("flows") if config.collectors.flows else None
+            servers = flow_labels is not None and flow_labels.wants_server_zones
             program = self._program("classifier", "classifier.c",
-                                    classifier.cflags(config, once))
+                                    classifier.cflags(config, once, servers))
             ingress, egress = classifier.load(program, config)
             if once:
                 self._count_once(program)
             reporters.append(classifier.ClassifierCounters(program).report)
-            if config.collectors.flows:
-                collectors.append(FlowsCollector(KernelFlowSource(program), labels.of("flows"),
-                                                 ports, *series))
+            if flow_labels is not None:
+                collectors.append(FlowsCollector(KernelFlowSource(program, servers),
+                                                 flow_labels, ports, *series))
             if self.external:
                 self.external.read_from(program)
                 reporters.append(self.external.report)

@@ -27,13 +27,18 @@ PARSE_ERROR_PROTOCOLS = ["ip", "dns", "http", "http2"]
 PARSERS = {"dns": 0, "http": 1, "http2": 2}
 
 
-def cflags(config: Config, once_per_cluster: bool = False) -> list[str]:
+def cflags(config: Config, once_per_cluster: bool = False,
+           answering_servers: bool = False) -> list[str]:
+    """answering_servers: remember the server that answered each SYN (the flow metrics carry
+    dst_zone)."""
     flags = [*(oncepercluster.cflags(config) if once_per_cluster else []),
              f"-DFLOW_CAPACITY={config.maps.flow_capacity}",
              f"-DDNS_PENDING_CAPACITY={config.maps.dns_pending_capacity}",
              f"-DDNS_EVENT_CAPACITY={config.maps.dns_event_capacity}"]
     if config.collectors.flows:
         flags.append("-DWITH_FLOWS")
+        if answering_servers:
+            flags.append("-DWITH_ANSWERING_SERVERS")
     if config.collectors.dns:
         ports = "||".join(f"(p)=={port}" for port in config.dns.ports)
         flags += ["-DWITH_DNS", f"-DDNS_PORT(p)=({ports})"]

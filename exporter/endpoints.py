@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +33,7 @@ NO_PORT = ""
 FOLDED_CODE = -1
 NO_PORT_CODE = -2
 OVERFLOW = "overflow"
+VIA = ">"       # joins a ClusterIP and the backend that answered (EndpointLabels.via_server)
 
 # learned server endpoints are kept this long after last seen
 SERVER_MEMORY_SECONDS = 3600.0
@@ -356,10 +358,33 @@ class EndpointLabels:
         name = self.external.label(client, address, self._since)
         return (*values[:index], name, *values[index + 1:])
 
+    @property
+    def wants_server_zones(self) -> bool:
+        """Whether the destination's zone is a label, so that a connection to a ClusterIP
+        needs the zone of the backend that answered it (zoneless_service, via_server)."""
+        return self.resolver is not None and "zone" in self.names["dst"]
+
+    def zoneless_service(self, address: str) -> bool:
+        """Whether `address` is a Service's ClusterIP whose backends span zones."""
+        if self.resolver is None:
+            return False
+        identity = self.resolver.resolve(address)
+        return bool(identity.service and not identity.pod and not identity.zone
+                    and identity.workload_kind != "Node")
+
+    @staticmethod
+    def via_server(service: str, server: str) -> str:
+        """The end of a connection to the ClusterIP `service` that the backend `server`
+        answered: labelled as `service` with `server`'s zone."""
+        return f"{service}{VIA}{server}"
+
     def _address_values(self, side: str, address: str) -> tuple[str, ...]:
         """Values but the port; an outside end's dns_name is None, filled in by pair()."""
         names = self.names[side]
+        address, _, server = address.partition(VIA)
         raw = self.resolver.resolve(address) if self.resolver else None
+        if raw is not None and server:
+            raw = replace(raw, zone=self.resolver.resolve(server).zone)  # type: ignore[union-attr]
         identity = self.policy.apply(raw) if raw is not None else None
         values: list = []
         for name in names:

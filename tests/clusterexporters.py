@@ -73,6 +73,17 @@ class ClusterExporters:
 
     cluster: TestCluster
     processes: list[ExporterProcess]
+    apis: list[KubeAPI]             # each node's API server, in node order
+
+    def create(self, kind: str, obj: dict[str, Any]) -> None:
+        """One more object in every node's API server; returns once every exporter has it."""
+        counts = [scrape.value("ebpf_net_exporter_k8s_objects", kind=kind)
+                  for scrape in self.scrapes()]
+        for api in self.apis:
+            api.create(kind, obj)
+        self.wait_for(lambda scrapes: all(
+            scrape.value("ebpf_net_exporter_k8s_objects", kind=kind) > count
+            for scrape, count in zip(scrapes, counts, strict=True)), f"the new {kind}")
 
     def scrapes(self) -> list[Scrape]:
         return [process.scrape() for process in self.processes]
@@ -105,9 +116,10 @@ def cluster_exporters(cluster: TestCluster, config: dict[str, Any] | None = None
     """Started and ready, with both nodes' addresses in their cluster maps; stopped (exit
     code 0 asserted) on leaving. `hosts`: each exporter's listen address (127.0.0.1)."""
     with contextlib.ExitStack() as stack:
-        processes = []
+        processes, apis = [], []
         for index, node in enumerate(cluster.nodes):
             api = stack.enter_context(KubeAPI(netns=node.ns))
+            apis.append(api)
             register(api, cluster)
             process = ExporterProcess(
                 node, ["--kubeconfig", str(api.kubeconfig), "--node-name", node.name],
@@ -125,7 +137,7 @@ def cluster_exporters(cluster: TestCluster, config: dict[str, Any] | None = None
                                   owner="exporter_node") == ADDRESSES_PER_NODE
                 and s.value("ebpf_net_exporter_cluster_addresses", owner="local")
                 == ADDRESSES_PER_NODE, "both nodes' addresses in the cluster map")
-        yield ClusterExporters(cluster, processes)
+        yield ClusterExporters(cluster, processes, apis)
 
 
 def stopped(process: ExporterProcess) -> None:

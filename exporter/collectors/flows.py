@@ -16,6 +16,7 @@ from ..endpoints import (
     OVERFLOW,
     EndpointLabels,
     PortFolder,
+    address_text,
     distinct_addresses,
     family_name,
     grouped,
@@ -41,6 +42,13 @@ PACKETS_MASK = np.uint64((1 << HANDSHAKE_SHIFT) - 1)
 RECENT_FLOW = np.dtype([("key", FLOW_KEY), ("bytes", "<u8"), ("packets_handshake", "<u8"),
                         ("generation", "<u4"), ("pad", "<u4")])
 RECENT_WAYS = 2         # recent_flows slots per generation parity: index parity * 2 + way
+# struct client_end and struct answering_server (bpf/flows.h, answering_servers)
+CLIENT_END = np.dtype({"names": ["family", "port", "addr"],
+                       "formats": ["u1", "<u2", ("u1", 16)], "offsets": [0, 2, 4],
+                       "itemsize": 20})
+ANSWERING_SERVER = np.dtype({"names": ["addr", "port"], "formats": [("u1", 16), "<u2"],
+                             "offsets": [0, 16], "itemsize": 20})
+TCP = 6
 # a drain's flows, summed over CPUs
 FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets", "<u8"), ("handshake", "<u8")])
 FLOW_SAW_SYN = 1        # the sender is the client
@@ -71,9 +79,12 @@ class KernelFlowSource:
     pass, and each CPU's recent_flows slots of that generation, which hold the counts of the
     two flows the CPU counted last."""
 
-    def __init__(self, program: object) -> None:
+    def __init__(self, program: object, answering_servers: bool = False) -> None:
         table = program.table  # type: ignore[attr-defined]
         self.generation = Generation(table("flow_generation"), counting=True)
+        self.servers = BatchMap("answering_servers", table("answering_servers"), CLIENT_END,
+                                ANSWERING_SERVER, per_cpu=False) if answering_servers else None
+        self.servers_held = 0       # entries at its last read (read only when needed)
         self.flows = [BatchMap("flows", table(f"flows_{parity}"), FLOW_KEY,
                                KERNEL_FLOW_VALUE, per_cpu=True) for parity in (0, 1)]
         self.recent = BatchMap("recent_flows", table("recent_flows"), np.dtype("<u4"),
@@ -106,6 +117,19 @@ class KernelFlowSource:
         overflow = self.overflow.read_deltas()
         overflow[:, 1] &= PACKETS_MASK
         return FlowBatch(keys, values, overflow, len(drained.raw_keys), old.capacity)
+
+    def answering_servers(self) -> dict[bytes, bytes]:
+        """The server that answered each client's SYN: the client's end (struct client_end,
+        as bytes) -> the server's 16-byte address."""
+        if self.servers is None:
+            return {}
+        snapshot = self.servers.read()
+        self.servers_held = len(snapshot.raw_keys)
+        raw = snapshot.raw_keys.tobytes()
+        size = CLIENT_END.itemsize
+        addresses = snapshot.values["addr"]
+        return {raw[i * size:(i + 1) * size]: addresses[i].tobytes()
+                for i in range(len(snapshot.raw_keys))}
 
     def _recent(self, generation: int) -> np.ndarray:
         """The CPUs' recent_flows slots that counted in `generation`: no program writes them
@@ -191,6 +215,10 @@ class FlowsCollector:
                                  (packet_count for _, packet_count in deltas.values()))
 
         self.stats.record_map("flows", batch.entries, batch.capacity)
+        servers = getattr(self.source, "servers", None)
+        if servers is not None:
+            self.stats.record_map("answering_servers", self.source.servers_held,  # type: ignore[attr-defined]
+                                  servers.capacity)
 
     def _fold_flows(self, keys: np.ndarray, values: np.ndarray,
                     deltas: defaultdict[tuple[str, ...], list[float]]) -> None:
@@ -205,6 +233,8 @@ class FlowsCollector:
         for row in np.flatnonzero(handshake & FLOW_SAW_SYNACK):
             self.ports.learn_server(texts[src[row]], int(sport[row]))
         s_code, d_code = self.ports.fold_codes(texts, src, sport, dst, dport)
+        if self.endpoints.wants_server_zones:
+            dst = self._via_servers(texts, keys, src, dst)
 
         # one group per label set: (src, its port, dst, its port, protocol); the family follows
         # from the addresses. Ports and protocols are replaced by their ranks among the few
@@ -242,6 +272,37 @@ class FlowsCollector:
             delta = deltas[labels]
             delta[0] += byte_count
             delta[1] += packet_count
+
+    def _via_servers(self, texts: list[str], keys: np.ndarray, src: np.ndarray,
+                     dst: np.ndarray) -> np.ndarray:
+        """`dst` with each TCP flow to the ClusterIP of a Service whose backends span zones
+        pointed at a new end in `texts`: the ClusterIP joined with the backend that answered
+        the client (EndpointLabels.via_server), whose zone it takes."""
+        services = [i for i, text in enumerate(texts) if self.endpoints.zoneless_service(text)]
+        if not services:
+            return dst
+        rows = np.flatnonzero(np.isin(dst, services) & (keys["protocol"] == TCP))
+        servers = self.source.answering_servers() if len(rows) else {}  # type: ignore[attr-defined]
+        if not servers:
+            return dst
+        ends = np.zeros(len(rows), dtype=CLIENT_END)
+        ends["family"], ends["port"] = keys["family"][rows], keys["sport"][rows]
+        ends["addr"] = keys["saddr"][rows]
+        raw, size = ends.tobytes(), CLIENT_END.itemsize
+        dst = dst.copy()
+        joined: dict[str, int] = {}
+        for i, row in enumerate(rows.tolist()):
+            server = servers.get(raw[i * size:(i + 1) * size])
+            if server is None:
+                continue
+            text = self.endpoints.via_server(texts[dst[row]],
+                                             address_text(int(keys["family"][row]), server))
+            index = joined.get(text)
+            if index is None:
+                index = joined[text] = len(texts)
+                texts.append(text)
+            dst[row] = index
+        return dst
 
     def _families(self) -> list[StoreFamily]:
         return [

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests import monitoring
+from tests import kubeapi, monitoring
 from tests.clusterexporters import (
     DAEMONSET,
     DNS_VIP,
@@ -91,6 +91,12 @@ def stack(cluster: TestCluster) -> Iterator[Stack]:
                             window=RULE_WINDOW)
     set_threshold(rules[0], CROSS_ZONE_ALERT, CROSS_ZONE_THRESHOLD)
     with cluster_exporters(cluster, hosts=hosts) as exporters:
+        # a second pod of web, scheduled on node 1 and waiting for its address: the Service
+        # web has backends in both zones now, and the zone of a connection to its ClusterIP
+        # is that of the backend that answered it
+        exporters.create("pods", kubeapi.pod("shop", "web-1", [], owner=("StatefulSet", "web"),
+                                             node=cluster.nodes[0].name, labels={"app": "web"},
+                                             phase="Pending", ready=False))
         targets = [f"{p.host}:{p.port}" for p in exporters.processes]
         prometheus = Prometheus(cluster, cluster.nodes[0].ns, JOB, targets,
                                 rules).wait_ready()
@@ -294,3 +300,15 @@ def test_the_cross_zone_alert_fires_past_its_threshold_and_not_before(
     (alert,) = ours_active()
     assert alert["labels"]["severity"] == "info"
     assert float(alert["value"]) > CROSS_ZONE_THRESHOLD
+
+
+def test_connections_to_a_service_across_zones_take_their_backends_zone(
+        stack: Stack, traffic: dict[str, Any]) -> None:
+    # the worker (zone a) reached web (zone b) directly and through the ClusterIP of the
+    # Service web, whose backends span both zones: every byte it sent reads web's zone
+    sent = 'sum by (dst_zone) (ebpf_net_flow_bytes_total{src_workload="worker", ' \
+        'dst_workload="web", dst_service="web"})'
+    assert stack.values(sent, "dst_zone").keys() == {(ZONES[1],)}
+    # ... and the requests through the ClusterIP are among them: the 503s come only that way
+    busy = 'sum(ebpf_net_http_requests_total{src_workload="worker", status_code="503"})'
+    assert stack.values(busy) == {(): traffic["statuses"]["503"]}

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter import config
 from exporter.app import EndpointLabelSets
-from exporter.collectors.flows import FlowsCollector
+from exporter.collectors.flows import CLIENT_END, FlowsCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.cluster import EXTERNAL_IDENTITY, ClusterState, Identity
 from exporter.namepolicy import OTHER, Globs, NamePolicy
@@ -242,3 +244,57 @@ def test_readme_worked_example_matches_what_the_controls_do() -> None:
         totals.add(total)
     assert len(totals) == 1, "a control changed the total bytes"
     assert readme_example_table() == computed
+
+
+class AnsweredSource(QueueSource):
+    """Flow batches, and the servers that answered clients' SYNs (bpf/flows.h)."""
+
+    def __init__(self, batches: list, servers: dict[tuple[str, int], str]) -> None:
+        super().__init__(batches, flow_batch([]))
+        self.answers = servers
+
+    def answering_servers(self) -> dict[bytes, bytes]:
+        out = {}
+        for (client, port), server in self.answers.items():
+            end = np.zeros(1, dtype=CLIENT_END)
+            end["family"], end["port"] = 4, port
+            end["addr"][0][:4] = np.frombuffer(socket.inet_aton(client), dtype=np.uint8)
+            out[end.tobytes()] = socket.inet_aton(server) + bytes(12)
+        return out
+
+
+def test_a_connection_to_a_service_across_zones_takes_the_zone_of_its_backend() -> None:
+    state = ClusterState(60)
+    for name, zone in (("node-a", "zone-a"), ("node-b", "zone-b")):
+        state.apply("nodes", "ADDED", kubeapi.node(name, [], zone=zone))
+    for index, node in enumerate(("node-a", "node-b", "node-a")):
+        name = ("cart", "web", "web")[index]
+        state.apply("pods", "ADDED", kubeapi.pod("shop", f"{name}-{index}", [f"10.0.0.{index + 1}"],
+                                                 owner=("StatefulSet", name), node=node,
+                                                 labels={"app": name}))
+    state.apply("services", "ADDED", kubeapi.service("shop", "web", {"app": "web"}, "10.96.0.1"))
+    endpoints = EndpointLabelSets(load(), StateResolver(state)).of("flows")  # type: ignore[arg-type]
+    assert endpoints.wants_server_zones and endpoints.zoneless_service("10.96.0.1")
+    rows = [  # cart (zone a) to the ClusterIP: one connection answered by each web pod, and
+              # one whose SYN+ACK was not seen; a reply straight from a backend
+        {"src": "10.0.0.1", "dst": "10.96.0.1", "sport": 40001, "dport": 80, "bytes": 100,
+         "packets": 1, "handshake": 1},
+        {"src": "10.0.0.1", "dst": "10.96.0.1", "sport": 40002, "dport": 80, "bytes": 200,
+         "packets": 1, "handshake": 1},
+        {"src": "10.0.0.1", "dst": "10.96.0.1", "sport": 40003, "dport": 80, "bytes": 400,
+         "packets": 1, "handshake": 1},
+        {"src": "10.0.0.2", "dst": "10.0.0.1", "sport": 80, "dport": 40001, "bytes": 800,
+         "packets": 1, "handshake": 2},
+    ]
+    source = AnsweredSource([flow_batch(rows)], {("10.0.0.1", 40001): "10.0.0.2",
+                                                ("10.0.0.1", 40002): "10.0.0.3"})
+    collector = FlowsCollector(source, endpoints, PortFolder(32768), KernelStats(), 10000, 300)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    sent = {(s.labels["dst_workload"], s.labels["dst_service"], s.labels["dst_zone"]): s.value
+            for m in registry.collect() if m.name == "ebpf_net_flow_bytes"
+            for s in m.samples if s.name == "ebpf_net_flow_bytes_total"
+            and s.labels["src_workload"] == "cart"}
+    # still named after the Service (its one workload), with the zone of the answering pod
+    assert sent == {("web", "web", "zone-b"): 100, ("web", "web", "zone-a"): 200,
+                    ("web", "web", ""): 400}
