@@ -576,24 +576,37 @@ def build(flat: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> 
         return cls(**kwargs)
 
     config = make(Config, "")
-    _check_together(config)
+    _check_together(config, origins)
     return config
 
 
-def _check_together(config: Config) -> None:
-    """Fields valid alone but not with each other."""
+def _check_together(config: Config, origins: Mapping[str, str]) -> None:
+    """Fields valid alone but not with each other; the error names the field to change."""
+
+    def fail(path: str, problem: str) -> ConfigError:
+        origin = origins.get(path)
+        return ConfigError(f"{path}{f' (from {origin})' if origin else ''}: {problem}")
+
+    def changed(first: str, second: str) -> str:
+        """The one of two fields that was set (not left at its default), else the first."""
+        return second if second in origins and first not in origins else first
+
     if config.labels.external_names and not config.collectors.dns:
-        raise ConfigError("labels.external_names: names come from the DNS answers the dns "
-                          "collector parses; turn collectors.dns on or leave this empty")
+        path = changed("labels.external_names", "collectors.dns")
+        raise fail(path, "labels.external_names names come from the DNS answers the dns "
+                   "collector parses: turn collectors.dns on or leave labels.external_names "
+                   "empty")
     if config.dns.name_min_ttl > config.dns.name_max_ttl:
-        raise ConfigError(f"dns.name_min_ttl ({config.dns.name_min_ttl:g}s) is above "
-                          f"dns.name_max_ttl ({config.dns.name_max_ttl:g}s)")
-    wanted = set(config.labels.endpoint or ()) | {
-        name for sides in config.labels.per_metric.values() for names in sides.values()
-        for name in names or ()}
-    if "dns_name" in wanted and not config.labels.external_names:
-        raise ConfigError("labels: dns_name needs labels.external_names, the globs of names to "
-                          "keep (e.g. [\"*.amazonaws.com\"], or [\"*\"] for every name)")
+        raise fail(changed("dns.name_min_ttl", "dns.name_max_ttl"),
+                   f"dns.name_min_ttl ({config.dns.name_min_ttl:g}s) is above "
+                   f"dns.name_max_ttl ({config.dns.name_max_ttl:g}s)")
+    asking = [("labels.endpoint", config.labels.endpoint or ())] + [
+        ("labels.per_metric", names or ()) for sides in config.labels.per_metric.values()
+        for names in sides.values()]
+    for path, names in asking:
+        if "dns_name" in names and not config.labels.external_names:
+            raise fail(path, "dns_name needs labels.external_names, the globs of names to keep "
+                       "(e.g. [\"*.amazonaws.com\"], or [\"*\"] for every name)")
 
 
 def load(path: str | None, environ: Mapping[str, str], overrides: Mapping[str, Any],

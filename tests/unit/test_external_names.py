@@ -247,9 +247,13 @@ def test_flows_carry_dns_name_of_the_client_that_resolved_the_far_end() -> None:
 def test_dns_name_needs_external_names_and_external_names_need_dns() -> None:
     with pytest.raises(config.ConfigError, match=r"dns_name needs labels\.external_names"):
         load(endpoint=["ip", "dns_name"])
-    with pytest.raises(config.ConfigError, match=r"turn collectors\.dns on"):
-        config.build({**config.flatten(config.default_document(), "defaults"),
-                      "labels.external_names": ["*"], "collectors.dns": False})
-    with pytest.raises(config.ConfigError, match="name_min_ttl"):
-        config.build({**config.flatten(config.default_document(), "defaults"),
-                      "dns.name_min_ttl": "2h"})
+    # the error names the field that was set
+    with pytest.raises(config.ConfigError, match=r"^labels\.external_names \(from "
+                       r"EBPF_NET_LABELS_EXTERNAL_NAMES\): .*turn collectors\.dns on"):
+        config.load(None, {"EBPF_NET_LABELS_EXTERNAL_NAMES": "*.example.com"},
+                    {"collectors.dns": False})
+    with pytest.raises(config.ConfigError, match=r"^dns\.name_max_ttl \(from flag\): "
+                       r"dns\.name_min_ttl \(60s\) is above dns\.name_max_ttl \(30s\)"):
+        config.load(None, {}, {"dns.name_max_ttl": "30s"})
+    with pytest.raises(config.ConfigError, match=r"^dns\.name_min_ttl \(from flag\)"):
+        config.load(None, {}, {"dns.name_min_ttl": "2h"})
