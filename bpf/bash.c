@@ -18,6 +18,7 @@ struct bash_command {
 
 /* 64 KiB: ~120 commands between two polls (every 100 ms): far more than anyone types. */
 BPF_RINGBUF_OUTPUT(bash_commands, 16);
+LAYOUT_ANCHOR(bash_command);
 /* records the ring buffer had no room for */
 BPF_PERCPU_ARRAY(map_update_failures, u64, 1);
 

@@ -13,6 +13,16 @@
 
 #include <uapi/linux/bpf.h>
 
+/* A ring buffer's record type is not a map's key or value, so the BTF that the kernel keeps
+ * for the maps leaves it out. With -DLAYOUT_ANCHORS (tests/kernel/test_map_layouts.py only) a
+ * one-entry array of it puts it there, for the test that proves the record's numpy dtype
+ * equal to it. */
+#ifdef LAYOUT_ANCHORS
+#define LAYOUT_ANCHOR(record) BPF_ARRAY(layout_##record, struct record, 1)
+#else
+#define LAYOUT_ANCHOR(record)
+#endif
+
 /* Histograms keep one slot per power of two of microseconds: slot i counts values v with
  * 2^(i-1) < v <= 2^i (slot 0 takes v <= 1), so its Prometheus bucket is exactly le = 2^i us.
  * Slot HIST_INF_SLOT takes values past 2^(HIST_INF_SLOT-1) us (33.5 s) and feeds only +Inf.

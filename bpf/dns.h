@@ -150,6 +150,7 @@ struct dns_answer_record {
     u8 message[DNS_ANSWER_CAPTURE];
 };
 BPF_RINGBUF_OUTPUT(dns_answers, DNS_ANSWER_PAGES);
+LAYOUT_ANCHOR(dns_answer_record);
 
 /* Copies the response in [off, end) of the packet, `message_len` bytes long in all (more than
  * end - off when a TCP message continues in later segments), for user space. */

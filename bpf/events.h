@@ -38,5 +38,6 @@ struct live_event {
 
 /* 256 KiB: ~1200 records between two polls of the live view (every 100 ms) */
 BPF_RINGBUF_OUTPUT(live_events, 64);
+LAYOUT_ANCHOR(live_event);
 
 #endif

@@ -111,6 +111,7 @@ struct h2_src {
 #endif
 BPF_PERCPU_ARRAY(h2_walks, struct h2_walk, 1);
 BPF_RINGBUF_OUTPUT(h2_records, H2_RING_PAGES);
+LAYOUT_ANCHOR(h2_record);
 
 /* v & mask, with the mask kept: the verifier wants bounds in the register that indexes or
  * sizes a copy, and the compiler drops a mask whose bounds it has proved already */

@@ -1,6 +1,6 @@
 """The bpf(2) system call for the few commands bcc's Python bindings do not wrap
-(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx and uprobe_multi links), and
-probes of the kernel's BPF atomics and tcx links."""
+(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx and uprobe_multi links, a map's
+BTF), and probes of the kernel's BPF atomics and tcx links."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import platform
 SYSCALL_NUMBER = {"x86_64": 321, "aarch64": 280}
 PROG_LOAD = 5
 PROG_TEST_RUN = 10
+OBJ_GET_INFO_BY_FD = 15
+BTF_GET_FD_BY_ID = 19
 LINK_CREATE = 28
 ENABLE_STATS = 32
 PROG_TYPE_SOCKET_FILTER = 1
@@ -194,3 +196,53 @@ def has_atomics() -> bool:
         return False
     os.close(fd)
     return True
+
+
+class InfoByFdAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class MapInfo(ctypes.Structure):
+    """struct bpf_map_info, up to the BTF type ids."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("netns_dev", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
+                ("btf_id", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32)]
+
+
+class BtfInfo(ctypes.Structure):
+    """struct bpf_btf_info."""
+    _fields_ = [("btf", ctypes.c_uint64), ("btf_size", ctypes.c_uint32),
+                ("id", ctypes.c_uint32), ("name", ctypes.c_uint64),
+                ("name_len", ctypes.c_uint32), ("kernel_btf", ctypes.c_uint32)]
+
+
+def _info(fd: int, info: ctypes.Structure, what: str) -> None:
+    attr = InfoByFdAttr(fd, ctypes.sizeof(info), ctypes.addressof(info))
+    bpf(OBJ_GET_INFO_BY_FD, attr, what)
+
+
+def map_info(map_fd: int) -> MapInfo:
+    info = MapInfo()
+    _info(map_fd, info, "map info")
+    return info
+
+
+def btf_data(btf_id: int) -> bytes:
+    """The raw BTF (header, types, strings) of the kernel's BTF object `btf_id`: a program's
+    own, which its maps' key and value type ids refer to."""
+    fd = bpf(BTF_GET_FD_BY_ID, ctypes.c_uint32(btf_id), "open BTF by id")
+    try:
+        info = BtfInfo()
+        _info(fd, info, "BTF info")          # the size first
+        data = ctypes.create_string_buffer(info.btf_size)
+        info = BtfInfo(btf=ctypes.addressof(data), btf_size=len(data))
+        _info(fd, info, "BTF info")
+        return data.raw[:info.btf_size]
+    finally:
+        os.close(fd)

@@ -122,14 +122,18 @@ class Btf:
 
     def find(self, kind: int, name: str) -> BtfType:
         """The first type of this kind and name (structs, unions and enums)."""
+        found = self.type(self.find_id(kind, name))
+        assert found is not None
+        return found
+
+    def find_id(self, kind: int, name: str) -> int:
+        """The id of the first type of this kind and name (structs, unions and enums)."""
         wanted = b"\0" + name.encode() + b"\0"
         at = self._strings.find(wanted)
         while at >= 0:
             type_id = self._named.get((kind, at + 1))
             if type_id is not None:
-                found = self.type(type_id)
-                assert found is not None
-                return found
+                return type_id
             at = self._strings.find(wanted, at + 1)
         raise BtfError(f"BTF has no {name}")
 
@@ -151,7 +155,7 @@ class Btf:
             bits += found[0]
             type_id = found[1]
             walked += "." + part
-            inner = self._resolve(type_id)
+            inner = self.resolve(type_id)
             if inner.kind in (KIND_STRUCT, KIND_UNION):
                 composite = inner
             elif part != path.split(".")[-1]:
@@ -174,7 +178,7 @@ class Btf:
                     return m.bit_offset + found[0], found[1], found[2]
         return None
 
-    def _resolve(self, type_id: int) -> BtfType:
+    def resolve(self, type_id: int) -> BtfType:
         """The type behind typedefs and qualifiers."""
         for _ in range(32):
             found = self.type(type_id)
@@ -187,7 +191,7 @@ class Btf:
 
     def size(self, type_id: int) -> int:
         """Bytes of a type: what a read of a member of that type has to take."""
-        found = self._resolve(type_id)
+        found = self.resolve(type_id)
         if found.kind in _SIZED:
             return found.size_or_type
         if found.kind == KIND_PTR:

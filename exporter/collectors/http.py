@@ -51,9 +51,11 @@ CONN_KEY = np.dtype({
     "itemsize": 40,
 })
 CONN = np.dtype({
-    "names": ["requested_ns", "method", "requested", "answered", "pipelined", "last_seen_ns"],
-    "formats": [("<u8", PIPELINE), ("u1", PIPELINE), "<u4", "<u4", "<u4", "<u8"],
-    "offsets": [0, 64, 72, 76, 80, 96],
+    "names": ["requested_ns", "method", "requested", "answered", "pipelined", "seen",
+              "client_seq_end", "server_seq_end", "last_seen_ns"],
+    "formats": [("<u8", PIPELINE), ("u1", PIPELINE), "<u4", "<u4", "<u4", "<u4", "<u4", "<u4",
+                "<u8"],
+    "offsets": [0, 64, 72, 76, 80, 84, 88, 92, 96],
     "itemsize": 104,
 })
 CONN_PATHS = np.dtype({"names": [*CONN.names, "path"],
