@@ -12,23 +12,13 @@
 #include <uapi/linux/pkt_cls.h>
 #include "common.h"
 
-/* Indexes of map_update_failures (named in exporter/classifier.py). */
-#define FAILURE_FLOWS 0
-#define FAILURE_DNS_EVENTS 1
-#define FAILURE_DNS_PENDING 2
-#define FAILURE_HTTP_EVENTS 3
-#define FAILURE_HTTP_CONNS 4
-#define FAILURE_H2_RECORDS 5
-#define FAILURE_DNS_ANSWERS 6
-#define FAILURE_COUNT 7
+/* The slots of map_update_failures (FAILURE_FLOWS, ...), of parse_errors (PARSE_ERROR_IP, ...)
+ * and of the parsers array (PARSER_DNS, ...), and FLOW_HANDSHAKE_SHIFT, come from
+ * exporter/classifier.py as -D flags: one list, which also labels what user space reads. */
+#if !defined(FAILURE_COUNT) || !defined(PARSE_ERROR_COUNT) || !defined(PARSER_COUNT)
+#error "compile with exporter/classifier.py's flags (constant_flags)"
+#endif
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
-
-/* Indexes of parse_errors (named in exporter/classifier.py). */
-#define PARSE_ERROR_IP 0
-#define PARSE_ERROR_DNS 1
-#define PARSE_ERROR_HTTP 2
-#define PARSE_ERROR_HTTP2 3
-#define PARSE_ERROR_COUNT 4
 BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
 
 /* Each collector drains its own maps under its own generation (see common.h): one that two
@@ -99,11 +89,8 @@ static __always_inline int monitored(u32 ifindex, u32 *flags)
 #include "http_packets.h"
 #endif
 
-/* indexes of parsers, filled by user space with the parse_* programs */
-#define PARSER_DNS 0
-#define PARSER_HTTP 1
-#define PARSER_HTTP2 2
-BPF_PROG_ARRAY(parsers, 3);
+/* filled by user space with the parse_* programs, at PARSER_DNS, PARSER_HTTP, PARSER_HTTP2 */
+BPF_PROG_ARRAY(parsers, PARSER_COUNT);
 BPF_PERCPU_ARRAY(packet_scratch, struct packet, 1);
 
 static __always_inline int classify(struct __sk_buff *skb, int egress)

@@ -27,7 +27,11 @@ struct flow_value {
 /* bits of byte 13 of the TCP header */
 #define TCPHDR_SYN 0x02
 #define TCPHDR_ACK 0x10
-#define FLOW_HANDSHAKE_SHIFT 62
+/* FLOW_HANDSHAKE_SHIFT: where FLOW_SAW_* sit in packets_handshake, from exporter/classifier.py
+ * (HANDSHAKE_SHIFT of exporter/collectors/flows.py, which reads them) */
+#ifndef FLOW_HANDSHAKE_SHIFT
+#error "compile with exporter/classifier.py's flags (constant_flags)"
+#endif
 /* a SYN without ACK: the sender is the client; a SYN+ACK: the sender is the server */
 #define FLOW_SAW_SYN (1ULL << FLOW_HANDSHAKE_SHIFT)
 #define FLOW_SAW_SYNACK (2ULL << FLOW_HANDSHAKE_SHIFT)

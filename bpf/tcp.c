@@ -89,10 +89,11 @@ enum ebpf_net_sk_rst_reason { EBPF_NET_SK_RST_REASON_ANY };
 #define METRIC_RTT 5
 #define METRIC_COUNT 6
 
-/* Indexes of map_update_failures. */
-#define FAILURE_EVENTS 0
-#define FAILURE_SOCKETS 1
-#define FAILURE_COUNT 2
+/* The slots of map_update_failures (FAILURE_EVENTS, FAILURE_SOCKETS) come from
+ * exporter/collectors/tcp.py as -D flags (exporter/app.py, tcp_program_flags). */
+#ifndef FAILURE_COUNT
+#error "compile with exporter/app.py's flags (tcp_program_flags)"
+#endif
 
 /* Open sockets tracked at once. Entries are allocated on demand (no prealloc); 131072 covers
  * busy nodes. A socket that does not fit is counted in map_update_failures: its open is still

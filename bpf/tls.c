@@ -29,17 +29,14 @@
 #include <uapi/linux/ptrace.h>
 #include "common.h"
 
-/* Indexes of map_update_failures (named in exporter/tlsprobes.py). */
-#define FAILURE_HTTP_EVENTS 0
-#define FAILURE_HTTP_CONNS 1
-#define FAILURE_TLS_CALLS 2
-#define FAILURE_H2_RECORDS 3
-#define FAILURE_COUNT 4
+/* The slots of map_update_failures (FAILURE_HTTP_EVENTS, ...) and parse_errors
+ * (PARSE_ERROR_HTTP, ...) come from exporter/tlsprobes.py as -D flags: one list, which also
+ * labels what user space reads. */
+#if !defined(FAILURE_COUNT) || !defined(PARSE_ERROR_COUNT)
+#error "compile with exporter/tlsprobes.py's flags (program_flags)"
+#endif
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
-
-#define PARSE_ERROR_HTTP 0
-#define PARSE_ERROR_HTTP2 1
-BPF_PERCPU_ARRAY(parse_errors, u64, 2);
+BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
 
 #include "counters.h"
 #include "sock.h"

@@ -31,6 +31,7 @@ from . import (
 )
 from .clustermap import KernelClusterMap
 from .collectors import drops
+from .collectors import tcp as tcp_collector
 from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
@@ -52,7 +53,7 @@ from .http2source import GrpcCounts, Http2Source
 from .httpnames import GrpcMethodLabel, PathLabel
 from .interfaces import Attacher, InterfaceMonitor, NameFilter, TcAttacher
 from .kubeauth import KubernetesAuth
-from .loader import LoadError, Program
+from .loader import LoadError, Program, index_flags
 from .namepolicy import Globs, NamePolicy
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
@@ -119,7 +120,8 @@ def mark_groups(socket_capacity: int) -> int:
 
 def tcp_program_flags(config: Config) -> list[str]:
     flags = [f"-DEVENT_CAPACITY={config.maps.tcp_event_capacity}",
-             f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}"]
+             f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}",
+             *index_flags("FAILURE", [name for name, _ in tcp_collector.FAILURES])]
     try:
         flags += sockfields.program_flags()
     except sockfields.SockFieldsError as e:

@@ -11,20 +11,31 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from . import oncepercluster
+from .collectors.flows import HANDSHAKE_SHIFT
 from .config import Config
 from .iface_slots import InterfaceSlots
 from .interfaces import Attacher, InterfaceMonitor, Link, NameFilter
-from .loader import Program
+from .loader import Program, index_flags
 from .maps import CounterArray
 from .oncepercluster import ClusterCounting
 from .selfmetrics import KernelStats
 
-# indexes of map_update_failures and parse_errors in bpf/classifier.c
-FAILURE_MAPS = ["flows", "dns_events", "dns_pending", "http_events", "http_conns",
-                "http2_records", "dns_answers"]
+# the slots of map_update_failures (C name, the map's name in the self-metrics), of
+# parse_errors and of the parsers tail-call array in bpf/classifier.c, given to it as -D flags
+FAILURES = (("FLOWS", "flows"), ("DNS_EVENTS", "dns_events"), ("DNS_PENDING", "dns_pending"),
+            ("HTTP_EVENTS", "http_events"), ("HTTP_CONNS", "http_conns"),
+            ("H2_RECORDS", "http2_records"), ("DNS_ANSWERS", "dns_answers"))
+FAILURE_MAPS = [label for _, label in FAILURES]
 PARSE_ERROR_PROTOCOLS = ["ip", "dns", "http", "http2"]
-# indexes of the parsers tail-call array
-PARSERS = {"dns": 0, "http": 1, "http2": 2}
+PARSERS = {name: index for index, name in enumerate(("dns", "http", "http2"))}
+
+
+def constant_flags() -> list[str]:
+    """The indexes above, and the flow value's handshake bits, as bpf/classifier.c takes them."""
+    return [*index_flags("FAILURE", [name for name, _ in FAILURES]),
+            *index_flags("PARSE_ERROR", [p.upper() for p in PARSE_ERROR_PROTOCOLS]),
+            *index_flags("PARSER", [p.upper() for p in PARSERS]),
+            f"-DFLOW_HANDSHAKE_SHIFT={HANDSHAKE_SHIFT}"]
 
 
 def cflags(config: Config, once_per_cluster: bool = False,
@@ -34,7 +45,7 @@ def cflags(config: Config, once_per_cluster: bool = False,
     flags = [*(oncepercluster.cflags(config) if once_per_cluster else []),
              f"-DFLOW_CAPACITY={config.maps.flow_capacity}",
              f"-DDNS_PENDING_CAPACITY={config.maps.dns_pending_capacity}",
-             f"-DDNS_EVENT_CAPACITY={config.maps.dns_event_capacity}"]
+             f"-DDNS_EVENT_CAPACITY={config.maps.dns_event_capacity}", *constant_flags()]
     if config.collectors.flows:
         flags.append("-DWITH_FLOWS")
         if answering_servers:

@@ -31,6 +31,14 @@ class LoadError(Exception):
     """A BPF program did not compile or the kernel refused it."""
 
 
+def index_flags(prefix: str, names: Sequence[str]) -> list[str]:
+    """-D flags numbering `names` for C: PREFIX_NAME=i for each, and PREFIX_COUNT. The lists
+    that name the slots of an array map (failures, parse errors, tail calls) are written once,
+    in Python, which labels the counts it reads by them."""
+    return [*(f"-D{prefix}_{name}={index}" for index, name in enumerate(names)),
+            f"-D{prefix}_COUNT={len(names)}"]
+
+
 def bpf_dir() -> Path:
     """Where the C sources are: EBPF_NET_BPF_DIR, else bpf/ next to the package."""
     override = os.environ.get("EBPF_NET_BPF_DIR")

@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import Metric
 
 from . import bpfsys, logs, oncepercluster, privileges, sockfields
 from .config import Config
-from .loader import Program
+from .loader import Program, index_flags
 from .maps import CounterArray
 from .selfmetrics import KernelStats
 from .tlslibs import FileId, FileScan, MappedFile
@@ -46,8 +46,12 @@ PROBES = (
     ("SSL_accept", "ssl_handshake_entry", "ssl_handshake_return", False),
     ("SSL_free", "ssl_free_entry", None, False),
 )
-# indexes of map_update_failures and parse_errors in bpf/tls.c
-FAILURE_MAPS = ["https_events", "https_conns", "tls_calls", "https_http2_records"]
+# the slots of map_update_failures (C name, the map's name in the self-metrics) and of
+# parse_errors (C name, the protocol label) in bpf/tls.c, given to it as -D flags
+FAILURES = (("HTTP_EVENTS", "https_events"), ("HTTP_CONNS", "https_conns"),
+            ("TLS_CALLS", "tls_calls"), ("H2_RECORDS", "https_http2_records"))
+FAILURE_MAPS = [label for _, label in FAILURES]
+PARSE_ERRORS = (("HTTP", "https"), ("HTTP2", "http2"))
 # bcc refuses more than 1000 probes per process unless told otherwise: 15 per file, so some
 # 66 files (images with their own libssl) would reach it
 PROBE_LIMIT = "100000"
@@ -59,7 +63,9 @@ class AttachError(Exception):
 
 def program_flags(config: Config, once_per_cluster: bool) -> list[str]:
     """-D flags of bpf/tls.c; SockFieldsError when the socket fields cannot be located."""
-    flags = [*sockfields.program_flags(),
+    flags = [*index_flags("FAILURE", [name for name, _ in FAILURES]),
+             *index_flags("PARSE_ERROR", [name for name, _ in PARSE_ERRORS]),
+             *sockfields.program_flags(),
              f"-DHTTP_CONN_CAPACITY={config.maps.http_conn_capacity}",
              f"-DHTTP_EVENT_CAPACITY={config.maps.http_event_capacity}"]
     if config.http.paths:
@@ -288,8 +294,8 @@ class TlsWatch:
         self.metrics.update(attached, failures, unbound, sides)
         for index, name in enumerate(FAILURE_MAPS):
             stats.add_failures(name, float(map_failures[index]))
-        stats.add_parse_errors("https", float(parse_errors[0]))
-        stats.add_parse_errors("http2", float(parse_errors[1]))
+        for index, (_, protocol) in enumerate(PARSE_ERRORS):
+            stats.add_parse_errors(protocol, float(parse_errors[index]))
 
 
 class HttpsMetrics:

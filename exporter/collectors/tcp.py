@@ -44,7 +44,10 @@ OPENED, CLOSED, CONNECT_FAILURES, RETRANSMITS, RESETS, RTT = range(6)
 METRIC_COUNT = 6
 CONNECT_FAILURE_REASONS = ["refused", "timeout", "aborted"]
 RESET_DIRECTIONS = ["sent", "received"]
-FAILURE_MAPS = ["tcp_events", "tcp_sockets"]
+# the slots of map_update_failures in bpf/tcp.c (C name, the map's name in the self-metrics),
+# given to it as -D flags
+FAILURES = (("EVENTS", "tcp_events"), ("SOCKETS", "tcp_sockets"))
+FAILURE_MAPS = [label for _, label in FAILURES]
 MARK_WAYS = 4           # marks per group of socket_marks (bpf/tcp.c)
 
 
