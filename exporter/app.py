@@ -6,8 +6,6 @@ from __future__ import annotations
 import platform
 import socket
 import threading
-from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -17,7 +15,6 @@ from prometheus_client.process_collector import ProcessCollector
 
 from . import (
     __version__,
-    bpfsys,
     classifier,
     environment,
     jiffies,
@@ -31,7 +28,6 @@ from . import (
 )
 from .clustermap import KernelClusterMap
 from .collectors import drops
-from .collectors import tcp as tcp_collector
 from .collectors.base import PairCollector
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
@@ -42,22 +38,28 @@ from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config, field_paths
 from .dnsnames import QueryLabel
 from .endpoints import (
-    KUBERNETES_LABELS,
     EndpointLabels,
-    ExternalNamer,
     PortFolder,
     read_ephemeral_floor,
 )
+from .errors import StartupError
 from .externalnames import ExternalNames, NameTable
 from .http2source import GrpcCounts, Http2Source
 from .httpnames import GrpcMethodLabel, PathLabel
-from .interfaces import Attacher, InterfaceMonitor, NameFilter, TcAttacher
+from .interfaces import InterfaceMonitor, NameFilter
 from .kubeauth import KubernetesAuth
-from .loader import LoadError, Program, index_flags
-from .namepolicy import Globs, NamePolicy
+from .labelsets import EndpointLabelSets
+from .loader import LoadError, Program
+from .programs import (
+    PROCESS_TRACEPOINTS,
+    TCP_TRACEPOINTS,
+    TRACEFS_EVENTS,
+    choose_attacher,
+    missing_tracepoints,
+    tcp_program_flags,
+)
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
-from .tcx import TcxAttacher
 from .tlsprobes import TlsWatch
 from .webconfig import WebConfig
 
@@ -66,14 +68,6 @@ if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes 
 
 log = logs.get("main")
 
-TRACEFS_EVENTS = environment.TRACEFS / "events"
-ADDRESS_LABELS = ("ip", "ip_type", "port")
-KUBERNETES_DEFAULT_LABELS = ("namespace", "workload", "workload_kind", "service", "node",
-                             "ip_type", "port")
-TCP_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset",
-                   "tcp/tcp_send_reset", "tcp/tcp_probe")
-# where a server socket's process is known (bpf/tcp.c, -DWITH_PROCESS); Linux >= 6.3
-PROCESS_TRACEPOINTS = ("sock/sock_send_length", "sock/sock_recv_length")
 
 
 def _value(config: Config, path: str) -> Any:
@@ -81,150 +75,6 @@ def _value(config: Config, path: str) -> Any:
     for name in path.split("."):
         value = getattr(value, name)
     return value
-
-
-class StartupError(Exception):
-    """The exporter cannot start; the message is the one line the user sees."""
-
-
-def choose_attacher(mode: str, ingress_fd: int, egress_fd: int,
-                    tcx_attacher: Callable[[int, int], Attacher] = TcxAttacher,
-                    clsact_attacher: Callable[[int, int], Attacher] = TcAttacher,
-                    ) -> Callable[[], Attacher]:
-    """How the classifier goes onto interfaces (interfaces.attach): tcx links where the kernel
-    has them (auto, tcx), else clsact filters. The live view passes its own two kinds."""
-    tcx = bpfsys.has_tcx(ingress_fd)
-    if mode == "tcx" and not tcx:
-        raise StartupError(f"interfaces.attach: tcx needs Linux 6.6 or newer (this kernel is "
-                           f"{platform.release()}); use auto or clsact")
-    if mode == "clsact" or not tcx:
-        log.info("attaching with clsact filters", extra={
-            "reason": "interfaces.attach: clsact" if tcx else "no tcx before Linux 6.6"})
-        return lambda: clsact_attacher(ingress_fd, egress_fd)
-    log.info("attaching with tcx links")
-    return lambda: tcx_attacher(ingress_fd, egress_fd)
-
-
-def _missing_tracepoints(names: tuple[str, ...]) -> list[str]:
-    return [name for name in names if not (TRACEFS_EVENTS / name / "format").is_file()]
-
-
-MAX_MARK_GROUPS = 1 << 18      # 8 MiB of marks, preallocated: past 1M sockets the hash takes over
-
-
-def mark_groups(socket_capacity: int) -> int:
-    """Groups of bpf/tcp.c's socket_marks (4 marks each, a power of two): twice as many marks as
-    tcp_sockets holds entries, rounded up, so that few groups fill before the map would."""
-    return min(max(1, 1 << max(socket_capacity - 1, 0).bit_length() >> 1), MAX_MARK_GROUPS)
-
-
-def tcp_program_flags(config: Config) -> list[str]:
-    flags = [f"-DEVENT_CAPACITY={config.maps.tcp_event_capacity}",
-             f"-DSOCKET_CAPACITY={config.maps.tcp_socket_capacity}",
-             *index_flags("FAILURE", [name for name, _ in tcp_collector.FAILURES])]
-    try:
-        flags += sockfields.program_flags()
-    except sockfields.SockFieldsError as e:
-        log.warning("cannot locate the socket fields RTT is read from: no "
-                    "ebpf_net_tcp_rtt_seconds (the other TCP metrics are unaffected)",
-                    extra={"error": str(e)})
-    else:
-        if not config.tcp.rtt_sample_interval:
-            flags.append(sockfields.CLOSE_ONLY_FLAG)
-        if bpfsys.has_atomics():
-            flags += ["-DWITH_SOCKET_MARKS",
-                      f"-DMARK_GROUPS={mark_groups(config.maps.tcp_socket_capacity)}"]
-        else:
-            log.info("the kernel's BPF has no compare-and-swap (Linux < 5.12): every TCP socket "
-                     "is kept in the socket map, which costs more per connection")
-    # kernels >= 6.10 give tcp_send_reset's addresses as sockaddrs of 28 bytes
-    reset_format = TRACEFS_EVENTS / "tcp/tcp_send_reset/format"
-    if "saddr[28]" in reset_format.read_text():
-        flags.append("-DTCP_SEND_RESET_SOCKADDR")
-    if config.tcp.process_label:
-        flags.append("-DWITH_PROCESS")
-    return flags
-
-
-class EndpointLabelSets:
-    """The endpoint labels of each metric family: labels.endpoint (or its auto choice), per
-    family and side as labels.per_metric says, with the names folded by the allowlists."""
-
-    def __init__(self, config: Config, kubernetes: KubernetesMetadata | None,
-                 external: ExternalNamer | None = None) -> None:
-        settings = config.labels
-        self.resolver = kubernetes
-        self.external = external
-        self.policy = self._policy(config)
-        self.auto = settings.endpoint is None
-        self.default = self._names(settings.endpoint, settings.pod_namespaces)
-        self.per_metric = settings.per_metric
-        self.handed_out: list[EndpointLabels] = []
-
-    @staticmethod
-    def _policy(config: Config) -> NamePolicy:
-        settings = config.labels
-        return NamePolicy(Globs(settings.namespace_allow, settings.namespace_deny),
-                          Globs(settings.workload_allow, settings.workload_deny),
-                          Globs(settings.service_allow, settings.service_deny),
-                          settings.pod_namespaces)
-
-    def reload(self, config: Config) -> set[str]:
-        """New allow/deny globs and pod namespaces for every family, from the next scrape on;
-        returns the settings applied. Label names cannot change without a restart: the pod
-        namespaces are applied only if they keep the `pod` label (chosen by auto) as it is."""
-        applied = {f"labels.{kind}_{way}" for kind in ("namespace", "workload", "service")
-                   for way in ("allow", "deny")}
-        pods_as_before = self._names(config.labels.endpoint,
-                                     config.labels.pod_namespaces) == self.default
-        if pods_as_before:
-            applied.add("labels.pod_namespaces")
-        else:
-            config = replace(config, labels=replace(config.labels,
-                                                    pod_namespaces=self.policy.pod_namespaces))
-        self.policy = self._policy(config)
-        for labels in self.handed_out:
-            labels.set_policy(self.policy)
-        return applied
-
-    def _names(self, names: tuple[str, ...] | None,
-               pod_namespaces: tuple[str, ...] = ()) -> tuple[str, ...]:
-        if names is None:
-            if self.resolver is None:
-                return ADDRESS_LABELS
-            pods = ("pod",) if pod_namespaces else ()
-            return KUBERNETES_DEFAULT_LABELS + pods
-        if self.resolver is None and set(names) & set(KUBERNETES_LABELS):
-            dropped = sorted(set(names) & set(KUBERNETES_LABELS))
-            log.warning("kubernetes labels off: endpoint labels left out",
-                        extra={"labels": ",".join(dropped)})
-            names = tuple(n for n in names if n not in KUBERNETES_LABELS)
-        return names
-
-    def _flow_default(self) -> tuple[str, ...]:
-        """The auto labels of the flow metrics: the default, with zone where the nodes carry
-        zones, and dns_name with external names."""
-        names = self.default
-        has_zones = getattr(self.resolver, "has_zones", None)
-        if has_zones is not None:
-            zones = has_zones()
-            if zones is None:
-                log.warning("zone labels on without knowing whether nodes carry zones",
-                            extra={"labels": "src_zone,dst_zone"})
-            if zones is not False:
-                names += ("zone",)
-        if self.external is not None:
-            names += ("dns_name",)
-        return names
-
-    def of(self, family: str) -> EndpointLabels:
-        sides = self.per_metric.get(family, {})
-        default = self._flow_default() if family == "flows" and self.auto else self.default
-        src, dst = (self._names(sides[side], self.policy.pod_namespaces)
-                    if sides.get(side) is not None else default for side in ("src", "dst"))
-        labels = EndpointLabels(src, dst, self.resolver, self.policy, self.external)
-        self.handed_out.append(labels)
-        return labels
 
 
 class Exporter:
@@ -287,12 +137,12 @@ class Exporter:
         collectors: list[SignalCollector] = []
 
         if config.collectors.tcp:
-            missing = _missing_tracepoints(TCP_TRACEPOINTS)
+            missing = missing_tracepoints(TCP_TRACEPOINTS)
             if missing:
                 raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
                                    "run with --no-collector.tcp")
             process = config.tcp.process_label
-            missing = _missing_tracepoints(PROCESS_TRACEPOINTS) if process else []
+            missing = missing_tracepoints(PROCESS_TRACEPOINTS) if process else []
             if missing:
                 raise StartupError(f"tcp.process_label needs tracepoints {', '.join(missing)} "
                                    "(Linux >= 6.3): turn it off")
@@ -505,7 +355,7 @@ class Exporter:
     def _https(self, once: bool) -> TlsWatch | None:
         """The HTTPS program and the watch that keeps its uprobes on OpenSSL; None, with a
         warning, on a kernel that cannot tie a TLS call to its socket."""
-        missing = _missing_tracepoints(tlsprobes.TRACEPOINTS)
+        missing = missing_tracepoints(tlsprobes.TRACEPOINTS)
         if missing:
             log.warning(f"no HTTPS: the kernel lacks tracepoints {', '.join(missing)} "
                         "(Linux >= 6.3); run with --no-collector.https to silence this")

@@ -16,10 +16,8 @@ from typing import Any, NoReturn
 import yaml
 
 from . import __version__, config, logs, webconfig
+from .cliparse import EXIT_RUNTIME, EXIT_USAGE, OneLineParser
 from .loader import LoadError, bpf_dir, expand_source
-
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
 
 EPILOG = """examples:
   # every interface but lo, on :9814
@@ -71,11 +69,6 @@ FLAG_FIELDS = {
     "pod_namespaces": ("labels.pod_namespaces", "--labels.pod-namespaces"),
     "endpoint_labels": ("labels.endpoint", "--labels.endpoint"),
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
         reread: Callable[[], config.Config] | None = None) -> int:
-    from .app import Exporter, StartupError
+    from .app import Exporter
     from .environment import EnvironmentProblem
+    from .errors import StartupError
 
     log = logs.get("main")
     # What the handlers saw, in plain lists: a handler runs in the main thread between two of

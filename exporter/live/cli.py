@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import config, logs
-from ..cli import EXIT_RUNTIME, EXIT_USAGE, OneLineParser
+from ..cliparse import EXIT_RUNTIME, EXIT_USAGE, OneLineParser
 from .filters import FilterError, LineFilter, parse_host
 from .identity import Identity, IdentityError, make_identity
 from .output import Formatter
@@ -130,8 +130,8 @@ def _writer() -> Any:
 
 def run(cfg: config.Config, line_filter: LineFilter, formatter: Formatter, idle: float,
         interval: float) -> int:
-    from ..app import StartupError
     from ..environment import EnvironmentProblem
+    from ..errors import StartupError
     from ..loader import LoadError
     from .view import LiveView
 

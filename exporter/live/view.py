@@ -17,13 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import classifier, environment, logs, sockfields, tlsprobes
-from ..app import (
-    PROCESS_TRACEPOINTS,
-    TCP_TRACEPOINTS,
-    _missing_tracepoints,
-    choose_attacher,
-    tcp_program_flags,
-)
 from ..cgroups import CgroupNames
 from ..collectors.dns import KernelDnsSource
 from ..collectors.flows import KernelFlowSource
@@ -34,6 +27,13 @@ from ..endpoints import PortFolder, address_text, read_ephemeral_floor
 from ..http2 import RECORD, Http2Tracker
 from ..interfaces import InterfaceMonitor
 from ..loader import Program
+from ..programs import (
+    PROCESS_TRACEPOINTS,
+    TCP_TRACEPOINTS,
+    choose_attacher,
+    missing_tracepoints,
+    tcp_program_flags,
+)
 from ..ringbuf import FixedRecordRing
 from ..tlsprobes import TlsWatch
 from .attach import LiveAttacher, LiveTcxAttacher
@@ -85,9 +85,9 @@ class LiveView:
         packets.bpf[b"live_events"].open_ring_buffer(self._on_record)
         if classifier.http2_wanted(config):
             self._follow_http2(packets, 0)
-        if not _missing_tracepoints(TCP_TRACEPOINTS):
+        if not missing_tracepoints(TCP_TRACEPOINTS):
             # the process of each connection where the kernel gives it
-            process = not _missing_tracepoints(PROCESS_TRACEPOINTS)
+            process = not missing_tracepoints(PROCESS_TRACEPOINTS)
             flags = [f for f in tcp_program_flags(config) if f != "-DWITH_PROCESS"]
             flags += ["-DWITH_EVENTS", *(["-DWITH_PROCESS"] if process else [])]
             tcp = Program("live-tcp", "tcp.c", flags)
@@ -112,7 +112,7 @@ class LiveView:
         config = self.config
         if not config.collectors.https:
             return None
-        missing = _missing_tracepoints(tlsprobes.TRACEPOINTS)
+        missing = missing_tracepoints(tlsprobes.TRACEPOINTS)
         if missing:
             log.warning(f"no HTTPS: the kernel lacks tracepoints {', '.join(missing)}")
             return None

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from exporter import bpfsys, btf, classifier, config, environment, tlsprobes
-from exporter.app import tcp_program_flags
 from exporter.collectors import bash, dns, drops, flows, http, tcp
 from exporter.externalnames import ANSWER_RECORD
 from exporter.http2 import RECORD as H2_RECORD
 from exporter.live.events import LIVE_EVENT
 from exporter.loader import Program
+from exporter.programs import tcp_program_flags
 
 pytestmark = pytest.mark.kernel
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from exporter import bpfsys, config, jiffies
-from exporter.app import tcp_program_flags
 from exporter.loader import Program
+from exporter.programs import tcp_program_flags
 from tests.exporter_process import ExporterProcess, bpf_map_dump, fd_infos
 from tests.kernel.test_tcp import lossy_transfer, pair
 from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections

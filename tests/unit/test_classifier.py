@@ -1,6 +1,6 @@
 import pytest
 
-from exporter import app, bpfsys, classifier, config
+from exporter import bpfsys, classifier, config, errors, programs
 from exporter.interfaces import TcAttacher
 from exporter.live.attach import LiveAttacher, LiveTcxAttacher
 from exporter.tcx import TcxAttacher
@@ -41,11 +41,11 @@ def test_interfaces_attach_picks_tcx_only_where_the_kernel_has_it(monkeypatch, k
     monkeypatch.setattr(bpfsys, "has_tcx", lambda fd: kernel_has_tcx)
     attacher = kinds[0] if tcx else kinds[1]
     monkeypatch.setattr(attacher, "__init__", lambda self, ingress, egress: None)
-    assert type(app.choose_attacher(mode, 3, 4, *kinds)()) is attacher
+    assert type(programs.choose_attacher(mode, 3, 4, *kinds)()) is attacher
 
 
 def test_interfaces_attach_tcx_on_a_kernel_without_it_is_a_start_up_error(monkeypatch):
     monkeypatch.setattr(bpfsys, "has_tcx", lambda fd: False)
-    with pytest.raises(app.StartupError, match=r"interfaces.attach: tcx needs Linux 6.6 or "
+    with pytest.raises(errors.StartupError, match=r"interfaces.attach: tcx needs Linux 6.6 or "
                                                r"newer \(this kernel is .+\); use auto or clsact"):
-        app.choose_attacher("tcx", 3, 4)
+        programs.choose_attacher("tcx", 3, 4)

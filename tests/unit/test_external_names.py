@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter import config
-from exporter.app import EndpointLabelSets
 from exporter.collectors.flows import FlowsCollector
 from exporter.dnsanswers import DnsAnswerError, parse_response, read_name
 from exporter.endpoints import PortFolder
 from exporter.externalnames import ANSWER_RECORD, CAPTURE, ExternalNames, NameLabel, NameTable
+from exporter.labelsets import EndpointLabelSets
 from exporter.selfmetrics import KernelStats
 from tests.dnstools import QTYPE_A, QTYPE_AAAA, encode_name, record, response
 

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter import config
-from exporter.app import EndpointLabelSets
 from exporter.collectors.flows import CLIENT_END, FlowsCollector
 from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.cluster import EXTERNAL_IDENTITY, ClusterState, Identity
+from exporter.labelsets import EndpointLabelSets
 from exporter.namepolicy import OTHER, Globs, NamePolicy
 from exporter.selfmetrics import KernelStats
 from tests import kubeapi

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import app, bpfsys, btf, config, jiffies, sockfields
+from exporter import bpfsys, btf, config, jiffies, programs, sockfields
 from tests.btftools import BtfWriter
 
 
@@ -84,8 +84,9 @@ def _tcp_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval: str) -
     reset = tmp_path / "tcp" / "tcp_send_reset"
     reset.mkdir(parents=True)
     (reset / "format").write_text("\tfield:__u8 saddr[28];\n")
-    monkeypatch.setattr(app, "TRACEFS_EVENTS", tmp_path)
-    return app.tcp_program_flags(config.load(None, {}, {"tcp.rtt_sample_interval": interval}))
+    monkeypatch.setattr(programs, "TRACEFS_EVENTS", tmp_path)
+    return programs.tcp_program_flags(config.load(None, {}, {"tcp.rtt_sample_interval":
+                                                              interval}))
 
 
 def _kernel_with_srtt(monkeypatch: pytest.MonkeyPatch, atomics: bool) -> None:
@@ -125,9 +126,9 @@ def test_rtt_sampling_off_leaves_tcp_probe_out_and_keeps_the_socket_fields(
 
 
 def test_socket_marks_are_twice_the_sockets_in_groups_of_four_within_a_bound():
-    assert [app.mark_groups(c) for c in (1, 2, 3, 8, 9, 131072, 131073)] == [
+    assert [programs.mark_groups(c) for c in (1, 2, 3, 8, 9, 131072, 131073)] == [
         1, 1, 2, 4, 8, 65536, 131072]
-    assert app.mark_groups(16777216) == app.MAX_MARK_GROUPS == 1 << 18
+    assert programs.mark_groups(16777216) == programs.MAX_MARK_GROUPS == 1 << 18
 
 
 def test_the_endpoints_read_in_one_go_must_lie_near_the_start_of_the_socket():
