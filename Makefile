@@ -30,7 +30,7 @@ unit:
 	$(PYTHON) -m pytest -q tests/unit
 
 lint:
-	$(VENV)/bin/ruff check exporter tests benchmarks scripts
+	$(VENV)/bin/ruff check exporter lab tests benchmarks scripts
 
 # deploy/base/generated/ from alerts/ and dashboards/ (tests/deploy fail when it is stale)
 deploy-sync:
@@ -44,7 +44,7 @@ image-test:
 # A test node of namespaces and veths with real servers and a traffic loop, and the exporter
 # attached to it (never to the host's own interfaces). Ctrl-C tears it all down.
 demo:
-	$(SUDO) $(PYTHON) -m tests.demo
+	$(SUDO) $(PYTHON) -m lab.demo
 
 # The performance benchmarks (issue 8): their own test node, about 14 minutes; prints the
 # headline table and writes docs/benchmarks.md. Not part of `make test`.

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.testnode import TestNode
+from lab.testnode import TestNode
 
 from . import cluster_rule, connections, grpc_load, interleaved, pairs, part1, pool, scrape
 from .document import POOLED_HEADER, Results, headlines, markdown

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tests.exporter_process import ExporterProcess, Scrape
-from tests.testnode import TestNode
+from lab.exporter_process import ExporterProcess, Scrape
+from lab.testnode import TestNode
 
 from . import kernel_cost, throughput
 

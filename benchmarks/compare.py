@@ -25,8 +25,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.exporter_process import ExporterProcess
-from tests.testnode import TestNode
+from lab.exporter_process import ExporterProcess
+from lab.testnode import TestNode
 
 from . import connections, kernel_cost, part1, startup, throughput
 from .machine import NICENESS

@@ -13,7 +13,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.testnode import TestNode
+from lab.testnode import TestNode
 
 LOOP_SOURCE = Path(__file__).with_name("connection_loop.c")
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.exporter_process import ExporterProcess, Scrape, wait_until
-from tests.testnode import TestNode, nginx_config
+from lab.exporter_process import ExporterProcess, Scrape, wait_until
+from lab.testnode import TestNode, nginx_config
 
 from .procstat import cpu_seconds
 

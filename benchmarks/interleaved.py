@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.testnode import TestNode
+from lab.testnode import TestNode
 
 from . import connections, startup, tls_requests
 from .procstat import Memory

@@ -28,8 +28,8 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 
 from exporter import bpfsys
-from tests.exporter_process import fd_infos
-from tests.testnode import TestNode, in_netns
+from lab.exporter_process import fd_infos
+from lab.testnode import TestNode, in_netns
 
 FLOOR_SOURCE = Path(__file__).with_name("floor.c")
 FLOOR_FUNCTION = "bench_floor"

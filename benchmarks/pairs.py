@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.exporter_process import REPO
+from lab.exporter_process import REPO
 
 from .interleaved import Rounds
 from .stats import Summary, paired_ratios, summarize

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.exporter_process import REPO, ExporterProcess
-from tests.testnode import TestNode
+from lab.exporter_process import REPO, ExporterProcess
+from lab.testnode import TestNode
 
 from . import cluster_rule, connections, kernel_cost, startup, throughput
 

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from tests.testnode import TestNode
+from lab.testnode import TestNode
 
 from . import interleaved, pairs
 from .document import POOLED_HEADER

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tests.exporter_process import ExporterProcess
-from tests.testnode import TestNode
+from lab.exporter_process import ExporterProcess
+from lab.testnode import TestNode
 
 from . import startup
 from .procstat import Memory, cpu_seconds, memory

@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.dnstools import message
-from tests.exporter_process import ExporterProcess, Scrape
-from tests.testnode import TestNode, in_netns
+from lab.dnstools import message
+from lab.exporter_process import ExporterProcess, Scrape
+from lab.testnode import TestNode, in_netns
 
 ECHO_PORT, UDP_PORT, HTTP_PORT = 7601, 7602, 8080
 CONFIG = {"maps": {"flow_capacity": 256}}      # small: overflows every interval under churn

@@ -12,7 +12,7 @@ import socket
 
 import numpy as np
 
-from tests.testnode import TestNode, in_netns
+from lab.testnode import TestNode, in_netns
 
 FRAME = 64
 SOURCE_BASE = int(ipaddress.IPv4Address("172.16.0.0"))     # room for 2^20 sources

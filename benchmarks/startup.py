@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.exporter_process import REPO, ExporterProcess
-from tests.testnode import TestNode
+from lab.exporter_process import REPO, ExporterProcess
+from lab.testnode import TestNode
 
 from .procstat import Memory, memory
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from tests.testnode import TestNode, in_netns
+from lab.testnode import TestNode, in_netns
 
 from . import connections, throughput, tls_requests
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from tests.testnode import TestNode
+from lab.testnode import TestNode
 
 # 14 (Ethernet) + 20 (IPv4) + 8 (UDP) + 22 = a 64-byte frame on the veths
 UDP_PAYLOAD = 22

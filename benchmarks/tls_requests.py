@@ -8,9 +8,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.certs import make_certs
-from tests.exporter_process import wait_until
-from tests.testnode import TestNode, nginx_config
+from lab.certs import make_certs
+from lab.exporter_process import wait_until
+from lab.testnode import TestNode, nginx_config
 
 from .connections import LoopBuildError
 

@@ -46,7 +46,7 @@ def kernel_ready() -> None:
 
 @pytest.fixture(scope="module")
 def node(kernel_ready: None) -> Iterator[object]:
-    from tests.testnode import TestNode
+    from lab.testnode import TestNode
 
     with TestNode() as built:
         yield built
@@ -54,8 +54,8 @@ def node(kernel_ready: None) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def cluster(kernel_ready: None) -> Iterator[object]:
-    """A built two-node TestCluster (tests/testcluster.py), routed mode to start with."""
-    from tests.testcluster import TestCluster
+    """A built two-node TestCluster (lab/testcluster.py), routed mode to start with."""
+    from lab.testcluster import TestCluster
 
     with TestCluster() as built:
         yield built
@@ -64,7 +64,7 @@ def cluster(kernel_ready: None) -> Iterator[object]:
 @pytest.fixture(scope="module")
 def exporter(node: object) -> Iterator[object]:
     """One exporter on the module's node, with default settings."""
-    from tests.exporter_process import ExporterProcess
+    from lab.exporter_process import ExporterProcess
 
     process = ExporterProcess(node)  # type: ignore[arg-type]
     try:

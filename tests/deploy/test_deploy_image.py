@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from exporter.config import default_document
-from tests import exporter_process
+from lab import exporter_process
+from lab.exporter_process import ExporterProcess, attachments_on
+from lab.testnode import TestNode, tcp_transfer
 from tests.conftest import skip_or_fail
 from tests.deploytools import REPO
-from tests.exporter_process import ExporterProcess, attachments_on
-from tests.testnode import TestNode, tcp_transfer
 
 CONTAINERFILE = REPO / "deploy/Containerfile"
 BASE_IMAGE = "localhost/ebpf-net-exporter-test-base:bookworm"

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from tests import dnstools, kubeapi, monitoring
-from tests.exporter_process import ExporterProcess, wait_until
-from tests.httptools import RawServer
-from tests.kubeapi import KubeAPI
-from tests.prometheus import Prometheus, set_threshold, shortened_rules
-from tests.testnode import TestNode, connect_refused, in_netns, tcp_transfer
+from lab import dnstools, kubeapi
+from lab.exporter_process import ExporterProcess, wait_until
+from lab.httptools import RawServer
+from lab.kubeapi import KubeAPI
+from lab.prometheus import Prometheus, set_threshold, shortened_rules
+from lab.testnode import TestNode, connect_refused, in_netns, tcp_transfer
+from tests import monitoring
 
 pytestmark = pytest.mark.kernel
 

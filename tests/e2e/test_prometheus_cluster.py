@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests import kubeapi, monitoring
-from tests.clusterexporters import (
+from lab import kubeapi
+from lab.clusterexporters import (
     DAEMONSET,
     DNS_VIP,
     WEB_VIP,
@@ -27,10 +27,11 @@ from tests.clusterexporters import (
     ClusterExporters,
     cluster_exporters,
 )
-from tests.exporter_process import ExporterProcess, wait_until
-from tests.prometheus import Prometheus, set_threshold, shortened_rules
-from tests.testcluster import TestCluster
-from tests.testnode import udp_send
+from lab.exporter_process import ExporterProcess, wait_until
+from lab.prometheus import Prometheus, set_threshold, shortened_rules
+from lab.testcluster import TestCluster
+from lab.testnode import udp_send
+from tests import monitoring
 
 pytestmark = pytest.mark.kernel
 

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.testnode import TestNode
+from lab.testnode import TestNode
 
 
 def test_holds_its_node_until_terminated(node: TestNode) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from lab.exporter_process import ExporterProcess, wait_until
+from lab.testnode import TestNode
 from tests.conftest import skip_or_fail
-from tests.exporter_process import ExporterProcess, wait_until
-from tests.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
 

@@ -14,8 +14,8 @@ from benchmarks import cluster_rule, compare, connections, interleaved, kernel_c
 from benchmarks.sprayer import DISCARD_PORT, Sprayer
 from benchmarks.streams import STREAMS
 from benchmarks.switchable import Switch
-from tests.exporter_process import REPO, ExporterProcess, Scrape, attachments_on
-from tests.testnode import TestNode
+from lab.exporter_process import REPO, ExporterProcess, Scrape, attachments_on
+from lab.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
 

@@ -10,10 +10,10 @@ from contextlib import ExitStack
 
 import pytest
 
-from tests.clusterexporters import stopped
-from tests.exporter_process import ExporterProcess, Scrape, wait_until
-from tests.testcluster import TestCluster
-from tests.testnode import udp_send
+from lab.clusterexporters import stopped
+from lab.exporter_process import ExporterProcess, Scrape, wait_until
+from lab.testcluster import TestCluster
+from lab.testnode import udp_send
 
 pytestmark = pytest.mark.kernel
 

@@ -1,4 +1,4 @@
-"""Counted once per cluster: two nodes of a test cluster (tests/testcluster.py), one exporter
+"""Counted once per cluster: two nodes of a test cluster (lab/testcluster.py), one exporter
 each attached to every interface of its node (pod veths, uplink, VXLAN device, as the
 DaemonSet does), both reading the same Kubernetes objects. Real traffic within a node and
 across nodes, natively routed and through the VXLAN overlay; the sum of both exporters'
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusterexporters import (
+from lab.clusterexporters import (
     ADDRESSES_PER_NODE,
     DNS_VIP,
     GRPC_VIP,
@@ -28,9 +28,9 @@ from tests.clusterexporters import (
     cluster_exporters,
     ends,
 )
-from tests.exporter_process import Scrape
-from tests.testcluster import ClusterPod, TestCluster
-from tests.testnode import HTTP_DATA_SIZE, udp_send
+from lab.exporter_process import Scrape
+from lab.testcluster import ClusterPod, TestCluster
+from lab.testnode import HTTP_DATA_SIZE, udp_send
 
 pytestmark = pytest.mark.kernel
 

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import dnstools
-from tests.exporter_process import ExporterProcess, Scrape, wait_until
-from tests.testnode import TestNode, in_netns
+from lab import dnstools
+from lab.exporter_process import ExporterProcess, Scrape, wait_until
+from lab.testnode import TestNode, in_netns
 
 pytestmark = pytest.mark.kernel
 

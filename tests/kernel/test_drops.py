@@ -10,8 +10,8 @@ import pytest
 
 from exporter import dropreasons
 from exporter.environment import TRACEFS
-from tests.exporter_process import ExporterProcess, Scrape
-from tests.testnode import TestNode, in_netns
+from lab.exporter_process import ExporterProcess, Scrape
+from lab.testnode import TestNode, in_netns
 
 pytestmark = pytest.mark.kernel
 

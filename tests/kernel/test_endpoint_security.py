@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.certs import bcrypt_hash, make_certs
-from tests.exporter_process import ExporterProcess, free_port, wait_until
-from tests.testnode import TestNode, in_netns
+from lab.certs import bcrypt_hash, make_certs
+from lab.exporter_process import ExporterProcess, free_port, wait_until
+from lab.testnode import TestNode, in_netns
 
 pytestmark = pytest.mark.kernel
 

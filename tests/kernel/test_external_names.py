@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from tests import dnstools
-from tests.exporter_process import ExporterProcess, Scrape, wait_until
-from tests.testnode import TestNode
+from lab import dnstools
+from lab.exporter_process import ExporterProcess, Scrape, wait_until
+from lab.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
 

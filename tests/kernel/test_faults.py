@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.exporter_process import (
+from lab.exporter_process import (
     EXPORTER,
     REPO,
     ExporterProcess,
@@ -25,7 +25,7 @@ from tests.exporter_process import (
     free_port,
     wait_until,
 )
-from tests.testnode import TestNode, in_netns, udp_send
+from lab.testnode import TestNode, in_netns, udp_send
 
 pytestmark = pytest.mark.kernel
 

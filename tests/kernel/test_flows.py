@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from tests.exporter_process import ExporterProcess, Scrape
-from tests.testnode import TestNode, in_netns, tcp_transfer, udp_send
+from lab.exporter_process import ExporterProcess, Scrape
+from lab.testnode import TestNode, in_netns, tcp_transfer, udp_send
 
 pytestmark = pytest.mark.kernel
 
@@ -197,7 +197,7 @@ def test_concurrent_scrapes_neither_double_count_nor_lose_counts(node: TestNode,
 def test_real_tools_iperf3_and_curl_are_counted_once(node: TestNode, exporter: ExporterProcess):
     import json
 
-    from tests.testnode import HTTP_DATA_SIZE
+    from lab.testnode import HTTP_DATA_SIZE
 
     node.iperf3_server(node.b_ns, node.b_ip, 5301)
     result = node.run(node.a_ns, ["iperf3", "-c", node.b_ip, "-p", "5301", "-n", "20M",

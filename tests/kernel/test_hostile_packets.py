@@ -12,9 +12,9 @@ from collections import Counter
 
 import pytest
 
+from lab.exporter_process import ExporterProcess, Scrape
+from lab.testnode import TestNode, in_netns
 from tests import fuzzframes
-from tests.exporter_process import ExporterProcess, Scrape
-from tests.testnode import TestNode, in_netns
 
 pytestmark = pytest.mark.kernel
 

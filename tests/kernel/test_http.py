@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.exporter_process import ExporterProcess, Scrape, bpf_map_dump, wait_until
-from tests.httptools import RawServer, SlowServer
-from tests.testnode import TestNode, in_netns, nginx_config
+from lab.exporter_process import ExporterProcess, Scrape, bpf_map_dump, wait_until
+from lab.httptools import RawServer, SlowServer
+from lab.testnode import TestNode, in_netns, nginx_config
 
 pytestmark = pytest.mark.kernel
 

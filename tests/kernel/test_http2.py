@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from hpack import Encoder
 
-from tests.certs import make_certs
-from tests.exporter_process import ExporterProcess, Scrape, bpf_map_write, wait_until
+from lab.certs import make_certs
+from lab.exporter_process import ExporterProcess, Scrape, bpf_map_write, wait_until
+from lab.testnode import TestNode, in_netns, nginx_config
 from tests.kernel.test_http import (
     HTTP_START_HTTP1,
     HTTP_START_SLOTS,
     _direction_hash,
     _http_start,
 )
-from tests.testnode import TestNode, in_netns, nginx_config
 
 pytestmark = pytest.mark.kernel
 

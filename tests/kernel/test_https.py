@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import Certs, make_certs
-from tests.exporter_process import ExporterProcess, Scrape, wait_until
-from tests.httptools import SlowServer
-from tests.testnode import TestNode, nginx_config
+from lab.certs import Certs, make_certs
+from lab.exporter_process import ExporterProcess, Scrape, wait_until
+from lab.httptools import SlowServer
+from lab.testnode import TestNode, nginx_config
 
 pytestmark = pytest.mark.kernel
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import kubeapi
-from tests.exporter_process import ExporterProcess, Scrape
-from tests.kubeapi import KubeAPI
-from tests.testnode import TestNode, tcp_connections, udp_send
+from lab import kubeapi
+from lab.exporter_process import ExporterProcess, Scrape
+from lab.kubeapi import KubeAPI
+from lab.testnode import TestNode, tcp_connections, udp_send
 
 pytestmark = pytest.mark.kernel
 
@@ -148,7 +148,7 @@ def test_sighup_applies_new_allowlists_without_losing_counts(
 
     import yaml
 
-    from tests.exporter_process import wait_until
+    from lab.exporter_process import wait_until
 
     exporter, port = k8s_exporter, 7106
     path = exporter.workdir / "config.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.exporter_process import (
+from lab.exporter_process import (
     REPO,
     ExporterProcess,
     Scrape,
@@ -24,7 +24,7 @@ from tests.exporter_process import (
     tcx_links,
     wait_until,
 )
-from tests.testnode import TestNode, in_netns, udp_send
+from lab.testnode import TestNode, in_netns, udp_send
 
 pytestmark = pytest.mark.kernel
 

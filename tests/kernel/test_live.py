@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import make_certs
-from tests.exporter_process import ExporterProcess
-from tests.httptools import SlowServer
-from tests.live_process import LiveProcess
-from tests.testnode import TestNode, tcp_transfer, udp_send
+from lab.certs import make_certs
+from lab.exporter_process import ExporterProcess
+from lab.httptools import SlowServer
+from lab.live_process import LiveProcess
+from lab.testnode import TestNode, tcp_transfer, udp_send
 
 pytestmark = pytest.mark.kernel
 
@@ -184,9 +184,9 @@ def test_filters_keep_only_the_chosen_lines(node: TestNode,
 
 
 def test_kubernetes_names_and_the_namespace_filter(node: TestNode):
-    from tests import kubeapi
-    from tests.exporter_process import wait_until
-    from tests.kubeapi import KubeAPI
+    from lab import kubeapi
+    from lab.exporter_process import wait_until
+    from lab.kubeapi import KubeAPI
 
     with KubeAPI(netns=node.node_ns) as api:
         api.create("replicasets", kubeapi.replicaset("shop", "web-5d9c", "web"))
@@ -228,7 +228,7 @@ def test_a_killed_view_leaves_nothing_the_next_view_keeps_and_the_exporters_stay
     the exporter's tcx links nor the first view's."""
     import signal
 
-    from tests.exporter_process import (
+    from lab.exporter_process import (
         attachments_on,
         filter_listings,
         link_exists,

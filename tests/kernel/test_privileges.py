@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from exporter import privileges, tlsprobes
-from tests.exporter_process import ExporterProcess, attachments_on, wait_until
-from tests.testnode import TestNode, tcp_connections, udp_send
+from lab.exporter_process import ExporterProcess, attachments_on, wait_until
+from lab.testnode import TestNode, tcp_connections, udp_send
 
 pytestmark = pytest.mark.kernel
 
@@ -139,8 +139,8 @@ def test_as_root_every_thread_but_the_interface_monitor_drops_everything(node: T
 
 
 def test_kubernetes_watches_hold_no_capability(node: TestNode):
-    from tests import kubeapi
-    from tests.kubeapi import KubeAPI
+    from lab import kubeapi
+    from lab.kubeapi import KubeAPI
 
     with KubeAPI(netns=node.node_ns) as api:
         api.create("pods", kubeapi.pod("shop", "web-0", [node.a_ip], owner=None))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from exporter.cgroups import cgroup2_mount
-from tests.exporter_process import ExporterProcess, wait_until
-from tests.live_process import LiveProcess
-from tests.testnode import TestNode
+from lab.exporter_process import ExporterProcess, wait_until
+from lab.live_process import LiveProcess
+from lab.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
 

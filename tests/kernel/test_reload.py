@@ -8,8 +8,8 @@ import signal
 import pytest
 import yaml
 
-from tests.exporter_process import ExporterProcess, attachments_on, wait_until
-from tests.testnode import TestNode, udp_send
+from lab.exporter_process import ExporterProcess, attachments_on, wait_until
+from lab.testnode import TestNode, udp_send
 
 pytestmark = pytest.mark.kernel
 

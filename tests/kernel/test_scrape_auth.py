@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from lab.exporter_process import ExporterProcess, wait_until
+from lab.kubeapi import KubeAPI
+from lab.prometheus import Prometheus
+from lab.testnode import TestNode
 from tests import monitoring
-from tests.exporter_process import ExporterProcess, wait_until
-from tests.kubeapi import KubeAPI
-from tests.prometheus import Prometheus
-from tests.testnode import TestNode
 
 pytestmark = pytest.mark.kernel
 

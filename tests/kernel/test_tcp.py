@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from tests.exporter_process import ExporterProcess, Scrape
-from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections, tcp_transfer
+from lab.exporter_process import ExporterProcess, Scrape
+from lab.testnode import TestNode, connect_refused, in_netns, tcp_connections, tcp_transfer
 
 pytestmark = pytest.mark.kernel
 

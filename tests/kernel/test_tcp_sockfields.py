@@ -16,9 +16,9 @@ import pytest
 from exporter import bpfsys, config, jiffies
 from exporter.loader import Program
 from exporter.programs import tcp_program_flags
-from tests.exporter_process import ExporterProcess, bpf_map_dump, fd_infos
+from lab.exporter_process import ExporterProcess, bpf_map_dump, fd_infos
+from lab.testnode import TestNode, connect_refused, in_netns, tcp_connections
 from tests.kernel.test_tcp import lossy_transfer, pair
-from tests.testnode import TestNode, connect_refused, in_netns, tcp_connections
 
 pytestmark = pytest.mark.kernel
 

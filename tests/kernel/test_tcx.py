@@ -15,8 +15,8 @@ from exporter import bpfsys
 from exporter.interfaces import Link, TcAttacher
 from exporter.live.attach import LiveTcxAttacher
 from exporter.tcx import TcxAttacher
-from tests.exporter_process import fd_info, filters_on, ifindex, tcx_links
-from tests.testnode import TestNode, in_netns, udp_send
+from lab.exporter_process import fd_info, filters_on, ifindex, tcx_links
+from lab.testnode import TestNode, in_netns, udp_send
 
 pytestmark = pytest.mark.kernel
 

@@ -1,4 +1,4 @@
-"""Kernel tests of the two-node cluster harness (tests/testcluster.py): its topology, both
+"""Kernel tests of the two-node cluster harness (lab/testcluster.py): its topology, both
 routing modes, services by DNAT, its servers, and its teardown."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import testnode
-from tests.testcluster import SERVICE_TABLE, TestCluster
-from tests.testnode import (
+from exporter.environment import pid_alive
+from lab.testcluster import SERVICE_TABLE, TestCluster
+from lab.testnode import (
     HTTP_INDEX_BODY,
     cleanup_stale,
     connect_refused,
@@ -328,7 +328,7 @@ def test_partial_build_is_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cleanup_stale_knows_cluster_namespaces() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
-    assert not testnode.pid_alive(dead.pid)
+    assert not pid_alive(dead.pid)
     stale = [f"ent{dead.pid}x0-n1", f"ent{dead.pid}x0-2b"]
     mine = f"ent{os.getpid()}xzz-n2"
     try:

@@ -1,4 +1,5 @@
-"""Kernel tests of the network-namespace test harness (tests/testnode.py)."""
+"""Kernel tests of the lab's test node (lab/testnode.py, lab/netns.py, lab/servers.py,
+lab/traffic.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import testnode
-from tests.testnode import (
+from exporter.environment import pid_alive
+from lab import traffic
+from lab.testnode import (
     HTTP_DATA_SIZE,
     HTTP_INDEX_BODY,
     TestNode,
@@ -97,7 +99,7 @@ def test_tcp_transfer(node: TestNode) -> None:
 def test_stalled_tcp_transfer_says_where(node: TestNode, monkeypatch: pytest.MonkeyPatch) -> None:
     """A transfer whose data the path drops (its handshake passes) times out with where each
     end was and what `ss` showed, not a bare "timed out"."""
-    monkeypatch.setattr(testnode, "SOCKET_TIMEOUT", 1.0)
+    monkeypatch.setattr(traffic, "SOCKET_TIMEOUT", 1.0)
     node.nft(node.node_ns, "table inet entstall {\n"
              "  chain forward_data { type filter hook forward priority 0; policy accept;\n"
              "    tcp dport 7006 ip length > 100 drop; }\n"
@@ -243,7 +245,7 @@ def test_partial_build_is_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cleanup_stale() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
-    assert not testnode.pid_alive(dead.pid)
+    assert not pid_alive(dead.pid)
     stale_ns = f"ent{dead.pid}x0-a"
     mine = f"ent{os.getpid()}xzz-a"
     subprocess.run(["ip", "netns", "add", stale_ns], check=True)

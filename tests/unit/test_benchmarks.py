@@ -271,7 +271,7 @@ def test_uplink_routes_go_through_a_gateway_outside_the_pods_subnets():
 
 def test_the_rule_state_is_read_off_the_exporters_metrics():
     from benchmarks.cluster_rule import RuleState, state_of
-    from tests.exporter_process import Scrape
+    from lab.exporter_process import Scrape
 
     text = ('# TYPE ebpf_net_exporter_network_interfaces gauge\n'
             'ebpf_net_exporter_network_interfaces 1.0\n'

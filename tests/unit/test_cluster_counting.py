@@ -16,7 +16,7 @@ from exporter.k8s.cluster import NODES, PODS, ClusterState
 from exporter.netroles import Route
 from exporter.oncepercluster import ClusterCounting
 from exporter.selfmetrics import KernelStats
-from tests import kubeapi
+from lab import kubeapi
 from tests.unit.batches import FakeLeft, FakeTrie
 
 net = ipaddress.ip_network

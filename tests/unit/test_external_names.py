@@ -18,7 +18,7 @@ from exporter.endpoints import PortFolder
 from exporter.externalnames import ANSWER_RECORD, CAPTURE, ExternalNames, NameLabel, NameTable
 from exporter.labelsets import EndpointLabelSets
 from exporter.selfmetrics import KernelStats
-from tests.dnstools import QTYPE_A, QTYPE_AAAA, encode_name, record, response
+from lab.dnstools import QTYPE_A, QTYPE_AAAA, encode_name, record, response
 
 from .batches import QueueSource, flow_batch
 

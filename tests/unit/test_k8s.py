@@ -1,4 +1,4 @@
-"""The Kubernetes metadata cache against a real HTTP API server (tests/kubeapi.py), through the
+"""The Kubernetes metadata cache against a real HTTP API server (lab/kubeapi.py), through the
 real `kubernetes` client: it converges to the truth after every kind of watch event, bookmark,
 410 Gone, dropped connection, outage and 403."""
 
@@ -13,8 +13,8 @@ from exporter.k8s import RBAC_RULES, Identity
 from exporter.k8s.connection import KubernetesConfigError, connect
 from exporter.k8s.metadata import KubernetesMetadata
 from exporter.k8s.watch import Backoff
-from tests import kubeapi
-from tests.kubeapi import KubeAPI
+from lab import kubeapi
+from lab.kubeapi import KubeAPI
 
 GRACE = 1.0
 POPULATED = {"pods": 6, "services": 2, "nodes": 1, "replicasets": 1, "jobs": 2}

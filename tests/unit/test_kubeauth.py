@@ -21,7 +21,7 @@ from exporter import selfsigned
 from exporter.k8s.connection import connect
 from exporter.kubeauth import KubernetesAuth, bearer_token
 from exporter.server import WebServer, make_app
-from tests.kubeapi import KubeAPI
+from lab.kubeapi import KubeAPI
 
 READER = {"username": "system:serviceaccount:monitoring:prometheus-k8s", "uid": "u-1",
           "groups": ["system:serviceaccounts"]}

@@ -20,7 +20,7 @@ from exporter.k8s.cluster import EXTERNAL_IDENTITY, ClusterState, Identity
 from exporter.labelsets import EndpointLabelSets
 from exporter.namepolicy import OTHER, Globs, NamePolicy
 from exporter.selfmetrics import KernelStats
-from tests import kubeapi
+from lab import kubeapi
 
 from .batches import QueueSource, flow_batch
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from exporter import webconfig
 from exporter.server import WebServer, make_app
-from tests.certs import Certs, bcrypt_hash, make_certs
+from lab.certs import Certs, bcrypt_hash, make_certs
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret-scrape"

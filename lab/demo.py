@@ -13,8 +13,8 @@ import signal
 import sys
 import threading
 
-from tests.exporter_process import ExporterProcess
-from tests.testnode import TestNode
+from lab.exporter_process import ExporterProcess
+from lab.testnode import TestNode
 
 PORT = 9814
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from exporter import bpfsys
-from tests.testnode import NETNS_DIR, TestNode, in_netns
+from lab.testnode import NETNS_DIR, TestNode, in_netns
 
 REPO = Path(__file__).resolve().parent.parent
 EXPORTER = [sys.executable, "-m", "exporter"]

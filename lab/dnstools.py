@@ -8,7 +8,7 @@ import struct
 import threading
 import time
 
-from tests.testnode import in_netns
+from lab.testnode import in_netns
 
 QTYPE_A, QTYPE_AAAA = 1, 28
 

@@ -1,7 +1,7 @@
 """A simulated two-node Kubernetes-like cluster out of network namespaces.
 
 Topology of one :class:`TestCluster` (N is a per-instance subnet octet, <p> a
-:mod:`tests.testnode` prefix ``ent<pid>x<ctr>``, k = 1, 2 the node number)::
+:mod:`lab.testnode` prefix ``ent<pid>x<ctr>``, k = 1, 2 the node number)::
 
     pod netns <p>-ka                node netns <p>-nk                 (other node)
     eth0 10.N.k.2/32  ----------  <p>ka 10.N.k.1/32
@@ -36,16 +36,10 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from tests.testnode import (
-    READY_TIMEOUT,
-    NetnsLab,
-    _close_listener,
-    _ip,
-    _listener,
-    _new_prefix,
-    _operstate,
-    _tcp_echo_on,
-)
+from lab.netns import _ip, _new_prefix, _operstate
+from lab.servers import READY_TIMEOUT
+from lab.testnode import NetnsLab
+from lab.traffic import _close_listener, _listener, _tcp_echo_on
 
 __all__ = ["MODES", "SERVICE_TABLE", "ClusterNode", "ClusterPod", "TestCluster"]
 
@@ -84,7 +78,7 @@ class ClusterNode:
     internal_ip6: str = ""
     pod_cidr6: str = ""
 
-    # what tests.exporter_process.ExporterProcess runs an exporter in and names its files by
+    # what lab.exporter_process.ExporterProcess runs an exporter in and names its files by
     @property
     def node_ns(self) -> str:
         return self.ns

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from tests.testnode import in_netns
+from lab.testnode import in_netns
 
 PATHS = {
     "/api/v1/pods": ("pods", "PodList"),

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.exporter_process import EXPORTER, REPO, wait_until
-from tests.testnode import TestNode
+from lab.exporter_process import EXPORTER, REPO, wait_until
+from lab.testnode import TestNode
 
 
 class LiveProcess:

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from tests.exporter_process import free_port, wait_until
-from tests.testnode import TestNode, in_netns
+from lab.exporter_process import free_port, wait_until
+from lab.testnode import TestNode, in_netns
 
 FOR = re.compile(r"^(\s*for:\s*)\S+$", re.MULTILINE)
 RANGE_5M = "[5m]"

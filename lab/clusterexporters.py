@@ -1,4 +1,4 @@
-"""Exporters on the two-node test cluster (tests/testcluster.py) as the DaemonSet runs them:
+"""Exporters on the two-node test cluster (lab/testcluster.py) as the DaemonSet runs them:
 one per node, attached to every interface of its node (pod veths, uplink, VXLAN device),
 given its node's name and its own pod's, and reading the same Kubernetes objects: the nodes
 with their InternalIP and pod CIDR, the pods, our DaemonSet's pods and two Services. Each node
@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tests import kubeapi
-from tests.exporter_process import ExporterProcess, Scrape, free_port, wait_until
-from tests.kubeapi import KubeAPI
-from tests.testcluster import ClusterNode, ClusterPod, TestCluster
+from lab import kubeapi
+from lab.exporter_process import ExporterProcess, Scrape, free_port, wait_until
+from lab.kubeapi import KubeAPI
+from lab.testcluster import ClusterNode, ClusterPod, TestCluster
 
 EXPORTER_NAMESPACE = "monitoring"
 DAEMONSET = "ebpf-net-exporter"

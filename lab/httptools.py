@@ -9,7 +9,7 @@ import ssl
 import threading
 import time
 
-from tests.testnode import in_netns
+from lab.testnode import in_netns
 
 
 class SlowServer:
