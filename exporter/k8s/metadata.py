@@ -3,6 +3,7 @@ server, and report the cache and the watch errors as the exporter's own metrics.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 from kubernetes import client as kube_client
@@ -28,6 +29,7 @@ from .health import Health
 from .watch import CONNECT_TIMEOUT, Backoff, Reflector
 
 log = logs.get("k8s")
+ZONE_QUERY_SECONDS = 10.0
 
 
 class KubernetesMetadata:
@@ -64,7 +66,19 @@ class KubernetesMetadata:
 
     def has_zones(self) -> bool | None:
         """Whether any node carries a zone label, asked of the API server before the watches
-        start (one node at most per label); None when it cannot be asked."""
+        start (one node at most per label); None when it cannot be asked within
+        ZONE_QUERY_SECONDS (the client's retries of an unanswered connection take longer)."""
+        answer: list[bool | None] = [None]
+        asking = threading.Thread(target=lambda: answer.__setitem__(0, self._has_zones()),
+                                  name="zone-query", daemon=True)
+        asking.start()
+        asking.join(ZONE_QUERY_SECONDS)
+        if asking.is_alive():
+            log.warning("no answer from the API server on node zones: zone labels on",
+                        extra={"waited_seconds": ZONE_QUERY_SECONDS})
+        return answer[0]
+
+    def _has_zones(self) -> bool | None:
         for label in ZONE_LABELS:
             try:
                 found = self._core.list_node(label_selector=label, limit=1,
