@@ -77,7 +77,7 @@ class Churn:
     def __init__(self, node: TestNode) -> None:
         self.node = node
         self.stop = threading.Event()
-        self.counts = {"tcp": 0, "dns": 0, "http": 0, "udp": 0}
+        self.counts = {"tcp": 0, "dns": 0, "http": 0, "http_sent": 0, "udp": 0}
         self._threads = [threading.Thread(target=loop, daemon=True) for loop in
                          (self._echo_server, self._tcp, self._dns, self._http, self._udp)]
 
@@ -155,6 +155,8 @@ class Churn:
                     continue
             try:
                 connection.request("GET", paths[n % 3] if n % 50 else "/data.bin")
+                # sent: the exporter counts it even if its answer is late for the client
+                self.counts["http_sent"] += 1
                 connection.getresponse().read()
                 self.counts["http"] += 1
             except (OSError, http.client.HTTPException):
