@@ -15,49 +15,30 @@ from prometheus_client.process_collector import ProcessCollector
 
 from . import (
     __version__,
-    classifier,
     environment,
-    jiffies,
     logs,
     oncepercluster,
     privileges,
     selfsigned,
     singleton,
-    sockfields,
-    tlsprobes,
 )
-from .clustermap import KernelClusterMap
-from .collectors import drops
 from .collectors.base import PairCollector
-from .collectors.bash import BashCollector, CommandLog, KernelBashSource
-from .collectors.dns import DnsCollector, KernelDnsSource
-from .collectors.flows import FlowsCollector, KernelFlowSource
+from .collectors.bash import BashCollector
+from .collectors.dns import DnsCollector
 from .collectors.grpc import GrpcCollector
-from .collectors.http import HttpCollector, KernelHttpSource, SchemeSources
-from .collectors.tcp import KernelTcpSource, TcpCollector
+from .collectors.http import HttpCollector
 from .config import Config, field_paths
 from .dnsnames import QueryLabel
-from .endpoints import (
-    EndpointLabels,
-    PortFolder,
-    read_ephemeral_floor,
-)
+from .endpoints import PortFolder, read_ephemeral_floor
 from .errors import StartupError
 from .externalnames import ExternalNames, NameTable
-from .http2source import GrpcCounts, Http2Source
+from .http2source import Http2Source
 from .httpnames import GrpcMethodLabel, PathLabel
 from .interfaces import InterfaceMonitor, NameFilter
 from .kubeauth import KubernetesAuth
 from .labelsets import EndpointLabelSets
-from .loader import LoadError, Program
-from .programs import (
-    PROCESS_TRACEPOINTS,
-    TCP_TRACEPOINTS,
-    TRACEFS_EVENTS,
-    choose_attacher,
-    missing_tracepoints,
-    tcp_program_flags,
-)
+from .loader import Program
+from .registry import REGISTRY, Wiring
 from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .server import WebServer, make_app
 from .tlsprobes import TlsWatch
@@ -67,7 +48,6 @@ if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes 
     from .k8s.metadata import KubernetesMetadata
 
 log = logs.get("main")
-
 
 
 def _value(config: Config, path: str) -> Any:
@@ -133,101 +113,18 @@ class Exporter:
                               config.dns.name_max_ttl)
             self.external = ExternalNames(table, config.labels.external_names, self.stats)
         labels = self.label_sets = EndpointLabelSets(config, self.kubernetes, self.external)
-        series = (self.stats, config.series.max_per_metric, config.series.ttl)
+        # each collector asks for the programs it reads; they load the first time one asks
+        wiring = Wiring(config, labels, ports, self.stats, self.kubernetes, self.external,
+                        programs=self.programs, http2=self.http2)
         collectors: list[SignalCollector] = []
-
-        if config.collectors.tcp:
-            missing = missing_tracepoints(TCP_TRACEPOINTS)
-            if missing:
-                raise StartupError(f"the kernel lacks tracepoints {', '.join(missing)}: "
-                                   "run with --no-collector.tcp")
-            process = config.tcp.process_label
-            missing = missing_tracepoints(PROCESS_TRACEPOINTS) if process else []
-            if missing:
-                raise StartupError(f"tcp.process_label needs tracepoints {', '.join(missing)} "
-                                   "(Linux >= 6.3): turn it off")
-            flags = tcp_program_flags(config)
-            tcp = self._program("tcp", "tcp.c", flags)
-            if sockfields.CLOSE_ONLY_FLAG in flags:
-                log.info("RTT sampled at close only (tcp.rtt_sample_interval: off)")
-            elif sockfields.ENABLED_FLAG in flags:
-                try:
-                    sockfields.start_rtt_sampling(tcp, config.tcp.rtt_sample_interval)
-                except jiffies.JiffiesError as e:
-                    log.warning("cannot measure the kernel's tick rate: RTT is sampled at "
-                                "close only", extra={"error": str(e)})
-            collectors.append(TcpCollector(KernelTcpSource(tcp, process=process),
-                                           labels.of("tcp"), ports, *series,
-                                           process_label=process))
-        if config.collectors.drops:
-            collectors.append(self._drops(labels.of("drops"), ports, series))
-        if config.collectors.bash:
-            bash = self._bash(series)
-            collectors.append(bash)
-            self.sweeping.append(bash)
-        reporters = []
-        http_sources: list[KernelHttpSource | Http2Source] = []
-        once = False
-        if classifier.wanted(config) or config.collectors.https:
-            once, why = oncepercluster.wanted(config, self.kubernetes)
-            log.info(f"counting once per {'cluster' if once else 'node'}",
-                     extra={"because": why})
-        if classifier.wanted(config):
-            flow_labels = labels.of("flows") if config.collectors.flows else None
-            servers = flow_labels is not None and flow_labels.wants_server_zones
-            program = self._program("classifier", "classifier.c",
-                                    classifier.cflags(config, once, servers))
-            ingress, egress = classifier.load(program, config)
-            if once:
-                self._count_once(program)
-            reporters.append(classifier.ClassifierCounters(program).report)
-            if flow_labels is not None:
-                collectors.append(FlowsCollector(KernelFlowSource(program, servers),
-                                                 flow_labels, ports, *series))
-            if self.external:
-                self.external.read_from(program)
-                reporters.append(self.external.report)
-            if config.collectors.dns:
-                names = config.dns.query_names
-                dns = DnsCollector(
-                    KernelDnsSource(program, config.dns.timeout, query_names=bool(names)),
-                    labels.of("dns"), ports, *series,
-                    query_label=QueryLabel(names) if names else None)
-                collectors.append(dns)
-                self.sweeping.append(dns)
-            if config.collectors.http:
-                http_sources.append(KernelHttpSource(program, config.http.idle_timeout,
-                                                     paths=bool(config.http.paths)))
-            if classifier.http2_wanted(config):
-                self.http2.append(self._http2_source(program, "http"))
-            self.monitor = classifier.interface_monitor(
-                program, config, choose_attacher(config.interfaces.attach, ingress.fd, egress.fd),
-                self.counting)
-        if config.collectors.https:
-            self.tls = self._https(once)
-            if self.tls:
-                http_sources.append(KernelHttpSource(self.tls.program, config.http.idle_timeout,
-                                                     paths=bool(config.http.paths),
-                                                     scheme="https"))
-                reporters.append(self.tls.report)
-                if config.http.http2:
-                    self.http2.append(self._http2_source(self.tls.program, "https"))
-        if self.http2:
-            http_sources += self.http2
-            reporters += [source.report for source in self.http2]
-            # gRPC calls carry the HTTP metrics' endpoint labels (labels.per_metric.http)
-            services = config.http.grpc_services
-            grpc = GrpcCollector(GrpcCounts(self.http2), labels.of("http"), ports, *series,
-                                 GrpcMethodLabel(services) if services else None)
-            collectors.append(grpc)
-            self.sweeping.append(grpc)
-        if http_sources:
-            paths = config.http.paths
-            http = HttpCollector(
-                SchemeSources(http_sources), labels.of("http"), ports, *series,
-                path_label=PathLabel(paths, config.http.path_max_length) if paths else None)
-            collectors.append(http)
-            self.sweeping.append(http)
+        for registration in REGISTRY:
+            collector = registration.build(wiring) if registration.wanted(config) else None
+            if collector is not None:
+                collectors.append(collector)
+                if registration.sweeps:
+                    self.sweeping.append(collector)
+        self.monitor, self.tls, self.counting = wiring.monitor, wiring.tls, wiring.counting
+        reporters = wiring.reporters
 
         self.registry.register(ExporterCollector(
             collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
@@ -342,69 +239,6 @@ class Exporter:
         log.info("kubernetes labels on", extra={"from": source,
                                                 "node": settings.node_name or "unset"})
         return metadata
-
-    def _count_once(self, program: Program) -> None:
-        """Applies the once-per-cluster rule to one more program: the first one's maps are
-        the rule's, and the others mirror them."""
-        if self.counting:
-            self.counting.map.mirror_to(program)
-        else:
-            self.counting = oncepercluster.ClusterCounting(
-                KernelClusterMap.of(program), self.config, self.kubernetes, self.stats)
-
-    def _https(self, once: bool) -> TlsWatch | None:
-        """The HTTPS program and the watch that keeps its uprobes on OpenSSL; None, with a
-        warning, on a kernel that cannot tie a TLS call to its socket."""
-        missing = missing_tracepoints(tlsprobes.TRACEPOINTS)
-        if missing:
-            log.warning(f"no HTTPS: the kernel lacks tracepoints {', '.join(missing)} "
-                        "(Linux >= 6.3); run with --no-collector.https to silence this")
-            return None
-        try:
-            flags = tlsprobes.program_flags(self.config, once)
-        except sockfields.SockFieldsError as e:
-            log.warning("no HTTPS: cannot locate the socket fields a TLS call's endpoints are "
-                        "read from; run with --no-collector.https to silence this",
-                        extra={"error": str(e)})
-            return None
-        program = self._program("https", "tls.c", flags)
-        link_programs = tlsprobes.load(program)
-        if once:
-            self._count_once(program)
-        return TlsWatch(program, link_programs, self.config.https.rescan_interval)
-
-    def _http2_source(self, program: Program, scheme: str) -> Http2Source:
-        config = self.config
-        return Http2Source(program, config.http.idle_timeout, config.http.http2_streams,
-                           config.maps.http2_conn_capacity, paths=bool(config.http.paths),
-                           grpc_methods=bool(config.http.grpc_services), scheme=scheme)
-
-    def _program(self, name: str, source: str, cflags: list[str]) -> Program:
-        program = Program(name, source, cflags)
-        self.programs.append(program)
-        return program
-
-    def _drops(self, endpoints: EndpointLabels, ports: PortFolder,
-               series: tuple[KernelStats, int, float]) -> drops.DropsCollector:
-        if not drops.tracepoint_has_reason(TRACEFS_EVENTS):
-            raise StartupError("the kernel lacks the skb:kfree_skb tracepoint with a drop "
-                               "reason (Linux >= 5.17): run with --no-collector.drops")
-        reasons = drops.reason_names(TRACEFS_EVENTS)
-        program = self._program("drops", "drops.c",
-                                drops.program_flags(self.config.maps.drop_capacity, reasons))
-        return drops.DropsCollector(drops.KernelDropSource(program), endpoints, ports, *series,
-                                    reasons=reasons)
-
-    def _bash(self, series: tuple[KernelStats, int, float]) -> BashCollector:
-        binary = self.config.bash.binary
-        program = self._program("bash", "bash.c", [])
-        try:
-            program.attach_uretprobe(binary, "readline", "on_readline_return")
-        except LoadError as e:
-            raise StartupError(f"bash audit: cannot probe readline in {binary} (uprobes, "
-                               f"and a bash with its symbols, are needed): {e}") from e
-        return BashCollector(KernelBashSource(program), CommandLog(self.config.bash.log_file),
-                             *series)
 
     def attached_interfaces(self) -> int:
         return len(self.monitor.attached) if self.monitor else 0
