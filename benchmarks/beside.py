@@ -3,7 +3,7 @@
 tree as the working directory.
 
 Two exporters in one namespace would replace each other's filters, so the exporter refuses the
-second one (exporter/singleton.py). Here each slot gets a filter priority, handle, name and
+second one (exporter/kernel/singleton.py). Here each slot gets a filter priority, handle, name and
 qdisc-ownership record of its own, and a claim name of its own; everything else (programs,
 maps, flags) is the tree's, unchanged. Both trees' classifiers then run on the same packets in
 the same seconds, which is what makes their difference steadier than alternated runs."""
@@ -22,7 +22,7 @@ def main() -> None:
 
     slot = int(sys.argv[1])
     arguments = exporter_arguments("beside.py", sys.argv[2:])
-    from exporter import interfaces, singleton
+    from exporter.kernel import interfaces, singleton
 
     interfaces.TcAttacher.__init__.__defaults__ = (
         PRIORITY_OF_SLOT[slot], HANDLE_BASE + slot, f"beside{slot}", f"beside{slot}")

@@ -4,21 +4,21 @@ with the rule on, on a second test node beside part 1's.
 - Pod-facing: with no route through a gateway, both veths are pod-facing and the rule's only
   work per packet is one flag test. Part 1's UDP and TCP runs go through both nodes, one after
   the other, so each repetition gives a pair (rule off, rule on) seconds apart.
-- Uplink: a route through a gateway on vb makes vb face the network (exporter/netroles.py),
+- Uplink: a route through a gateway on vb makes vb face the network (exporter/kernel/netroles.py),
   and pod b plays another node with an exporter: UDP from b to a arrives on vb's ingress from
   an address in `cluster.cidrs` that is not the node's own, and is left to b's node after the
   trie lookup. TCP always sends ACKs back on the other veth, so for TCP a second route makes va
   face the network too: every ingress run of TCP a -> b is then on an uplink.
 
 Why a second node: the exporter refuses a second one in its network namespace
-(exporter/singleton.py) and compiles the rule in at start-up (a SIGHUP reloads no program), so
-on one node the rule-off and rule-on figures would come from exporters started one after the
-other, a minute or more apart, and this machine's noise drifts over minutes. On two nodes built
-alike both exporters run throughout.
+(exporter/kernel/singleton.py) and compiles the rule in at start-up (a SIGHUP reloads no
+program), so on one node the rule-off and rule-on figures would come from exporters started
+one after the other, a minute or more apart, and this machine's noise drifts over minutes. On
+two nodes built alike both exporters run throughout.
 
 The rule's exporter runs without the tcp collector: its tracepoints see every TCP socket of the
 host, so part 1's runs on either node would pay both exporters' tracepoints. The classifier does
-not depend on that collector (exporter/classifier.py's cflags; tests/unit/test_benchmarks.py
+not depend on that collector (exporter/kernel/classifier.py's cflags; tests/unit/test_benchmarks.py
 checks it), so it is part 1's plus the rule. Whether the rule did what the runs assume is read
 off the exporter's /metrics around each run, and a run that it did not fails the benchmark."""
 

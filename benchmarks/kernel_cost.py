@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute
 
-from exporter import bpfsys
+from exporter.kernel import bpfsys
 from lab.exporter_process import fd_infos
 from lab.testnode import TestNode, in_netns
 

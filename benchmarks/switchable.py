@@ -18,7 +18,7 @@ exporter per round costs. Left on throughout: the bash collector's uretprobe, wh
 when an interactive bash reads a line.
 
 The switch listens in a thread started before the exporter, so it keeps the capabilities that
-the exporter's own threads give up once attached (exporter/privileges.py)."""
+the exporter's own threads give up once attached (exporter/kernel/privileges.py)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class _Attachments:
 def _record(attachments: _Attachments) -> None:
     import bcc
 
-    from exporter import bpfsys, interfaces, tcx
+    from exporter.kernel import bpfsys, interfaces, tcx
 
     def recording(kind: str, original: Any) -> Any:
         def attach(bpf: Any, tp: Any = b"", fn_name: Any = b"") -> Any:

@@ -14,9 +14,9 @@
 
 /* The slots of map_update_failures (FAILURE_FLOWS, ...), of parse_errors (PARSE_ERROR_IP, ...)
  * and of the parsers array (PARSER_DNS, ...), and FLOW_HANDSHAKE_SHIFT, come from
- * exporter/classifier.py as -D flags: one list, which also labels what user space reads. */
+ * exporter/kernel/classifier.py as -D flags: one list, which also labels what user space reads. */
 #if !defined(FAILURE_COUNT) || !defined(PARSE_ERROR_COUNT) || !defined(PARSER_COUNT)
-#error "compile with exporter/classifier.py's flags (constant_flags)"
+#error "compile with exporter/kernel/classifier.py's flags (constant_flags)"
 #endif
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
@@ -31,7 +31,7 @@ struct iface_info {
     u32 flags;              /* IFACE_* */
 };
 /* Interfaces this exporter monitors, written by user space on attach/detach
- * (exporter/iface_slots.py). Looked up on every packet (twice for a forwarded one on egress),
+ * (exporter/kernel/iface_slots.py). Looked up on every packet (twice for a forwarded one on egress),
  * so first in a direct-mapped array indexed by the ifindex's low bits, a hit only when the
  * slot holds that very ifindex: an array lookup is an index, a hash lookup hashes and compares
  * the key. Two monitored interfaces with the same low bits: the second goes to the hash

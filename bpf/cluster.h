@@ -21,7 +21,7 @@
 #include "common.h"
 #include "packet.h"
 
-/* values of cluster_addresses (exporter/clustermap.py) */
+/* values of cluster_addresses (exporter/kernel/clustermap.py) */
 #define ADDRESS_LOCAL 1             /* this node's own, or one of its pods' */
 #define ADDRESS_COUNTED_ELSEWHERE 2 /* another node's, whose exporter counts what it sends */
 #define ADDRESS_NO_EXPORTER 3       /* another node's without an exporter: counted here */

@@ -1,6 +1,6 @@
 /* Pieces shared by every program of ebpf-net-exporter.
  *
- * Counting protocol (see exporter/maps.py): every counter map's key starts with a
+ * Counting protocol (see exporter/kernel/maps.py): every counter map's key starts with a
  * generation number. Programs write to the generation held in `generation[0]`; at scrape
  * time user space flips it, waits for an RCU grace period (membarrier), and then reads
  * and deletes the old generation, which no program can still be writing. So no count is

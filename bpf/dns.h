@@ -15,7 +15,7 @@
  *
  * With external names on (-DDNS_ANSWERS), a response with answers to a query of this node's
  * client is copied, up to DNS_ANSWER_CAPTURE bytes, to the ring buffer dns_answers: user
- * space (exporter/dnsanswers.py) reads its A, AAAA and CNAME records and names the addresses
+ * space (exporter/decoding/dnsanswers.py) reads its A, AAAA and CNAME records and names the addresses
  * the client resolved. The kernel only copies: a name with compression pointers, chained
  * through CNAMEs, is far easier to follow safely in Python, and answers are few next to packets.
  *

@@ -27,10 +27,10 @@ struct flow_value {
 /* bits of byte 13 of the TCP header */
 #define TCPHDR_SYN 0x02
 #define TCPHDR_ACK 0x10
-/* FLOW_HANDSHAKE_SHIFT: where FLOW_SAW_* sit in packets_handshake, from exporter/classifier.py
+/* FLOW_HANDSHAKE_SHIFT: where FLOW_SAW_* sit in packets_handshake, from exporter/kernel/classifier.py
  * (HANDSHAKE_SHIFT of exporter/collectors/flows.py, which reads them) */
 #ifndef FLOW_HANDSHAKE_SHIFT
-#error "compile with exporter/classifier.py's flags (constant_flags)"
+#error "compile with exporter/kernel/classifier.py's flags (constant_flags)"
 #endif
 /* a SYN without ACK: the sender is the client; a SYN+ACK: the sender is the server */
 #define FLOW_SAW_SYN (1ULL << FLOW_HANDSHAKE_SHIFT)
@@ -44,7 +44,7 @@ static __always_inline u64 handshake_bits(u8 tcp_flags)
 }
 
 /* Flows seen within one scrape interval, in two maps: programs write the one flow_generation
- * names, user space drains the other (exporter/maps.py). A map no program writes any more can
+ * names, user space drains the other (exporter/kernel/maps.py). A map no program writes any more can
  * be emptied with BPF_MAP_LOOKUP_AND_DELETE_BATCH, one pass over it, where a generation in the
  * key needed a read and then a delete of every key: half the drain's time.
  * Per-CPU values: shared ones with atomic adds cost 15-40 ns more per packet (measured). Two maps

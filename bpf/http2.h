@@ -1,6 +1,6 @@
 /* HTTP/2 in clear (h2c) in the TC classifier: the frames of each connection direction are
  * walked in the kernel, and the few that matter are handed to user space, which decodes the
- * header blocks with the connection's HPACK tables (exporter/http2.py) and pairs streams.
+ * header blocks with the connection's HPACK tables (exporter/decoding/http2.py) and pairs streams.
  *
  * A connection is HTTP/2 from the client's preface ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", the
  * first bytes of its first payload, h2_begin): both directions get a walk state in h2_dirs and

@@ -3,7 +3,7 @@
  * struct h2_dir, the walk steps over frames across the pieces of its bytes as they come (a
  * frame header cut by a piece's end is kept byte by byte, a payload's remainder in
  * frame_left), and the frames that matter go to user space as struct h2_record through the
- * program's own ring buffer h2_records (exporter/http2.py decodes them).
+ * program's own ring buffer h2_records (exporter/decoding/http2.py decodes them).
  *
  * Handed over (records of 200 bytes, one per H2_CHUNK bytes of payload at most, so that a
  * steady connection's blocks, mostly table references, take one each): HEADERS, CONTINUATION
@@ -70,7 +70,7 @@ struct h2_dir {
     u8 header[16];          /* H2_FRAME_HEADER_BYTES used */
 };
 
-/* Field order and offsets are mirrored in exporter/http2.py (RECORD). */
+/* Field order and offsets are mirrored in exporter/decoding/http2.py (RECORD). */
 struct h2_record {
     u64 time_ns;
     u8 kind;                /* H2_RECORD_* */

@@ -1,7 +1,7 @@
 /* TCP connection metrics from tracepoints (no kprobes: tracepoints are stable ABI).
  *
  * With the socket fields located (-DWITH_SOCK_FIELDS: offsets from the running kernel's BTF,
- * exporter/sockfields.py) sock:inet_sock_set_state and tcp:tcp_probe are raw tracepoints that
+ * exporter/kernel/sockfields.py) sock:inet_sock_set_state and tcp:tcp_probe are raw tracepoints that
  * read what they need from the socket; without them, classic tracepoints whose arguments say
  * it, and no RTT.
  *
@@ -17,7 +17,7 @@
  *   or an ICMP error ended the attempt). With the socket fields, read from the socket at close
  *   (sk_err is ECONNREFUSED; tcp_sock.total_retrans), so a connecting socket needs no entry:
  *   a successful connect costs one insert, not an insert and a replace.
- * - RTT (-DWITH_SOCK_FIELDS, with the socket field offsets of exporter/sockfields.py): a socket's
+ * - RTT (-DWITH_SOCK_FIELDS, with the socket field offsets of exporter/kernel/sockfields.py): a socket's
  *   smoothed RTT (tcp_sock.srtt_us, read from the socket) is sampled once at close, and in
  *   flight at most once per window of rtt_window_jiffies it receives segments in, from its
  *   second window of life on. A short connection so counts once, with its final srtt.
@@ -314,7 +314,7 @@ static __always_inline u32 now_jiffies(void)
 
 #ifdef WITH_SOCK_FIELDS
 /* The RTT sampling window in jiffies: tcp.rtt_sample_interval at the kernel's tick rate, which
- * user space measures with sample_clock once this program is loaded (exporter/jiffies.py) and
+ * user space measures with sample_clock once this program is loaded (exporter/kernel/jiffies.py) and
  * then writes here. 0 until then: no sample in flight. */
 BPF_ARRAY(rtt_window_jiffies, u32, 1);
 

@@ -1,6 +1,6 @@
 /* HTTPS: HTTP/1.x inside TLS, read from the plaintext OpenSSL's callers hand to SSL_write and
  * get from SSL_read (uprobes on each file with OpenSSL the node's processes map: found by
- * exporter/tlslibs.py, attached by exporter/tlsprobes.py). The plaintext goes through the
+ * exporter/kernel/tlslibs.py, attached by exporter/kernel/tlsprobes.py). The plaintext goes through the
  * classifier's recognition and pairing (bpf/http.h); the counts land in this program's own
  * http_events, which user space labels scheme="https".
  *
@@ -30,10 +30,10 @@
 #include "common.h"
 
 /* The slots of map_update_failures (FAILURE_HTTP_EVENTS, ...) and parse_errors
- * (PARSE_ERROR_HTTP, ...) come from exporter/tlsprobes.py as -D flags: one list, which also
+ * (PARSE_ERROR_HTTP, ...) come from exporter/kernel/tlsprobes.py as -D flags: one list, which also
  * labels what user space reads. */
 #if !defined(FAILURE_COUNT) || !defined(PARSE_ERROR_COUNT)
-#error "compile with exporter/tlsprobes.py's flags (program_flags)"
+#error "compile with exporter/kernel/tlsprobes.py's flags (program_flags)"
 #endif
 BPF_PERCPU_ARRAY(map_update_failures, u64, FAILURE_COUNT);
 BPF_PERCPU_ARRAY(parse_errors, u64, PARSE_ERROR_COUNT);
@@ -120,7 +120,7 @@ BPF_PERCPU_ARRAY(tls_unbound, u64, 1);
 /* requests counted, by the side that counted them: [0] the client, [1] the server */
 BPF_PERCPU_ARRAY(tls_sides, u64, 2);
 
-/* exec() calls: user space looks for new files with OpenSSL after one (exporter/tlsprobes.py) */
+/* exec() calls: user space looks for new files with OpenSSL after one (exporter/kernel/tlsprobes.py) */
 BPF_PERCPU_ARRAY(execs, u64, 1);
 
 TRACEPOINT_PROBE(sched, sched_process_exec)

@@ -13,36 +13,30 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import (
-    __version__,
-    environment,
-    logs,
-    oncepercluster,
-    privileges,
-    selfsigned,
-    singleton,
-)
+from . import __version__, logs
 from .collectors.base import PairCollector
 from .collectors.bash import BashCollector
 from .collectors.dns import DnsCollector
 from .collectors.grpc import GrpcCollector
 from .collectors.http import HttpCollector
 from .config import Config, field_paths
-from .dnsnames import QueryLabel
-from .endpoints import PortFolder, read_ephemeral_floor
+from .decoding.http2source import Http2Source
 from .errors import StartupError
-from .externalnames import ExternalNames, NameTable
-from .http2source import Http2Source
-from .httpnames import GrpcMethodLabel, PathLabel
-from .interfaces import InterfaceMonitor, NameFilter
-from .kubeauth import KubernetesAuth
-from .labelsets import EndpointLabelSets
-from .loader import Program
+from .kernel import environment, oncepercluster, privileges, singleton
+from .kernel.interfaces import InterfaceMonitor, NameFilter
+from .kernel.loader import Program
+from .kernel.tlsprobes import TlsWatch
+from .naming.dnsnames import QueryLabel
+from .naming.endpoints import PortFolder, read_ephemeral_floor
+from .naming.externalnames import ExternalNames, NameTable
+from .naming.httpnames import GrpcMethodLabel, PathLabel
+from .naming.labelsets import EndpointLabelSets
 from .registry import REGISTRY, Wiring
-from .selfmetrics import ExporterCollector, KernelStats, SignalCollector
-from .server import WebServer, make_app
-from .tlsprobes import TlsWatch
-from .webconfig import WebConfig
+from .serving import selfsigned
+from .serving.kubeauth import KubernetesAuth
+from .serving.selfmetrics import ExporterCollector, KernelStats, SignalCollector
+from .serving.server import WebServer, make_app
+from .serving.webconfig import WebConfig
 
 if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
     from .k8s.metadata import KubernetesMetadata

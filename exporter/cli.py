@@ -15,9 +15,10 @@ from typing import Any, NoReturn
 
 import yaml
 
-from . import __version__, config, logs, webconfig
+from . import __version__, config, logs
 from .cliparse import EXIT_RUNTIME, EXIT_USAGE, OneLineParser
-from .loader import LoadError, bpf_dir, expand_source
+from .kernel.loader import LoadError, bpf_dir, expand_source
+from .serving import webconfig
 
 EPILOG = """examples:
   # every interface but lo, on :9814
@@ -215,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
         reread: Callable[[], config.Config] | None = None) -> int:
     from .app import Exporter
-    from .environment import EnvironmentProblem
     from .errors import StartupError
+    from .kernel.environment import EnvironmentProblem
 
     log = logs.get("main")
     # What the handlers saw, in plain lists: a handler runs in the main thread between two of

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import classifier, jiffies, logs, oncepercluster, sockfields, tlsprobes
-from .clustermap import KernelClusterMap
+from . import logs
 from .collectors import drops
 from .collectors.bash import BashCollector, CommandLog, KernelBashSource
 from .collectors.dns import DnsCollector, KernelDnsSource
@@ -24,16 +23,13 @@ from .collectors.grpc import GrpcCollector
 from .collectors.http import HttpCollector, KernelHttpSource, SchemeSources
 from .collectors.tcp import KernelTcpSource, TcpCollector
 from .config import Config
-from .dnsnames import QueryLabel
-from .endpoints import EndpointLabels, PortFolder
+from .decoding.http2source import GrpcCounts, Http2Source
 from .errors import StartupError
-from .externalnames import ExternalNames
-from .http2source import GrpcCounts, Http2Source
-from .httpnames import GrpcMethodLabel, PathLabel
-from .interfaces import InterfaceMonitor
-from .labelsets import EndpointLabelSets
-from .loader import LoadError, Program
-from .programs import (
+from .kernel import classifier, jiffies, oncepercluster, sockfields, tlsprobes
+from .kernel.clustermap import KernelClusterMap
+from .kernel.interfaces import InterfaceMonitor
+from .kernel.loader import LoadError, Program
+from .kernel.programs import (
     PROCESS_TRACEPOINTS,
     TCP_TRACEPOINTS,
     TRACEFS_EVENTS,
@@ -41,8 +37,13 @@ from .programs import (
     missing_tracepoints,
     tcp_program_flags,
 )
-from .selfmetrics import KernelStats, SignalCollector
-from .tlsprobes import TlsWatch
+from .kernel.tlsprobes import TlsWatch
+from .naming.dnsnames import QueryLabel
+from .naming.endpoints import EndpointLabels, PortFolder
+from .naming.externalnames import ExternalNames
+from .naming.httpnames import GrpcMethodLabel, PathLabel
+from .naming.labelsets import EndpointLabelSets
+from .serving.selfmetrics import KernelStats, SignalCollector
 
 if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
     from .k8s.metadata import KubernetesMetadata

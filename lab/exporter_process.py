@@ -27,7 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from exporter import bpfsys
+from exporter.kernel import bpfsys
 from lab.testnode import NETNS_DIR, TestNode, in_netns
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from exporter.environment import pid_alive
+from exporter.kernel.environment import pid_alive
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"

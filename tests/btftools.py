@@ -1,12 +1,12 @@
-"""Small BTF blobs built by hand, for unit tests of exporter/btf.py and its users: a header, the
-type records and the string section (Documentation/bpf/btf.rst)."""
+"""Small BTF blobs built by hand, for unit tests of exporter/kernel/btf.py and its users: a
+header, the type records and the string section (Documentation/bpf/btf.rst)."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
 
-from exporter import btf
+from exporter.kernel import btf
 
 
 class BtfWriter:

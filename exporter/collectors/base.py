@@ -10,9 +10,9 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from .. import logs
-from ..cardinality import SeriesStore
-from ..endpoints import EndpointLabels, PortFolder, address_text
-from ..selfmetrics import KernelStats
+from ..naming.endpoints import EndpointLabels, PortFolder, address_text
+from ..serving.cardinality import SeriesStore
+from ..serving.selfmetrics import KernelStats
 
 log = logs.get("collectors")
 

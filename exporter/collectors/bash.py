@@ -22,9 +22,9 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily
 
 from .. import logs
-from ..cardinality import SeriesStore
-from ..maps import CounterArray
-from ..selfmetrics import KernelStats
+from ..kernel.maps import CounterArray
+from ..serving.cardinality import SeriesStore
+from ..serving.selfmetrics import KernelStats
 
 log = logs.get("bash")
 

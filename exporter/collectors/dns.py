@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import histogram, logs
-from ..cardinality import SeriesStore
-from ..dnsnames import QueryLabel, qtype_name, rcode_name, transport_name
-from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
-from ..exposition import StoreFamily, store_family
-from ..maps import BatchMap, CounterArray, Generation, older_than
-from ..selfmetrics import KernelStats
+from .. import logs
+from ..kernel.maps import BatchMap, CounterArray, Generation, older_than
+from ..naming.dnsnames import QueryLabel, qtype_name, rcode_name, transport_name
+from ..naming.endpoints import OVERFLOW, EndpointLabels, PortFolder
+from ..serving import histogram
+from ..serving.cardinality import SeriesStore
+from ..serving.exposition import StoreFamily, store_family
+from ..serving.selfmetrics import KernelStats
 from .base import PairCollector
 
 log = logs.get("dns")

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import btf, dropreasons, logs
-from ..cardinality import SeriesStore
-from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text, protocol_name
-from ..exposition import StoreFamily, store_family
-from ..maps import BatchMap, CounterArray, Generation
-from ..selfmetrics import KernelStats
+from .. import logs
+from ..kernel import btf, dropreasons
+from ..kernel.maps import BatchMap, CounterArray, Generation
+from ..naming.endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text, protocol_name
+from ..serving.cardinality import SeriesStore
+from ..serving.exposition import StoreFamily, store_family
+from ..serving.selfmetrics import KernelStats
 
 log = logs.get("drops")
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..cardinality import SeriesStore
-from ..endpoints import (
+from ..kernel.maps import BatchMap, CounterArray, Generation
+from ..naming.endpoints import (
     OVERFLOW,
     EndpointLabels,
     PortFolder,
@@ -24,9 +24,9 @@ from ..endpoints import (
     protocol_name,
     ranks,
 )
-from ..exposition import StoreFamily
-from ..maps import BatchMap, CounterArray, Generation
-from ..selfmetrics import KernelStats
+from ..serving.cardinality import SeriesStore
+from ..serving.exposition import StoreFamily
+from ..serving.selfmetrics import KernelStats
 
 FLOW_KEY = np.dtype({
     "names": ["family", "protocol", "sport", "dport", "saddr", "daddr"],

@@ -1,19 +1,19 @@
 """gRPC metrics: calls by grpc_status and the whole call's latency (request HEADERS to the
 trailers), from the HTTP/2 streams whose request's content-type is application/grpc
-(exporter/http2.py). src is the client; dst is the server, with its port."""
+(exporter/decoding/http2.py). src is the client; dst is the server, with its port."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
 
-from .. import histogram
-from ..cardinality import SeriesStore
-from ..endpoints import EndpointLabels, PortFolder
-from ..exposition import StoreFamily, store_family
-from ..http2 import LATENCY, REQUEST, GrpcKey
-from ..httpnames import GrpcMethodLabel
-from ..selfmetrics import KernelStats
+from ..decoding.http2 import LATENCY, REQUEST, GrpcKey
+from ..naming.endpoints import EndpointLabels, PortFolder
+from ..naming.httpnames import GrpcMethodLabel
+from ..serving import histogram
+from ..serving.cardinality import SeriesStore
+from ..serving.exposition import StoreFamily, store_family
+from ..serving.selfmetrics import KernelStats
 from .base import PairCollector
 
 

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import histogram, logs
-from ..cardinality import SeriesStore
-from ..endpoints import OVERFLOW, EndpointLabels, PortFolder
-from ..exposition import StoreFamily, store_family
-from ..httpnames import PathLabel, method_name, status_label, version_label
-from ..maps import BatchMap, CounterArray, Generation, older_than
-from ..selfmetrics import KernelStats
+from .. import logs
+from ..kernel.maps import BatchMap, CounterArray, Generation, older_than
+from ..naming.endpoints import OVERFLOW, EndpointLabels, PortFolder
+from ..naming.httpnames import PathLabel, method_name, status_label, version_label
+from ..serving import histogram
+from ..serving.cardinality import SeriesStore
+from ..serving.exposition import StoreFamily, store_family
+from ..serving.selfmetrics import KernelStats
 from .base import PairCollector
 
 log = logs.get("http")

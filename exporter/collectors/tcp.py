@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import histogram
-from ..cardinality import SeriesStore
-from ..endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
-from ..exposition import StoreFamily, store_family
-from ..maps import BatchMap, CounterArray, Generation
-from ..selfmetrics import KernelStats
+from ..kernel.maps import BatchMap, CounterArray, Generation
+from ..naming.endpoints import OVERFLOW, EndpointLabels, PortFolder, address_text
+from ..serving import histogram
+from ..serving.cardinality import SeriesStore
+from ..serving.exposition import StoreFamily, store_family
+from ..serving.selfmetrics import KernelStats
 from .base import PairCollector
 
 TCP_ENDPOINTS_FIELDS = {

@@ -10,7 +10,7 @@ __all__ = ["RBAC_RULES", "ClusterState", "Identity"]
 
 # Every API call the exporter makes, as the ClusterRole must grant it (deploy/ is checked
 # against this): cluster-wide list and watch, and with web.kubernetes_auth the two reviews of
-# a scraper's token (exporter/kubeauth.py); nothing else.
+# a scraper's token (exporter/serving/kubeauth.py); nothing else.
 RBAC_RULES = [
     {"apiGroups": [""], "resources": ["nodes", "pods", "services"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},

@@ -80,9 +80,10 @@ class Node:
 
 @dataclass(frozen=True)
 class Topology:
-    """Which node each address belongs to, for counting once per cluster (exporter/clustermap.py):
-    every node's addresses and pod CIDRs, the address of every pod that is not on its node's
-    network, and the nodes where a pod of the exporter's own DaemonSet is ready."""
+    """Which node each address belongs to, for counting once per cluster
+    (exporter/kernel/clustermap.py): every node's addresses and pod CIDRs, the address of every
+    pod that is not on its node's network, and the nodes where a pod of the exporter's own
+    DaemonSet is ready."""
     nodes: Mapping[str, Node]
     pod_addresses: Mapping[str, str]        # pod address -> its node
     exporter_nodes: frozenset[str]

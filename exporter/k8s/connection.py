@@ -80,7 +80,7 @@ def local_addresses() -> list[str]:
     """This host's own addresses (its network namespace's), but loopback."""
     from pyroute2 import IPRoute
 
-    from ..netroles import read_addresses
+    from ..kernel.netroles import read_addresses
 
     with IPRoute() as ipr:
         return [str(net.network_address) for net in read_addresses(ipr)

@@ -21,9 +21,9 @@ import re
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import logs
-from ..environment import pid_alive
-from ..interfaces import Link, TcAttacher
-from ..tcx import TcxAttacher
+from ..kernel.environment import pid_alive
+from ..kernel.interfaces import Link, TcAttacher
+from ..kernel.tcx import TcxAttacher
 
 log = logs.get("live")
 

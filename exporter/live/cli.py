@@ -130,9 +130,9 @@ def _writer() -> Any:
 
 def run(cfg: config.Config, line_filter: LineFilter, formatter: Formatter, idle: float,
         interval: float) -> int:
-    from ..environment import EnvironmentProblem
     from ..errors import StartupError
-    from ..loader import LoadError
+    from ..kernel.environment import EnvironmentProblem
+    from ..kernel.loader import LoadError
     from .view import LiveView
 
     log = logs.get("live")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..endpoints import address_text
+from ..naming.endpoints import address_text
 
 LIVE_DNS, LIVE_HTTP, LIVE_TCP_CLOSE = 1, 2, 3
 NAME_BYTES = 128

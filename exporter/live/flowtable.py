@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..endpoints import PortFolder, address_text
+from ..naming.endpoints import PortFolder, address_text
 from .events import End, TcpClose
 
 FLOW_SAW_SYN = 1        # bpf/flows.h: the sender is the client

@@ -6,9 +6,9 @@ import json
 import time
 from typing import Any
 
-from ..dnsnames import decode_name, qtype_name, rcode_name, transport_name
-from ..endpoints import family_name, protocol_name
-from ..httpnames import method_name
+from ..naming.dnsnames import decode_name, qtype_name, rcode_name, transport_name
+from ..naming.endpoints import family_name, protocol_name
+from ..naming.httpnames import method_name
 from .events import End, Exchange
 from .flowtable import FlowLine
 from .identity import Identity

@@ -16,26 +16,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import classifier, environment, logs, sockfields, tlsprobes
-from ..cgroups import CgroupNames
+from .. import logs
 from ..collectors.dns import KernelDnsSource
 from ..collectors.flows import KernelFlowSource
 from ..collectors.http import KernelHttpSource
 from ..collectors.tcp import KernelTcpSource
 from ..config import Config
-from ..endpoints import PortFolder, address_text, read_ephemeral_floor
-from ..http2 import RECORD, Http2Tracker
-from ..interfaces import InterfaceMonitor
-from ..loader import Program
-from ..programs import (
+from ..decoding.http2 import RECORD, Http2Tracker
+from ..kernel import classifier, environment, sockfields, tlsprobes
+from ..kernel.cgroups import CgroupNames
+from ..kernel.interfaces import InterfaceMonitor
+from ..kernel.loader import Program
+from ..kernel.programs import (
     PROCESS_TRACEPOINTS,
     TCP_TRACEPOINTS,
     choose_attacher,
     missing_tracepoints,
     tcp_program_flags,
 )
-from ..ringbuf import FixedRecordRing
-from ..tlsprobes import TlsWatch
+from ..kernel.ringbuf import FixedRecordRing
+from ..kernel.tlsprobes import TlsWatch
+from ..naming.endpoints import PortFolder, address_text, read_ephemeral_floor
 from .attach import LiveAttacher, LiveTcxAttacher
 from .events import End, Exchange, TcpClose, decode
 from .filters import LineFilter

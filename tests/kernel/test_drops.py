@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter import dropreasons
-from exporter.environment import TRACEFS
+from exporter.kernel import dropreasons
+from exporter.kernel.environment import TRACEFS
 from lab.exporter_process import ExporterProcess, Scrape
 from lab.testnode import TestNode, in_netns
 

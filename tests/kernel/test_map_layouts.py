@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from exporter import bpfsys, btf, classifier, config, environment, tlsprobes
+from exporter import config
 from exporter.collectors import bash, dns, drops, flows, http, tcp
-from exporter.externalnames import ANSWER_RECORD
-from exporter.http2 import RECORD as H2_RECORD
+from exporter.decoding.http2 import RECORD as H2_RECORD
+from exporter.kernel import bpfsys, btf, classifier, environment, tlsprobes
+from exporter.kernel.loader import Program
+from exporter.kernel.programs import tcp_program_flags
 from exporter.live.events import LIVE_EVENT
-from exporter.loader import Program
-from exporter.programs import tcp_program_flags
+from exporter.naming.externalnames import ANSWER_RECORD
 
 pytestmark = pytest.mark.kernel
 

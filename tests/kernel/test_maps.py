@@ -1,4 +1,4 @@
-"""exporter/maps.py against real kernel maps: chunked batch reads, exact batch deletes (keys
+"""exporter/kernel/maps.py against real kernel maps: chunked batch reads, exact batch deletes (keys
 with padding), per-CPU value layout and the generation flip."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import errno
 import numpy as np
 import pytest
 
-from exporter import maps
+from exporter.kernel import maps
 
 pytestmark = pytest.mark.kernel
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import privileges, tlsprobes
+from exporter.kernel import privileges, tlsprobes
 from lab.exporter_process import ExporterProcess, attachments_on, wait_until
 from lab.testnode import TestNode, tcp_connections, udp_send
 

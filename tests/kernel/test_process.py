@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cgroups import cgroup2_mount
+from exporter.kernel.cgroups import cgroup2_mount
 from lab.exporter_process import ExporterProcess, wait_until
 from lab.live_process import LiveProcess
 from lab.testnode import TestNode

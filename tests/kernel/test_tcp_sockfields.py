@@ -1,4 +1,4 @@
-"""What the TCP program reads from the socket itself (exporter/sockfields.py): the RTT of a
+"""What the TCP program reads from the socket itself (exporter/kernel/sockfields.py): the RTT of a
 connection the exporter did not see open, the TCP metrics of a kernel whose BTF is out of
 sight, and the tick rate its RTT window is counted in. Each exporter test starts its own
 exporter (the module-wide one of test_tcp.py would be in the way of the first, and has BTF)."""
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from exporter import bpfsys, config, jiffies
-from exporter.loader import Program
-from exporter.programs import tcp_program_flags
+from exporter import config
+from exporter.kernel import bpfsys, jiffies
+from exporter.kernel.loader import Program
+from exporter.kernel.programs import tcp_program_flags
 from lab.exporter_process import ExporterProcess, bpf_map_dump, fd_infos
 from lab.testnode import TestNode, connect_refused, in_netns, tcp_connections
 from tests.kernel.test_tcp import lossy_transfer, pair
@@ -274,7 +275,7 @@ def test_without_btf_the_tcp_counters_stay_exact_and_there_is_no_rtt(node: TestN
 
 
 def test_this_kernel_takes_the_atomics_the_socket_marks_need(kernel_ready: None):
-    """Linux 6.18's verifier takes BPF_CMPXCHG (exporter/bpfsys.py's probe), so the exporter
+    """Linux 6.18's verifier takes BPF_CMPXCHG (exporter/kernel/bpfsys.py's probe), so the exporter
     builds bpf/tcp.c with its socket marks here; an invalid atomic operation is refused."""
     assert bpfsys.has_atomics()
     invalid = bpfsys._insn(0xDB, dst=10, src=1, off=-8, imm=0xF3)    # no such operation

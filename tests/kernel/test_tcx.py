@@ -1,4 +1,4 @@
-"""exporter/tcx.py and bpfsys's tcx calls against the real kernel: the probe both ways, links
+"""exporter/kernel/tcx.py and bpfsys's tcx calls against the real kernel: the probe both ways, links
 that run the program on a test node's veth, the order of the exporter's links and a live
 view's, and what a missing interface gives."""
 
@@ -11,10 +11,10 @@ import os
 import pytest
 
 from benchmarks.kernel_cost import FLOOR_FUNCTION, FLOOR_SOURCE, run_time_statistics
-from exporter import bpfsys
-from exporter.interfaces import Link, TcAttacher
+from exporter.kernel import bpfsys
+from exporter.kernel.interfaces import Link, TcAttacher
+from exporter.kernel.tcx import TcxAttacher
 from exporter.live.attach import LiveTcxAttacher
-from exporter.tcx import TcxAttacher
 from lab.exporter_process import fd_info, filters_on, ifindex, tcx_links
 from lab.testnode import TestNode, in_netns, udp_send
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.environment import pid_alive
+from exporter.kernel.environment import pid_alive
 from lab.testcluster import SERVICE_TABLE, TestCluster
 from lab.testnode import (
     HTTP_INDEX_BODY,

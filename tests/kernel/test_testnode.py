@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.environment import pid_alive
+from exporter.kernel.environment import pid_alive
 from lab import traffic
 from lab.testnode import (
     HTTP_DATA_SIZE,

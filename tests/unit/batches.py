@@ -138,7 +138,7 @@ def unanswered(client: str, server: str, methods: list[int], port: int = 80, ver
 
 
 def grpc_counts(rows: list[dict]) -> dict:
-    """gRPC counts as the HTTP/2 tracker takes them (exporter/http2.py GrpcKey)."""
+    """gRPC counts as the HTTP/2 tracker takes them (exporter/decoding/http2.py GrpcKey)."""
     counts: dict = {}
     for row in rows:
         family, client = _address(row["client"])

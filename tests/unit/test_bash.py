@@ -6,7 +6,7 @@ import json
 import os
 
 from exporter.collectors.bash import LINE_BYTES, BashCollector, CommandLog, decode
-from exporter.selfmetrics import KernelStats
+from exporter.serving.selfmetrics import KernelStats
 
 from .batches import BashSource, bash_record
 

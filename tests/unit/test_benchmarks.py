@@ -240,8 +240,8 @@ def test_the_rule_node_compiles_part_1s_classifier_plus_the_rule(tmp_path: Path)
     import yaml
 
     from benchmarks import cluster_rule
-    from exporter import classifier, oncepercluster
     from exporter.config import load
+    from exporter.kernel import classifier, oncepercluster
 
     node = SimpleNamespace(n=231)
     path = tmp_path / "config.yaml"

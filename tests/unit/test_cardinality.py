@@ -1,4 +1,4 @@
-from exporter.cardinality import SeriesStore
+from exporter.serving.cardinality import SeriesStore
 
 
 class Clock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from exporter.cgroups import CgroupNames, parse_path
+from exporter.kernel.cgroups import CgroupNames, parse_path
 
 UID = "0b7f1e4c-2d3a-4c5b-9e8f-112233445566"
 CID = "a" * 64

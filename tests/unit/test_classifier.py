@@ -1,9 +1,10 @@
 import pytest
 
-from exporter import bpfsys, classifier, config, errors, programs
-from exporter.interfaces import TcAttacher
+from exporter import config, errors
+from exporter.kernel import bpfsys, classifier, programs
+from exporter.kernel.interfaces import TcAttacher
+from exporter.kernel.tcx import TcxAttacher
 from exporter.live.attach import LiveAttacher, LiveTcxAttacher
-from exporter.tcx import TcxAttacher
 
 
 def flags(**overrides):

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from exporter import clustermap, config, netroles, oncepercluster
-from exporter.clustermap import COUNTED_ELSEWHERE, LOCAL, NO_EXPORTER, KernelClusterMap
+from exporter import config
 from exporter.k8s.cluster import NODES, PODS, ClusterState
-from exporter.netroles import Route
-from exporter.oncepercluster import ClusterCounting
-from exporter.selfmetrics import KernelStats
+from exporter.kernel import clustermap, netroles, oncepercluster
+from exporter.kernel.clustermap import COUNTED_ELSEWHERE, LOCAL, NO_EXPORTER, KernelClusterMap
+from exporter.kernel.netroles import Route
+from exporter.kernel.oncepercluster import ClusterCounting
+from exporter.serving.selfmetrics import KernelStats
 from lab import kubeapi
 from tests.unit.batches import FakeLeft, FakeTrie
 

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter import histogram
 from exporter.collectors import flows
 from exporter.collectors import tcp as tcpmod
 from exporter.collectors.flows import FlowsCollector
 from exporter.collectors.tcp import TcpBatch, TcpCollector
-from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.selfmetrics import ExporterCollector, KernelStats
+from exporter.naming.endpoints import EndpointLabels, PortFolder
+from exporter.serving import histogram
+from exporter.serving.selfmetrics import ExporterCollector, KernelStats
 
 from .batches import QueueSource, flow_batch, tcp_batch
 

@@ -17,12 +17,12 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from exporter import config
-from exporter.clustermap import KernelClusterMap
 from exporter.k8s.metadata import KubernetesMetadata
-from exporter.kubeauth import KubernetesAuth
-from exporter.oncepercluster import ClusterCounting
-from exporter.selfmetrics import ExporterCollector, KernelStats
-from exporter.tlsprobes import HttpsMetrics
+from exporter.kernel.clustermap import KernelClusterMap
+from exporter.kernel.oncepercluster import ClusterCounting
+from exporter.kernel.tlsprobes import HttpsMetrics
+from exporter.serving.kubeauth import KubernetesAuth
+from exporter.serving.selfmetrics import ExporterCollector, KernelStats
 from tests import monitoring
 from tests.unit.batches import FakeLeft, FakeTrie
 

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter import histogram
 from exporter.collectors import dns as dnsmod
 from exporter.collectors.dns import DnsCollector
-from exporter.dnsnames import QueryLabel, decode_name, qtype_name, rcode_name, transport_name
-from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.maps import older_than
-from exporter.selfmetrics import KernelStats
+from exporter.kernel.maps import older_than
+from exporter.naming.dnsnames import QueryLabel, decode_name, qtype_name, rcode_name, transport_name
+from exporter.naming.endpoints import EndpointLabels, PortFolder
+from exporter.serving import histogram
+from exporter.serving.selfmetrics import KernelStats
 
 from .batches import QueueSource, dns_batch, timeout
 

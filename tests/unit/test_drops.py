@@ -8,11 +8,11 @@ import struct
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from exporter import btf, dropreasons
 from exporter.collectors import drops as dropsmod
 from exporter.collectors.drops import DropsCollector
-from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.selfmetrics import KernelStats
+from exporter.kernel import btf, dropreasons
+from exporter.naming.endpoints import EndpointLabels, PortFolder
+from exporter.serving.selfmetrics import KernelStats
 from tests.btftools import BtfWriter
 
 from .batches import QueueSource, drop_batch

@@ -2,7 +2,7 @@ import ipaddress
 
 import pytest
 
-from exporter.endpoints import EndpointLabels, PortFolder, address_text, ip_type
+from exporter.naming.endpoints import EndpointLabels, PortFolder, address_text, ip_type
 
 
 @pytest.mark.parametrize("address,kind", [
@@ -69,7 +69,7 @@ def test_endpoint_labels_follow_the_configured_vocabulary():
 def test_vectorised_folding_agrees_with_the_scalar_rule():
     import numpy as np
 
-    from exporter.endpoints import port_text
+    from exporter.naming.endpoints import port_text
 
     rng = np.random.default_rng(7)
     texts = [f"10.0.0.{i}" for i in range(20)]
@@ -92,7 +92,7 @@ def test_vectorised_folding_agrees_with_the_scalar_rule():
 def test_distinct_addresses_with_both_families():
     import numpy as np
 
-    from exporter.endpoints import distinct_addresses
+    from exporter.naming.endpoints import distinct_addresses
 
     def raw(text):
         ip = ipaddress.ip_address(text)
@@ -113,7 +113,7 @@ def test_distinct_addresses_with_both_families():
 def test_unique_rows_matches_a_plain_reference():
     import numpy as np
 
-    from exporter.endpoints import unique_rows
+    from exporter.naming.endpoints import unique_rows
 
     rng = np.random.default_rng(3)
     a, b, c = rng.integers(0, 5, 2000), rng.integers(-2, 3, 2000), rng.integers(0, 4, 2000)
@@ -131,7 +131,7 @@ def test_unique_rows_matches_a_plain_reference():
 def test_grouped_matches_a_plain_reference(low: int, high: int):
     import numpy as np
 
-    from exporter.endpoints import grouped
+    from exporter.naming.endpoints import grouped
 
     rng = np.random.default_rng(4)
     values = rng.integers(low, high, 3000)
@@ -146,7 +146,7 @@ def test_grouped_matches_a_plain_reference(low: int, high: int):
 def test_ranks_match_a_plain_reference():
     import numpy as np
 
-    from exporter.endpoints import ranks
+    from exporter.naming.endpoints import ranks
 
     values = np.random.default_rng(4).integers(0, 50, 3000)
     distinct = sorted(set(values.tolist()))

@@ -12,8 +12,7 @@ from pathlib import Path
 from kubernetes.client import ApiClient
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter import config, histogram
-from exporter.clustermap import KernelClusterMap
+from exporter import config
 from exporter.collectors import dns as dnsmod
 from exporter.collectors import http as httpmod
 from exporter.collectors import tcp as tcpmod
@@ -24,14 +23,16 @@ from exporter.collectors.flows import FlowsCollector
 from exporter.collectors.grpc import GrpcCollector
 from exporter.collectors.http import HttpCollector, SchemeSources
 from exporter.collectors.tcp import TcpCollector
-from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.externalnames import ExternalNames, NameTable
 from exporter.k8s.metadata import KubernetesMetadata
-from exporter.kubeauth import KubernetesAuth
+from exporter.kernel.clustermap import KernelClusterMap
+from exporter.kernel.oncepercluster import ClusterCounting
+from exporter.kernel.tlsprobes import HttpsMetrics
 from exporter.logs import LogFailuresCollector
-from exporter.oncepercluster import ClusterCounting
-from exporter.selfmetrics import ExporterCollector, KernelStats
-from exporter.tlsprobes import HttpsMetrics
+from exporter.naming.endpoints import EndpointLabels, PortFolder
+from exporter.naming.externalnames import ExternalNames, NameTable
+from exporter.serving import histogram
+from exporter.serving.kubeauth import KubernetesAuth
+from exporter.serving.selfmetrics import ExporterCollector, KernelStats
 
 from ..conftest import skip_or_fail
 from .batches import (
@@ -199,7 +200,7 @@ def test_every_self_metric_of_the_spec_is_served_with_per_collector_labels():
         in text
 
 
-# The /metrics fast path (exporter/exposition.py) against prometheus_client's own encoders.
+# The /metrics fast path (exporter/serving/exposition.py) against prometheus_client's own encoders.
 HOSTILE = ['a "quoted" name', "back\\slash\\", "two\nlines", 'all\\"\n\\n', "", "ünïcode"]
 
 
@@ -221,7 +222,7 @@ def hostile_collectors(stats: KernelStats) -> list:
 def fast_and_library(accept: str | None) -> tuple[str, str, str]:
     from prometheus_client.exposition import choose_encoder
 
-    from exporter.exposition import generate
+    from exporter.serving.exposition import generate
 
     registry = CollectorRegistry()
     for collector in hostile_collectors(KernelStats()):
@@ -254,8 +255,8 @@ def test_the_served_metrics_are_the_fast_path_gzipped_or_not(monkeypatch):
     import gzip
     from wsgiref.util import setup_testing_defaults
 
-    from exporter import exposition
-    from exporter.exposition import make_metrics_app
+    from exporter.serving import exposition
+    from exporter.serving.exposition import make_metrics_app
 
     released: list = []
     monkeypatch.setattr(exposition, "_release_free_memory", lambda: released.append(1))
@@ -288,7 +289,7 @@ def test_value_text_is_floattogostring():
 
     from prometheus_client.utils import floatToGoString
 
-    from exporter.exposition import value_text
+    from exporter.serving.exposition import value_text
 
     values = [0.0, -0.0, 1.0, 0.5, 1e-7, 2.5e-05, 999999.0, 999999.99, 1e6, 1234567.0, 1e21,
               -3.0, math.inf, -math.inf, math.nan, 7, 0, 10**7]

@@ -13,11 +13,17 @@ from prometheus_client import CollectorRegistry
 
 from exporter import config
 from exporter.collectors.flows import FlowsCollector
-from exporter.dnsanswers import DnsAnswerError, parse_response, read_name
-from exporter.endpoints import PortFolder
-from exporter.externalnames import ANSWER_RECORD, CAPTURE, ExternalNames, NameLabel, NameTable
-from exporter.labelsets import EndpointLabelSets
-from exporter.selfmetrics import KernelStats
+from exporter.decoding.dnsanswers import DnsAnswerError, parse_response, read_name
+from exporter.naming.endpoints import PortFolder
+from exporter.naming.externalnames import (
+    ANSWER_RECORD,
+    CAPTURE,
+    ExternalNames,
+    NameLabel,
+    NameTable,
+)
+from exporter.naming.labelsets import EndpointLabelSets
+from exporter.serving.selfmetrics import KernelStats
 from lab.dnstools import QTYPE_A, QTYPE_AAAA, encode_name, record, response
 
 from .batches import QueueSource, flow_batch

@@ -1,4 +1,4 @@
-from exporter import histogram
+from exporter.serving import histogram
 
 
 def test_slots_are_ceil_log2_with_zero_and_one_in_slot_zero():

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter import histogram
 from exporter.collectors import http as httpmod
 from exporter.collectors.http import HttpCollector, queued_slots
-from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.httpnames import PathLabel, method_name, status_label, template, version_label
-from exporter.maps import older_than
-from exporter.selfmetrics import KernelStats
+from exporter.kernel.maps import older_than
+from exporter.naming.endpoints import EndpointLabels, PortFolder
+from exporter.naming.httpnames import PathLabel, method_name, status_label, template, version_label
+from exporter.serving import histogram
+from exporter.serving.selfmetrics import KernelStats
 
 from .batches import QueueSource, http_batch, unanswered
 

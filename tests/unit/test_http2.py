@@ -1,4 +1,4 @@
-"""The HTTP/2 tracker (exporter/http2.py) on records as the kernel writes them: pairing,
+"""The HTTP/2 tracker (exporter/decoding/http2.py) on records as the kernel writes them: pairing,
 gRPC status, HPACK table state, losses and the bounds."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from hpack import Encoder
 
-from exporter import histogram
-from exporter.http2 import (
+from exporter.decoding.http2 import (
     CHUNK,
     CONTINUATION,
     END_HEADERS,
@@ -35,7 +34,8 @@ from exporter.http2 import (
     Http2Tracker,
     grpc_status_name,
 )
-from exporter.httpnames import GrpcMethodLabel
+from exporter.naming.httpnames import GrpcMethodLabel
+from exporter.serving import histogram
 
 CLIENT, SERVER = bytes([10, 0, 0, 1]) + bytes(12), bytes([10, 0, 0, 2]) + bytes(12)
 GET, POST = 1 | VERSION_2, 3 | VERSION_2

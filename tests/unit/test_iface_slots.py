@@ -1,6 +1,6 @@
 import pytest
 
-from exporter.iface_slots import InterfaceSlots
+from exporter.kernel.iface_slots import InterfaceSlots
 
 
 class FakeMaps:

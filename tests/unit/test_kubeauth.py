@@ -17,10 +17,10 @@ import pytest
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
-from exporter import selfsigned
 from exporter.k8s.connection import connect
-from exporter.kubeauth import KubernetesAuth, bearer_token
-from exporter.server import WebServer, make_app
+from exporter.serving import selfsigned
+from exporter.serving.kubeauth import KubernetesAuth, bearer_token
+from exporter.serving.server import WebServer, make_app
 from lab.kubeapi import KubeAPI
 
 READER = {"username": "system:serviceaccount:monitoring:prometheus-k8s", "uid": "u-1",
@@ -147,7 +147,7 @@ def test_the_certificate_made_at_start_serves_tls(api: KubeAPI) -> None:
 def test_a_web_config_s_headers_and_tls_stay_with_kubernetes_auth(api: KubeAPI) -> None:
     """--web.config.file's certificate and headers still apply; its basic auth is the one
     thing that cannot be combined (the exporter refuses it at start)."""
-    from exporter.webconfig import WebConfig
+    from exporter.serving.webconfig import WebConfig
 
     web = WebConfig(tls=selfsigned.server_context(["localhost"], []),
                     headers=(("X-Content-Type-Options", "nosniff"),))

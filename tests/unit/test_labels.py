@@ -15,11 +15,11 @@ from prometheus_client import CollectorRegistry
 
 from exporter import config
 from exporter.collectors.flows import CLIENT_END, FlowsCollector
-from exporter.endpoints import EndpointLabels, PortFolder
 from exporter.k8s.cluster import EXTERNAL_IDENTITY, ClusterState, Identity
-from exporter.labelsets import EndpointLabelSets
-from exporter.namepolicy import OTHER, Globs, NamePolicy
-from exporter.selfmetrics import KernelStats
+from exporter.naming.endpoints import EndpointLabels, PortFolder
+from exporter.naming.labelsets import EndpointLabelSets
+from exporter.naming.namepolicy import OTHER, Globs, NamePolicy
+from exporter.serving.selfmetrics import KernelStats
 from lab import kubeapi
 
 from .batches import QueueSource, flow_batch

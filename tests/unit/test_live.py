@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from exporter.endpoints import PortFolder
 from exporter.live.events import LIVE_EVENT, LIVE_HTTP, LIVE_TCP_CLOSE, End, TcpClose, decode
 from exporter.live.filters import FilterError, LineFilter, parse_host
 from exporter.live.flowtable import CLOSE_GRACE_SECONDS, FlowTable
 from exporter.live.identity import AddressIdentity
 from exporter.live.output import Formatter
+from exporter.naming.endpoints import PortFolder
 
 from .batches import flow_batch
 

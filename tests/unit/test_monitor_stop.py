@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from exporter.interfaces import InterfaceMonitor, Link, NameFilter
+from exporter.kernel.interfaces import InterfaceMonitor, Link, NameFilter
 
 POD_VETH = Link(index=7, name="vethpod1", ethernet=True, kind="veth", master=None, lower=None)
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from exporter import environment, loader
-from exporter.interfaces import Link, NameFilter, select_links
+from exporter.kernel import environment, loader
+from exporter.kernel.interfaces import Link, NameFilter, select_links
 
 
 def test_local_includes_are_inlined_once_with_line_markers(tmp_path):

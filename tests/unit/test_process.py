@@ -6,8 +6,8 @@ import numpy as np
 
 from exporter.collectors import tcp as tcpmod
 from exporter.collectors.tcp import TcpCollector
-from exporter.endpoints import EndpointLabels, PortFolder
-from exporter.selfmetrics import KernelStats
+from exporter.naming.endpoints import EndpointLabels, PortFolder
+from exporter.serving.selfmetrics import KernelStats
 
 from .batches import QueueSource, tcp_batch
 

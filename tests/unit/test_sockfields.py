@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter import bpfsys, btf, config, jiffies, programs, sockfields
+from exporter import config
+from exporter.kernel import bpfsys, btf, jiffies, programs, sockfields
 from tests.btftools import BtfWriter
 
 

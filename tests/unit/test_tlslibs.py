@@ -1,11 +1,11 @@
-"""Finding the files with OpenSSL in processes' memory maps (exporter/tlslibs.py)."""
+"""Finding the files with OpenSSL in processes' memory maps (exporter/kernel/tlslibs.py)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from exporter.tlslibs import FileScan, mapped_files
+from exporter.kernel.tlslibs import FileScan, mapped_files
 
 MAPS = b"""\
 55d0c0a00000-55d0c0a2e000 r--p 00000000 08:01 1311 /usr/bin/curl

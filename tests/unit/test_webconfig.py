@@ -11,8 +11,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter
 
-from exporter import webconfig
-from exporter.server import WebServer, make_app
+from exporter.serving import webconfig
+from exporter.serving.server import WebServer, make_app
 from lab.certs import Certs, bcrypt_hash, make_certs
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from . import logs
+from .. import logs
 
 log = logs.get("environment")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import btf, jiffies, logs
+from .. import logs
+from . import btf, jiffies
 
 log = logs.get("tcp")
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from cachetools import LRUCache
 
-from .k8s.cluster import Identity
+from ..k8s.cluster import Identity
 
 OTHER = "other"
 

@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import logs
+from .. import logs
 from .environment import pid_alive
 
 log = logs.get("cgroups")

@@ -1,7 +1,7 @@
 """The HTTP endpoint: metrics at the telemetry path (prometheus_client's WSGI app, which does
 content negotiation and gzip, with the traffic families written by exposition.py), /healthz
 (alive), /readyz (programs attached) and a landing page; over TLS and behind basic auth when
-a web config (exporter/webconfig.py) asks for it."""
+a web config (exporter/serving/webconfig.py) asks for it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
 
-from . import logs, privileges
+from .. import logs
+from ..kernel import privileges
 from .exposition import make_metrics_app
 from .kubeauth import ALLOWED, UNAUTHENTICATED, KubernetesAuth
 from .webconfig import BasicAuth, WebConfig

@@ -32,7 +32,8 @@ from hpack import Decoder
 from hpack.exceptions import HPACKError
 from hpack.table import HeaderTable
 
-from . import histogram, logs
+from .. import logs
+from ..serving import histogram
 
 log = logs.get("http2")
 
@@ -64,7 +65,7 @@ VERSION_2 = 3 << 4
 METHOD_CODES = {b"GET": 1, b"HEAD": 2, b"POST": 3, b"PUT": 4, b"DELETE": 5, b"PATCH": 6,
                 b"OPTIONS": 7, b"CONNECT": 8, b"TRACE": 9}
 METHOD_OTHER = 10
-# status values below 100 (bpf/http.h, exporter/httpnames.py)
+# status values below 100 (bpf/http.h, exporter/naming/httpnames.py)
 STATUS_NONE, STATUS_UNTRACKED, STATUS_UNKNOWN = 0, 2, 3
 
 GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",

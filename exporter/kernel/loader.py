@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import logs
+from .. import logs
 
 log = logs.get("loader")
 
@@ -42,7 +42,7 @@ def index_flags(prefix: str, names: Sequence[str]) -> list[str]:
 def bpf_dir() -> Path:
     """Where the C sources are: EBPF_NET_BPF_DIR, else bpf/ next to the package."""
     override = os.environ.get("EBPF_NET_BPF_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "bpf"
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "bpf"
 
 
 def expand_source(path: Path, seen: set[Path] | None = None) -> str:

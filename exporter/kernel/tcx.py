@@ -20,7 +20,8 @@ import threading
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import bpfsys, logs
+from .. import logs
+from . import bpfsys
 from .interfaces import Link, TcAttacher
 
 log = logs.get("interfaces")

@@ -21,13 +21,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import clustermap, logs, netroles
+from .. import logs
+from ..config import Config
+from ..serving.selfmetrics import KernelStats
+from . import clustermap, netroles
 from .clustermap import Address, KernelClusterMap
-from .config import Config
-from .selfmetrics import KernelStats
 
 if TYPE_CHECKING:
-    from .k8s.metadata import KubernetesMetadata
+    from ..k8s.metadata import KubernetesMetadata
 
 log = logs.get("cluster")
 

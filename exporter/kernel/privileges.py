@@ -20,7 +20,7 @@ import ctypes.util
 import os
 from collections.abc import Iterable
 
-from . import logs
+from .. import logs
 
 log = logs.get("privileges")
 

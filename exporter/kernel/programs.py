@@ -1,17 +1,18 @@
 """The kernel programs' needs, in one place for the exporter and the live view: the tracepoints
 each one attaches to, the flags bpf/tcp.c is compiled with, and how the classifier goes onto
-interfaces. (The classifier's flags are exporter/classifier.py's, the HTTPS program's
-exporter/tlsprobes.py's, the drops program's exporter/collectors/drops.py's.)"""
+interfaces. (The classifier's flags are exporter/kernel/classifier.py's, the HTTPS program's
+exporter/kernel/tlsprobes.py's, the drops program's exporter/collectors/drops.py's.)"""
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable
 
-from . import bpfsys, environment, logs, sockfields
-from .collectors import tcp as tcp_collector
-from .config import Config
-from .errors import StartupError
+from .. import logs
+from ..collectors import tcp as tcp_collector
+from ..config import Config
+from ..errors import StartupError
+from . import bpfsys, environment, sockfields
 from .interfaces import Attacher, TcAttacher
 from .loader import index_flags
 from .tcx import TcxAttacher

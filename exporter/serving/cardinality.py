@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from .endpoints import OVERFLOW
+from ..naming.endpoints import OVERFLOW
 from .exposition import LabelRenderer, LabelText, LabelValues, Row
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import logs
+from .. import logs
 
 log = logs.get("maps")
 

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 from cachetools import LRUCache, TTLCache
 
-from .k8s.cluster import Identity
+from ..k8s.cluster import Identity
 from .namepolicy import NamePolicy
 
 # the endpoint label vocabulary, in the order labels appear

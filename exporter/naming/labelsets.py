@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from . import logs
-from .config import Config
+from .. import logs
+from ..config import Config
 from .endpoints import KUBERNETES_LABELS, EndpointLabels, ExternalNamer
 from .namepolicy import Globs, NamePolicy
 
 if TYPE_CHECKING:      # the kubernetes client is imported only when Kubernetes is on
-    from .k8s.metadata import KubernetesMetadata
+    from ..k8s.metadata import KubernetesMetadata
 
 log = logs.get("main")
 

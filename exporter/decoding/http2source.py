@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 
-from . import logs
-from .collectors.http import HTTP_KEY, HTTP_KEY_PATHS, HttpBatch
+from .. import logs
+from ..collectors.http import HTTP_KEY, HTTP_KEY_PATHS, HttpBatch
+from ..kernel.ringbuf import FixedRecordRing, RingError
+from ..serving.selfmetrics import KernelStats
 from .http2 import RECORD, GrpcKey, Http2Tracker
-from .ringbuf import FixedRecordRing, RingError
-from .selfmetrics import KernelStats
 
 log = logs.get("http2")
 

@@ -6,7 +6,7 @@
   ipvlan devices on a monitored link.
 - When: at start, on every netlink link event (a new pod's veth is attached within a few
   hundred milliseconds), and by a full resync every RESYNC_SECONDS in case an event was lost.
-- How: on Linux >= 6.6, a tcx link per hook (exporter/tcx.py). Else (or with
+- How: on Linux >= 6.6, a tcx link per hook (exporter/kernel/tcx.py). Else (or with
   `interfaces.attach: clsact`) a clsact qdisc (created only if absent) with one cls_bpf filter
   per hook, at a fixed priority and handle and named FILTER_NAME, written with `replace` so a
   filter left by a killed earlier run is replaced, never doubled. The qdiscs this exporter
@@ -34,7 +34,8 @@ from typing import Any, Protocol
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import logs, privileges
+from .. import logs
+from . import privileges
 
 log = logs.get("interfaces")
 

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import logs
+from .. import logs
 from .cardinality import SeriesStore
 
 log = logs.get("selfmetrics")

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import logs
-from .k8s.cluster import Topology
+from .. import logs
+from ..k8s.cluster import Topology
 
 log = logs.get("cluster")
 

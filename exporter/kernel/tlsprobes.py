@@ -1,5 +1,5 @@
 """The HTTPS program's uprobes (bpf/tls.c), attached once per file with OpenSSL that this
-node's processes map (exporter/tlslibs.py), and detached when no process maps it any more.
+node's processes map (exporter/kernel/tlslibs.py), and detached when no process maps it any more.
 
 A uprobe sits on the file, not on a process: every process that maps the file, already
 running or started later, runs it. So only a file not seen before needs a scan to find it.
@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from . import bpfsys, logs, oncepercluster, privileges, sockfields
-from .config import Config
+from .. import logs
+from ..config import Config
+from ..serving.selfmetrics import KernelStats
+from . import bpfsys, oncepercluster, privileges, sockfields
 from .loader import Program, index_flags
 from .maps import CounterArray
-from .selfmetrics import KernelStats
 from .tlslibs import FileId, FileScan, MappedFile
 
 log = logs.get("https")

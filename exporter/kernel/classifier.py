@@ -10,15 +10,15 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from ..collectors.flows import HANDSHAKE_SHIFT
+from ..config import Config
+from ..serving.selfmetrics import KernelStats
 from . import oncepercluster
-from .collectors.flows import HANDSHAKE_SHIFT
-from .config import Config
 from .iface_slots import InterfaceSlots
 from .interfaces import Attacher, InterfaceMonitor, Link, NameFilter
 from .loader import Program, index_flags
 from .maps import CounterArray
 from .oncepercluster import ClusterCounting
-from .selfmetrics import KernelStats
 
 # the slots of map_update_failures (C name, the map's name in the self-metrics), of
 # parse_errors and of the parsers tail-call array in bpf/classifier.c, given to it as -D flags

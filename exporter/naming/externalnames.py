@@ -32,11 +32,11 @@ from cachetools import LRUCache
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from . import logs
-from .dnsanswers import DnsAnswerError, Response, parse_response
+from .. import logs
+from ..decoding.dnsanswers import DnsAnswerError, Response, parse_response
+from ..kernel.ringbuf import FixedRecordRing, RingError
+from ..serving.selfmetrics import KernelStats
 from .endpoints import address_text
-from .ringbuf import FixedRecordRing, RingError
-from .selfmetrics import KernelStats
 
 log = logs.get("dns")
 
