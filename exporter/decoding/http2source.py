@@ -9,13 +9,10 @@ import time
 
 import numpy as np
 
-from .. import logs
 from ..collectors.http import HTTP_KEY, HTTP_KEY_PATHS, HttpBatch
-from ..kernel.ringbuf import FixedRecordRing, RingError
+from ..kernel.ringbuf import FixedRecordRing, PollThread
 from ..serving.selfmetrics import KernelStats
 from .http2 import RECORD, GrpcKey, Http2Tracker
-
-log = logs.get("http2")
 
 # The kernel writes records without waking anyone (BPF_RB_NO_WAKEUP); the ring is read on this
 # period. At 20,000 gRPC calls a second some 60,000 to 80,000 records (12 to 16 MB) a second
@@ -40,31 +37,16 @@ class Http2Source:
         self.paths = paths
         self.conn_capacity = conn_capacity
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._reader = PollThread(f"{self.name}-records", "HTTP/2 records", self.poll,
+                                  POLL_SECONDS)
         self._last_sweep = time.monotonic()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"{self.name}-records",
-                                        daemon=True)
-        self._thread.start()
+        self._reader.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        self._reader.stop()
         self.ring.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
-            try:
-                self.poll()
-            except RingError as e:      # a layout mismatch: every later read would fail too
-                log.error("HTTP/2 records cannot be read", extra={"error": str(e)})
-                return
-            except Exception as e:      # keep reading; each failed batch is logged
-                log.warning("HTTP/2 records: a batch failed", extra={"error": str(e)},
-                            exc_info=True)
 
     def poll(self) -> None:
         """Reads and follows every record the kernel committed, and sweeps idle connections."""

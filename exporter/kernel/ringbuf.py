@@ -16,8 +16,14 @@ bytes. Positions only grow; a record's place is its position modulo the data siz
 from __future__ import annotations
 
 import mmap
+import threading
+from collections.abc import Callable
 
 import numpy as np
+
+from .. import logs
+
+log = logs.get("ringbuf")
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -85,3 +91,36 @@ class FixedRecordRing:
         self._data.release()
         self._producer.close()
         self._consumer.close()
+
+
+class PollThread:
+    """Calls `poll` every `seconds` in a thread of its own until stopped: the reader of a ring
+    buffer the kernel writes without waking anyone. A RingError (the reader and the program
+    disagree on the layout: every later read would fail too) ends it with one error line;
+    any other failure is logged with its batch, and the next poll goes on. `what` names the
+    records in those lines."""
+
+    def __init__(self, name: str, what: str, poll: Callable[[], None], seconds: float) -> None:
+        self.name, self.what, self.poll, self.seconds = name, what, poll, seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds):
+            try:
+                self.poll()
+            except RingError as e:
+                log.error(f"{self.what} cannot be read", extra={"error": str(e)})
+                return
+            except Exception as e:
+                log.warning(f"{self.what}: a batch failed", extra={"error": str(e)},
+                            exc_info=True)

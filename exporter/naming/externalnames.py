@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 
 from .. import logs
 from ..decoding.dnsanswers import DnsAnswerError, Response, parse_response
-from ..kernel.ringbuf import FixedRecordRing, RingError
+from ..kernel.ringbuf import FixedRecordRing, PollThread
 from ..serving.selfmetrics import KernelStats
 from .endpoints import address_text
 
@@ -141,8 +141,7 @@ class ExternalNames:
         self.read = 0           # responses read
         self.cut = 0            # responses longer than the bytes kept, whose last records fell
         self._read_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._reader = PollThread("dns-answers", "DNS answers", self.poll, POLL_SECONDS)
         self._last_sweep = time.monotonic()
 
     def read_from(self, program: object) -> None:
@@ -160,26 +159,12 @@ class ExternalNames:
         return NO_NAME if names is None else self.label_of(names)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dns-answers", daemon=True)
-        self._thread.start()
+        self._reader.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        self._reader.stop()
         if self.ring:
             self.ring.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
-            try:
-                self.poll()
-            except RingError as e:      # a layout mismatch: every later read would fail too
-                log.error("DNS answers cannot be read", extra={"error": str(e)})
-                return
-            except Exception as e:      # keep reading; each failed batch is logged
-                log.warning("DNS answers: a batch failed", extra={"error": str(e)},
-                            exc_info=True)
 
     def poll(self) -> None:
         """Learns the names of every response the kernel copied since the last poll. Called by
