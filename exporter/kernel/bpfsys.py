@@ -1,6 +1,6 @@
-"""The bpf(2) system call for the few commands bcc's Python bindings do not wrap
-(BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx and uprobe_multi links, a map's
-BTF), and probes of the kernel's BPF atomics and tcx links."""
+"""The bpf(2) system call for what the exporter does without bcc: batch reads and deletes of
+maps, BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx and uprobe_multi links, a
+map's BTF; and probes of the kernel's BPF atomics and tcx links."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import platform
 SYSCALL_NUMBER = {"x86_64": 321, "aarch64": 280}
 PROG_LOAD = 5
 PROG_TEST_RUN = 10
+MAP_DELETE_ELEM = 3
+MAP_LOOKUP_BATCH = 24
+MAP_LOOKUP_AND_DELETE_BATCH = 25
+MAP_DELETE_BATCH = 27
 OBJ_GET_INFO_BY_FD = 15
 BTF_GET_FD_BY_ID = 19
 LINK_CREATE = 28
@@ -246,3 +250,53 @@ def btf_data(btf_id: int) -> bytes:
         return data.raw[:info.btf_size]
     finally:
         os.close(fd)
+
+
+class MapElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]
+
+
+class MapBatchAttr(ctypes.Structure):
+    """The `batch` member of union bpf_attr (BPF_MAP_*_BATCH)."""
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def map_batch(command: int, map_fd: int, in_batch: int, out_batch: int, keys: int,
+              values: int, count: int) -> tuple[int, int]:
+    """One BPF_MAP_LOOKUP_BATCH, LOOKUP_AND_DELETE_BATCH or DELETE_BATCH call (in_batch 0:
+    from the start; the other arguments are addresses): how many entries it did, and 0 or the
+    errno it failed with (ENOENT: it reached the end of the map, after those entries)."""
+    attr = MapBatchAttr(in_batch=in_batch, out_batch=out_batch, keys=keys, values=values,
+                        count=count, map_fd=map_fd)
+    try:
+        bpf(command, attr, "map batch")
+    except OSError as e:
+        return attr.count, e.errno or errno.EIO
+    return attr.count, 0
+
+
+def map_delete(map_fd: int, key: bytes) -> bool:
+    """BPF_MAP_DELETE_ELEM: whether the key was there and is gone now."""
+    buffer = ctypes.create_string_buffer(key, len(key))
+    try:
+        bpf(MAP_DELETE_ELEM, MapElemAttr(map_fd=map_fd, key=ctypes.addressof(buffer)),
+            "map delete")
+    except OSError:
+        return False
+    return True
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """CPUs the kernel may ever bring up (a per-CPU map has a value for each): the count of
+    a list of ranges such as 0-3,8-11."""
+    with open(path) as f:
+        total = 0
+        for part in f.read().strip().split(","):
+            first, _, last = part.partition("-")
+            total += int(last or first) - int(first) + 1
+        return total

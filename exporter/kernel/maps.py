@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import logs
+from . import bpfsys
 
 log = logs.get("maps")
 
@@ -52,12 +53,6 @@ def wait_for_rcu_grace_period() -> None:
                     extra={"seconds": _FALLBACK_GRACE_SECONDS,
                            "errno": errno.errorcode.get(ctypes.get_errno(), "?")})
     time.sleep(_FALLBACK_GRACE_SECONDS)
-
-
-def possible_cpus() -> int:
-    from bcc.utils import get_possible_cpus
-
-    return len(get_possible_cpus())
 
 
 class MapReadError(Exception):
@@ -85,15 +80,12 @@ class BatchMap:
 
     def __init__(self, name: str, table: Any, key_dtype: np.dtype, value_dtype: np.dtype,
                  per_cpu: bool) -> None:
-        from bcc import libbcc
-
-        self._lib = libbcc.lib
         self.name = name
         self.fd = table.map_fd
         self.capacity = int(table.max_entries)
         self.key_dtype = key_dtype
         self.value_dtype = value_dtype
-        self.cpus = possible_cpus() if per_cpu else 1
+        self.cpus = bpfsys.possible_cpus() if per_cpu else 1
         self.per_cpu = per_cpu
         if key_dtype.itemsize != ctypes.sizeof(table.Key):
             raise MapReadError(f"{self.name}: key is {ctypes.sizeof(table.Key)} bytes in C, "
@@ -111,7 +103,7 @@ class BatchMap:
 
     def read(self) -> MapSnapshot:
         """Every entry of the map, copied out of the kernel with BPF_MAP_LOOKUP_BATCH."""
-        return self._walk(self._lib.bpf_lookup_batch, "BPF_MAP_LOOKUP_BATCH")
+        return self._walk(bpfsys.MAP_LOOKUP_BATCH, "BPF_MAP_LOOKUP_BATCH")
 
     def take(self) -> MapSnapshot:
         """Every entry of the map, copied out and deleted in one pass with
@@ -122,10 +114,10 @@ class BatchMap:
         The chunks already taken are deleted from the map: if a later one fails, they are
         returned (and the failure logged) rather than dropped with an exception. The entries
         not reached stay in the map, to be taken at its next drain."""
-        return self._walk(self._lib.bpf_lookup_and_delete_batch,
+        return self._walk(bpfsys.MAP_LOOKUP_AND_DELETE_BATCH,
                           "BPF_MAP_LOOKUP_AND_DELETE_BATCH", keep_partial=True)
 
-    def _walk(self, batch_call: Any, call_name: str, keep_partial: bool = False) -> MapSnapshot:
+    def _walk(self, command: int, call_name: str, keep_partial: bool = False) -> MapSnapshot:
         # The kernel writes each chunk straight into arrays of the map's capacity, which are
         # then only sliced: no copy of a chunk, no concatenation (a 1M-flow drain copied 72 MB
         # twice). Arrays that large are fresh mappings from malloc, whose pages are backed only
@@ -136,19 +128,18 @@ class BatchMap:
         values = np.empty(self.capacity * self.cpus, dtype=self.value_dtype)
         keys_at, values_at = keys.ctypes.data, values.ctypes.data
         with self._lock:
-            token = ctypes.c_uint32(0)
-            next_token = ctypes.c_uint32(0)
-            count = ctypes.c_uint32(0)
+            # the kernel's position in the map: a key-sized opaque token (for a hash map)
+            token = ctypes.create_string_buffer(max(key_size, 8))
+            next_token = ctypes.create_string_buffer(max(key_size, 8))
             first, total = True, 0
             while total < self.capacity:
-                count.value = min(self._chunk, self.capacity - total)
-                rc = batch_call(
-                    self.fd, None if first else ctypes.byref(token), ctypes.byref(next_token),
-                    ctypes.c_void_p(keys_at + total * key_size),
-                    ctypes.c_void_p(values_at + total * self._value_stride), ctypes.byref(count))
-                err = ctypes.get_errno()
-                total += count.value
-                if rc != 0:
+                done, err = bpfsys.map_batch(
+                    command, self.fd, 0 if first else ctypes.addressof(token),
+                    ctypes.addressof(next_token), keys_at + total * key_size,
+                    values_at + total * self._value_stride,
+                    min(self._chunk, self.capacity - total))
+                total += done
+                if err:
                     if err == errno.ENOENT:
                         break       # walked the whole map
                     if keep_partial and total:
@@ -159,7 +150,7 @@ class BatchMap:
                         break
                     raise MapReadError(f"{self.name}: {call_name} failed: {os.strerror(err)}")
                 first = False
-                token.value = next_token.value
+                ctypes.memmove(token, next_token, len(token))
         flat = values[:total * self.cpus]
         return MapSnapshot(keys[:total], flat.reshape(total, self.cpus) if self.per_cpu else flat,
                            self.key_dtype)
@@ -183,7 +174,7 @@ class BatchMap:
         claimed = []
         for row in rows:
             raw = snapshot.raw_keys[row].tobytes()
-            if self._lib.bpf_delete_elem(self.fd, ctypes.c_char_p(raw)) == 0:
+            if bpfsys.map_delete(self.fd, raw):
                 claimed.append(int(row))
         return claimed
 
@@ -193,13 +184,11 @@ class BatchMap:
         if len(keys) == 0:
             return
         buffer = np.ascontiguousarray(keys)     # the kernel reads the keys in place
-        count = ctypes.c_uint32(len(keys))
-        rc = self._lib.bpf_delete_batch(self.fd, buffer.ctypes.data_as(ctypes.c_void_p),
-                                        ctypes.byref(count))
-        if rc != 0:
-            err = ctypes.get_errno()
+        done, err = bpfsys.map_batch(bpfsys.MAP_DELETE_BATCH, self.fd, 0, 0,
+                                     buffer.ctypes.data, 0, len(keys))
+        if err:
             raise MapReadError(f"{self.name}: BPF_MAP_DELETE_BATCH failed after "
-                               f"{count.value} of {len(keys)} keys: {os.strerror(err)}")
+                               f"{done} of {len(keys)} keys: {os.strerror(err)}")
 
 
 def older_than(timestamps_ns: np.ndarray, now_ns: int, limit_ns: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import errno
 import numpy as np
 import pytest
 
-from exporter.kernel import maps
+from exporter.kernel import bpfsys, maps
 
 pytestmark = pytest.mark.kernel
 
@@ -32,7 +32,7 @@ def program(kernel_ready):
 
 
 def fill(table, n: int, generation: int) -> None:
-    cpus = maps.possible_cpus()
+    cpus = bpfsys.possible_cpus()
     for i in range(n):
         key = table.Key(generation=generation, tag=i % 7, id=i)
         value = table.Leaf(*([0] * cpus))
@@ -64,22 +64,19 @@ def filled_reader(program, entries: int) -> maps.BatchMap:
     return maps.BatchMap("counts", table, KEY, np.dtype("<u8"), per_cpu=True)
 
 
-class FailingTake:
-    """libbcc with BPF_MAP_LOOKUP_AND_DELETE_BATCH failing (EIO) from its `fail_from`-th call."""
+def failing_take(monkeypatch: pytest.MonkeyPatch, fail_from: int) -> None:
+    """BPF_MAP_LOOKUP_AND_DELETE_BATCH failing (EIO) from its `fail_from`-th call, having done
+    nothing in that call, as the kernel reports it."""
+    real, calls = bpfsys.map_batch, [0]
 
-    def __init__(self, real, fail_from: int) -> None:
-        self.real, self.fail_from, self.calls = real, fail_from, 0
+    def map_batch(command: int, *args: int) -> tuple[int, int]:
+        if command == bpfsys.MAP_LOOKUP_AND_DELETE_BATCH:
+            calls[0] += 1
+            if calls[0] >= fail_from:
+                return 0, errno.EIO
+        return real(command, *args)
 
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def bpf_lookup_and_delete_batch(self, *args):
-        self.calls += 1
-        if self.calls < self.fail_from:
-            return self.real.bpf_lookup_and_delete_batch(*args)
-        args[5]._obj.value = 0          # as the kernel: the count of entries done
-        ctypes.set_errno(errno.EIO)
-        return -1
+    monkeypatch.setattr(bpfsys, "map_batch", map_batch)
 
 
 def test_take_returns_every_entry_once_and_empties_the_map(program):
@@ -92,12 +89,12 @@ def test_take_returns_every_entry_once_and_empties_the_map(program):
     assert len(reader.read().keys) == 0
 
 
-def test_a_take_that_fails_midway_returns_what_it_took_and_leaves_the_rest(program):
+def test_a_take_that_fails_midway_returns_what_it_took_and_leaves_the_rest(program, monkeypatch):
     entries = 20000
     reader = filled_reader(program, entries)
-    real, reader._lib = reader._lib, FailingTake(reader._lib, fail_from=2)
-    taken = reader.take()
-    reader._lib = real
+    with monkeypatch.context() as patched:
+        failing_take(patched, fail_from=2)
+        taken = reader.take()
     # the first chunk, not an exception (the kernel ends a chunk on a bucket's boundary, so it
     # may hold a few entries fewer than asked for)
     assert 0 < len(taken.keys) <= maps.READ_CHUNK_ENTRIES
@@ -106,12 +103,12 @@ def test_a_take_that_fails_midway_returns_what_it_took_and_leaves_the_rest(progr
     assert sorted(left["id"].tolist() + taken.keys["id"].tolist()) == list(range(entries))
 
 
-def test_a_failing_first_take_raises_and_takes_nothing(program):
+def test_a_failing_first_take_raises_and_takes_nothing(program, monkeypatch):
     reader = filled_reader(program, 100)
-    real, reader._lib = reader._lib, FailingTake(reader._lib, fail_from=1)
-    with pytest.raises(maps.MapReadError, match="BPF_MAP_LOOKUP_AND_DELETE_BATCH failed"):
-        reader.take()
-    reader._lib = real
+    with monkeypatch.context() as patched:
+        failing_take(patched, fail_from=1)
+        with pytest.raises(maps.MapReadError, match="BPF_MAP_LOOKUP_AND_DELETE_BATCH failed"):
+            reader.take()
     assert len(reader.read().keys) == 100
 
 
@@ -155,7 +152,7 @@ def test_counter_arrays_report_growth_since_the_last_read(kernel_ready):
     try:
         table = bpf[b"failures"]
         counter = maps.CounterArray("failures", table)
-        cpus = maps.possible_cpus()
+        cpus = bpfsys.possible_cpus()
         table[ctypes.c_int(2)] = table.Leaf(*([5] * cpus))
         assert counter.read_deltas().tolist() == [0, 0, 5 * cpus, 0]
         table[ctypes.c_int(2)] = table.Leaf(*([6] * cpus))

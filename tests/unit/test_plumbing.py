@@ -118,3 +118,13 @@ def test_headers_found_in_usr_src_are_merged_and_used(tmp_path, monkeypatch):
     where = environment.ensure_headers(src=tmp_path)
     assert where == str(tmp_path / "merged" / build.name)
     assert environment.os.environ["BCC_KERNEL_SOURCE"] == where
+
+
+@pytest.mark.parametrize("listed, cpus", [("0\n", 1), ("0-1\n", 2), ("0-3,8-11\n", 8),
+                                          ("0,2,4-5\n", 4)])
+def test_possible_cpus_counts_the_kernels_ranges(tmp_path, listed, cpus):
+    from exporter.kernel import bpfsys
+
+    path = tmp_path / "possible"
+    path.write_text(listed)
+    assert bpfsys.possible_cpus(str(path)) == cpus
