@@ -31,9 +31,9 @@ struct iface_info {
     u32 flags;              /* IFACE_* */
 };
 /* Interfaces this exporter monitors, written by user space on attach/detach
- * (exporter/kernel/iface_slots.py). Looked up on every packet (twice for a forwarded one on egress),
- * so first in a direct-mapped array indexed by the ifindex's low bits, a hit only when the
- * slot holds that very ifindex: an array lookup is an index, a hash lookup hashes and compares
+ * (exporter/kernel/iface_slots.py). Looked up on every packet (twice for a forwarded one on
+ * egress), so first in a direct-mapped array indexed by the ifindex's low bits, a hit only when
+ * the slot holds that very ifindex: an array lookup is an index, a hash lookup hashes and compares
  * the key. Two monitored interfaces with the same low bits: the second goes to the hash
  * monitored_ifaces, and the slot's `collided` says the hash is worth a look. 16384 covers the
  * densest nodes (one veth per pod); an interface past it is not attached and the exporter logs

@@ -15,9 +15,10 @@
  *
  * With external names on (-DDNS_ANSWERS), a response with answers to a query of this node's
  * client is copied, up to DNS_ANSWER_CAPTURE bytes, to the ring buffer dns_answers: user
- * space (exporter/decoding/dnsanswers.py) reads its A, AAAA and CNAME records and names the addresses
- * the client resolved. The kernel only copies: a name with compression pointers, chained
- * through CNAMEs, is far easier to follow safely in Python, and answers are few next to packets.
+ * space (exporter/decoding/dnsanswers.py) reads its A, AAAA and CNAME records and names the
+ * addresses the client resolved. The kernel only copies: a name with compression pointers,
+ * chained through CNAMEs, is far easier to follow safely in Python, and answers are few next
+ * to packets.
  *
  * Packets that only look like DNS (truncated header, question past the end of the message,
  * a compression pointer or over-long name in the question, qdcount other than 1) and responses

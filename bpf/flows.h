@@ -27,8 +27,9 @@ struct flow_value {
 /* bits of byte 13 of the TCP header */
 #define TCPHDR_SYN 0x02
 #define TCPHDR_ACK 0x10
-/* FLOW_HANDSHAKE_SHIFT: where FLOW_SAW_* sit in packets_handshake, from exporter/kernel/classifier.py
- * (HANDSHAKE_SHIFT of exporter/collectors/flows.py, which reads them) */
+/* FLOW_HANDSHAKE_SHIFT: where FLOW_SAW_* sit in packets_handshake, from
+ * exporter/kernel/classifier.py (HANDSHAKE_SHIFT of exporter/collectors/flows.py, which reads
+ * them) */
 #ifndef FLOW_HANDSHAKE_SHIFT
 #error "compile with exporter/kernel/classifier.py's flags (constant_flags)"
 #endif
@@ -44,9 +45,9 @@ static __always_inline u64 handshake_bits(u8 tcp_flags)
 }
 
 /* Flows seen within one scrape interval, in two maps: programs write the one flow_generation
- * names, user space drains the other (exporter/kernel/maps.py). A map no program writes any more can
- * be emptied with BPF_MAP_LOOKUP_AND_DELETE_BATCH, one pass over it, where a generation in the
- * key needed a read and then a delete of every key: half the drain's time.
+ * names, user space drains the other (exporter/kernel/maps.py). A map no program writes any
+ * more can be emptied with BPF_MAP_LOOKUP_AND_DELETE_BATCH, one pass over it, where a
+ * generation in the key needed a read and then a delete of every key: half the drain's time.
  * Per-CPU values: shared ones with atomic adds cost 15-40 ns more per packet (measured). Two maps
  * of 16-byte values take 2 x 16 bytes per entry and possible CPU, one of 24-byte values took 24.
  * 65536 flows per interval covers a busy node at a 15 s interval; flows past it are not lost:

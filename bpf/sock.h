@@ -1,5 +1,6 @@
 /* A TCP socket's endpoints, read from the socket itself (-DWITH_SOCK_FIELDS: member offsets
- * from the running kernel's BTF, exporter/kernel/sockfields.py, as CO-RE relocations would give). */
+ * from the running kernel's BTF, exporter/kernel/sockfields.py, as CO-RE relocations would
+ * give). */
 #ifndef EBPF_NET_SOCK_H
 #define EBPF_NET_SOCK_H
 

@@ -1,9 +1,9 @@
 /* TCP connection metrics from tracepoints (no kprobes: tracepoints are stable ABI).
  *
  * With the socket fields located (-DWITH_SOCK_FIELDS: offsets from the running kernel's BTF,
- * exporter/kernel/sockfields.py) sock:inet_sock_set_state and tcp:tcp_probe are raw tracepoints that
- * read what they need from the socket; without them, classic tracepoints whose arguments say
- * it, and no RTT.
+ * exporter/kernel/sockfields.py) sock:inet_sock_set_state and tcp:tcp_probe are raw
+ * tracepoints that read what they need from the socket; without them, classic tracepoints
+ * whose arguments say it, and no RTT.
  *
  * Every socket the program sees open is remembered in tcp_sockets (keyed by the socket's
  * address, which the kernel does not reuse while the socket lives) with its role and
@@ -17,10 +17,10 @@
  *   or an ICMP error ended the attempt). With the socket fields, read from the socket at close
  *   (sk_err is ECONNREFUSED; tcp_sock.total_retrans), so a connecting socket needs no entry:
  *   a successful connect costs one insert, not an insert and a replace.
- * - RTT (-DWITH_SOCK_FIELDS, with the socket field offsets of exporter/kernel/sockfields.py): a socket's
- *   smoothed RTT (tcp_sock.srtt_us, read from the socket) is sampled once at close, and in
- *   flight at most once per window of rtt_window_jiffies it receives segments in, from its
- *   second window of life on. A short connection so counts once, with its final srtt.
+ * - RTT (-DWITH_SOCK_FIELDS, with the socket field offsets of exporter/kernel/sockfields.py):
+ *   a socket's smoothed RTT (tcp_sock.srtt_us, read from the socket) is sampled once at close,
+ *   and in flight at most once per window of rtt_window_jiffies it receives segments in, from
+ *   its second window of life on. A short connection so counts once, with its final srtt.
  *   tcp:tcp_probe runs on every segment an established socket receives, so it is a raw
  *   tracepoint (no copy of its arguments) and looks at no map for a segment whose socket
  *   already received one in the same window: a per-CPU mark of the sockets it looked at last
@@ -314,8 +314,8 @@ static __always_inline u32 now_jiffies(void)
 
 #ifdef WITH_SOCK_FIELDS
 /* The RTT sampling window in jiffies: tcp.rtt_sample_interval at the kernel's tick rate, which
- * user space measures with sample_clock once this program is loaded (exporter/kernel/jiffies.py) and
- * then writes here. 0 until then: no sample in flight. */
+ * user space measures with sample_clock once this program is loaded
+ * (exporter/kernel/jiffies.py) and then writes here. 0 until then: no sample in flight. */
 BPF_ARRAY(rtt_window_jiffies, u32, 1);
 
 /* The kernel's two clocks read together, for user space to tell the tick rate: a TC program

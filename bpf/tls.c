@@ -1,8 +1,8 @@
 /* HTTPS: HTTP/1.x inside TLS, read from the plaintext OpenSSL's callers hand to SSL_write and
  * get from SSL_read (uprobes on each file with OpenSSL the node's processes map: found by
- * exporter/kernel/tlslibs.py, attached by exporter/kernel/tlsprobes.py). The plaintext goes through the
- * classifier's recognition and pairing (bpf/http.h); the counts land in this program's own
- * http_events, which user space labels scheme="https".
+ * exporter/kernel/tlslibs.py, attached by exporter/kernel/tlsprobes.py). The plaintext goes
+ * through the classifier's recognition and pairing (bpf/http.h); the counts land in this
+ * program's own http_events, which user space labels scheme="https".
  *
  * Which connection. A call's socket is the one its thread sends or receives on during the call
  * (sock:sock_send_length, sock:sock_recv_length): OpenSSL writes and reads its socket inside
@@ -120,7 +120,8 @@ BPF_PERCPU_ARRAY(tls_unbound, u64, 1);
 /* requests counted, by the side that counted them: [0] the client, [1] the server */
 BPF_PERCPU_ARRAY(tls_sides, u64, 2);
 
-/* exec() calls: user space looks for new files with OpenSSL after one (exporter/kernel/tlsprobes.py) */
+/* exec() calls: user space looks for new files with OpenSSL after one
+ * (exporter/kernel/tlsprobes.py) */
 BPF_PERCPU_ARRAY(execs, u64, 1);
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
