@@ -23,6 +23,34 @@
 #define LAYOUT_ANCHOR(record)
 #endif
 
+/* One end of a connection: the client's (by family, port and address) and the server's, as
+ * keys and values of the maps that tie a client end to a server (bpf/http.h, bpf/flows.h). */
+struct client_end {
+    u8 family;
+    u8 pad;
+    u16 port;
+    u8 addr[16];
+};
+struct server_end {
+    u16 port;
+    u16 pad;
+    u8 addr[16];
+};
+
+static __always_inline void client_end_of(struct client_end *end, u8 family, u16 port,
+                                          const u8 *addr)
+{
+    end->family = family;
+    end->port = port;
+    __builtin_memcpy(end->addr, addr, 16);
+}
+
+static __always_inline void server_end_of(struct server_end *end, u16 port, const u8 *addr)
+{
+    end->port = port;
+    __builtin_memcpy(end->addr, addr, 16);
+}
+
 /* Histograms keep one slot per power of two of microseconds: slot i counts values v with
  * 2^(i-1) < v <= 2^i (slot 0 takes v <= 1), so its Prometheus bucket is exactly le = 2^i us.
  * Slot HIST_INF_SLOT takes values past 2^(HIST_INF_SLOT-1) us (33.5 s) and feeds only +Inf.

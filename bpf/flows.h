@@ -65,28 +65,14 @@ BPF_PERCPU_HASH(flows_1, struct flow_key, struct flow_value, FLOW_CAPACITY);
  * and its SYN+ACK, seen here before the DNAT is undone, names the backend it reached. User space
  * reads it for the zone of such connections (exporter/collectors/flows.py). LRU: the oldest
  * connections go first; 65536 covers the connections a busy node opens in a scrape interval. */
-struct client_end {
-    u8 family;
-    u8 pad;
-    u16 port;
-    u8 addr[16];
-};
-struct answering_server {
-    u8 addr[16];
-    u16 port;
-    u16 pad;
-};
-BPF_TABLE("lru_hash", struct client_end, struct answering_server, answering_servers, 65536);
+BPF_TABLE("lru_hash", struct client_end, struct server_end, answering_servers, 65536);
 
 static __always_inline void remember_answering_server(const struct packet *pkt)
 {
     struct client_end client = {};
-    client.family = pkt->family;
-    client.port = pkt->dport;
-    __builtin_memcpy(client.addr, pkt->daddr, 16);
-    struct answering_server server = {};
-    __builtin_memcpy(server.addr, pkt->saddr, 16);
-    server.port = pkt->sport;
+    client_end_of(&client, pkt->family, pkt->dport, pkt->daddr);
+    struct server_end server = {};
+    server_end_of(&server, pkt->sport, pkt->saddr);
     answering_servers.update(&client, &server);
 }
 #endif

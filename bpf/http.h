@@ -148,33 +148,7 @@ BPF_PERCPU_HASH(http_events, struct http_key, u64, HTTP_EVENT_CAPACITY);
  * different servers share (Linux reuses ports across destinations) pairs wrongly only when one
  * of them went through a DNAT and the other was opened later. LRU: an entry needs no delete
  * when its connection ends; as many as http_conns. */
-struct http_client_end {
-    u8 family;
-    u8 pad;
-    u16 port;
-    u8 addr[16];
-};
-struct http_server_end {
-    u16 port;
-    u16 pad;
-    u8 addr[16];
-};
-static __always_inline void http_client_end_of(struct http_client_end *end, u8 family, u16 port,
-                                               const u8 *addr)
-{
-    end->family = family;
-    end->port = port;
-    __builtin_memcpy(end->addr, addr, 16);
-}
-
-static __always_inline void http_server_end_of(struct http_server_end *end, u16 port,
-                                               const u8 *addr)
-{
-    end->port = port;
-    __builtin_memcpy(end->addr, addr, 16);
-}
-
-BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, http_clients,
+BPF_TABLE("lru_hash", struct client_end, struct server_end, http_clients,
           HTTP_CONN_CAPACITY);
 /* requests that found http_events full, by method and version */
 BPF_PERCPU_ARRAY(http_overflow, u64, 64);
@@ -356,9 +330,9 @@ static __always_inline struct http_conn *http_conn_find(struct http_conn_key *ck
     struct http_conn *conn = http_conns.lookup(ck);
     if (conn)
         return conn;
-    struct http_client_end client = {};
-    http_client_end_of(&client, ck->family, ck->client_port, ck->client);
-    struct http_server_end *server = http_clients.lookup(&client);
+    struct client_end client = {};
+    client_end_of(&client, ck->family, ck->client_port, ck->client);
+    struct server_end *server = http_clients.lookup(&client);
     if (!server)
         return 0;
     ck->server_port = server->port;
@@ -414,10 +388,10 @@ static __always_inline struct http_conn *http_conn_open(struct http_scratch *s,
         http_count_request(&s->key, method, HTTP_STATUS_UNTRACKED);
         return 0;
     }
-    struct http_client_end client = {};
-    http_client_end_of(&client, ck->family, ck->client_port, ck->client);
-    struct http_server_end server = {};
-    http_server_end_of(&server, ck->server_port, ck->server);
+    struct client_end client = {};
+    client_end_of(&client, ck->family, ck->client_port, ck->client);
+    struct server_end server = {};
+    server_end_of(&server, ck->server_port, ck->server);
     http_clients.update(&client, &server);
     return conn;
 }

@@ -47,7 +47,7 @@ BPF_TABLE("lru_hash", struct packet_direction, struct h2_dir, h2_dirs, H2_DIR_CA
  * replies of a connection to a Service's ClusterIP whose backend is on this node (or whose
  * replies cross a monitored network interface) come from the backend's address, before the
  * DNAT is undone. Their direction is adopted by h2_adopt_reply when its first payload passes. */
-BPF_TABLE("lru_hash", struct http_client_end, struct http_server_end, h2_clients,
+BPF_TABLE("lru_hash", struct client_end, struct server_end, h2_clients,
           H2_DIR_CAPACITY / 2);
 
 /* The connection a direction's records name: the client and the server as the client
@@ -173,9 +173,9 @@ static __always_inline int h2_followed(const struct packet *pkt)
  * names the server as the client addressed it. 1 when adopted. */
 static __always_inline int h2_adopt_reply(const struct packet *pkt)
 {
-    struct http_client_end client = {};
-    http_client_end_of(&client, pkt->family, pkt->dport, pkt->daddr);
-    struct http_server_end *addressed = h2_clients.lookup(&client);
+    struct client_end client = {};
+    client_end_of(&client, pkt->family, pkt->dport, pkt->daddr);
+    struct server_end *addressed = h2_clients.lookup(&client);
     if (!addressed)
         return 0;
     const u64 *was = (const u64 *)addressed->addr, *is = (const u64 *)pkt->saddr;

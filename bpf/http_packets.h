@@ -313,10 +313,10 @@ static __always_inline int h2_begin(const struct packet *pkt, struct http_scratc
     __builtin_memcpy(d.server, pkt->daddr, 16);
     direction_of(&k, pkt, 0);
     h2_dirs.update(&k, &d);
-    struct http_client_end client = {};
-    http_client_end_of(&client, pkt->family, pkt->sport, pkt->saddr);
-    struct http_server_end server = {};
-    http_server_end_of(&server, pkt->dport, pkt->daddr);
+    struct client_end client = {};
+    client_end_of(&client, pkt->family, pkt->sport, pkt->saddr);
+    struct server_end server = {};
+    server_end_of(&server, pkt->dport, pkt->daddr);
     h2_clients.update(&client, &server);
     d.state = H2_DIR_UNSYNCED;
     d.from_server = 1;

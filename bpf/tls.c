@@ -453,7 +453,7 @@ struct h2_tls_key {
 };
 BPF_TABLE("lru_hash", struct h2_tls_key, struct h2_dir, h2_tls_dirs, H2_TLS_CAPACITY);
 /* the side (TLS_SIDE_*) that follows each HTTP/2 connection, by its client's end */
-BPF_TABLE("lru_hash", struct http_client_end, u32, h2_tls_claims, H2_TLS_CAPACITY);
+BPF_TABLE("lru_hash", struct client_end, u32, h2_tls_claims, H2_TLS_CAPACITY);
 
 static __always_inline void h2_tls_key_of(struct h2_tls_key *k, u64 ssl, u32 written)
 {
@@ -479,8 +479,8 @@ static __always_inline int h2_tls_begin(u64 ssl, u32 side, u64 now)
 {
     struct http_conn_key e = {};
     tls_conn_key(&e, ssl, side);
-    struct http_client_end ce = {};
-    http_client_end_of(&ce, e.family, e.client_port, e.client);
+    struct client_end ce = {};
+    client_end_of(&ce, e.family, e.client_port, e.client);
     u32 *claim = h2_tls_claims.lookup(&ce);
     if (claim && *claim != side)
         return 0;
@@ -554,8 +554,8 @@ static __always_inline void h2_tls_free(u64 ssl)
     h2_tls_dirs.delete(&k);
     k.written = 0;
     h2_tls_dirs.delete(&k);
-    struct http_client_end ce = {};
-    http_client_end_of(&ce, e.family, e.client_port, e.client);
+    struct client_end ce = {};
+    client_end_of(&ce, e.family, e.client_port, e.client);
     h2_tls_claims.delete(&ce);
 }
 #endif

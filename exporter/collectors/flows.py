@@ -42,12 +42,12 @@ PACKETS_MASK = np.uint64((1 << HANDSHAKE_SHIFT) - 1)
 RECENT_FLOW = np.dtype([("key", FLOW_KEY), ("bytes", "<u8"), ("packets_handshake", "<u8"),
                         ("generation", "<u4"), ("pad", "<u4")])
 RECENT_WAYS = 2         # recent_flows slots per generation parity: index parity * 2 + way
-# struct client_end and struct answering_server (bpf/flows.h, answering_servers)
+# struct client_end and struct server_end (bpf/common.h), answering_servers' key and value
 CLIENT_END = np.dtype({"names": ["family", "port", "addr"],
                        "formats": ["u1", "<u2", ("u1", 16)], "offsets": [0, 2, 4],
                        "itemsize": 20})
-ANSWERING_SERVER = np.dtype({"names": ["addr", "port"], "formats": [("u1", 16), "<u2"],
-                             "offsets": [0, 16], "itemsize": 20})
+SERVER_END = np.dtype({"names": ["port", "addr"], "formats": ["<u2", ("u1", 16)],
+                       "offsets": [0, 4], "itemsize": 20})
 TCP = 6
 # a drain's flows, summed over CPUs
 FLOW_VALUE = np.dtype([("bytes", "<u8"), ("packets", "<u8"), ("handshake", "<u8")])
@@ -83,7 +83,7 @@ class KernelFlowSource:
         table = program.table  # type: ignore[attr-defined]
         self.generation = Generation(table("flow_generation"), counting=True)
         self.servers = BatchMap("answering_servers", table("answering_servers"), CLIENT_END,
-                                ANSWERING_SERVER, per_cpu=False) if answering_servers else None
+                                SERVER_END, per_cpu=False) if answering_servers else None
         self.servers_held = 0       # entries at its last read (read only when needed)
         self.flows = [BatchMap("flows", table(f"flows_{parity}"), FLOW_KEY,
                                KERNEL_FLOW_VALUE, per_cpu=True) for parity in (0, 1)]

@@ -73,7 +73,7 @@ PROGRAMS = {  # variant -> (how to build it, the layouts it holds)
         lambda: classifier_program(options(**FULL), "layout-full"), [
             Layout("flows_0", flows.FLOW_KEY, flows.KERNEL_FLOW_VALUE),
             Layout("recent_flows", U32, flows.RECENT_FLOW),
-            Layout("answering_servers", flows.CLIENT_END, flows.ANSWERING_SERVER),
+            Layout("answering_servers", flows.CLIENT_END, flows.SERVER_END),
             Layout("dns_events", dns.DNS_KEY_NAMED, dns.COUNT),
             Layout("dns_pending", dns.PENDING_KEY, dns.PENDING_VALUE_NAMED),
             Layout("http_events", http.HTTP_KEY_PATHS, http.COUNT),
