@@ -84,7 +84,6 @@ class KernelFlowSource:
         self.generation = Generation(table("flow_generation"), counting=True)
         self.servers = BatchMap("answering_servers", table("answering_servers"), CLIENT_END,
                                 SERVER_END, per_cpu=False) if answering_servers else None
-        self.servers_held = 0       # entries at its last read (read only when needed)
         self.flows = [BatchMap("flows", table(f"flows_{parity}"), FLOW_KEY,
                                KERNEL_FLOW_VALUE, per_cpu=True) for parity in (0, 1)]
         self.recent = BatchMap("recent_flows", table("recent_flows"), np.dtype("<u4"),
@@ -118,18 +117,17 @@ class KernelFlowSource:
         overflow[:, 1] &= PACKETS_MASK
         return FlowBatch(keys, values, overflow, len(drained.raw_keys), old.capacity)
 
-    def answering_servers(self) -> dict[bytes, bytes]:
+    def answering_servers(self) -> tuple[dict[bytes, bytes], int]:
         """The server that answered each client's SYN: the client's end (struct client_end,
-        as bytes) -> the server's 16-byte address."""
+        as bytes) -> the server's 16-byte address; and the map's capacity."""
         if self.servers is None:
-            return {}
+            return {}, 0
         snapshot = self.servers.read()
-        self.servers_held = len(snapshot.raw_keys)
         raw = snapshot.raw_keys.tobytes()
         size = CLIENT_END.itemsize
         addresses = snapshot.values["addr"]
-        return {raw[i * size:(i + 1) * size]: addresses[i].tobytes()
-                for i in range(len(snapshot.raw_keys))}
+        return ({raw[i * size:(i + 1) * size]: addresses[i].tobytes()
+                 for i in range(len(snapshot.raw_keys))}, self.servers.capacity)
 
     def _recent(self, generation: int) -> np.ndarray:
         """The CPUs' recent_flows slots that counted in `generation`: no program writes them
@@ -215,10 +213,6 @@ class FlowsCollector:
                                  (packet_count for _, packet_count in deltas.values()))
 
         self.stats.record_map("flows", batch.entries, batch.capacity)
-        servers = getattr(self.source, "servers", None)
-        if servers is not None:
-            self.stats.record_map("answering_servers", self.source.servers_held,  # type: ignore[attr-defined]
-                                  servers.capacity)
 
     def _fold_flows(self, keys: np.ndarray, values: np.ndarray,
                     deltas: defaultdict[tuple[str, ...], list[float]]) -> None:
@@ -282,7 +276,10 @@ class FlowsCollector:
         if not services:
             return dst
         rows = np.flatnonzero(np.isin(dst, services) & (keys["protocol"] == TCP))
-        servers = self.source.answering_servers() if len(rows) else {}  # type: ignore[attr-defined]
+        if not len(rows):
+            return dst
+        servers, capacity = self.source.answering_servers()  # type: ignore[attr-defined]
+        self.stats.record_map("answering_servers", len(servers), capacity)
         if not servers:
             return dst
         ends = np.zeros(len(rows), dtype=CLIENT_END)

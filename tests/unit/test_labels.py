@@ -253,14 +253,14 @@ class AnsweredSource(QueueSource):
         super().__init__(batches, flow_batch([]))
         self.answers = servers
 
-    def answering_servers(self) -> dict[bytes, bytes]:
+    def answering_servers(self) -> tuple[dict[bytes, bytes], int]:
         out = {}
         for (client, port), server in self.answers.items():
             end = np.zeros(1, dtype=CLIENT_END)
             end["family"], end["port"] = 4, port
             end["addr"][0][:4] = np.frombuffer(socket.inet_aton(client), dtype=np.uint8)
             out[end.tobytes()] = socket.inet_aton(server) + bytes(12)
-        return out
+        return out, 65536
 
 
 def test_a_connection_to_a_service_across_zones_takes_the_zone_of_its_backend() -> None:
