@@ -272,7 +272,7 @@ def _grpc(wiring: Wiring) -> SignalCollector | None:
     """gRPC calls, from the HTTP/2 records of the classifier (h2c) and of the HTTPS program;
     they carry the HTTP metrics' endpoint labels (labels.per_metric.http)."""
     config = wiring.config
-    if config.collectors.http:
+    if classifier.wanted(config):
         wiring.classifier()
     if config.collectors.https:
         wiring.https()
