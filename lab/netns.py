@@ -28,6 +28,11 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 SYS_NET_DIR = "/sys/class/net"
 STOP_TIMEOUT = 5.0
+# every lab namespace: IPv6 addresses usable at once, no router solicitations
+NO_DAD_SYSCTLS = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                  "net.ipv6.conf.default.router_solicitations=0")
+# a namespace that routes between others (a node)
+FORWARDING_SYSCTLS = ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
 
 _PREFIX_RE = r"ent(\d+)x[0-9a-z]{1,2}"
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"

@@ -41,7 +41,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from lab.netns import (
+    FORWARDING_SYSCTLS,
     NETNS_DIR,
+    NO_DAD_SYSCTLS,
     SYS_NET_DIR,
     _host_lock,
     _ip,
@@ -231,16 +233,10 @@ class TestNode(NetnsLab):
         self.host_ip, self.node_host_ip = f"10.{n}.0.1", f"10.{n}.0.2"
 
     def _build_namespaces(self) -> None:
-        no_dad = [
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-            "net.ipv6.conf.default.router_solicitations=0",
-        ]
-        forwarding = ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
         for ns in self.namespaces:
             _ip("netns", "add", ns)
-            extra = forwarding if ns == self.node_ns else []
-            self.run(ns, ["sysctl", "-qw", *no_dad, *extra])
+            extra = FORWARDING_SYSCTLS if ns == self.node_ns else ()
+            self.run(ns, ["sysctl", "-qw", *NO_DAD_SYSCTLS, *extra])
         va, vb = self.veth_a, self.veth_b
         _ip(
             "-n",
