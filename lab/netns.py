@@ -28,9 +28,14 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 SYS_NET_DIR = "/sys/class/net"
 STOP_TIMEOUT = 5.0
-# every lab namespace: IPv6 addresses usable at once, no router solicitations
-NO_DAD_SYSCTLS = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
-                  "net.ipv6.conf.default.router_solicitations=0")
+# every lab namespace: IPv6 addresses usable at once, no router solicitations, and Reno
+# whatever the host's default: a BBR connection that lived through a test's 20 % packet loss
+# can keep a bandwidth estimate of a few packets a second long after the loss has stopped.
+# (Reno, since a namespace may only choose from net.ipv4.tcp_allowed_congestion_control,
+# which always has it and need not have CUBIC.)
+LAB_NS_SYSCTLS = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                  "net.ipv6.conf.default.router_solicitations=0",
+                  "net.ipv4.tcp_congestion_control=reno")
 # a namespace that routes between others (a node)
 FORWARDING_SYSCTLS = ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
 

@@ -36,7 +36,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from lab.netns import FORWARDING_SYSCTLS, NO_DAD_SYSCTLS, _ip, _new_prefix, _operstate
+from lab.netns import FORWARDING_SYSCTLS, LAB_NS_SYSCTLS, _ip, _new_prefix, _operstate
 from lab.servers import READY_TIMEOUT
 from lab.testnode import NetnsLab
 from lab.traffic import _close_listener, _listener, _tcp_echo_on
@@ -229,9 +229,9 @@ class TestCluster(NetnsLab):
             # no IPv6 on the VXLAN device: no MLD or router solicitation ever goes through
             # it, so its packet counters count the pods' traffic only
             no_v6 = f"net.ipv6.conf.{node.vxlan}.disable_ipv6=1"
-            self.run(node.ns, ["sysctl", "-qw", *NO_DAD_SYSCTLS, *FORWARDING_SYSCTLS, no_v6])
+            self.run(node.ns, ["sysctl", "-qw", *LAB_NS_SYSCTLS, *FORWARDING_SYSCTLS, no_v6])
         for pod in self.pods:
-            self.run(pod.ns, ["sysctl", "-qw", *NO_DAD_SYSCTLS])
+            self.run(pod.ns, ["sysctl", "-qw", *LAB_NS_SYSCTLS])
 
     def _configure_pods(self) -> None:
         """Pod ends first, so the node-side ups later make every carrier change in one go."""

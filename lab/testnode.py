@@ -42,8 +42,8 @@ from typing import Any, Self
 
 from lab.netns import (
     FORWARDING_SYSCTLS,
+    LAB_NS_SYSCTLS,
     NETNS_DIR,
-    NO_DAD_SYSCTLS,
     SYS_NET_DIR,
     _host_lock,
     _ip,
@@ -236,7 +236,7 @@ class TestNode(NetnsLab):
         for ns in self.namespaces:
             _ip("netns", "add", ns)
             extra = FORWARDING_SYSCTLS if ns == self.node_ns else ()
-            self.run(ns, ["sysctl", "-qw", *NO_DAD_SYSCTLS, *extra])
+            self.run(ns, ["sysctl", "-qw", *LAB_NS_SYSCTLS, *extra])
         va, vb = self.veth_a, self.veth_b
         _ip(
             "-n",
