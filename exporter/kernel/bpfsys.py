@@ -1,6 +1,7 @@
-"""The bpf(2) system call for what the exporter does without bcc: batch reads and deletes of
-maps, BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx and uprobe_multi links, a
-map's BTF; and probes of the kernel's BPF atomics and tcx links."""
+"""The bpf(2) system call for what the exporter does without bcc (which it loads only in the
+short-lived compiler process, exporter/kernel/compiler.py): map lookups, updates, deletes and
+batch reads, BPF_PROG_TEST_RUN, BPF_ENABLE_STATS, BPF_LINK_CREATE for tcx and uprobe_multi
+links, perf-event uprobes, a map's BTF; and probes of the kernel's BPF atomics and tcx links."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import platform
 SYSCALL_NUMBER = {"x86_64": 321, "aarch64": 280}
 PROG_LOAD = 5
 PROG_TEST_RUN = 10
+MAP_LOOKUP_ELEM = 1
+MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 MAP_LOOKUP_BATCH = 24
 MAP_LOOKUP_AND_DELETE_BATCH = 25
 MAP_DELETE_BATCH = 27
+RAW_TRACEPOINT_OPEN = 17
 OBJ_GET_INFO_BY_FD = 15
 BTF_GET_FD_BY_ID = 19
 LINK_CREATE = 28
@@ -115,6 +119,19 @@ def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int], returns: bool
                                cnt=len(offsets),
                                multi_flags=F_UPROBE_MULTI_RETURN if returns else 0)
     return bpf(LINK_CREATE, attr, "BPF_LINK_CREATE uprobe_multi")
+
+
+class RawTracepointAttr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """BPF_RAW_TRACEPOINT_OPEN: the raw tracepoint `name` running `prog_fd`; the descriptor
+    that holds it."""
+    encoded = ctypes.create_string_buffer(name.encode())
+    return bpf(RAW_TRACEPOINT_OPEN, RawTracepointAttr(ctypes.addressof(encoded), prog_fd),
+               f"raw tracepoint {name}")
 
 
 class Insn(ctypes.Structure):
@@ -278,6 +295,30 @@ def map_batch(command: int, map_fd: int, in_batch: int, out_batch: int, keys: in
     except OSError as e:
         return attr.count, e.errno or errno.EIO
     return attr.count, 0
+
+
+def map_lookup(map_fd: int, key: bytes, value_bytes: int) -> bytes | None:
+    """BPF_MAP_LOOKUP_ELEM: the value (for a per-CPU map, every possible CPU's, each padded
+    to 8 bytes), or None when the key is not there."""
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    value = ctypes.create_string_buffer(value_bytes)
+    try:
+        bpf(MAP_LOOKUP_ELEM, MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key_buffer),
+                                         value=ctypes.addressof(value)), "map lookup")
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return value.raw
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    """BPF_MAP_UPDATE_ELEM (BPF_ANY); OSError when the kernel refuses (E2BIG: the map is
+    full)."""
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    value_buffer = ctypes.create_string_buffer(value, len(value))
+    bpf(MAP_UPDATE_ELEM, MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key_buffer),
+                                     value=ctypes.addressof(value_buffer)), "map update")
 
 
 def map_delete(map_fd: int, key: bytes) -> bool:
