@@ -3,10 +3,11 @@
 and `Switch(SOCKET)` on the benchmark's side.
 
 "off" takes every program of the exporter off the kernel's paths: its tcx links (closed) or
-TC filters (deleted from the interfaces it attached), its tracepoints and raw tracepoints, and
-with "off uprobes" its uprobes on OpenSSL too (closed, as bcc's detach does); "on" attaches the
-same loaded programs again, with new links or filters of the same priority, handle and name.
-The uprobes are switched for the HTTPS stream only, which runs OpenSSL (no other stream does).
+TC filters (deleted from the interfaces it attached), its tracepoints and raw tracepoints
+(CompiledProgram.detach_tracepoints), and with "off uprobes" its uprobes too (closed); "on"
+attaches the same loaded programs again, with new links or filters of the same priority,
+handle and name. The uprobes are switched for the HTTPS stream only, which runs OpenSSL (no
+other stream does).
 With uprobe_multi links (Linux >= 6.6) that adds little; a perf event per probe takes some
 100 ms to close (an RCU grace period), 1.6 s for a file's 15. With clsact, the qdiscs stay:
 with no filter left on one, the kernel's hook finds no classifier to run (its mini-qdisc
@@ -14,8 +15,8 @@ pointer is empty) and the packet goes on: a check, not a program run.
 Maps, threads and counts stay as they are, so a workload run with the exporter switched off
 and one with it on, a second apart, differ by the programs' cost alone, without the minutes of
 start-ups (and the host's slowdown after each compile, benchmarks/startup.py) that a fresh
-exporter per round costs. Left on throughout: the bash collector's uretprobe, which runs only
-when an interactive bash reads a line.
+exporter per round costs. The bash collector's uretprobe, which runs only when an interactive
+bash reads a line, is switched with the uprobes.
 
 The switch listens in a thread started before the exporter, so it keeps the capabilities that
 the exporter's own threads give up once attached (exporter/kernel/privileges.py)."""
@@ -68,16 +69,10 @@ class Switch:
 @dataclass
 class _Attachments:
     """What the exporter attached, recorded as it attaches."""
-    # (bcc object's id, "tracepoint" or "raw", tracepoint) -> (bcc object, function name);
-    # keyed, so that attaching again (through the same recording method) adds nothing
-    tracepoints: dict[tuple[int, str, bytes], tuple[Any, bytes]] = field(default_factory=dict)
-    # event name -> (bcc object, uretprobe?, program fd, file, offset): the HTTPS program's
-    # uprobes on OpenSSL, as bcc resolved them (resolving a symbol again reads the file: some
-    # 30 ms a probe, which a switch cannot afford)
-    uprobes: dict[bytes, tuple[Any, bool, int, bytes, int]] = field(default_factory=dict)
-    # or, with uprobe_multi links: the link's descriptor -> how to make it again
-    links: dict[int, tuple[int, str, list[int], bool]] = field(default_factory=dict)
-    link: Callable[..., int] | None = None          # bpfsys's own uprobe_multi_link
+    programs: list[Any] = field(default_factory=list)     # the CompiledPrograms
+    # a uprobe_multi link's or a uprobe perf event's descriptor -> (how it was made, with
+    # what): made again from the resolved offsets (resolving a symbol again reads the file)
+    links: dict[int, tuple[Callable[..., int], tuple[Any, ...]]] = field(default_factory=dict)
     tc_fds: dict[int, int] = field(default_factory=dict)     # parent -> program fd
     tc_filter: dict[str, Any] = field(default_factory=dict)  # priority, handle, name
     tcx: list[Any] = field(default_factory=list)             # the exporter's TcxAttachers
@@ -87,44 +82,26 @@ class _Attachments:
 
 
 def _record(attachments: _Attachments) -> None:
-    import bcc
+    from exporter.kernel import bpfsys, compiler, interfaces, perfevents, tcx
 
-    from exporter.kernel import bpfsys, interfaces, tcx
+    compile_program = compiler.Compiler.compile
 
-    def recording(kind: str, original: Any) -> Any:
-        def attach(bpf: Any, tp: Any = b"", fn_name: Any = b"") -> Any:
-            result = original(bpf, tp=tp, fn_name=fn_name)
-            attachments.tracepoints[(id(bpf), kind, bcc._assert_is_bytes(tp))] = (
-                bpf, bcc._assert_is_bytes(fn_name))
-            return result
+    def recording_compile(self: Any, *args: Any) -> Any:
+        program = compile_program(self, *args)
+        attachments.programs.append(program)
+        return program
+
+    compiler.Compiler.compile = recording_compile    # type: ignore[method-assign]
+
+    def recording(make: Callable[..., int]) -> Callable[..., int]:
+        def attach(*args: Any) -> int:
+            fd = make(*args)
+            attachments.links[fd] = (make, args)
+            return fd
         return attach
 
-    bcc.BPF.attach_tracepoint = recording("tracepoint", bcc.BPF.attach_tracepoint)
-    bcc.BPF.attach_raw_tracepoint = recording("raw", bcc.BPF.attach_raw_tracepoint)
-
-    def recording_uprobe(uretprobe: bool, original: Any) -> Any:
-        def attach(bpf: Any, name: bytes = b"", sym: bytes = b"", fn_name: bytes = b"",
-                   **kwargs: Any) -> Any:
-            before = set(bpf.uprobe_fds)
-            result = original(bpf, name=name, sym=sym, fn_name=fn_name, **kwargs)
-            path, offset = bcc.BPF._check_path_symbol(name, sym, None, -1)
-            fd = bpf.load_func(fn_name, bcc.BPF.KPROBE).fd
-            for event in set(bpf.uprobe_fds) - before:
-                attachments.uprobes[event] = (bpf, uretprobe, fd, path, offset)
-            return result
-        return attach
-
-    link = bpfsys.uprobe_multi_link
-
-    def recording_link(prog_fd: int, path: str, offsets: list[int], returns: bool) -> int:
-        fd = link(prog_fd, path, offsets, returns)
-        attachments.links[fd] = (prog_fd, path, list(offsets), returns)
-        return fd
-
-    attachments.link = link
-    bpfsys.uprobe_multi_link = recording_link
-    bcc.BPF.attach_uprobe = recording_uprobe(False, bcc.BPF.attach_uprobe)
-    bcc.BPF.attach_uretprobe = recording_uprobe(True, bcc.BPF.attach_uretprobe)
+    bpfsys.uprobe_multi_link = recording(bpfsys.uprobe_multi_link)
+    perfevents.uprobe = recording(perfevents.uprobe)
 
     attacher_init = interfaces.TcAttacher.__init__
     tcx_init = tcx.TcxAttacher.__init__
@@ -148,17 +125,6 @@ def _record(attachments: _Attachments) -> None:
     interfaces.InterfaceMonitor.__init__ = monitor
 
 
-def _attach_uprobe(bpf: Any, uretprobe: bool, fd: int, path: bytes, offset: int,
-                   event: bytes) -> None:
-    """As bcc attaches a uprobe, without resolving its symbol again."""
-    import bcc
-
-    perf_fd = bcc.lib.bpf_attach_uprobe(fd, int(uretprobe), event, path, offset, -1)
-    if perf_fd < 0:
-        raise OSError(f"cannot attach {event.decode()} again")
-    bpf._add_uprobe_fd(event, perf_fd)
-
-
 def _run_side_by_side(actions: list[Callable[[], Any]]) -> int:
     """Runs the attaches or detaches at once; returns how many. Closing a tracepoint's or a
     uprobe's perf event waits for an RCU grace period (60-110 ms each on Linux 6.18), and
@@ -169,10 +135,9 @@ def _run_side_by_side(actions: list[Callable[[], Any]]) -> int:
     return len(actions)
 
 
-def _relink(attachments: _Attachments, fd: int, made_as: tuple[int, str, list[int], bool],
-            on: bool) -> None:
-    assert attachments.link is not None
-    replacement = attachments.link(*made_as) if on else os.open(os.devnull, os.O_RDONLY)
+def _relink(fd: int, made_as: tuple[Callable[..., int], tuple[Any, ...]], on: bool) -> None:
+    make, args = made_as
+    replacement = make(*args) if on else os.open(os.devnull, os.O_RDONLY)
     os.dup2(replacement, fd)
     os.close(replacement)
 
@@ -182,28 +147,16 @@ def _switch(attachments: _Attachments, on: bool, uprobes: bool = False) -> int:
 
     actions: list[Callable[[], Any]] = []
     if uprobes and on != attachments.uprobes_on:
-        # a link's descriptor stays the exporter's: off puts /dev/null in its place (which
-        # closes the link), on a new link of the same probes
+        # a link's or event's descriptor stays the exporter's: off puts /dev/null in its
+        # place (which closes the link or event), on a new one of the same probes
         for fd, made_as in list(attachments.links.items()):
-            actions.append(functools.partial(_relink, attachments, fd, made_as, on))
-        for event, (bpf, uretprobe, fd, path, offset) in list(attachments.uprobes.items()):
-            if on:
-                actions.append(functools.partial(_attach_uprobe, bpf, uretprobe, fd, path,
-                                                 offset, event))
-            else:
-                actions.append(functools.partial(bpf.detach_uprobe_event, event))
+            actions.append(functools.partial(_relink, fd, made_as, on))
         attachments.uprobes_on = on
     if on == attachments.on:
         return _run_side_by_side(actions)
-    for (_, kind, tp), (bpf, fn_name) in list(attachments.tracepoints.items()):
-        if kind == "tracepoint" and on:
-            actions.append(functools.partial(bpf.attach_tracepoint, tp=tp, fn_name=fn_name))
-        elif kind == "tracepoint":
-            actions.append(functools.partial(bpf.detach_tracepoint, tp))
-        elif on:
-            actions.append(functools.partial(bpf.attach_raw_tracepoint, tp=tp, fn_name=fn_name))
-        else:
-            actions.append(functools.partial(bpf.detach_raw_tracepoint, tp))
+    for program in attachments.programs:
+        for tracepoint in program.tracepoints:
+            actions.append(tracepoint.attach if on else tracepoint.detach)
     changed = _run_side_by_side(actions)
     links = [link for m in attachments.monitors for link in list(m.attached.values())]
     if attachments.tcx:     # the TcAttacher inside a TcxAttacher removes old filters only

@@ -23,8 +23,8 @@ from .config import Config, field_paths
 from .decoding.http2source import Http2Source
 from .errors import StartupError
 from .kernel import environment, oncepercluster, privileges, singleton
+from .kernel.compiler import CompiledProgram
 from .kernel.interfaces import InterfaceMonitor, NameFilter
-from .kernel.loader import Program
 from .kernel.tlsprobes import TlsWatch
 from .naming.dnsnames import QueryLabel
 from .naming.endpoints import PortFolder, read_ephemeral_floor
@@ -57,7 +57,7 @@ class Exporter:
         self.web_config = web_config
         self.registry = CollectorRegistry()
         self.stats = KernelStats()
-        self.programs: list[Program] = []
+        self.programs: list[CompiledProgram] = []
         self.monitor: InterfaceMonitor | None = None
         # collectors that may sweep or poll in a thread of their own
         self.sweeping: list[PairCollector | BashCollector] = []
@@ -111,12 +111,15 @@ class Exporter:
         wiring = Wiring(config, labels, ports, self.stats, self.kubernetes, self.external,
                         programs=self.programs, http2=self.http2)
         collectors: list[SignalCollector] = []
-        for registration in REGISTRY:
-            collector = registration.build(wiring) if registration.wanted(config) else None
-            if collector is not None:
-                collectors.append(collector)
-                if registration.sweeps:
-                    self.sweeping.append(collector)
+        try:
+            for registration in REGISTRY:
+                collector = registration.build(wiring) if registration.wanted(config) else None
+                if collector is not None:
+                    collectors.append(collector)
+                    if registration.sweeps:
+                        self.sweeping.append(collector)
+        finally:
+            wiring.finish()
         self.monitor, self.tls, self.counting = wiring.monitor, wiring.tls, wiring.counting
         reporters = wiring.reporters
 

@@ -27,8 +27,9 @@ from .decoding.http2source import GrpcCounts, Http2Source
 from .errors import StartupError
 from .kernel import classifier, jiffies, oncepercluster, sockfields, tlsprobes
 from .kernel.clustermap import KernelClusterMap
+from .kernel.compiler import CompiledProgram, Compiler
 from .kernel.interfaces import InterfaceMonitor
-from .kernel.loader import LoadError, Program
+from .kernel.loader import LoadError
 from .kernel.programs import (
     PROCESS_TRACEPOINTS,
     TCP_TRACEPOINTS,
@@ -61,7 +62,7 @@ class Wiring:
     stats: KernelStats
     kubernetes: KubernetesMetadata | None
     external: ExternalNames | None
-    programs: list[Program] = field(default_factory=list)
+    programs: list[CompiledProgram] = field(default_factory=list)
     monitor: InterfaceMonitor | None = None
     counting: oncepercluster.ClusterCounting | None = None
     tls: TlsWatch | None = None
@@ -69,6 +70,7 @@ class Wiring:
     reporters: list[Callable[[KernelStats], None]] = field(default_factory=list)
     _loaded: dict[str, Any] = field(default_factory=dict)
     _once: bool | None = None
+    _compiler: Compiler | None = None
 
     @property
     def series(self) -> tuple[KernelStats, int, float]:
@@ -81,10 +83,22 @@ class Wiring:
         self.classifier()
         return self._loaded["flow_labels"]
 
-    def compile(self, name: str, source: str, cflags: list[str]) -> Program:
-        program = Program(name, source, cflags)
+    def compile(self, name: str, source: str, cflags: list[str]) -> CompiledProgram:
+        """Compiled and loaded by the compiler process, which start-up runs once, on the
+        first program (exporter/kernel/compiler.py)."""
+        if self._compiler is None:
+            self._compiler = Compiler(self.config.log.level, self.config.log.format)
+        program = self._compiler.compile(name, source, cflags)
         self.programs.append(program)
         return program
+
+    def finish(self) -> None:
+        """Ends the compiler process: every program is loaded and hooked up."""
+        if self._compiler is not None:
+            self._compiler.close()
+            self._compiler = None
+        for program in self.programs:
+            program.forget_btf()
 
     def once(self) -> bool:
         """Whether the classifier and the HTTPS program count once per cluster."""
@@ -94,7 +108,7 @@ class Wiring:
                      extra={"because": why})
         return self._once
 
-    def classifier(self) -> Program:
+    def classifier(self) -> CompiledProgram:
         """The TC classifier (flows, DNS, HTTP in clear, h2c), loaded and on its interfaces'
         monitor the first time a collector asks."""
         if "classifier" not in self._loaded:
@@ -108,7 +122,7 @@ class Wiring:
             self._loaded["https"] = self.tls = self._load_https()
         return self._loaded["https"]
 
-    def _load_classifier(self) -> Program:
+    def _load_classifier(self) -> CompiledProgram:
         config = self.config
         once = self.once()
         flow_labels = self.labels.of("flows") if config.collectors.flows else None
@@ -154,7 +168,7 @@ class Wiring:
             self.http2.append(self._http2_source(program, "https"))
         return watch
 
-    def _count_once(self, program: Program) -> None:
+    def _count_once(self, program: CompiledProgram) -> None:
         """Applies the once-per-cluster rule to one more program: the first one's maps are
         the rule's, and the others mirror them."""
         if self.counting:
@@ -163,7 +177,7 @@ class Wiring:
             self.counting = oncepercluster.ClusterCounting(
                 KernelClusterMap.of(program), self.config, self.kubernetes, self.stats)
 
-    def _http2_source(self, program: Program, scheme: str) -> Http2Source:
+    def _http2_source(self, program: CompiledProgram, scheme: str) -> Http2Source:
         config = self.config
         source = Http2Source(program, config.http.idle_timeout, config.http.http2_streams,
                              config.maps.http2_conn_capacity, paths=bool(config.http.paths),

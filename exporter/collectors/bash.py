@@ -8,7 +8,6 @@ line are recorded too."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import pwd
 import sys
@@ -23,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from .. import logs
 from ..kernel.maps import CounterArray
+from ..kernel.ringbuf import FixedRecordRing
 from ..serving.cardinality import SeriesStore
 from ..serving.selfmetrics import KernelStats
 
@@ -99,19 +99,28 @@ class KernelBashSource:
     def __init__(self, program: Any) -> None:
         self.program = program
         self._lost = CounterArray("map_update_failures", program.table("map_update_failures"))
+        self._ring: FixedRecordRing | None = None
+        self._on_record: Callable[[bytes], None] = lambda _: None
 
     def open(self, on_record: Callable[[bytes], None]) -> None:
-        def callback(_ctx: Any, data: Any, size: int) -> None:
-            on_record(ctypes.string_at(data, size))
-
-        self._callback = callback       # lives as long as the source
-        self.program.bpf[b"bash_commands"].open_ring_buffer(callback)
+        ring = self.program.table("bash_commands")
+        self._ring = FixedRecordRing(ring.get_fd(), int(ring.max_entries), BASH_COMMAND)
+        self._on_record = on_record
 
     def poll(self, milliseconds: int) -> None:
-        self.program.bpf.ring_buffer_poll(milliseconds)
+        """Hands over what is in the ring; waits `milliseconds` first when it is empty."""
+        if not self.consume():
+            time.sleep(milliseconds / 1000)
+            self.consume()
 
-    def consume(self) -> None:
-        self.program.bpf.ring_buffer_consume()
+    def consume(self) -> int:
+        """Hands over every record in the ring now; how many there were."""
+        if self._ring is None:
+            return 0
+        records = self._ring.read()
+        for record in records:
+            self._on_record(record.tobytes())
+        return len(records)
 
     def lost(self) -> int:
         return int(self._lost.read_deltas()[0])

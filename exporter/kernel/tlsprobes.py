@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 from .. import logs
 from ..config import Config
 from ..serving.selfmetrics import KernelStats
-from . import bpfsys, oncepercluster, privileges, sockfields
+from . import bpfsys, elfsymbols, oncepercluster, perfevents, privileges, sockfields
 from .loader import Program, index_flags
 from .maps import CounterArray
 from .tlslibs import FileId, FileScan, MappedFile
@@ -53,9 +53,6 @@ FAILURES = (("HTTP_EVENTS", "https_events"), ("HTTP_CONNS", "https_conns"),
             ("TLS_CALLS", "tls_calls"), ("H2_RECORDS", "https_http2_records"))
 FAILURE_MAPS = [label for _, label in FAILURES]
 PARSE_ERRORS = (("HTTP", "https"), ("HTTP2", "http2"))
-# bcc refuses more than 1000 probes per process unless told otherwise: 15 per file, so some
-# 66 files (images with their own libssl) would reach it
-PROBE_LIMIT = "100000"
 
 
 class AttachError(Exception):
@@ -95,31 +92,14 @@ def load(program: Program) -> dict[str, int] | None:
 
 def has_openssl(path: str) -> bool:
     """Whether an executable carries OpenSSL's SSL_write and SSL_read itself."""
-    import bcc
-
-    try:
-        return all(bcc.BPF.get_user_functions_and_addresses(path.encode(), f"^{name}$".encode())
-                   for name in ("SSL_write", "SSL_read"))
-    except Exception:   # bcc raises a plain Exception for a file it cannot read
-        return False
-
-
-def symbol_offset(path: str, symbol: str) -> int | None:
-    """Where a uprobe on `symbol` goes in the file at `path` (a file offset, as bcc resolves
-    it); None when the file has no such symbol."""
-    import bcc
-
-    try:
-        return int(bcc.BPF._check_path_symbol(path.encode(), symbol.encode(), None, -1)[1])
-    except Exception:   # bcc raises a plain Exception for a symbol it cannot find
-        return None
+    return elfsymbols.defines(path, ("SSL_write", "SSL_read"))
 
 
 @dataclass
 class Attached:
     mapped: MappedFile
     links: list[int] = field(default_factory=list)      # uprobe_multi link descriptors
-    events: list[bytes] = field(default_factory=list)   # or bcc's perf events
+    events: list[int] = field(default_factory=list)     # or perf events, one per probe
 
 
 class TlsProbes:
@@ -128,7 +108,6 @@ class TlsProbes:
     event per probe waits for an RCU grace period when closed, some 100 ms each)."""
 
     def __init__(self, program: Program, link_programs: dict[str, int] | None) -> None:
-        os.environ.setdefault("BCC_PROBE_LIMIT", PROBE_LIMIT)
         self.program = program
         self.link_programs = link_programs
         self.attached: dict[FileId, Attached] = {}
@@ -153,11 +132,14 @@ class TlsProbes:
                     continue
                 log.info("probing OpenSSL", extra={"file": mapped.path, "pid": mapped.pid})
 
-    def _link(self, mapped: MappedFile) -> Attached:
-        assert self.link_programs is not None
+    @staticmethod
+    def _places(mapped: MappedFile) -> dict[tuple[str, bool], list[int]]:
+        """(function, at return) -> the file offsets it goes to; AttachError when a required
+        symbol is missing."""
+        offsets = elfsymbols.function_offsets(mapped.reach, [symbol for symbol, *_ in PROBES])
         places: dict[tuple[str, bool], list[int]] = {}
         for symbol, entry, exit_, required in PROBES:
-            offset = symbol_offset(mapped.reach, symbol)
+            offset = offsets.get(symbol)
             if offset is None:
                 if required:
                     raise AttachError(f"no symbol {symbol}")
@@ -165,9 +147,13 @@ class TlsProbes:
             for function, returns in ((entry, False), (exit_, True)):
                 if function:
                     places.setdefault((function, returns), []).append(offset)
+        return places
+
+    def _link(self, mapped: MappedFile) -> Attached:
+        assert self.link_programs is not None
         done = Attached(mapped)
         try:
-            for (function, returns), offsets in places.items():
+            for (function, returns), offsets in self._places(mapped).items():
                 done.links.append(bpfsys.uprobe_multi_link(
                     self.link_programs[function], mapped.reach, offsets, returns))
         except OSError as e:
@@ -176,25 +162,16 @@ class TlsProbes:
         return done
 
     def _perf_events(self, mapped: MappedFile) -> Attached:
-        bpf = self.program.bpf
-        before = set(bpf.uprobe_fds)
         done = Attached(mapped)
         try:
-            for symbol, entry, exit_, required in PROBES:
-                try:
-                    bpf.attach_uprobe(name=mapped.reach.encode(), sym=symbol.encode(),
-                                      fn_name=entry.encode())
-                    if exit_:
-                        bpf.attach_uretprobe(name=mapped.reach.encode(), sym=symbol.encode(),
-                                             fn_name=exit_.encode())
-                except Exception as e:  # bcc raises a plain Exception
-                    if required:
-                        raise AttachError(f"{symbol}: {e}") from e
-        except AttachError:
-            done.events = [e for e in bpf.uprobe_fds if e not in before]
+            for (function, returns), offsets in self._places(mapped).items():
+                prog_fd = self.program.load_probe(function).fd     # loaded at start: cached
+                for offset in offsets:
+                    done.events.append(perfevents.uprobe(prog_fd, mapped.reach, offset,
+                                                         returns))
+        except OSError as e:
             self._close(done)
-            raise
-        done.events = [e for e in bpf.uprobe_fds if e not in before]
+            raise AttachError(str(e)) from e
         return done
 
     def _detach(self, file: FileId) -> None:
@@ -203,14 +180,8 @@ class TlsProbes:
         log.info("no process maps it any more: detached", extra={"file": attached.mapped.path})
 
     def _close(self, attached: Attached) -> None:
-        for fd in attached.links:
+        for fd in [*attached.links, *attached.events]:
             os.close(fd)
-        for event in attached.events:
-            try:
-                self.program.bpf.detach_uprobe_event(event)
-            except Exception as e:  # bcc raises a plain Exception
-                log.warning("cannot detach a uprobe", extra={"event": event.decode(),
-                                                             "error": str(e)})
         attached.links, attached.events = [], []
 
     def close(self) -> None:
