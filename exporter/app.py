@@ -124,7 +124,8 @@ class Exporter:
         reporters = wiring.reporters
 
         self.registry.register(ExporterCollector(
-            collectors, self.stats, self._build_labels(), self.attached_interfaces, reporters))
+            collectors, self.stats, self._build_labels(wiring.bcc_version),
+            self.attached_interfaces, reporters))
         self.registry.register(logs.LogFailuresCollector())
         if self.kubernetes:
             self.registry.register(self.kubernetes)
@@ -241,13 +242,9 @@ class Exporter:
         return len(self.monitor.attached) if self.monitor else 0
 
     @staticmethod
-    def _build_labels() -> dict[str, str]:
-        try:
-            import bcc
-
-            bcc_version = str(getattr(bcc, "__version__", "unknown"))
-        except ImportError:
-            bcc_version = "unknown"
+    def _build_labels(bcc_version: str) -> dict[str, str]:
+        """bcc's version as the compiler process reported it (the exporter never imports
+        bcc)."""
         return {"version": __version__, "bcc_version": bcc_version, "kernel": platform.release()}
 
     def stop(self) -> None:

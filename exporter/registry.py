@@ -71,6 +71,7 @@ class Wiring:
     _loaded: dict[str, Any] = field(default_factory=dict)
     _once: bool | None = None
     _compiler: Compiler | None = None
+    bcc_version: str = "unknown"        # as the compiler process reported it
 
     @property
     def series(self) -> tuple[KernelStats, int, float]:
@@ -95,6 +96,7 @@ class Wiring:
     def finish(self) -> None:
         """Ends the compiler process: every program is loaded and hooked up."""
         if self._compiler is not None:
+            self.bcc_version = self._compiler.bcc_version
             self._compiler.close()
             self._compiler = None
         for program in self.programs:

@@ -78,6 +78,7 @@ class Compiler:
         self._log = (log_level, log_format)
         self._sock: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self.bcc_version = "unknown"
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -112,6 +113,7 @@ class Compiler:
     def compile(self, name: str, source_file: str, cflags: list[str]) -> CompiledProgram:
         reply, fds = self.request(f"bpf program {name}", {
             "op": "compile", "name": name, "source": source_file, "cflags": cflags})
+        self.bcc_version = reply["bcc_version"]
         count = len(reply["maps"])
         maps = dict(zip(reply["maps"], fds[:count], strict=True))
         # then, per tracepoint, the attachment and the function it runs
@@ -250,6 +252,7 @@ class _Server:
         self.programs: list[Any] = []
 
     def compile(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        import bcc
         from bcc.libbcc import lib
 
         from .loader import Program
@@ -268,6 +271,7 @@ class _Server:
         for name, fd in bpf.raw_tracepoint_fds.items():
             tracepoints.append((name.decode(), True, fd, bpf.funcs[b"raw_tracepoint__" + name].fd))
         return ({"handle": len(self.programs) - 1, "maps": names,
+                 "bcc_version": str(getattr(bcc, "__version__", "unknown")),
                  "tracepoints": [(name, raw) for name, raw, _, _ in tracepoints]},
                 [*fds, *(fd for _, _, attached, function in tracepoints
                          for fd in (attached, function))])

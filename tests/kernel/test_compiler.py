@@ -70,7 +70,7 @@ def test_the_running_exporter_maps_no_compiler_and_still_counts_exactly(node: Te
         assert not [lib for lib in libraries if any(name in lib for name in COMPILER_LIBRARIES)]
         # what bcc attached in the compiler is held here: the TCP, drop and exec tracepoints,
         # and the bash uretprobe attached without bcc
-        kinds = {(entry["fd_type"], entry.get("tp_name", entry.get("filename")))
+        kinds = {(entry["fd_type"], entry.get("tracepoint", entry.get("filename")))
                  for entry in perf_attachments(pid)}
         assert ("raw_tracepoint", "inet_sock_set_state") in kinds
         assert ("tracepoint", "kfree_skb") in kinds
