@@ -45,6 +45,7 @@ class Rounds:
         default_factory=lambda: {name: [] for name in STREAMS})
     startup_seconds: list[float] = field(default_factory=list)
     startup_memory: list[Memory] = field(default_factory=list)
+    startup_peak_mib: list[float] = field(default_factory=list)    # exporter + compiler
     attach: str = "unknown"         # how the switched exporter attached: tcx or clsact
 
 
@@ -61,6 +62,7 @@ def measure_startups(node: TestNode, starts: int, into: Rounds) -> None:
         started.exporter.stop()
         into.startup_seconds.append(started.seconds)
         into.startup_memory.append(started.memory)
+        into.startup_peak_mib.append(started.peak_mib)
 
 
 def measure_pairs(node: TestNode, switch: Switch, pairs_of: Mapping[str, int], window: float,

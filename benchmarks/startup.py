@@ -1,5 +1,8 @@
 """Part 4: from launching the exporter to `/readyz` answering 200 (programs compiled, loaded and
-attached to the test node's veths), and its memory once ready."""
+attached to the test node's veths), its memory once ready, and the peak of start-up: the
+exporter's and its compiler process's (exporter/kernel/compiler.py) peak RSS added up, which
+is what a container's memory limit has to hold (an upper bound: the two peaks need not
+coincide)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,27 @@ class Started:
     exporter: ExporterProcess
     seconds: float          # launch to ready
     memory: Memory          # right after ready
+    peak_mib: float         # the exporter's peak RSS plus its compiler's
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    """VmHWM of a process; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def start(node: TestNode, config: dict[str, Any] | None = None,
@@ -35,8 +59,13 @@ def start(node: TestNode, config: dict[str, Any] | None = None,
     (through `prefix`, a command that runs it) and waits until ready; the caller stops it."""
     launched = time.monotonic()
     exporter = ExporterProcess(node, config=config, source=source, prefix=prefix)
+    compiler_peaks: dict[int, float] = {}
     try:
         while exporter.get("/readyz", timeout=2)[0] != 200:
+            for child in _children(exporter.proc.pid):
+                peak = _peak_rss_mib(child)
+                if peak is not None:
+                    compiler_peaks[child] = max(peak, compiler_peaks.get(child, 0.0))
             if exporter.proc.poll() is not None:
                 raise RuntimeError(f"exporter exited with {exporter.proc.returncode}:\n"
                                    f"{exporter.log()[-2000:]}")
@@ -44,7 +73,9 @@ def start(node: TestNode, config: dict[str, Any] | None = None,
                 raise RuntimeError(f"exporter not ready after {READY_TIMEOUT:g} s")
             time.sleep(POLL_SECONDS)
         seconds = time.monotonic() - launched
-        return Started(exporter, seconds, memory(exporter.proc.pid))
+        ready = memory(exporter.proc.pid)
+        return Started(exporter, seconds, ready,
+                       ready.peak_rss_mib + max(compiler_peaks.values(), default=0.0))
     except BaseException:
         exporter.stop()
         raise

@@ -128,6 +128,7 @@ def _synthetic_results(loop_ratios: list[float]) -> Results:
         rounds.attached[name] = [1000.0 * ratio for ratio in ratios]
     rounds.startup_seconds = [2.5, 2.7, 2.9]
     rounds.startup_memory = [Memory(200.0, 130.0, 210.0)] * 3
+    rounds.startup_peak_mib = [290.0, 310.0, 300.0]
     memory = Memory(180.0, 132.0, 190.0)
     scrapes = [ScrapeRun(flows, flows // 10, [0.2, 0.21, 0.22], [0.15, 0.16, 0.17],
                          flows // 5, flows // 5, memory) for flows in (100_000, 1_000_000)]
@@ -152,6 +153,14 @@ def test_the_document_gives_every_interval_to_the_decimal_its_verdict_turns_on()
     assert "1.000 of without (95% CI 1.000-1.000)" in rendered   # three decimals, not two
     assert "## 3. Scrape cost" in rendered and "| 100,000 | 10,000 | 3 |" in rendered
     assert rendered.count("Written by `make bench` (`python -m benchmarks`);") == 1
+    # the memory targets of the compiler process's issue, and the start-up peak a container
+    # limit must hold (the highest of the rounds)
+    by_figure = {h.figure: h for h in headlines(results)}
+    assert (by_figure["RSS when ready (idle)"].measured, by_figure["RSS when ready (idle)"].met
+            ) == ("200 MiB", False)
+    assert by_figure["RSS (PSS) at 100k flows"].target == "<= 80 MiB"
+    assert by_figure["start-up peak, exporter + compiler"].measured == "310 MiB"
+    assert "| start-up peak RSS, exporter + compiler (MiB) |" in rendered
     results.long = True
     assert "Written by `make bench-long` (`python -m benchmarks --long`" in markdown(results)
 
