@@ -32,7 +32,6 @@ from .naming.externalnames import ExternalNames, NameTable
 from .naming.httpnames import GrpcMethodLabel, PathLabel
 from .naming.labelsets import EndpointLabelSets
 from .registry import REGISTRY, Wiring
-from .serving import selfsigned
 from .serving.kubeauth import KubernetesAuth
 from .serving.selfmetrics import ExporterCollector, KernelStats, SignalCollector
 from .serving.server import WebServer, make_app
@@ -86,6 +85,9 @@ class Exporter:
         auth = self._scrape_auth()
         tls = web.tls if web else None
         if auth and tls is None:    # tokens never cross the network in clear
+            # cryptography only here: importing it costs every other exporter 9 MiB of RSS
+            from .serving import selfsigned
+
             tls = selfsigned.server_context(selfsigned.default_names(),
                                             [config.web.listen_address.rsplit(":", 1)[0]])
         app = make_app(self.registry, config.web.telemetry_path, self.ready, web, auth)
