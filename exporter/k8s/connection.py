@@ -78,10 +78,9 @@ def open_metadata(settings: KubernetesConfig) -> tuple[KubernetesMetadata | None
 
 def local_addresses() -> list[str]:
     """This host's own addresses (its network namespace's), but loopback."""
-    from pyroute2 import IPRoute
-
     from ..kernel.netroles import read_addresses
+    from ..kernel.rtnetlink import RtNetlink
 
-    with IPRoute() as ipr:
+    with RtNetlink() as ipr:
         return [str(net.network_address) for net in read_addresses(ipr)
                 if not net.network_address.is_loopback]

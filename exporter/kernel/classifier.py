@@ -8,8 +8,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pyroute2 import IPRoute
-
 from ..collectors.flows import HANDSHAKE_SHIFT
 from ..config import Config
 from ..serving.selfmetrics import KernelStats
@@ -19,6 +17,7 @@ from .interfaces import Attacher, InterfaceMonitor, Link, NameFilter
 from .loader import Program, index_flags
 from .maps import CounterArray
 from .oncepercluster import ClusterCounting
+from .rtnetlink import RtNetlink
 
 # the slots of map_update_failures (C name, the map's name in the self-metrics), of
 # parse_errors and of the parsers tail-call array in bpf/classifier.c, given to it as -D flags
@@ -164,12 +163,12 @@ def interface_monitor(program: Program, config: Config,
         with lock:
             placement.remove(link.index)
 
-    routes: list[IPRoute] = []      # opened in the monitor's thread, the only one to use it
+    routes: list[RtNetlink] = []    # opened in the monitor's thread, the only one to use it
 
     def before_reconcile(attached: dict[int, Link]) -> None:
         assert counting is not None
         if not routes:
-            routes.append(IPRoute())
+            routes.append(RtNetlink())
         for index in counting.refresh_routes(routes[0], attached):
             with lock:
                 placement.add(index, flags_of(attached[index]))

@@ -31,11 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from .. import logs
 from . import privileges
+from .rtnetlink import RtNetlink
 
 log = logs.get("interfaces")
 
@@ -161,7 +159,8 @@ class QdiscOwnership:
 
 class Attacher(Protocol):
     """What the interface monitor needs of a way to attach: TcAttacher or tcx.TcxAttacher.
-    attach and detach raise NetlinkError or OSError; ENODEV when the interface is gone."""
+    attach and detach raise pyroute2's NetlinkError (an OSError) or OSError; ENODEV when the
+    interface is gone."""
 
     def attach(self, link: Link) -> None: ...
     def detach(self, link: Link) -> None: ...
@@ -169,21 +168,35 @@ class Attacher(Protocol):
     def close(self) -> None: ...
 
 
-def error_code(error: NetlinkError | OSError) -> int | None:
-    """The errno of a failed attach, whichever way it went (netlink or a system call)."""
-    return error.code if isinstance(error, NetlinkError) else error.errno
+def error_code(error: OSError) -> int | None:
+    """The errno of a failed attach, whichever way it went (pyroute2's NetlinkError, an
+    OSError, keeps it in `code`; a system call's in `errno`)."""
+    code = getattr(error, "code", None)
+    return code if isinstance(code, int) else error.errno
+
+
+def list_links(rtnl: RtNetlink | None = None) -> list[Link]:
+    """The links of the current network namespace."""
+    if rtnl is not None:
+        return [Link.from_message(m) for m in rtnl.get_links()]
+    with RtNetlink() as own:
+        return [Link.from_message(m) for m in own.get_links()]
 
 
 class TcAttacher:
     """Adds and removes our filters on the links of the current network namespace. The live
     view attaches its own filters beside the exporter's with another priority, handle, name and
-    ownership record, so neither ever replaces or removes the other's."""
+    ownership record, so neither ever replaces or removes the other's. Through pyroute2,
+    imported here only (exporter/kernel/rtnetlink.py says why)."""
 
     def __init__(self, ingress_fd: int, egress_fd: int, priority: int = FILTER_PRIORITY,
                  handle: int = FILTER_HANDLE, name: str = FILTER_NAME,
                  owner: str = "clsact") -> None:
+        from pyroute2 import IPRoute
+
         self._fds = {INGRESS: ingress_fd, EGRESS: egress_fd}
         self._ipr = IPRoute()
+        self._rtnl = RtNetlink()
         self.priority = priority
         self.handle = handle
         self.name = name
@@ -193,8 +206,8 @@ class TcAttacher:
         try:
             self._ipr.tc("add", "clsact", link.index)
             self.ownership.record(link)
-        except NetlinkError as e:
-            if e.code != 17:    # EEXIST: someone's (or a crashed run of ours) clsact is there
+        except OSError as e:    # pyroute2's NetlinkError, its errno in `code`
+            if error_code(e) != 17:     # EEXIST: someone's (or a crashed run's) clsact
                 raise
         for parent, fd in self._fds.items():
             self._ipr.tc("replace-filter", "bpf", link.index, handle=self.handle, fd=fd,
@@ -206,8 +219,8 @@ class TcAttacher:
             try:
                 self._ipr.tc("del-filter", "bpf", link.index, handle=self.handle,
                              parent=parent, prio=self.priority)
-            except NetlinkError as e:
-                if e.code not in (2, 19, 22):   # already gone with the link or the qdisc
+            except OSError as e:
+                if error_code(e) not in (2, 19, 22):    # already gone with the link or qdisc
                     raise
         if self.ownership.owns(link):
             others = self._foreign_filters(link.index)
@@ -217,8 +230,8 @@ class TcAttacher:
             else:
                 try:
                     self._ipr.tc("del", "clsact", link.index)
-                except NetlinkError as e:
-                    if e.code not in (2, 19, 22):
+                except OSError as e:
+                    if error_code(e) not in (2, 19, 22):
                         raise
         self.ownership.forget(link.index)
 
@@ -229,7 +242,7 @@ class TcAttacher:
                 for f in self._ipr.get_filters(index=index, parent=parent):
                     if f.get_attr("TCA_OPTIONS") is not None:  # skip chain header entries
                         count += 1
-            except NetlinkError:
+            except OSError:
                 pass
         return count
 
@@ -240,16 +253,17 @@ class TcAttacher:
         self.detach(link)
 
     def links(self) -> list[Link]:
-        return [Link.from_message(m) for m in self._ipr.get_links()]
+        return list_links(self._rtnl)
 
     def close(self) -> None:
         self._ipr.close()
+        self._rtnl.close()
 
 
 def link_event_socket(routes: bool = False) -> socket.socket:
     """A doorbell: readable whenever a link of this namespace changes (and a route, with
-    `routes`). Only that it rang matters (each reconcile dumps the links through pyroute2), so
-    nothing is parsed."""
+    `routes`). Only that it rang matters (each reconcile dumps the links), so nothing is
+    parsed."""
     doorbell = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                              socket.NETLINK_ROUTE)
     doorbell.bind((0, RTMGRP_LINK | (RTMGRP_ROUTES if routes else 0)))
@@ -276,8 +290,8 @@ def drain(doorbell: socket.socket) -> int:
 class InterfaceMonitor:
     """Keeps the classifier attached to exactly the interfaces the filters select.
 
-    One thread owns every netlink socket (pyroute2's sockets are not to be shared between
-    threads): it does the first reconcile, follows link events, resyncs, and detaches on stop.
+    One thread owns every netlink socket (none is to be shared between threads): it does the
+    first reconcile, follows link events, resyncs, and detaches on stop.
     start() and stop() wait for it."""
 
     def __init__(self, names: NameFilter, make_attacher: Callable[[], Attacher],
@@ -367,7 +381,7 @@ class InterfaceMonitor:
             return
         try:
             attacher.attach(link)
-        except (NetlinkError, OSError) as e:
+        except OSError as e:
             self._on_detach(link)
             if error_code(e) != errno.ENODEV:   # it went away meanwhile
                 log.warning("could not attach", extra={"interface": link.name,
@@ -379,7 +393,7 @@ class InterfaceMonitor:
     def _detach(self, attacher: Attacher, link: Link) -> None:
         try:
             attacher.detach(link)
-        except (NetlinkError, OSError) as e:
+        except OSError as e:
             log.warning("could not detach", extra={"interface": link.name, "error": str(e)})
         self._on_detach(link)
         self.attached.pop(link.index, None)

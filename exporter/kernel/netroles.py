@@ -53,10 +53,11 @@ def route_from(msg: Any) -> Route | None:
 
 
 def read_routes(ipr: Any) -> list[Route]:
-    """The main table's unicast routes, IPv4 and IPv6 (a pyroute2 IPRoute of this thread)."""
+    """The main table's unicast routes, IPv4 and IPv6 (an rtnetlink.RtNetlink of this
+    thread)."""
     routes = []
     for family in (socket.AF_INET, socket.AF_INET6):
-        for msg in ipr.get_routes(family=family, table=MAIN_TABLE):
+        for msg in ipr.get_routes(family):
             route = route_from(msg)
             if route is not None and route.interfaces:
                 routes.append(route)

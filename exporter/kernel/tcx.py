@@ -11,18 +11,20 @@ A link lives as long as its file descriptor: when the exporter exits, however it
 kernel detaches it, and when an interface goes away, its links go with it. Nothing is left
 behind and nothing is written to /run. A clsact filter of ours left by an earlier run (a
 crashed one, or one of a version that attached through clsact) is removed when the interface
-is attached, so that program stops running on every packet for nothing."""
+is attached, so that program stops running on every packet for nothing: only where the
+interface has a clsact qdisc, so pyroute2 (which removes filters) is not even imported on a
+node without one."""
 
 from __future__ import annotations
 
 import os
 import threading
-
-from pyroute2.netlink.exceptions import NetlinkError
+from collections.abc import Callable
 
 from .. import logs
 from . import bpfsys
-from .interfaces import Link, TcAttacher
+from .interfaces import Link, TcAttacher, list_links
+from .rtnetlink import RtNetlink
 
 log = logs.get("interfaces")
 
@@ -32,15 +34,18 @@ class TcxAttacher:
     the clean-up of earlier clsact filters and the list of links go through netlink (the
     monitor's thread); linking and unlinking are system calls that any thread may make."""
 
-    def __init__(self, ingress_fd: int, egress_fd: int, clsact: TcAttacher | None = None,
+    def __init__(self, ingress_fd: int, egress_fd: int,
+                 clsact: Callable[[], TcAttacher] | None = None,
                  placement: int = bpfsys.F_BEFORE) -> None:
-        """clsact: the filters whose earlier runs' leftovers are removed at attach (the
+        """clsact: makes the filters whose earlier runs' leftovers are removed at attach (the
         exporter's by default); placement: first on the hook (F_BEFORE) or last (0)."""
         self._fds = {bpfsys.TCX_INGRESS: ingress_fd, bpfsys.TCX_EGRESS: egress_fd}
         self._placement = placement
         self._links: dict[int, list[int]] = {}      # ifindex -> the link fds held
         self._lock = threading.Lock()
-        self._clsact = clsact or TcAttacher(ingress_fd, egress_fd)
+        self._make_clsact = clsact or (lambda: TcAttacher(ingress_fd, egress_fd))
+        self._clsact: TcAttacher | None = None
+        self._rtnl = RtNetlink()
 
     def attach(self, link: Link) -> None:
         self._remove_clsact_filters(link)
@@ -78,15 +83,21 @@ class TcxAttacher:
 
     def _remove_clsact_filters(self, link: Link) -> None:
         try:
+            if "clsact" not in self._rtnl.qdisc_kinds().get(link.index, set()):
+                return
+            if self._clsact is None:
+                self._clsact = self._make_clsact()
             self._clsact.remove_earlier(link)
-        except NetlinkError as e:
+        except OSError as e:    # pyroute2's NetlinkError too
             log.warning("could not remove an earlier run's clsact filter",
                         extra={"interface": link.name, "error": str(e)})
 
     def links(self) -> list[Link]:
-        return self._clsact.links()
+        return list_links(self._rtnl)
 
     def close(self) -> None:
         for index in self.linked():
             self._unlink(index)
-        self._clsact.close()
+        if self._clsact is not None:
+            self._clsact.close()
+        self._rtnl.close()

@@ -67,4 +67,5 @@ class LiveAttacher(TcAttacher):
 class LiveTcxAttacher(TcxAttacher):
     def __init__(self, ingress_fd: int, egress_fd: int) -> None:
         # after the links already there: the exporter's stay first
-        super().__init__(ingress_fd, egress_fd, LiveAttacher(ingress_fd, egress_fd), placement=0)
+        super().__init__(ingress_fd, egress_fd, lambda: LiveAttacher(ingress_fd, egress_fd),
+                         placement=0)
