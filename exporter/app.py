@@ -167,6 +167,20 @@ class Exporter:
         log.info("ready", extra={"collectors": ",".join(c.name for c in collectors),
                                  "ephemeral_floor": floor})
 
+    def set_attached(self, on: bool, uprobes: bool = False) -> int:
+        """Takes every program off the kernel's paths, or puts it back, keeping maps, counts
+        and threads: the tcx links or clsact filters, the tracepoints and, with `uprobes`, the
+        HTTPS probes (bash's readline probe stays). For benchmarks that compare a workload
+        with and without the programs a second apart (benchmarks/switchable.py): the calling
+        thread needs the capabilities to attach (CAP_BPF, CAP_PERFMON). Returns how many
+        attachments changed."""
+        changed = self.tls.set_probes_attached(on) if uprobes and self.tls else 0
+        for program in self.programs:
+            changed += program.set_tracepoints_attached(on)
+        if self.monitor:
+            changed += self.monitor.set_programs_linked(on)
+        return changed
+
     def reload(self, new: Config) -> list[str]:
         """Applies a re-read configuration without touching the programs or the counts:
         interfaces to monitor, the DNS and HTTP label allowlists (when on before and after),

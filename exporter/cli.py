@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
@@ -19,6 +19,9 @@ from . import __version__, config, logs
 from .cliparse import EXIT_RUNTIME, EXIT_USAGE, OneLineParser
 from .kernel.loader import LoadError, bpf_dir, expand_source
 from .serving import webconfig
+
+if TYPE_CHECKING:       # the exporter is imported when it runs, not for --help
+    from .app import Exporter
 
 EPILOG = """examples:
   # every interface but lo, on :9814
@@ -175,7 +178,10 @@ def effective_yaml(cfg: config.Config) -> str:
     return yaml.safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None,
+         started: Callable[[Exporter], None] | None = None) -> None:
+    """The command line. `started`, for a program that runs the exporter in its own process
+    (benchmarks/switchable.py), is called with the exporter once it has started."""
     # numpy (imported later, by the collectors) would start an OpenBLAS thread per core: idle
     # here (no linear algebra), yet each would keep every capability the process started with
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -210,11 +216,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def reread() -> config.Config:
         return config.load(args.config_file, os.environ, *overrides_from(args))
 
-    sys.exit(run(cfg, web, reread))
+    sys.exit(run(cfg, web, reread, started))
 
 
 def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
-        reread: Callable[[], config.Config] | None = None) -> int:
+        reread: Callable[[], config.Config] | None = None,
+        started: Callable[[Exporter], None] | None = None) -> int:
     from .app import Exporter
     from .errors import StartupError
     from .kernel.environment import EnvironmentProblem
@@ -243,6 +250,8 @@ def run(cfg: config.Config, web: webconfig.WebConfig | None = None,
     exporter = Exporter(cfg, web)
     try:
         exporter.start()
+        if started is not None:
+            started(exporter)
         while not stop_signals:
             time.sleep(0.2)     # a signal's handler runs within it; the sleep then goes on
             if hangups:

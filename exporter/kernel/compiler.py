@@ -187,16 +187,13 @@ class CompiledProgram:
             raise LoadError(f"bpf program {self.name}: {function}: {e}") from e
         self.probes.append(fd)
 
-    def detach_tracepoints(self) -> None:
-        """Takes the program off its tracepoints (its maps and counts stay): with
-        attach_tracepoints, the benchmarks' switch (benchmarks/switchable.py)."""
-        for tracepoint in self.tracepoints:
-            tracepoint.detach()
-
-    def attach_tracepoints(self) -> None:
-        """Puts the program back on the tracepoints detach_tracepoints took it off."""
-        for tracepoint in self.tracepoints:
-            tracepoint.attach()
+    def set_tracepoints_attached(self, on: bool) -> int:
+        """Takes the program off its tracepoints (its maps and counts stay) or puts it back:
+        the benchmarks' switch. Returns how many changed."""
+        changed = [t for t in self.tracepoints if (t.fd is not None) != on]
+        for tracepoint in changed:
+            tracepoint.attach() if on else tracepoint.detach()
+        return len(changed)
 
     def table(self, name: str) -> KernelMap:
         if name not in self._tables:
@@ -223,7 +220,7 @@ class CompiledProgram:
 
     def close(self) -> None:
         """Detaches its tracepoints and probes and unloads it (with the last descriptor)."""
-        self.detach_tracepoints()
+        self.set_tracepoints_attached(False)
         for fd in [*self.probes, *(t.prog_fd for t in self.tracepoints),
                    *self._functions.values(), *self.map_fds.values()]:
             os.close(fd)

@@ -22,11 +22,13 @@ import errno
 import faulthandler
 import json
 import os
+import queue
 import re
 import select
 import socket
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -164,6 +166,8 @@ class Attacher(Protocol):
 
     def attach(self, link: Link) -> None: ...
     def detach(self, link: Link) -> None: ...
+    def link_programs(self, link: Link) -> None: ...
+    def unlink_programs(self, link: Link) -> None: ...
     def links(self) -> list[Link]: ...
     def close(self) -> None: ...
 
@@ -209,12 +213,17 @@ class TcAttacher:
         except OSError as e:    # pyroute2's NetlinkError, its errno in `code`
             if error_code(e) != 17:     # EEXIST: someone's (or a crashed run's) clsact
                 raise
+        self.link_programs(link)
+
+    def link_programs(self, link: Link) -> None:
+        """Our filters on the link's clsact qdisc, which must be there."""
         for parent, fd in self._fds.items():
             self._ipr.tc("replace-filter", "bpf", link.index, handle=self.handle, fd=fd,
                          name=self.name, parent=parent, classid=1, direct_action=True,
                          prio=self.priority)
 
-    def detach(self, link: Link) -> None:
+    def unlink_programs(self, link: Link) -> None:
+        """Our filters off the link; the qdisc stays."""
         for parent in self._fds:
             try:
                 self._ipr.tc("del-filter", "bpf", link.index, handle=self.handle,
@@ -222,6 +231,9 @@ class TcAttacher:
             except OSError as e:
                 if error_code(e) not in (2, 19, 22):    # already gone with the link or qdisc
                     raise
+
+    def detach(self, link: Link) -> None:
+        self.unlink_programs(link)
         if self.ownership.owns(link):
             others = self._foreign_filters(link.index)
             if others:
@@ -305,6 +317,7 @@ class InterfaceMonitor:
         self._on_detach = on_detach
         self._before_reconcile = before_reconcile
         self.attached: dict[int, Link] = {}
+        self.programs_linked = True     # set_programs_linked
         self._skipped_logged: set[str] = set()
         self._unattachable: set[int] = set()
         self._warned_empty = False
@@ -313,6 +326,7 @@ class InterfaceMonitor:
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._wake_read, self._wake_write = os.pipe()   # stop() wakes the watcher at once
+        self._calls: queue.Queue[tuple[Callable[[Attacher], Any], Future[Any]]] = queue.Queue()
 
     def start(self, timeout: float = 30.0) -> None:
         """Returns once the first reconcile is done (every matching interface attached)."""
@@ -413,6 +427,33 @@ class InterfaceMonitor:
         except OSError:         # stopped: nothing left to reconcile
             pass
 
+    def set_programs_linked(self, on: bool, timeout: float = 30.0) -> int:
+        """Takes the programs off every attached interface (tcx links closed, or filters
+        removed; qdiscs, maps and the monitor's record of what it attached stay), or puts them
+        back: the switch that benchmarks/switchable.py drives. Done in the monitor's thread,
+        which owns the netlink sockets. Returns how many hooks changed (two an interface)."""
+        def switch(attacher: Attacher) -> int:
+            if on == self.programs_linked:
+                return 0
+            links = list(self.attached.values())
+            for link in links:
+                (attacher.link_programs if on else attacher.unlink_programs)(link)
+            self.programs_linked = on
+            return 2 * len(links)
+
+        done: Future[int] = Future()
+        self._calls.put((switch, done))
+        os.write(self._wake_write, b"c")
+        return done.result(timeout)
+
+    def _run_calls(self, attacher: Attacher) -> None:
+        while not self._calls.empty():
+            action, done = self._calls.get()
+            try:
+                done.set_result(action(attacher))
+            except Exception as e:
+                done.set_exception(e)
+
     def _watch(self, events: socket.socket, attacher: Attacher) -> None:
         while not self._stop.is_set():
             try:
@@ -420,8 +461,9 @@ class InterfaceMonitor:
                 if self._stop.is_set():
                     break
                 changed = drain(events) if events in ready else 0
-                if self._wake_read in ready:        # set_names()
+                if self._wake_read in ready:        # set_names(), poke(), a call
                     changed += len(os.read(self._wake_read, 64))
+                self._run_calls(attacher)
                 if changed or not ready:
                     self._reconcile(attacher)
             except Exception as e:  # keep watching: a missed event is caught by the resync

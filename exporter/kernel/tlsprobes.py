@@ -113,6 +113,7 @@ class TlsProbes:
         self.attached: dict[FileId, Attached] = {}
         self.failed: dict[FileId, str] = {}         # files not attached, and why
         self.failures = 0
+        self.paused = False         # probes off (the benchmarks' switch): files only noted
 
     def sync(self, files: dict[FileId, MappedFile]) -> None:
         for file in [f for f in self.attached if f not in files]:
@@ -121,6 +122,9 @@ class TlsProbes:
             del self.failed[file]           # a file that comes back is tried again
         for file, mapped in files.items():
             if file not in self.attached and file not in self.failed:
+                if self.paused:
+                    self.attached[file] = Attached(mapped)  # probed when switched on
+                    continue
                 try:
                     self.attached[file] = (self._link(mapped) if self.link_programs is not None
                                            else self._perf_events(mapped))
@@ -173,6 +177,28 @@ class TlsProbes:
             self._close(done)
             raise AttachError(str(e)) from e
         return done
+
+    def set_attached(self, on: bool) -> int:
+        """Takes every probe off (links and perf events closed; the files stay known) or puts
+        them back, their offsets read again from the files: the benchmarks' switch. Returns
+        how many links or events changed."""
+        changed = 0
+        for attached in self.attached.values():
+            if not on:
+                changed += len(attached.links) + len(attached.events)
+                self._close(attached)
+            elif not attached.links and not attached.events:
+                try:
+                    made = (self._link(attached.mapped) if self.link_programs is not None
+                            else self._perf_events(attached.mapped))
+                except AttachError as e:
+                    log.warning("cannot probe OpenSSL again", extra={
+                        "file": attached.mapped.path, "error": str(e)})
+                    continue
+                attached.links, attached.events = made.links, made.events
+                changed += len(made.links) + len(made.events)
+        self.paused = not on
+        return changed
 
     def _detach(self, file: FileId) -> None:
         attached = self.attached.pop(file)
@@ -245,6 +271,11 @@ class TlsWatch:
                     self.refresh(full=False)
             except Exception as e:  # keep watching; the log says what failed
                 log.warning("scan for OpenSSL failed", extra={"error": str(e)})
+
+    def set_probes_attached(self, on: bool) -> int:
+        """TlsProbes.set_attached, between two scans."""
+        with self._lock:
+            return self.probes.set_attached(on)
 
     def stop(self) -> None:
         self._stop.set()
