@@ -11,7 +11,17 @@ from pathlib import Path
 
 from lab.testnode import TestNode
 
-from . import cluster_rule, connections, grpc_load, interleaved, pairs, part1, pool, scrape
+from . import (
+    cluster_rule,
+    connections,
+    grpc_load,
+    interleaved,
+    kubernetes_memory,
+    pairs,
+    part1,
+    pool,
+    scrape,
+)
 from .document import POOLED_HEADER, Results, headlines, markdown
 from .machine import NICENESS, Machine, load_average
 from .report import HEADLINE_HEADER, headline_rows, text_table
@@ -86,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         scrapes = scrape.run(node, sizes, scrape_rounds, ports_per_source, _say)
         _say("7. HTTP/2 and gRPC in user space")
         grpc = grpc_load.runs(node, grpc_repetitions, grpc_calls, _say)
+        _say("8. memory with Kubernetes labels on")
+        kubernetes = kubernetes_memory.run(node, _say, *((1_000, 200, 10) if args.quick else ()))
     results = Results(Machine.describe(), args.quick, args.long, load_before, load_average(),
                       window, measured.kernel, measured.per_connection, rounds_result, scrapes,
-                      ports_per_source, time.monotonic() - began, pooled, measured.rule, grpc)
+                      ports_per_source, time.monotonic() - began, pooled, measured.rule, grpc,
+                      kubernetes)
     _say("")
     _say(text_table(HEADLINE_HEADER, headline_rows(headlines(results))))
     if pooled is not None:

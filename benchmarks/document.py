@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import grpc_load
+from . import grpc_load, kubernetes_memory
 from .cluster_rule import RULE_TARGET, RuleCosts, pod_facing_twins, uplink_extra
 from .grpc_load import TARGET_CALLS_PER_SECOND, TARGET_CORES, GrpcLoad
 from .interleaved import Rounds
 from .kernel_cost import TC_PROGRAMS, ConnectionCost, WorkloadCost
+from .kubernetes_memory import KubernetesMemory
 from .machine import Machine
 from .report import (
     HEADLINE_HEADER,
@@ -53,6 +54,8 @@ class Results:
     rule: list[RuleCosts] = field(default_factory=list)
     # part 7: runs at the target rate, then one unpaced; empty: not run
     grpc: list[GrpcLoad] = field(default_factory=list)
+    # part 8: memory with Kubernetes labels on, against a large test cluster; None: not run
+    kubernetes: KubernetesMemory | None = None
 
 
 def _ratios(rounds: Rounds, name: str) -> Summary:
@@ -148,6 +151,11 @@ def headlines(r: Results) -> list[Headline]:
         peak = summarize(r.rounds.startup_peak_mib)
         out.append(Headline("start-up peak, exporter + compiler", f"{peak.high:.0f} MiB",
                             NO_TARGET, None))
+    if r.kubernetes is not None:
+        k = r.kubernetes
+        out.append(Headline(f"RSS with Kubernetes on ({k.pods // 1000}k pods, "
+                            f"{k.services // 1000}k services)", f"{k.memory.rss_mib:.0f} MiB",
+                            NO_TARGET, None))
     ratio = _ratios(r.rounds, "connections")
     out.append(Headline("connect/accept/close loop slowdown",
                         f"{(1 - ratio.median) * 100:.1f}% (95% CI "
@@ -172,6 +180,29 @@ def headlines(r: Results) -> list[Headline]:
             f"call); every call counted: {'yes' if exact else 'no'}",
             f"< {TARGET_CORES} core, exact", worst.cores < TARGET_CORES and exact))
     return out
+
+
+def _kubernetes_section(r: Results) -> str:
+    k = r.kubernetes
+    if k is None:
+        return ""
+    table = markdown_table(["pods", "services", "nodes", "launch to cached (s)", "RSS MiB",
+                            "PSS MiB", "peak RSS MiB"],
+                           [[f"{k.pods:,}", f"{k.services:,}", f"{k.nodes:,}",
+                             f"{k.sync_seconds:.1f}", f"{k.memory.rss_mib:.0f}",
+                             f"{k.memory.pss_mib:.0f}", f"{k.memory.peak_rss_mib:.0f}"]])
+    return f"""
+## 8. Memory with Kubernetes labels on
+
+The exporter with a kubeconfig for a test API server (lab/kubeapi.py) holding
+{k.pods:,} pods of {k.pods // kubernetes_memory.PODS_PER_REPLICASET:,} ReplicaSets on
+{k.nodes} nodes in two zones, and {k.services:,} Services: it lists and watches them all, as
+every node's exporter does. RSS once its cache holds every object and
+{kubernetes_memory.SCRAPES} scrapes have run. The kubernetes client and the cache are what it
+adds to the figures of part 4; no target.
+
+{table}
+"""
 
 
 def _grpc_section(r: Results) -> str:
@@ -477,5 +508,5 @@ scrapes, p99 is close to the slowest one.
 ## 4. Start-up
 
 {_startup_section(r)}
-{_grpc_section(r)}
+{_grpc_section(r)}{_kubernetes_section(r)}
 {notes}"""

@@ -14,6 +14,7 @@ from benchmarks.connections import LoopBuildError, build_loop
 from benchmarks.document import Results, headlines, markdown
 from benchmarks.interleaved import Rounds
 from benchmarks.kernel_cost import ConnectionCost, ProgramCost, WorkloadCost
+from benchmarks.kubernetes_memory import KubernetesMemory
 from benchmarks.machine import Machine
 from benchmarks.procstat import Memory
 from benchmarks.report import Headline, against, at_most, markdown_table, text_table, verdict
@@ -136,7 +137,9 @@ def _synthetic_results(loop_ratios: list[float]) -> Results:
                    (0.5, 0.5, 0.3), (1.3, 1.4, 0.9), 0.5,
                    [[workload("udp", 160.0), workload("tcp", 210.0)]] * 3,
                    [ConnectionCost(1000, [ProgramCost("tcp_probe", 3000, 130.0)], 1.0)] * 3,
-                   rounds, scrapes, 10, 520.0)
+                   rounds, scrapes, 10, 520.0,
+                   kubernetes=KubernetesMemory(10_000, 2_000, 100, 7.2,
+                                               Memory(144.0, 128.0, 157.0)))
 
 
 def test_the_document_gives_every_interval_to_the_decimal_its_verdict_turns_on():
@@ -161,6 +164,9 @@ def test_the_document_gives_every_interval_to_the_decimal_its_verdict_turns_on()
     assert by_figure["RSS (PSS) at 100k flows"].target == "<= 80 MiB"
     assert by_figure["start-up peak, exporter + compiler"].measured == "310 MiB"
     assert "| start-up peak RSS, exporter + compiler (MiB) |" in rendered
+    assert by_figure["RSS with Kubernetes on (10k pods, 2k services)"].measured == "144 MiB"
+    assert "## 8. Memory with Kubernetes labels on" in rendered
+    assert "| 10,000 | 2,000 | 100 | 7.2 | 144 | 128 | 157 |" in rendered
     results.long = True
     assert "Written by `make bench-long` (`python -m benchmarks --long`" in markdown(results)
 
