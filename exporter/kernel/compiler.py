@@ -118,11 +118,11 @@ class Compiler:
         maps = dict(zip(reply["maps"], fds[:count], strict=True))
         # then, per tracepoint, the attachment and the function it runs
         pairs = fds[count:]
-        tracepoints = [Tracepoint(name, raw, pairs[2 * i + 1], pairs[2 * i])
-                       for i, (name, raw) in enumerate(reply["tracepoints"])]
+        tracepoints = [Tracepoint(event, raw, pairs[2 * i + 1], pairs[2 * i])
+                       for i, (event, raw) in enumerate(reply["tracepoints"])]
         log.debug("bpf program loaded", extra={
             "program": name, "maps": len(maps),
-            "tracepoints": ",".join(name for name, _ in reply["tracepoints"])})
+            "tracepoints": ",".join(t.name for t in tracepoints)})
         return CompiledProgram(self, name, reply["handle"], maps, tracepoints)
 
     def close(self) -> None:
