@@ -158,7 +158,7 @@ class KernelClusterMap:
         try:
             trie[self._key(trie, net)] = trie.Leaf(kind)
             return True
-        except Exception as e:      # bcc raises a plain Exception; E2BIG: the trie is full
+        except OSError as e:        # E2BIG: the trie is full
             self.failures += 1
             if not self._full_logged:
                 self._full_logged = True

@@ -90,7 +90,7 @@ class BatchMap:
         if key_dtype.itemsize != ctypes.sizeof(table.Key):
             raise MapReadError(f"{self.name}: key is {ctypes.sizeof(table.Key)} bytes in C, "
                                f"{key_dtype.itemsize} in Python")
-        leaf = table.sLeaf if per_cpu else table.Leaf   # bcc keeps one CPU's type in sLeaf
+        leaf = table.sLeaf if per_cpu else table.Leaf   # one CPU's type in sLeaf
         if ctypes.sizeof(leaf) != value_dtype.itemsize:
             raise MapReadError(f"{self.name}: value is {ctypes.sizeof(leaf)} bytes in C, "
                                f"{value_dtype.itemsize} in Python")

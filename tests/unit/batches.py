@@ -4,6 +4,7 @@ keys, so the collectors see what a drain of the real maps gives them."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,7 +229,8 @@ class FakeTrie(dict[tuple[int, bytes], int]):
     def __setitem__(self, key: Any, leaf: Any) -> None:
         plain = self._plain(key)
         if plain not in self and len(self) >= self.max_entries:
-            raise Exception("Could not update table: Argument list too long")
+            # as kernelmap.KernelMap raises it
+            raise OSError(errno.E2BIG, "map update: Argument list too long")
         self.writes += 1
         super().__setitem__(plain, leaf.value)
 
