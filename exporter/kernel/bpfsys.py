@@ -254,17 +254,30 @@ def map_info(map_fd: int) -> MapInfo:
     return info
 
 
+def btf_id(btf_fd: int) -> int:
+    """The id of the BTF object open as `btf_fd`."""
+    info = BtfInfo()
+    _info(btf_fd, info, "BTF info")
+    return int(info.id)
+
+
+def btf_data_of(btf_fd: int) -> bytes:
+    """The raw BTF (header, types, strings) of the BTF object open as `btf_fd`: a program's
+    own, which its maps' key and value type ids refer to. Needs no capability: the
+    descriptor is the right to read it."""
+    info = BtfInfo()
+    _info(btf_fd, info, "BTF info")          # the size first
+    data = ctypes.create_string_buffer(info.btf_size)
+    info = BtfInfo(btf=ctypes.addressof(data), btf_size=len(data))
+    _info(btf_fd, info, "BTF info")
+    return data.raw[:info.btf_size]
+
+
 def btf_data(btf_id: int) -> bytes:
-    """The raw BTF (header, types, strings) of the kernel's BTF object `btf_id`: a program's
-    own, which its maps' key and value type ids refer to."""
+    """btf_data_of the kernel's BTF object `btf_id` (opening one by id takes CAP_SYS_ADMIN)."""
     fd = bpf(BTF_GET_FD_BY_ID, ctypes.c_uint32(btf_id), "open BTF by id")
     try:
-        info = BtfInfo()
-        _info(fd, info, "BTF info")          # the size first
-        data = ctypes.create_string_buffer(info.btf_size)
-        info = BtfInfo(btf=ctypes.addressof(data), btf_size=len(data))
-        _info(fd, info, "BTF info")
-        return data.raw[:info.btf_size]
+        return btf_data_of(fd)
     finally:
         os.close(fd)
 

@@ -116,14 +116,16 @@ class Compiler:
         self.bcc_version = reply["bcc_version"]
         count = len(reply["maps"])
         maps = dict(zip(reply["maps"], fds[:count], strict=True))
-        # then, per tracepoint, the attachment and the function it runs
-        pairs = fds[count:]
+        # then, per tracepoint, the attachment and the function it runs; then the BTF
+        attached = 2 * len(reply["tracepoints"])
+        pairs, btf_fds = fds[count:count + attached], fds[count + attached:]
         tracepoints = [Tracepoint(event, raw, pairs[2 * i + 1], pairs[2 * i])
                        for i, (event, raw) in enumerate(reply["tracepoints"])]
         log.debug("bpf program loaded", extra={
             "program": name, "maps": len(maps),
             "tracepoints": ",".join(t.name for t in tracepoints)})
-        return CompiledProgram(self, name, reply["handle"], maps, tracepoints)
+        return CompiledProgram(self, name, reply["handle"], maps, tracepoints,
+                               {bpfsys.btf_id(fd): fd for fd in btf_fds})
 
     def close(self) -> None:
         """Ends the process (what it compiled stays loaded: the exporter holds it)."""
@@ -154,6 +156,7 @@ class CompiledProgram:
     handle: int
     map_fds: dict[str, int]
     tracepoints: list[Tracepoint]
+    btf_fds: dict[int, int]             # BTF id -> the descriptor of the program's BTF
     probes: list[int] = field(default_factory=list)     # uprobes' perf events
     _functions: dict[tuple[str, str], int] = field(default_factory=dict)
     _tables: dict[str, KernelMap] = field(default_factory=dict)
@@ -204,10 +207,13 @@ class CompiledProgram:
         return self._tables[name]
 
     def _btf_of(self, map_fd: int) -> Btf | None:
+        """The BTF a map's types are in, read through the descriptor the compiler process
+        passed (opening BTF by id would take CAP_SYS_ADMIN)."""
         btf_id = int(bpfsys.map_info(map_fd).btf_id)
         if btf_id not in self._btf:
+            fd = self.btf_fds.get(btf_id)
             try:
-                self._btf[btf_id] = Btf(bpfsys.btf_data(btf_id)) if btf_id else None
+                self._btf[btf_id] = Btf(bpfsys.btf_data_of(fd)) if fd is not None else None
             except (OSError, BtfError) as e:
                 log.warning("a map's BTF cannot be read: its items are plain bytes",
                             extra={"program": self.name, "error": str(e)})
@@ -222,9 +228,10 @@ class CompiledProgram:
         """Detaches its tracepoints and probes and unloads it (with the last descriptor)."""
         self.set_tracepoints_attached(False)
         for fd in [*self.probes, *(t.prog_fd for t in self.tracepoints),
-                   *self._functions.values(), *self.map_fds.values()]:
+                   *self._functions.values(), *self.map_fds.values(), *self.btf_fds.values()]:
             os.close(fd)
         self.tracepoints, self.probes, self._functions, self.map_fds = [], [], {}, {}
+        self.btf_fds = {}
         self._tables.clear()
 
 
@@ -241,6 +248,24 @@ def _table_names(bpf: Any) -> list[str]:
     lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return [lib.bpf_table_name(bpf.module, i).decode()
             for i in range(lib.bpf_num_tables(bpf.module))]
+
+
+def _btf_fds(map_fds: list[int]) -> list[int]:
+    """The descriptors of the BTF objects the maps' types are in: bcc keeps each program's
+    open, without saying which descriptor it is, so they are found among this process's."""
+    wanted = {int(bpfsys.map_info(fd).btf_id) for fd in map_fds} - {0}
+    found = []
+    for entry in os.scandir("/proc/self/fd"):
+        try:
+            if os.readlink(entry.path) != "anon_inode:btf":
+                continue
+            fd = int(entry.name)
+            if bpfsys.btf_id(fd) in wanted:
+                wanted.discard(bpfsys.btf_id(fd))
+                found.append(fd)
+        except OSError:
+            continue        # the descriptor scandir itself used, closed by now
+    return found
 
 
 class _Server:
@@ -271,7 +296,7 @@ class _Server:
                  "bcc_version": str(getattr(bcc, "__version__", "unknown")),
                  "tracepoints": [(name, raw) for name, raw, _, _ in tracepoints]},
                 [*fds, *(fd for _, _, attached, function in tracepoints
-                         for fd in (attached, function))])
+                         for fd in (attached, function)), *_btf_fds(fds)])
 
     def load(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         program = self.programs[request["handle"]]
