@@ -107,7 +107,7 @@ struct h2_src {
 
 /* pages of 4 KiB for h2_records (a power of two; maps.http2_ring_mib) */
 #ifndef H2_RING_PAGES
-#define H2_RING_PAGES 2048
+#define H2_RING_PAGES 1024
 #endif
 BPF_PERCPU_ARRAY(h2_walks, struct h2_walk, 1);
 BPF_RINGBUF_OUTPUT(h2_records, H2_RING_PAGES);
