@@ -53,49 +53,53 @@ def _places(strings: bytes, name: str) -> list[int]:
 
 
 def _addresses(data: mmap.mmap, names: set[str]) -> tuple[dict[str, int], np.ndarray]:
-    """Each name's address among the defined symbols, and the loadable segments."""
+    """Each name's address among the defined symbols, and the loadable segments. Only the
+    headers and the symbol tables' strings are read first: a file whose strings lack every
+    name (most executables a TLS scan meets) costs no more, however large it is."""
     if data[:4] != ELF_MAGIC or data[4] != ELFCLASS64 or data[5] != ELFDATA2LSB:
         raise _Malformed("not a 64-bit little-endian ELF file")
     phoff, shoff, _, _, phentsize, phnum, shentsize, shnum = _HEADER.unpack_from(data, 0x20)
     if phentsize != _SEGMENT.itemsize or shentsize != _SECTION.itemsize:
         raise _Malformed("unexpected header sizes")
     sections = _table(data, shoff, shnum, _SECTION)
-    segments = _table(data, phoff, phnum, _SEGMENT)
     addresses: dict[str, int] = {}
     for table_type in (SHT_SYMTAB, SHT_DYNSYM):
         for section in sections[sections["type"] == table_type]:
             if section["link"] >= shnum:
                 raise _Malformed("a symbol table's string table is missing")
             strtab = sections[section["link"]]
-            strings = bytes(data[int(strtab["offset"]):int(strtab["offset"] + strtab["size"])])
+            start, size = int(strtab["offset"]), int(strtab["size"])
+            if start + size > len(data):
+                raise _Malformed("a string table runs past the end of the file")
+            strings = data[start:start + size]
+            places = {name: _places(strings, name) for name in names - set(addresses)}
+            places = {name: found for name, found in places.items() if found}
+            if not places:
+                continue
             symbols = _table(data, int(section["offset"]),
                              int(section["size"]) // _SYMBOL.itemsize, _SYMBOL)
             defined = symbols[(symbols["shndx"] != SHN_UNDEF) & (symbols["value"] != 0)]
-            for name in names - set(addresses):
-                hits = defined[np.isin(defined["name"], _places(strings, name))]
+            for name, found in places.items():
+                hits = defined[np.isin(defined["name"], found)]
                 if len(hits):
                     addresses[name] = int(hits["value"][0])
         if len(addresses) == len(names):
             break
+    if not addresses:
+        return addresses, np.empty(0, dtype=_SEGMENT)
+    segments = _table(data, phoff, phnum, _SEGMENT)
     return addresses, segments[segments["type"] == PT_LOAD]
-
-
-def _mentioned(data: mmap.mmap, names: Iterable[str]) -> set[str]:
-    """The names that are somewhere in the file followed by a NUL (see _places): a file
-    without a name has no such symbol. Most executables a TLS scan meets are ruled out here,
-    at the speed of a byte search."""
-    return {name for name in names if data.find(name.encode() + b"\0") >= 0}
 
 
 def function_offsets(path: str, names: Iterable[str]) -> dict[str, int]:
     """File offsets of the functions among `names` that the file at `path` defines; the
     others are left out (so is every name, when the file is not such an ELF file or cannot be
     read)."""
+    wanted = set(names)
+    if not wanted:
+        return {}
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            wanted = _mentioned(data, set(names))
-            if not wanted:
-                return {}
             addresses, loads = _addresses(data, wanted)
     except (OSError, ValueError, struct.error, _Malformed):
         return {}
