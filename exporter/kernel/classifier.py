@@ -14,7 +14,7 @@ from ..serving.selfmetrics import KernelStats
 from . import oncepercluster
 from .iface_slots import InterfaceSlots
 from .interfaces import Attacher, InterfaceMonitor, Link, NameFilter
-from .loader import Program, index_flags
+from .loader import LoadedProgram, index_flags
 from .maps import CounterArray
 from .oncepercluster import ClusterCounting
 from .rtnetlink import RtNetlink
@@ -86,7 +86,7 @@ def http2_wanted(config: Config) -> bool:
     return config.collectors.http and config.http.http2
 
 
-def load(program: Program, config: Config) -> tuple[Any, Any]:
+def load(program: LoadedProgram, config: Config) -> tuple[Any, Any]:
     """Loads the TC entry points and the protocol parsers they tail-call; returns the
     ingress and egress functions."""
     ingress = program.load_tc("classify_ingress")
@@ -102,7 +102,7 @@ def load(program: Program, config: Config) -> tuple[Any, Any]:
 class ClassifierCounters:
     """Reads the classifier's failure and parse-error arrays into the exporter's stats."""
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: LoadedProgram) -> None:
         self._failures = CounterArray("map_update_failures", program.table("map_update_failures"))
         self._parse_errors = CounterArray("parse_errors", program.table("parse_errors"))
         self._lock = threading.Lock()
@@ -123,7 +123,7 @@ IFACE_ETHERNET = 1          # bpf/packet.h
 class _KernelInterfaceMaps:
     """The classifier's iface_slots array and monitored_ifaces hash, written by InterfaceSlots."""
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: LoadedProgram) -> None:
         self.slots = program.table("iface_slots")
         self.overflow = program.table("monitored_ifaces")
 
@@ -140,7 +140,7 @@ class _KernelInterfaceMaps:
             pass
 
 
-def interface_monitor(program: Program, config: Config,
+def interface_monitor(program: LoadedProgram, config: Config,
                       make_attacher: Callable[[], Attacher],
                       counting: ClusterCounting | None = None) -> InterfaceMonitor:
     """A monitor of the configured interfaces that tells `program` (its iface_slots and

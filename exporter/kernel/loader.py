@@ -18,7 +18,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import logs
 
@@ -96,6 +96,18 @@ def _summary(output: str, error: Exception) -> str:
                 return f"rejected by the kernel verifier: {lines[i - 1]}"
         return f"rejected by the kernel: {error}"
     return str(error)
+
+
+class LoadedProgram(Protocol):
+    """What the kernel modules use of a loaded program: the exporter's (compiler.
+    CompiledProgram, handed over by the compiler process) and the live view's (Program,
+    compiled in its own process) alike."""
+    name: str
+
+    def load_tc(self, function: str) -> Any: ...
+    def load_probe(self, function: str) -> Any: ...
+    def load_uprobe_multi(self, function: str) -> int: ...
+    def table(self, name: str) -> Any: ...
 
 
 class Program:

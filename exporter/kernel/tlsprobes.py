@@ -22,7 +22,7 @@ from .. import logs
 from ..config import Config
 from ..serving.selfmetrics import KernelStats
 from . import bpfsys, elfsymbols, oncepercluster, perfevents, privileges, sockfields
-from .loader import Program, index_flags
+from .loader import LoadedProgram, index_flags
 from .maps import CounterArray
 from .tlslibs import FileId, FileScan, MappedFile
 
@@ -76,7 +76,7 @@ def program_flags(config: Config, once_per_cluster: bool) -> list[str]:
     return flags
 
 
-def load(program: Program) -> dict[str, int] | None:
+def load(program: LoadedProgram) -> dict[str, int] | None:
     """Loads every probe function now, so that attaching one later, from the scanning thread,
     loads nothing: for uprobe_multi links where the kernel has them (their descriptors by
     function name), else for a perf event per probe (None)."""
@@ -107,7 +107,7 @@ class TlsProbes:
     links (Linux >= 6.6), one link per function and file: 11 per file, closed at once (a perf
     event per probe waits for an RCU grace period when closed, some 100 ms each)."""
 
-    def __init__(self, program: Program, link_programs: dict[str, int] | None) -> None:
+    def __init__(self, program: LoadedProgram, link_programs: dict[str, int] | None) -> None:
         self.program = program
         self.link_programs = link_programs
         self.attached: dict[FileId, Attached] = {}
@@ -219,7 +219,7 @@ class TlsWatch:
     """Keeps the probes on the files with OpenSSL, in a thread of its own; the self-metrics of
     the HTTPS program."""
 
-    def __init__(self, program: Program, link_programs: dict[str, int] | None,
+    def __init__(self, program: LoadedProgram, link_programs: dict[str, int] | None,
                  rescan_seconds: float, scan: FileScan | None = None) -> None:
         self.program = program
         self.probes = TlsProbes(program, link_programs)
