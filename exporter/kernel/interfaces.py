@@ -161,8 +161,7 @@ class QdiscOwnership:
 
 class Attacher(Protocol):
     """What the interface monitor needs of a way to attach: TcAttacher or tcx.TcxAttacher.
-    attach and detach raise pyroute2's NetlinkError (an OSError) or OSError; ENODEV when the
-    interface is gone."""
+    attach and detach raise OSError; ENODEV when the interface is gone."""
 
     def attach(self, link: Link) -> None: ...
     def detach(self, link: Link) -> None: ...
@@ -173,10 +172,8 @@ class Attacher(Protocol):
 
 
 def error_code(error: OSError) -> int | None:
-    """The errno of a failed attach, whichever way it went (pyroute2's NetlinkError, an
-    OSError, keeps it in `code`; a system call's in `errno`)."""
-    code = getattr(error, "code", None)
-    return code if isinstance(code, int) else error.errno
+    """The errno of a failed attach (TcAttacher turns pyroute2's errors into OSErrors)."""
+    return error.errno
 
 
 def list_links(rtnl: RtNetlink | None = None) -> list[Link]:
@@ -197,20 +194,30 @@ class TcAttacher:
                  handle: int = FILTER_HANDLE, name: str = FILTER_NAME,
                  owner: str = "clsact") -> None:
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
 
         self._fds = {INGRESS: ingress_fd, EGRESS: egress_fd}
         self._ipr = IPRoute()
+        self._netlink_error = NetlinkError
         self._rtnl = RtNetlink()
         self.priority = priority
         self.handle = handle
         self.name = name
         self.ownership = QdiscOwnership(owner)
 
+    def _tc(self, *args: Any, **kwargs: Any) -> Any:
+        """pyroute2's tc call; its NetlinkError (not an OSError) as an OSError with the same
+        errno, so the callers catch one kind of error whichever way an attach goes."""
+        try:
+            return self._ipr.tc(*args, **kwargs)
+        except self._netlink_error as e:
+            raise OSError(e.code, f"netlink: {e}") from e
+
     def attach(self, link: Link) -> None:
         try:
-            self._ipr.tc("add", "clsact", link.index)
+            self._tc("add", "clsact", link.index)
             self.ownership.record(link)
-        except OSError as e:    # pyroute2's NetlinkError, its errno in `code`
+        except OSError as e:
             if error_code(e) != 17:     # EEXIST: someone's (or a crashed run's) clsact
                 raise
         self.link_programs(link)
@@ -218,7 +225,7 @@ class TcAttacher:
     def link_programs(self, link: Link) -> None:
         """Our filters on the link's clsact qdisc, which must be there."""
         for parent, fd in self._fds.items():
-            self._ipr.tc("replace-filter", "bpf", link.index, handle=self.handle, fd=fd,
+            self._tc("replace-filter", "bpf", link.index, handle=self.handle, fd=fd,
                          name=self.name, parent=parent, classid=1, direct_action=True,
                          prio=self.priority)
 
@@ -226,7 +233,7 @@ class TcAttacher:
         """Our filters off the link; the qdisc stays."""
         for parent in self._fds:
             try:
-                self._ipr.tc("del-filter", "bpf", link.index, handle=self.handle,
+                self._tc("del-filter", "bpf", link.index, handle=self.handle,
                              parent=parent, prio=self.priority)
             except OSError as e:
                 if error_code(e) not in (2, 19, 22):    # already gone with the link or qdisc
@@ -241,7 +248,7 @@ class TcAttacher:
                          extra={"interface": link.name, "filters": others})
             else:
                 try:
-                    self._ipr.tc("del", "clsact", link.index)
+                    self._tc("del", "clsact", link.index)
                 except OSError as e:
                     if error_code(e) not in (2, 19, 22):
                         raise
@@ -254,7 +261,7 @@ class TcAttacher:
                 for f in self._ipr.get_filters(index=index, parent=parent):
                     if f.get_attr("TCA_OPTIONS") is not None:  # skip chain header entries
                         count += 1
-            except OSError:
+            except self._netlink_error:
                 pass
         return count
 

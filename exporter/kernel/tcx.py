@@ -88,7 +88,7 @@ class TcxAttacher:
             if self._clsact is None:
                 self._clsact = self._make_clsact()
             self._clsact.remove_earlier(link)
-        except OSError as e:    # pyroute2's NetlinkError too
+        except OSError as e:
             log.warning("could not remove an earlier run's clsact filter",
                         extra={"interface": link.name, "error": str(e)})
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hpack import Encoder
 
+from exporter import config
 from lab.certs import make_certs
 from lab.exporter_process import ExporterProcess, Scrape, bpf_map_write, wait_until
 from lab.testnode import TestNode, in_netns, nginx_config
@@ -134,9 +135,11 @@ def test_nginx_h2c_requests_are_counted_exactly_with_version_2(node: TestNode,
                  - http_value(before, "requests_total", node, H2_PORT, version="2",
                               method=method, status_code=code))
         assert delta == n, (method, code)
-    # the ring's size, in records of 200 bytes and their 8-byte headers
+    # the ring's size (maps.http2_ring_mib's default), in records of 200 bytes and their
+    # 8-byte headers
+    ring_bytes = config.load(None, {}, {}).maps.http2_ring_mib << 20
     assert after.value("ebpf_net_exporter_bpf_map_capacity", map="http2_records") == \
-        8 * 1024 * 1024 // 208
+        ring_bytes // 208
     # nothing read as HTTP/1 on that port, and no parse error
     assert after.value("ebpf_net_http_requests_total", dst_port=str(H2_PORT),
                        version="1.1") == 0
