@@ -20,13 +20,10 @@ from typing import Any, TextIO
 import numpy as np
 from prometheus_client.core import CounterMetricFamily
 
-from .. import logs
 from ..kernel.maps import CounterArray
-from ..kernel.ringbuf import FixedRecordRing
+from ..kernel.ringbuf import FixedRecordRing, PollThread
 from ..serving.cardinality import SeriesStore
 from ..serving.selfmetrics import KernelStats
-
-log = logs.get("bash")
 
 LINE_BYTES = 512            # BASH_LINE_BYTES in bpf/bash.c
 BASH_COMMAND = np.dtype({
@@ -103,24 +100,15 @@ class KernelBashSource:
         self._on_record: Callable[[bytes], None] = lambda _: None
 
     def open(self, on_record: Callable[[bytes], None]) -> None:
-        ring = self.program.table("bash_commands")
-        self._ring = FixedRecordRing(ring.get_fd(), int(ring.max_entries), BASH_COMMAND)
+        self._ring = FixedRecordRing.of(self.program, "bash_commands", BASH_COMMAND)
         self._on_record = on_record
 
-    def poll(self, milliseconds: int) -> None:
-        """Hands over what is in the ring; waits `milliseconds` first when it is empty."""
-        if not self.consume():
-            time.sleep(milliseconds / 1000)
-            self.consume()
-
-    def consume(self) -> int:
-        """Hands over every record in the ring now; how many there were."""
+    def consume(self) -> None:
+        """Hands over every record in the ring now."""
         if self._ring is None:
-            return 0
-        records = self._ring.read()
-        for record in records:
+            return
+        for record in self._ring.read():
             self._on_record(record.tobytes())
-        return len(records)
 
     def lost(self) -> int:
         return int(self._lost.read_deltas()[0])
@@ -137,8 +125,8 @@ class BashCollector:
         self._commands = SeriesStore("ebpf_net_bash_commands_total", ["user"], [],
                                      max_series, ttl_seconds)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._reader = PollThread("bash-audit", "bash commands", source.consume,
+                                  POLL_MILLISECONDS / 1000)
         # CLOCK_MONOTONIC (the kernel's timestamps) to wall time
         self._offset = time.time() - time.monotonic()
         source.open(self.on_record)
@@ -152,21 +140,10 @@ class BashCollector:
             self._commands.add((command.user,), (1.0,))
 
     def start(self) -> None:
-        def run() -> None:
-            while not self._stop.is_set():
-                try:
-                    self.source.poll(POLL_MILLISECONDS)
-                except Exception as e:     # keep auditing
-                    log.warning("reading bash commands failed", extra={"error": str(e)})
-                    self._stop.wait(1.0)
-
-        self._thread = threading.Thread(target=run, name="bash-audit", daemon=True)
-        self._thread.start()
+        self._reader.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        self._reader.stop()
         self.source.consume()      # what was typed before the stop
         self.output.close()
 

@@ -16,7 +16,7 @@ from .http2 import RECORD, GrpcKey, Http2Tracker
 
 # The kernel writes records without waking anyone (BPF_RB_NO_WAKEUP); the ring is read on this
 # period. At 20,000 gRPC calls a second some 60,000 to 80,000 records (12 to 16 MB) a second
-# arrive: the ring (maps.http2_ring_mib, 8 MiB) holds half a second of them.
+# arrive: the ring (maps.http2_ring_mib, 4 MiB) holds some 0.3 s of them.
 POLL_SECONDS = 0.05
 SWEEP_SECONDS = 5.0
 
@@ -31,8 +31,7 @@ class Http2Source:
         self.scheme = scheme
         # its maps' name in the self-metrics
         self.name = "http2" if scheme == "http" else f"{scheme}_http2"
-        table = program.table("h2_records")  # type: ignore[attr-defined]
-        self.ring = FixedRecordRing(table.get_fd(), int(table.max_entries), RECORD)
+        self.ring = FixedRecordRing.of(program, "h2_records", RECORD)
         self.tracker = Http2Tracker(max_streams, int(idle_seconds * 1e9), paths, grpc_methods)
         self.paths = paths
         self.conn_capacity = conn_capacity

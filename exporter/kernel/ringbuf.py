@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,12 @@ class FixedRecordRing:
         self.discarded = 0
         self.capacity = data_bytes // self.stride   # records it holds
         self.pending = 0                            # records waiting at the last read
+
+    @classmethod
+    def of(cls, program: Any, name: str, record: np.dtype) -> FixedRecordRing:
+        """The ring buffer map `name` of a loaded program (its size is its max_entries)."""
+        ring = program.table(name)
+        return cls(ring.get_fd(), int(ring.max_entries), record)
 
     def read(self) -> np.ndarray:
         """Every record committed since the last read, oldest first (a copy)."""

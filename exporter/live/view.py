@@ -133,13 +133,11 @@ class LiveView:
         return TlsWatch(tls, link_programs, config.https.rescan_interval)
 
     def _follow_http2(self, program: Program, transport: int) -> None:
-        ring = program.table("h2_records")
         tracker = Http2Tracker(self.config.http.http2_streams,
                                int(self.config.http.idle_timeout * 1e9), paths=True,
                                grpc_methods=True)
         tracker.exchanges = []
-        self._h2.append((FixedRecordRing(ring.get_fd(), int(ring.max_entries), RECORD), tracker,
-                         transport))
+        self._h2.append((FixedRecordRing.of(program, "h2_records", RECORD), tracker, transport))
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
         # called from C: an exception here would be printed and dropped, so it is noted

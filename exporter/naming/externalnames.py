@@ -146,9 +146,7 @@ class ExternalNames:
 
     def read_from(self, program: object) -> None:
         """Reads the answers `program` (the classifier) copies to its dns_answers ring."""
-        ring_map = program.table("dns_answers")  # type: ignore[attr-defined]
-        self.ring = FixedRecordRing(ring_map.get_fd(), int(ring_map.max_entries),
-                                    ANSWER_RECORD)
+        self.ring = FixedRecordRing.of(program, "dns_answers", ANSWER_RECORD)
 
     def set_patterns(self, patterns: Sequence[str]) -> None:
         """New globs (SIGHUP): labels follow them from the next scrape on."""

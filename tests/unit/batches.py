@@ -198,9 +198,6 @@ class BashSource:
         for record in self.records:
             on_record(record)
 
-    def poll(self, milliseconds):
-        pass
-
     def consume(self):
         pass
 
