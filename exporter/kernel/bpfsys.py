@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import platform
+from typing import Any
 
 SYSCALL_NUMBER = {"x86_64": 321, "aarch64": 280}
 PROG_LOAD = 5
@@ -35,16 +36,22 @@ F_UPROBE_MULTI_RETURN = 1   # BPF_F_UPROBE_MULTI_RETURN: uretprobes
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def bpf(command: int, attr: ctypes.Structure | ctypes.c_uint32, what: str) -> int:
-    """The call's result; OSError naming `what` when it fails."""
-    number = SYSCALL_NUMBER.get(platform.machine())
+def syscall(numbers: dict[str, int], what: str, *args: Any) -> int:
+    """A system call by its number on this machine (`numbers`, by platform.machine()): its
+    result; OSError naming `what` when it fails."""
+    number = numbers.get(platform.machine())
     if number is None:
-        raise OSError(f"{what}: no bpf syscall number known for {platform.machine()}")
-    result = _libc.syscall(number, command, ctypes.byref(attr), ctypes.sizeof(attr))
+        raise OSError(f"{what}: no system call number known for {platform.machine()}")
+    result = _libc.syscall(number, *args)
     if result < 0:
         error = ctypes.get_errno()
         raise OSError(error, f"{what}: {os.strerror(error)}")
     return int(result)
+
+
+def bpf(command: int, attr: ctypes.Structure | ctypes.c_uint32, what: str) -> int:
+    """The call's result; OSError naming `what` when it fails."""
+    return syscall(SYSCALL_NUMBER, what, command, ctypes.byref(attr), ctypes.sizeof(attr))
 
 
 class TestRunAttr(ctypes.Structure):

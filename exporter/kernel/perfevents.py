@@ -10,20 +10,18 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import platform
 from pathlib import Path
 
+from . import bpfsys, environment
+
 PMU_DIR = Path("/sys/bus/event_source/devices/uprobe")
-TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
+TRACEFS_EVENTS = environment.TRACEFS / "events"
 PERF_TYPE_TRACEPOINT = 2
 PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_SET_BPF = 0x40042408
 ATTR_SIZE = 112             # PERF_ATTR_SIZE_VER5: every kernel with the uprobe PMU reads it
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class PerfEventAttr(ctypes.Structure):
     """struct perf_event_attr up to PERF_ATTR_SIZE_VER5 (include/uapi/linux/perf_event.h);
@@ -55,14 +53,9 @@ def _retprobe_config() -> int:
 
 def _open(attr: PerfEventAttr, prog_fd: int, what: str) -> int:
     """The event, enabled, with the program on it."""
-    number = PERF_EVENT_OPEN.get(platform.machine())
-    if number is None:
-        raise OSError(f"no perf_event_open syscall number known for {platform.machine()}")
     # pid -1, cpu 0: every process (a program on a probe runs on whichever CPU hits it)
-    fd = _libc.syscall(number, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
-    if fd < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"perf_event_open {what}: {os.strerror(error)}")
+    fd = bpfsys.syscall(PERF_EVENT_OPEN, f"perf_event_open {what}", ctypes.byref(attr), -1, 0,
+                        -1, PERF_FLAG_FD_CLOEXEC)
     try:
         fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
         fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
