@@ -203,13 +203,12 @@ class CompiledProgram:
             fd = self.map_fds.get(name)
             if fd is None:
                 raise KeyError(f"bpf program {self.name} has no map {name}")
-            self._tables[name] = KernelMap(name, fd, self._btf_of(fd))
+            self._tables[name] = KernelMap(name, fd, self._btf_of)
         return self._tables[name]
 
-    def _btf_of(self, map_fd: int) -> Btf | None:
-        """The BTF a map's types are in, read through the descriptor the compiler process
-        passed (opening BTF by id would take CAP_SYS_ADMIN)."""
-        btf_id = int(bpfsys.map_info(map_fd).btf_id)
+    def _btf_of(self, btf_id: int) -> Btf | None:
+        """The BTF object `btf_id` that maps' types are in, read through the descriptor the
+        compiler process passed (opening BTF by id would take CAP_SYS_ADMIN)."""
         if btf_id not in self._btf:
             fd = self.btf_fds.get(btf_id)
             try:
@@ -260,8 +259,9 @@ def _btf_fds(map_fds: list[int]) -> list[int]:
             if os.readlink(entry.path) != "anon_inode:btf":
                 continue
             fd = int(entry.name)
-            if bpfsys.btf_id(fd) in wanted:
-                wanted.discard(bpfsys.btf_id(fd))
+            btf_id = bpfsys.btf_id(fd)
+            if btf_id in wanted:
+                wanted.discard(btf_id)
                 found.append(fd)
         except OSError:
             continue        # the descriptor scandir itself used, closed by now

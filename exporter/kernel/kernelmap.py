@@ -10,6 +10,7 @@ Python agree on a layout without it being written twice; a map without BTF has p
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 from . import bpfsys
@@ -80,8 +81,11 @@ def _as_bytes(value: Any, size: int, what: str) -> bytes:
 class KernelMap:
     """One map of a loaded program; it does not own its descriptor (the program does)."""
 
-    def __init__(self, name: str, fd: int, btf: Btf | None = None) -> None:
+    def __init__(self, name: str, fd: int,
+                 btf_of: Callable[[int], Btf | None] = lambda _: None) -> None:
+        """btf_of: the BTF object of an id (the map's types are in its program's)."""
         info = bpfsys.map_info(fd)
+        btf = btf_of(int(info.btf_id)) if info.btf_id else None
         self.name = name
         self.map_fd = fd
         self.map_type = int(info.type)
