@@ -171,17 +171,9 @@ class Attacher(Protocol):
     def close(self) -> None: ...
 
 
-def error_code(error: OSError) -> int | None:
-    """The errno of a failed attach (TcAttacher turns pyroute2's errors into OSErrors)."""
-    return error.errno
-
-
-def list_links(rtnl: RtNetlink | None = None) -> list[Link]:
+def list_links(rtnl: RtNetlink) -> list[Link]:
     """The links of the current network namespace."""
-    if rtnl is not None:
-        return [Link.from_message(m) for m in rtnl.get_links()]
-    with RtNetlink() as own:
-        return [Link.from_message(m) for m in own.get_links()]
+    return [Link.from_message(m) for m in rtnl.get_links()]
 
 
 class TcAttacher:
@@ -218,7 +210,7 @@ class TcAttacher:
             self._tc("add", "clsact", link.index)
             self.ownership.record(link)
         except OSError as e:
-            if error_code(e) != 17:     # EEXIST: someone's (or a crashed run's) clsact
+            if e.errno != errno.EEXIST:     # someone's (or a crashed run's) clsact
                 raise
         self.link_programs(link)
 
@@ -226,17 +218,17 @@ class TcAttacher:
         """Our filters on the link's clsact qdisc, which must be there."""
         for parent, fd in self._fds.items():
             self._tc("replace-filter", "bpf", link.index, handle=self.handle, fd=fd,
-                         name=self.name, parent=parent, classid=1, direct_action=True,
-                         prio=self.priority)
+                     name=self.name, parent=parent, classid=1, direct_action=True,
+                     prio=self.priority)
 
     def unlink_programs(self, link: Link) -> None:
         """Our filters off the link; the qdisc stays."""
         for parent in self._fds:
             try:
                 self._tc("del-filter", "bpf", link.index, handle=self.handle,
-                             parent=parent, prio=self.priority)
+                         parent=parent, prio=self.priority)
             except OSError as e:
-                if error_code(e) not in (2, 19, 22):    # already gone with the link or qdisc
+                if e.errno not in (2, 19, 22):    # already gone with the link or qdisc
                     raise
 
     def detach(self, link: Link) -> None:
@@ -250,7 +242,7 @@ class TcAttacher:
                 try:
                     self._tc("del", "clsact", link.index)
                 except OSError as e:
-                    if error_code(e) not in (2, 19, 22):
+                    if e.errno not in (2, 19, 22):
                         raise
         self.ownership.forget(link.index)
 
@@ -404,7 +396,7 @@ class InterfaceMonitor:
             attacher.attach(link)
         except OSError as e:
             self._on_detach(link)
-            if error_code(e) != errno.ENODEV:   # it went away meanwhile
+            if e.errno != errno.ENODEV:   # it went away meanwhile
                 log.warning("could not attach", extra={"interface": link.name,
                                                        "error": str(e)})
             return
