@@ -126,8 +126,7 @@ class TlsProbes:
                     self.attached[file] = Attached(mapped)  # probed when switched on
                     continue
                 try:
-                    self.attached[file] = (self._link(mapped) if self.link_programs is not None
-                                           else self._perf_events(mapped))
+                    self.attached[file] = self._probe(mapped)
                 except AttachError as e:
                     self.failures += 1
                     self.failed[file] = str(e)
@@ -153,22 +152,17 @@ class TlsProbes:
                     places.setdefault((function, returns), []).append(offset)
         return places
 
-    def _link(self, mapped: MappedFile) -> Attached:
-        assert self.link_programs is not None
+    def _probe(self, mapped: MappedFile) -> Attached:
+        """The file's probes: one uprobe_multi link per function where the kernel has them,
+        else a perf event per probe. AttachError, with nothing left attached, when one
+        fails."""
         done = Attached(mapped)
         try:
             for (function, returns), offsets in self._places(mapped).items():
-                done.links.append(bpfsys.uprobe_multi_link(
-                    self.link_programs[function], mapped.reach, offsets, returns))
-        except OSError as e:
-            self._close(done)
-            raise AttachError(str(e)) from e
-        return done
-
-    def _perf_events(self, mapped: MappedFile) -> Attached:
-        done = Attached(mapped)
-        try:
-            for (function, returns), offsets in self._places(mapped).items():
+                if self.link_programs is not None:
+                    done.links.append(bpfsys.uprobe_multi_link(
+                        self.link_programs[function], mapped.reach, offsets, returns))
+                    continue
                 prog_fd = self.program.load_probe(function).fd     # loaded at start: cached
                 for offset in offsets:
                     done.events.append(perfevents.uprobe(prog_fd, mapped.reach, offset,
@@ -189,8 +183,7 @@ class TlsProbes:
                 self._close(attached)
             elif not attached.links and not attached.events:
                 try:
-                    made = (self._link(attached.mapped) if self.link_programs is not None
-                            else self._perf_events(attached.mapped))
+                    made = self._probe(attached.mapped)
                 except AttachError as e:
                     log.warning("cannot probe OpenSSL again", extra={
                         "file": attached.mapped.path, "error": str(e)})
