@@ -23,6 +23,15 @@ class Memory:
     peak_rss_mib: float     # VmHWM
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak RSS (VmHWM); OSError once it is gone."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/{pid}/status has no VmHWM")
+
+
 def memory(pid: int) -> Memory:
     values: dict[str, float] = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -30,8 +39,4 @@ def memory(pid: int) -> Memory:
             name, _, rest = line.partition(":")
             if name in ("Rss", "Pss"):
                 values[name] = int(rest.split()[0]) / 1024
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                values["hwm"] = int(line.split()[1]) / 1024
-    return Memory(values["Rss"], values["Pss"], values["hwm"])
+    return Memory(values["Rss"], values["Pss"], peak_rss_mib(pid))

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.exporter_process import REPO, ExporterProcess
+from lab.exporter_process import REPO, ExporterProcess, children
 from lab.testnode import TestNode
 
-from .procstat import Memory, memory
+from .procstat import Memory, memory, peak_rss_mib
 
 READY_TIMEOUT = 120.0
 # Measuring starts this long after /readyz: right after the start-up's 3.5 CPU-seconds of
@@ -33,26 +33,6 @@ class Started:
     peak_mib: float         # the exporter's peak RSS plus its compiler's
 
 
-def _peak_rss_mib(pid: int) -> float | None:
-    """VmHWM of a process; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(child) for child in f.read().split()]
-    except OSError:
-        return []
-
-
 def start(node: TestNode, config: dict[str, Any] | None = None,
           source: Path = REPO, prefix: Sequence[str] = ()) -> Started:
     """Launches the exporter (every collector on) of the `source` tree in the node's namespace
@@ -62,10 +42,12 @@ def start(node: TestNode, config: dict[str, Any] | None = None,
     compiler_peaks: dict[int, float] = {}
     try:
         while exporter.get("/readyz", timeout=2)[0] != 200:
-            for child in _children(exporter.proc.pid):
-                peak = _peak_rss_mib(child)
-                if peak is not None:
-                    compiler_peaks[child] = max(peak, compiler_peaks.get(child, 0.0))
+            for child in children(exporter.proc.pid):
+                try:
+                    peak = peak_rss_mib(child)
+                except OSError:
+                    continue        # it ended meanwhile
+                compiler_peaks[child] = max(peak, compiler_peaks.get(child, 0.0))
             if exporter.proc.poll() is not None:
                 raise RuntimeError(f"exporter exited with {exporter.proc.returncode}:\n"
                                    f"{exporter.log()[-2000:]}")

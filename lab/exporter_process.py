@@ -193,6 +193,15 @@ class ExporterProcess:
 TCX_HOOKS = {bpfsys.TCX_INGRESS: "ingress", bpfsys.TCX_EGRESS: "egress"}
 
 
+def children(pid: int) -> list[int]:
+    """The process's children (the exporter's compiler process while it starts); none once
+    it is gone."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def fd_info(pid: int, fd: int | str) -> dict[str, str]:
     """The fields of one file descriptor's fdinfo ("prog_id", "run_cnt", "link_type",
     "tp_name", ...); OSError when it is closed."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.exporter_process import ExporterProcess, fd_infos, tcx_links, wait_until
+from lab.exporter_process import ExporterProcess, children, fd_infos, tcx_links, wait_until
 from lab.testnode import TestNode, udp_send
 
 pytestmark = pytest.mark.kernel
@@ -20,13 +20,6 @@ pytestmark = pytest.mark.kernel
 COMPILER_LIBRARIES = ("libbcc", "libclang", "libLLVM", "libllvm")
 EVERY_PROGRAM = ["--collector.tcp", "--collector.drops", "--collector.bash", "--collector.dns",
                  "--collector.http", "--collector.https", "--collector.flows"]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def alive(pid: int) -> bool:
